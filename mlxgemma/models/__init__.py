@@ -1,0 +1,57 @@
+"""The registry: config.json's model_type and architectures -> config class and model class."""
+
+from ..errors import MlxGemmaError
+from . import gemma, gemma2, gemma3, stablelm
+from .config import text_config_of
+
+# model_type -> (config class, family module, the class used when config.json names no architecture)
+FAMILIES = {
+    "gemma": (gemma.GemmaConfig, gemma.GemmaForCausalLM),
+    "gemma2": (gemma2.Gemma2Config, gemma2.Gemma2ForCausalLM),
+    "gemma3_text": (gemma3.Gemma3TextConfig, gemma3.Gemma3ForCausalLM),
+    "gemma3": (gemma3.Gemma3TextConfig, gemma3.Gemma3ForCausalLM),  # the text part of a multimodal checkpoint
+    "stablelm": (stablelm.StableLmConfig, stablelm.StableLmForCausalLM),
+}
+
+CLASSES = {
+    cls.__name__: cls
+    for cls in (
+        gemma.GemmaModel, gemma.GemmaForCausalLM, gemma.GemmaForSequenceClassification,
+        gemma.GemmaForTokenClassification,
+        gemma2.Gemma2Model, gemma2.Gemma2ForCausalLM, gemma2.Gemma2ForSequenceClassification,
+        gemma2.Gemma2ForTokenClassification,
+        gemma3.Gemma3TextModel, gemma3.Gemma3ForCausalLM, gemma3.Gemma3TextForSequenceClassification,
+        stablelm.StableLmModel, stablelm.StableLmForCausalLM, stablelm.StableLmForSequenceClassification,
+        stablelm.StableLmForTokenClassification,
+    )
+}
+# Multimodal Gemma 3 architectures: we run their text part.
+CLASSES["Gemma3ForConditionalGeneration"] = gemma3.Gemma3ForCausalLM
+CLASSES["Gemma3ForSequenceClassification"] = gemma3.Gemma3TextForSequenceClassification
+
+
+def config_from_dict(d: dict, source: str = "config.json"):
+    model_type = d.get("model_type")
+    if model_type not in FAMILIES:
+        what = f"model_type {model_type!r}" if model_type else "no model_type"
+        raise MlxGemmaError(f"{source} has {what}; supported: {', '.join(FAMILIES)}")
+    config_class, _ = FAMILIES[model_type]
+    if model_type == "gemma3":
+        return config_class.from_dict(text_config_of(d), source=f"{source} (text_config)", require=False)
+    return config_class.from_dict(d, source=source)
+
+
+def model_class_for(d: dict):
+    """The class named by config.json's architectures, checked against its model_type."""
+    model_type = d.get("model_type")
+    default = FAMILIES[model_type][1]
+    names = d.get("architectures") or []
+    if not names:
+        return default
+    cls = CLASSES.get(names[0])
+    if cls is None or cls.__module__ != default.__module__:
+        raise MlxGemmaError(
+            f"config.json names architecture {names[0]!r}, which mlxgemma does not offer for model_type "
+            f"{model_type!r}; offered: {', '.join(n for n, c in CLASSES.items() if c.__module__ == default.__module__)}"
+        )
+    return cls

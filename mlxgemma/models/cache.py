@@ -1,0 +1,185 @@
+"""KV caches and the attention masks they imply.
+
+Every cache is asked, before a forward adds L tokens, for the mask those L queries need (`mask`), is told
+which of the L tokens are padding (`record_padding`), and then stores the new keys (`update_and_fetch`).
+Positions are absolute: query i sits at `offset + i`.
+
+Full-attention layers use mlx-lm's KVCache (grows in steps, writes in place) plus a record of which keys
+were padding, so a left-padded batch keeps masking its pads while it decodes.
+
+Sliding layers use our RotatingKVCache rather than mlx-lm's: theirs keeps up to max_size + L - 1 keys after
+a multi-token update and cannot be trimmed once it wraps. Ours keeps exactly the last `window` tokens, the
+token at position p in slot p % window, so memory stops growing at the window, a decode step writes one slot
+in place and may attend to every slot (all of them lie inside its window), and trimming stays exact.
+"""
+
+from typing import Optional
+
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache as _MlxLmKVCache
+
+
+def causal_mask(q_start: int, L: int, k_start: int, S: int, window: Optional[int] = None,
+                key_valid: Optional[mx.array] = None, bidirectional: bool = False) -> mx.array:
+    """Boolean 'may attend' for queries at positions q_start.. and keys at k_start..: (L, S), or
+    (B, 1, L, S) with key_valid (B, S). Causal means j <= i; a window means i - j < window (transformers'
+    strict bound: W keys including itself); bidirectional means |i - j| < window (or everything).
+    A padded query would have nothing to attend to (NaN in a softmax on some backends), so every query
+    may always see itself; its output is never read."""
+    q = mx.arange(q_start, q_start + L)[:, None]
+    k = mx.arange(k_start, k_start + S)[None]
+    if bidirectional:
+        allowed = mx.abs(q - k) < window if window else mx.ones((L, S), dtype=mx.bool_)
+    else:
+        allowed = k <= q
+        if window is not None:
+            allowed = allowed & (k > q - window)
+    if key_valid is not None:
+        allowed = (allowed[None, None] & key_valid[:, None, None, :]) | (k == q)
+    return allowed
+
+
+def uncached_mask(L: int, valid: Optional[mx.array], window: Optional[int], bidirectional: bool = False):
+    """The mask of a forward without a cache; None or "causal" where the fused kernel needs no array."""
+    if valid is None:
+        if bidirectional and window is None:
+            return None
+        if not bidirectional and (L == 1 or window is None or L <= window):
+            return "causal" if L > 1 else None
+    return causal_mask(0, L, 0, L, window, valid, bidirectional)
+
+
+def _new_valid(L: int, valid: Optional[mx.array], batch: int) -> mx.array:
+    return valid if valid is not None else mx.ones((batch, L), dtype=mx.bool_)
+
+
+class KVCache(_MlxLmKVCache):
+    """mlx-lm's growing cache for full-attention layers, plus which cached keys are padding."""
+
+    def __init__(self):
+        super().__init__()
+        self.key_valid = None  # (B, offset) bool, None while no padding was seen
+
+    def mask(self, L: int, valid: Optional[mx.array] = None, window: Optional[int] = None):
+        if valid is None and self.key_valid is None:
+            return "causal" if L > 1 else None
+        return causal_mask(self.offset, L, 0, self.offset + L, None, self._valid_with(L, valid))
+
+    def record_padding(self, L: int, valid: Optional[mx.array]) -> None:
+        if valid is not None or self.key_valid is not None:
+            self.key_valid = self._valid_with(L, valid)
+
+    def _valid_with(self, L, valid):
+        batch = (valid if valid is not None else self.key_valid).shape[0]
+        old = self.key_valid[:, : self.offset] if self.key_valid is not None else (
+            mx.ones((batch, self.offset), dtype=mx.bool_))
+        return mx.concatenate([old, _new_valid(L, valid, batch)], axis=1)
+
+
+def _ring_update(buf: Optional[mx.array], x: mx.array, offset: int, window: int, step: int = 256):
+    """Add x (B, H, L, D), the tokens at positions offset.., to a ring buffer that holds position p in
+    slot p % window. Returns (buffer, what attention sees): for one token the filled slots (slot order, all
+    inside the window), for several the held tokens oldest first followed by x (the mask does the rest)."""
+    L = x.shape[2]
+    if L == 1:
+        slot = offset % window
+        if buf is None or slot >= buf.shape[2]:  # still filling up: grow in steps, up to the window
+            grow = min(step, window - (0 if buf is None else buf.shape[2]))
+            new = mx.zeros((*x.shape[:2], grow, x.shape[3]), dtype=x.dtype)
+            buf = new if buf is None else mx.concatenate([buf, new], axis=2)
+        buf[..., slot : slot + 1, :] = x
+        held = min(offset + 1, window)
+        return buf, (buf if held == buf.shape[2] else buf[..., :held, :])
+    seen = x if buf is None else mx.concatenate([_oldest_first(buf, offset, window), x], axis=2)
+    end = offset + L
+    tail = seen[..., -min(end, window):, :]
+    shift = end % window if end > window else 0  # slot of the oldest kept token
+    if shift:
+        tail = mx.concatenate([tail[..., window - shift :, :], tail[..., : window - shift, :]], axis=2)
+    return tail, seen
+
+
+def _oldest_first(buf: mx.array, offset: int, window: int) -> mx.array:
+    if offset <= window:
+        return buf[..., :offset, :]
+    s = offset % window
+    return mx.concatenate([buf[..., s:, :], buf[..., :s, :]], axis=2)
+
+
+class RotatingKVCache:
+    """Window-bounded cache for sliding-window layers: holds exactly the last `max_size` tokens."""
+
+    def __init__(self, max_size: int):
+        self.max_size = max_size
+        self.keys = self.values = None
+        self.offset = 0
+        self.key_valid = None  # (B, 1, slots, 1) bool in the key slots' layout; None while no padding
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        self.keys, k = _ring_update(self.keys, keys, self.offset, self.max_size)
+        self.values, v = _ring_update(self.values, values, self.offset, self.max_size)
+        self.offset += keys.shape[2]
+        return k, v
+
+    def mask(self, L: int, valid: Optional[mx.array] = None, window: Optional[int] = None):
+        W = self.max_size
+        held = min(self.offset, W)
+        if valid is None and self.key_valid is None:
+            if L == 1:
+                return None
+            if self.offset + L <= W:
+                return "causal"
+            return causal_mask(self.offset, L, self.offset - held, held + L, W)
+        old = self._held_valid(valid)
+        new = _new_valid(L, valid, old.shape[0])
+        if L > 1:
+            return causal_mask(self.offset, L, self.offset - held, held + L, W,
+                               mx.concatenate([_oldest_first(old, self.offset, W)[:, 0, :, 0], new], 1))
+        slot = self.offset % W
+        if self.offset < W:
+            kv = mx.concatenate([old[:, 0, : self.offset, 0], new], axis=1)
+        else:
+            kv = mx.where(mx.arange(W) == slot, new, old[:, 0, :W, 0])
+        return (kv | (mx.arange(kv.shape[1]) == slot))[:, None, None, :]
+
+    def record_padding(self, L: int, valid: Optional[mx.array]) -> None:
+        if valid is None and self.key_valid is None:
+            return
+        old = self._held_valid(valid)
+        new = _new_valid(L, valid, old.shape[0])[:, None, :, None]
+        self.key_valid, _ = _ring_update(old, new, self.offset, self.max_size)
+
+    def _held_valid(self, valid):
+        if self.key_valid is not None:
+            return self.key_valid
+        held = min(self.offset, self.max_size)
+        return mx.ones((valid.shape[0], 1, held, 1), dtype=mx.bool_)
+
+    # What mlx-lm's generation and prompt-cache helpers expect of a cache.
+    @property
+    def state(self):
+        return [] if self.keys is None else [self.keys, self.values]
+
+    @state.setter
+    def state(self, v):
+        self.keys, self.values = v
+
+    def size(self) -> int:
+        return min(self.offset, self.max_size)
+
+    def empty(self) -> bool:
+        return self.keys is None
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        """Drop the newest n tokens, as far as it stays exact: all of them until the buffer has wrapped,
+        after that one (the tokens before it have been overwritten)."""
+        n = min(n, self.offset if self.offset <= self.max_size else 1)
+        self.offset -= n
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes

@@ -1,0 +1,196 @@
+"""The blocks every family here shares: the Gemma RMSNorm, RoPE per layer type, the attention core (scale,
+softcap, GQA, masks), the gated MLP, and the per-forward mask and cache bookkeeping."""
+
+import math
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from ..errors import MlxGemmaError
+from .cache import KVCache, RotatingKVCache, uncached_mask
+from .config import FULL, SLIDING
+
+ACTIVATIONS = {
+    "gelu_pytorch_tanh": nn.gelu_approx,
+    "gelu_new": nn.gelu_approx,
+    "gelu": nn.gelu,
+    "silu": nn.silu,
+    "relu": nn.relu,
+}
+
+
+def activation(name: str, field: str):
+    if name not in ACTIVATIONS:
+        raise MlxGemmaError(
+            f"config.json: {field} {name!r} is not supported (supported: {', '.join(ACTIVATIONS)})"
+        )
+    return ACTIVATIONS[name]
+
+
+class RMSNorm(nn.Module):
+    """Gemma's RMSNorm. The stored weight is an offset (the scale is 1 + w) and, as in transformers, the
+    whole computation, 1 + w included, runs in float32 and is cast back only at the end."""
+
+    def __init__(self, dims: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = mx.zeros((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        scale = 1.0 + self.weight.astype(mx.float32)
+        return mx.fast.rms_norm(x.astype(mx.float32), scale, self.eps).astype(x.dtype)
+
+
+class RoPE(nn.Module):
+    """Half-split (NeoX) rotary embedding over the first `dims` channels of each head, with transformers'
+    exact frequencies theta^(2i/dims) in float32 ("linear" scaling divides the positions by its factor)."""
+
+    def __init__(self, head_dim: int, params: dict):
+        super().__init__()
+        self.dims = int(head_dim * params.get("partial_rotary_factor", 1.0))
+        self.scale = 1.0 / params["factor"] if params.get("rope_type") == "linear" else 1.0
+        exponents = mx.arange(0, self.dims, 2).astype(mx.float32) / self.dims
+        self._freqs = mx.array(float(params["rope_theta"]), dtype=mx.float32) ** exponents
+
+    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
+        return mx.fast.rope(x, self.dims, traditional=False, base=None, scale=self.scale,
+                            offset=offset, freqs=self._freqs)
+
+
+def attention(q, k, v, scale: float, mask, softcap: Optional[float] = None) -> mx.array:
+    """softmax(q k^T * scale [softcapped] + mask) v over (B, H, L, d) queries and (B, Hkv, S, d) keys."""
+    if softcap is None:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    # The fused kernel cannot softcap (Gemma 2): the eager path of transformers, GQA by grouping queries.
+    B, H, L, d = q.shape
+    n_kv, S = k.shape[1], k.shape[2]
+    q = q.reshape(B, n_kv, H // n_kv, L, d)
+    scores = (q @ k[:, :, None].swapaxes(-1, -2)) * scale
+    scores = mx.tanh(scores / softcap) * softcap
+    if isinstance(mask, str):
+        mask = mx.arange(S - L, S)[:, None] >= mx.arange(S)[None]
+    if mask is not None:
+        mask = mask[:, :, None] if mask.ndim == 4 else mask
+        scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
+    probs = mx.softmax(scores.astype(mx.float32), axis=-1).astype(q.dtype)
+    return (probs @ v[:, :, None]).reshape(B, H, L, d)
+
+
+class Attention(nn.Module):
+    """Gemma-lineage self-attention: q/k/v/o projections (biased iff attention_bias), optional per-head
+    q/k RMSNorm before RoPE (Gemma 3), RoPE for this layer's type, GQA, optional score softcap (Gemma 2)."""
+
+    def __init__(self, config, rope_params: dict, scale: float, qk_norm: bool = False,
+                 softcap: Optional[float] = None):
+        super().__init__()
+        D, d = config.hidden_size, config.head_dim
+        self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.scale, self.softcap = scale, softcap
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(D, self.n_heads * d, bias=bias)
+        self.k_proj = nn.Linear(D, self.n_kv_heads * d, bias=bias)
+        self.v_proj = nn.Linear(D, self.n_kv_heads * d, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * d, D, bias=bias)
+        if qk_norm:
+            self.q_norm = RMSNorm(d, eps=config.rms_norm_eps)
+            self.k_norm = RMSNorm(d, eps=config.rms_norm_eps)
+        self.rope = RoPE(d, rope_params)
+
+    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        q, k = self.normalize(q, k)
+        offset = cache.offset if cache is not None else 0
+        q, k = self.rope(q, offset), self.rope(k, offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        out = attention(q, k, v, self.scale, mask, self.softcap)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def normalize(self, q: mx.array, k: mx.array):
+        return (self.q_norm(q), self.k_norm(k)) if "q_norm" in self else (q, k)
+
+
+class MLP(nn.Module):
+    """down(act(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, act):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.act = act
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def scaled_embedding(embed_tokens, input_ids: mx.array, hidden_size: int) -> mx.array:
+    """Gemma scales embeddings by sqrt(hidden_size) rounded to the weights' dtype (25.25 for D=640 in bf16)."""
+    h = embed_tokens(input_ids)
+    return h * mx.array(math.sqrt(hidden_size), dtype=mx.float32).astype(h.dtype)
+
+
+def padding_of(attention_mask, L: int) -> Optional[mx.array]:
+    """The new tokens' rows of a 2-D attention mask (B, L) or (B, past + L), as booleans; None if all real."""
+    if attention_mask is None:
+        return None
+    mask = mx.array(attention_mask) if not isinstance(attention_mask, mx.array) else attention_mask
+    if mask.ndim != 2 or mask.shape[1] < L:
+        raise MlxGemmaError(
+            f"attention_mask has shape {tuple(mask.shape)}; expected (batch, {L}) or (batch, past + {L})"
+        )
+    return mask[:, -L:].astype(mx.bool_)
+
+
+def layer_masks(layer_types, caches, L: int, attention_mask, window: Optional[int],
+                bidirectional: bool = False) -> dict:
+    """One mask per layer type, computed once from the first cache of that type; every cache then records
+    which new tokens are padding."""
+    valid = padding_of(attention_mask, L)
+    if caches is None:
+        return {t: uncached_mask(L, valid, window if t == SLIDING else None, bidirectional)
+                for t in set(layer_types)}
+    if bidirectional:
+        raise MlxGemmaError("a bidirectional model (use_bidirectional_attention) takes no cache")
+    masks = {}
+    for t, c in zip(layer_types, caches):
+        if t not in masks:
+            masks[t] = c.mask(L, valid, window if t == SLIDING else None)
+    for c in caches:
+        c.record_padding(L, valid)
+    return masks
+
+
+def make_caches(layer_types, window: Optional[int]) -> list:
+    return [RotatingKVCache(window) if t == SLIDING else KVCache() for t in layer_types]
+
+
+def as_input_ids(input_ids, vocab_size: int) -> mx.array:
+    """Token ids as a (B, L) int array. Ids are range-checked where user input enters (a list, a numpy
+    array, or a multi-token mx.array), not on the one-token decode steps of the generation loop."""
+    from_user = not isinstance(input_ids, mx.array)
+    if from_user:
+        input_ids = mx.array(np.asarray(input_ids))
+    if input_ids.ndim == 1:
+        input_ids = input_ids[None]
+    if input_ids.ndim != 2:
+        raise MlxGemmaError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+    if mx.issubdtype(input_ids.dtype, mx.floating):
+        raise MlxGemmaError("input_ids must be integer token ids, got floats")
+    if input_ids.size and (from_user or input_ids.shape[1] > 1):
+        lo, hi = mx.min(input_ids).item(), mx.max(input_ids).item()
+        if lo < 0 or hi >= vocab_size:
+            bad = lo if lo < 0 else hi
+            raise MlxGemmaError(
+                f"token id {bad} is outside the vocabulary (0..{vocab_size - 1}): "
+                "was the prompt tokenized with this model's tokenizer?"
+            )
+    return input_ids
+
+
+__all__ = ["FULL", "SLIDING"]

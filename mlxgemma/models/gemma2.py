@@ -1,0 +1,82 @@
+"""Gemma 2: Gemma with sandwich norms (a post-norm on each sublayer's output before the residual add),
+sliding-window layers alternating with full ones (layer 0 slides), attention scaled by
+query_pre_attn_scalar^-0.5 and softcapped before the mask, and softcapped final logits.
+Reference: transformers/models/gemma2. (mlx-lm's gemma2 has no sliding window at all.)"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..errors import MlxGemmaError
+from .common import MLP, Attention, RMSNorm, activation
+from .config import FULL, SLIDING, check_layer_types, single_rope
+from .gemma import GemmaConfig, GemmaModel
+from .heads import CausalLM, SequenceClassification, TokenClassification
+
+
+@dataclass
+class Gemma2Config(GemmaConfig):
+    model_type: str = "gemma2"
+    vocab_size: int = 256000
+    hidden_size: int = 2304
+    intermediate_size: int = 9216
+    num_hidden_layers: int = 26
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 4
+    head_dim: int = 256
+    hidden_activation: str = "gelu_pytorch_tanh"
+    query_pre_attn_scalar: float = 256
+    sliding_window: Optional[int] = 4096
+    layer_types: Optional[list] = None
+    final_logit_softcapping: Optional[float] = 30.0
+    attn_logit_softcapping: Optional[float] = 50.0
+
+    def resolve(self, legacy: dict) -> None:
+        self.rope_parameters = single_rope(self.rope_parameters, legacy, 10000.0)
+        if self.use_bidirectional_attention:
+            raise MlxGemmaError("config.json: use_bidirectional_attention is not supported for Gemma 2")
+        if self.layer_types is None:
+            self.layer_types = [SLIDING if (i + 1) % 2 else FULL for i in range(self.num_hidden_layers)]
+        check_layer_types(self.layer_types, self.num_hidden_layers)
+        if SLIDING in self.layer_types and not self.sliding_window:
+            raise MlxGemmaError("config.json: sliding layers need a positive sliding_window")
+
+
+class Gemma2DecoderLayer(nn.Module):
+    def __init__(self, config: Gemma2Config, layer_idx: int):
+        super().__init__()
+        self.attention_type = config.layer_types[layer_idx]
+        self.self_attn = self.make_attention(config)
+        act = activation(config.hidden_activation, "hidden_activation")
+        self.mlp = MLP(config.hidden_size, config.intermediate_size, act)
+        D, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = RMSNorm(D, eps)
+        self.post_attention_layernorm = RMSNorm(D, eps)
+        self.pre_feedforward_layernorm = RMSNorm(D, eps)
+        self.post_feedforward_layernorm = RMSNorm(D, eps)
+
+    def make_attention(self, config: Gemma2Config) -> Attention:
+        return Attention(config, config.rope_parameters, scale=config.query_pre_attn_scalar**-0.5,
+                         softcap=config.attn_logit_softcapping)
+
+    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+        h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), mask, cache))
+        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+
+
+class Gemma2Model(GemmaModel):
+    decoder_layer_class = Gemma2DecoderLayer
+
+
+class Gemma2ForCausalLM(CausalLM):
+    base_model_class = Gemma2Model
+
+
+class Gemma2ForSequenceClassification(SequenceClassification):
+    base_model_class = Gemma2Model
+
+
+class Gemma2ForTokenClassification(TokenClassification):
+    base_model_class = Gemma2Model
