@@ -180,6 +180,8 @@ def as_input_ids(input_ids, vocab_size: int) -> mx.array:
         input_ids = input_ids[None]
     if input_ids.ndim != 2:
         raise MlxGemmaError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+    if input_ids.shape[1] == 0:
+        raise MlxGemmaError("input_ids is empty: give at least one token")
     if mx.issubdtype(input_ids.dtype, mx.floating):
         raise MlxGemmaError("input_ids must be integer token ids, got floats")
     if input_ids.size and (from_user or input_ids.shape[1] > 1):

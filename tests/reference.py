@@ -1,0 +1,70 @@
+"""The reference side of the parity tests: tiny transformers models in float32, eager attention, every
+weight (norms and biases included) randomised, saved as HF checkpoints for mlxgemma to load."""
+
+import math
+
+import numpy as np
+import torch
+import transformers
+
+import mlxgemma
+
+TOL = 1e-4  # max |Δ logits| the issue asks for, in float32
+
+# Small enough for a 2-core CI, big enough to exercise GQA, several heads and windows.
+BASE = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+WINDOW = 6
+
+FAMILIES = {
+    "gemma": ("GemmaConfig", "Gemma", dict(BASE)),
+    "gemma2": ("Gemma2Config", "Gemma2", dict(BASE, sliding_window=WINDOW, query_pre_attn_scalar=24,
+                                              attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3", dict(BASE, sliding_window=WINDOW, query_pre_attn_scalar=24,
+                                                  layer_types=["sliding_attention", "full_attention",
+                                                               "sliding_attention", "sliding_attention"])),
+    "stablelm": ("StableLmConfig", "StableLm", dict(BASE, head_dim=None, num_key_value_heads=2)),
+}
+
+HEAD_NAMES = {
+    ("gemma3", "ForCausalLM"): "Gemma3ForCausalLM",
+    ("gemma3", "ForSequenceClassification"): "Gemma3TextForSequenceClassification",
+}
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = 1.0 / math.sqrt(p.shape[-1]) if p.ndim >= 2 else 0.5
+            p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    return model.eval()
+
+
+def hf_model(family: str, head: str = "ForCausalLM", seed: int = 0, **overrides):
+    config_name, prefix, kwargs = FAMILIES[family]
+    kwargs = {k: v for k, v in dict(kwargs, **overrides).items() if v is not None}
+    config = getattr(transformers, config_name)(**kwargs, attn_implementation="eager")
+    cls = getattr(transformers, HEAD_NAMES.get((family, head), prefix + head))
+    return randomize(cls(config), seed)
+
+
+def save_and_load(model, tmp_path, **load_kwargs):
+    path = tmp_path / "ckpt"
+    model.save_pretrained(path)
+    return mlxgemma.load_model(path, **load_kwargs), path
+
+
+def hf_logits(model, ids, attention_mask=None) -> np.ndarray:
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(np.asarray(ids)),
+                    attention_mask=None if attention_mask is None else torch.tensor(np.asarray(attention_mask)))
+    return out.logits.float().numpy()
+
+
+def max_diff(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))))
+
+
+def random_ids(batch: int, length: int, seed: int = 1, low: int = 3, high: int = 96) -> np.ndarray:
+    return np.random.default_rng(seed).integers(low, high, size=(batch, length))
