@@ -29,6 +29,7 @@ FAMILIES = {
 HEAD_NAMES = {
     ("gemma3", "ForCausalLM"): "Gemma3ForCausalLM",
     ("gemma3", "ForSequenceClassification"): "Gemma3TextForSequenceClassification",
+    ("gemma3", "Model"): "Gemma3TextModel",
 }
 
 
