@@ -185,7 +185,7 @@ def as_input_ids(input_ids, vocab_size: int) -> mx.array:
     if mx.issubdtype(input_ids.dtype, mx.floating):
         raise MlxGemmaError("input_ids must be integer token ids, got floats")
     if input_ids.size and (from_user or input_ids.shape[1] > 1):
-        lo, hi = mx.min(input_ids).item(), mx.max(input_ids).item()
+        lo, hi = mx.stack([mx.min(input_ids), mx.max(input_ids)]).tolist()
         if lo < 0 or hi >= vocab_size:
             bad = lo if lo < 0 else hi
             raise MlxGemmaError(
