@@ -1,7 +1,13 @@
-"""config.json + safetensors -> an MLX model, strictly: every parameter the config implies must be in the
-weights with the shape the config implies, and nothing else may be there."""
+"""Sources -> an MLX model, strictly: every parameter the config implies must be in the weights with the
+shape the config implies, and nothing else may be there.
+
+A source is an HF-layout directory (transformers' safetensors), an MLX checkpoint (ours or mlx-lm's,
+quantized or not), a Hub repo id (downloaded with huggingface_hub, which honours HF_HUB_OFFLINE and the HF
+cache), or a .gguf file (imported in memory, see gguf_import)."""
 
 import json
+import math
+import re
 from pathlib import Path
 from typing import Optional, Union
 
@@ -56,9 +62,42 @@ def weight_files(path: Path) -> list:
     return files
 
 
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "U64": 8, "U32": 4, "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def check_safetensors(f: Path) -> None:
+    """Validate a safetensors header against the file before any tensor is materialised: a header that
+    claims more bytes than the file holds is an error, not an allocation."""
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 0 or n > size - 8:
+            raise MlxGemmaError(f"{f.name} is truncated or not safetensors: its header claims {max(n, 0)} bytes, "
+                                f"the file holds {size}")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise MlxGemmaError(f"{f.name} has an unreadable safetensors header") from None
+    data = size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, end = info["data_offsets"]
+            nbytes = _DTYPE_BYTES[info["dtype"]] * math.prod(info["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise MlxGemmaError(f"{f.name}: tensor {name} has a malformed header entry") from None
+        if end - start != nbytes or not 0 <= start <= end <= data:
+            raise MlxGemmaError(f"{f.name}: tensor {name} claims bytes {start}..{end} for {nbytes} bytes of data, "
+                                f"but the file holds {data}: the file is truncated or its header lies")
+
+
 def read_weights(path: Path) -> dict:
     weights = {}
     for f in weight_files(path):
+        check_safetensors(f)
         try:
             weights.update(mx.load(str(f)))
         except Exception as e:  # mlx reports a bad file as a RuntimeError/ValueError from C++
@@ -103,12 +142,20 @@ def check_weights(model: nn.Module, weights: dict) -> None:
 
 
 def load_model(path: Union[str, Path], dtype: Optional[str] = None) -> nn.Module:
-    """Build the model class config.json names and load its safetensors weights strictly.
+    """Build the model class config.json names and load its weights strictly (any source, see resolve).
     dtype ("float32", "float16", "bfloat16") casts the floating-point weights; default: as stored."""
-    path = Path(path)
-    config = read_config(path)
-    model = build_model(config, str(path / "config.json"))
-    weights = model.sanitize(read_weights(path))
+    path = resolve(path)
+    if path.suffix == ".gguf":
+        from .gguf_import import load_gguf
+
+        config, weights, _, _ = load_gguf(path, _FLOAT_DTYPES.get(dtype, mx.float32))
+        return model_from_weights(config, weights, dtype, str(path))
+    return model_from_weights(read_config(path), read_weights(path), dtype, str(path / "config.json"))
+
+
+def model_from_weights(config: dict, weights: dict, dtype: Optional[str] = None, source: str = "config.json"):
+    model = build_model(config, source)
+    weights = model.sanitize(weights)
     _quantize_like(model, config, weights)
     check_weights(model, weights)
     if dtype is not None:
@@ -120,3 +167,51 @@ def load_model(path: Union[str, Path], dtype: Optional[str] = None) -> nn.Module
     mx.eval(model.parameters())
     model.eval()
     return model
+
+
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.tiktoken", "*.txt"]
+
+
+def resolve(source: Union[str, Path], revision: Optional[str] = None) -> Path:
+    """A local directory or .gguf file as is; a Hub repo id downloaded (only the files a model needs)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    if not _REPO_ID.match(str(source)):
+        raise MlxGemmaError(f"{source!r} is neither a local directory, a .gguf file nor a Hub repo id (org/name)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(source), revision=revision, allow_patterns=HUB_FILES))
+    except LocalEntryNotFoundError:
+        raise MlxGemmaError(f"{source} is not in the HF cache and the Hub cannot be reached (HF_HUB_OFFLINE, or no "
+                            "network): download it once online, or pass a local path") from None
+    except (HfHubHTTPError, OSError) as e:
+        raise MlxGemmaError(f"cannot download {source} from the Hub: {str(e).splitlines()[0]}") from None
+
+
+def load(source: Union[str, Path], dtype: Optional[str] = None, revision: Optional[str] = None):
+    """(model, tokenizer) from any source; the tokenizer is mlx-lm's TokenizerWrapper (streaming detokenizer,
+    chat template, every eos id of config.json and generation_config.json)."""
+    from mlx_lm.tokenizer_utils import TokenizerWrapper, load as load_tokenizer
+
+    path = resolve(source, revision)
+    if path.suffix == ".gguf":
+        from .gguf_import import load_gguf
+
+        config, weights, tokenizer, eos = load_gguf(path, _FLOAT_DTYPES.get(dtype, mx.float32))
+        return model_from_weights(config, weights, dtype, str(path)), TokenizerWrapper(tokenizer, eos_token_ids=eos)
+    model = load_model(path, dtype)
+    return model, load_tokenizer(path, eos_token_ids=eos_token_ids(path))
+
+
+def eos_token_ids(path: Path) -> Optional[list]:
+    ids = []
+    for name in ("config.json", "generation_config.json"):
+        f = path / name
+        if f.is_file():
+            value = json.loads(f.read_text()).get("eos_token_id")
+            ids += value if isinstance(value, list) else [value] if value is not None else []
+    return sorted(set(ids)) or None

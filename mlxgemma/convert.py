@@ -1,0 +1,179 @@
+"""Convert a source (HF directory, Hub repo id, MLX checkpoint or .gguf) into an MLX checkpoint that mlx-lm
+also reads, optionally quantized. The output is built in a temporary directory beside the destination and
+renamed into place only when complete, so an error or Ctrl-C never leaves a half-written checkpoint.
+
+    python -m mlxgemma.convert --hf-path google/gemma-3-270m --mlx-path gemma3-4bit -q
+"""
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+
+from .errors import MlxGemmaError
+from .loading import build_model, model_from_weights, read_config, read_weights, resolve
+from .quantize import RECIPES, quantize
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
+                   "preprocessor_config.json", "processor_config.json"]
+
+
+def convert(hf_path, mlx_path, *, dtype: Optional[str] = None, quantize_model: bool = False, q_bits: int = 4,
+            q_group_size: int = 64, quant_predicate: Optional[str] = None, dequantize: bool = False,
+            overwrite: bool = False, revision: Optional[str] = None, **kwargs) -> Path:
+    """Write the MLX checkpoint of hf_path to mlx_path and return mlx_path. `quantize=True` (alias of
+    quantize_model) quantizes with MLX affine groups: q_bits of 2/3/4/5/6/8, q_group_size of 32/64/128,
+    or a mixed recipe (quant_predicate, see mlxgemma.quantize.RECIPES). A .gguf source keeps its own
+    quantized weights (exact repacking) unless dequantize=True or quantize is asked for."""
+    quantize_model = kwargs.pop("quantize", quantize_model)
+    if kwargs:
+        raise TypeError(f"convert() got unexpected arguments {', '.join(kwargs)}")
+    dst = Path(mlx_path).expanduser()
+    _check_options(dst, dtype, quantize_model, q_bits, q_group_size, quant_predicate, dequantize, overwrite)
+    src = resolve(hf_path, revision)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    try:
+        config, model, tokenizer_writer = _source_model(src, dtype)
+        if quantize_model or dequantize:
+            model, config = _requantize(model, config, dequantize, q_bits, q_group_size, quant_predicate)
+        _write(tmp, model, config)
+        tokenizer_writer(tmp)
+        _write_readme(tmp, hf_path, config, dtype)
+        _replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def _check_options(dst, dtype, quantize_model, q_bits, q_group_size, recipe, dequantize, overwrite):
+    if dst.exists() and not overwrite:
+        raise MlxGemmaError(f"{dst} already exists: choose another --mlx-path or pass --overwrite")
+    if dtype is not None and dtype not in DTYPES:
+        raise MlxGemmaError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if q_bits not in (2, 3, 4, 5, 6, 8):
+        raise MlxGemmaError(f"--q-bits {q_bits} is not supported (2, 3, 4, 5, 6 or 8)")
+    if q_group_size not in (32, 64, 128):
+        raise MlxGemmaError(f"--q-group-size {q_group_size} is not supported (32, 64 or 128)")
+    if recipe is not None and recipe not in RECIPES:
+        raise MlxGemmaError(f"--quant-predicate {recipe!r} is not a recipe ({', '.join(RECIPES)})")
+    if quantize_model and dequantize:
+        raise MlxGemmaError("-q and --dequantize contradict each other: pick one")
+
+
+def _source_model(src: Path, dtype):
+    """(config dict, model with weights, function writing the tokenizer files into a directory)."""
+    if src.suffix == ".gguf":
+        from .gguf_import import load_gguf
+
+        config, weights, tokenizer, eos = load_gguf(src, DTYPES[dtype or "bfloat16"])
+        model = model_from_weights(config, weights)
+
+        def write_tokenizer(out):
+            tokenizer.save_pretrained(out)
+            (out / "generation_config.json").write_text(json.dumps({"bos_token_id": config["bos_token_id"],
+                                                                    "eos_token_id": eos}, indent=2))
+        return config, model, write_tokenizer
+    config = read_config(src)
+    model = model_from_weights(config, read_weights(src), dtype, str(src / "config.json"))
+
+    def copy_tokenizer(out):
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, out / name)
+    return config, model, copy_tokenizer
+
+
+def _requantize(model, config, dequantize, bits, group_size, recipe):
+    if config.get("quantization"):  # a quantized source: back to float first (a second rounding, said so)
+        from mlx_lm.utils import dequantize_model
+
+        if not dequantize:
+            print("[mlxgemma] note: the source is already quantized; requantizing rounds its weights a "
+                  "second time", file=sys.stderr)
+        model = dequantize_model(model)
+        config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    if dequantize:
+        return model, config
+    return quantize(model, config, bits, group_size, recipe)
+
+
+def _write(out: Path, model: nn.Module, config: dict) -> None:
+    from mlx_lm.utils import save_config, save_model
+
+    save_model(out, model)
+    dtypes = {str(v.dtype).split(".")[-1] for k, v in tree_flatten(model.parameters())
+              if mx.issubdtype(v.dtype, mx.floating) and not k.endswith(("scales", "biases"))}
+    if len(dtypes) == 1:
+        config = dict(config, torch_dtype=dtypes.pop())
+    save_config(config, out / "config.json")
+
+
+def _write_readme(out: Path, source, config: dict, dtype) -> None:
+    q = config.get("quantization")
+    how = (f"quantized (affine, {q.get('bits')}-bit default, groups of {q.get('group_size')}; per-layer "
+           "overrides in config.json)" if q else f"in {dtype or 'the source dtype'}")
+    files = sorted(p.name for p in out.iterdir())
+    size = sum(p.stat().st_size for p in out.iterdir() if p.suffix == ".safetensors")
+    (out / "README.md").write_text(
+        f"# {Path(str(source)).name} for MLX\n\nConverted by mlxgemma from `{source}`, {how}.\n"
+        f"Weights: {size / 2**20:.1f} MiB. Files: {', '.join(files)}.\n\n"
+        "```python\nimport mlxgemma\nmodel, tokenizer = mlxgemma.load(\"path/to/this/folder\")\n```\n"
+        "It also loads with `mlx_lm.load`.\n")
+
+
+def _replace(tmp: Path, dst: Path) -> None:
+    """Move the finished output into place; an existing destination (--overwrite) goes only afterwards."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
+        dst.rename(old)
+    tmp.rename(dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+
+
+def configure_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mlxgemma.convert",
+                                description="Convert HF / Hub / MLX / GGUF weights into an MLX checkpoint.")
+    p.add_argument("--hf-path", "--model", required=True, help="HF directory, Hub repo id or .gguf file")
+    p.add_argument("--mlx-path", default="mlx_model", help="where to write the MLX checkpoint")
+    p.add_argument("-q", "--quantize", action="store_true", help="quantize the weights")
+    p.add_argument("--q-bits", type=int, default=4, help="bits per weight (default 4)")
+    p.add_argument("--q-group-size", type=int, default=64, help="group size (default 64)")
+    p.add_argument("--quant-predicate", choices=None, default=None, help=f"mixed recipe: {', '.join(RECIPES)}")
+    p.add_argument("--dtype", default=None, help="float dtype: float32, float16, bfloat16")
+    p.add_argument("-d", "--dequantize", action="store_true", help="write float weights from a quantized source")
+    p.add_argument("--revision", default=None, help="Hub revision")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --mlx-path")
+    return p
+
+
+def main(argv=None) -> int:
+    args = configure_parser().parse_args(argv)
+    try:
+        dst = convert(args.hf_path, args.mlx_path, dtype=args.dtype, quantize_model=args.quantize,
+                      q_bits=args.q_bits, q_group_size=args.q_group_size, quant_predicate=args.quant_predicate,
+                      dequantize=args.dequantize, overwrite=args.overwrite, revision=args.revision)
+    except MlxGemmaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+    print(f"[mlxgemma] wrote {dst}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
