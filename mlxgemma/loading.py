@@ -179,7 +179,7 @@ def resolve(source: Union[str, Path], revision: Optional[str] = None) -> Path:
     if path.exists():
         return path
     if not _REPO_ID.match(str(source)):
-        raise MlxGemmaError(f"{source!r} is neither a local directory, a .gguf file nor a Hub repo id (org/name)")
+        raise MlxGemmaError(f"{str(source)!r} is neither a local directory, a .gguf file nor a Hub repo id (org/name)")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 

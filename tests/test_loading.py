@@ -135,7 +135,7 @@ def test_pickle_weights_refused(ckpt, tmp_path):
 
 
 def test_missing_path_and_config(tmp_path):
-    _error(lambda: mlxgemma.load_model(tmp_path / "nope"), "is not a directory")
+    _error(lambda: mlxgemma.load_model(tmp_path / "nope"), "nope. is neither a local directory, a .gguf file nor a Hub repo id")
     _error(lambda: mlxgemma.load_model(tmp_path), "config.json not found")
     (tmp_path / "config.json").write_text("{not json")
     _error(lambda: mlxgemma.load_model(tmp_path), "is not valid JSON")
