@@ -1,12 +1,14 @@
 """mlxgemma: the Gemma model lineage on Apple silicon with MLX, exact to transformers."""
 
 from .errors import MlxGemmaError
-from .loading import build_model, load_model
+from .loading import build_model, load, load_model
 from .models.gemma import GemmaConfig, GemmaForCausalLM, GemmaForSequenceClassification, GemmaForTokenClassification, GemmaModel
 from .models.gemma2 import (Gemma2Config, Gemma2ForCausalLM, Gemma2ForSequenceClassification,
                             Gemma2ForTokenClassification, Gemma2Model)
 from .models.gemma3 import Gemma3ForCausalLM, Gemma3TextConfig, Gemma3TextForSequenceClassification, Gemma3TextModel
 from .models.stablelm import (StableLmConfig, StableLmForCausalLM, StableLmForSequenceClassification,
                               StableLmForTokenClassification, StableLmModel)
+
+from .convert import convert  # noqa: E402  (the function; `python -m mlxgemma.convert` is the CLI)
 
 __version__ = "0.1.0"

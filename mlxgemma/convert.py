@@ -108,9 +108,35 @@ def _requantize(model, config, dequantize, bits, group_size, recipe):
     return quantize(model, config, bits, group_size, recipe)
 
 
+def legacy_rope_keys(config: dict) -> dict:
+    """The pre-transformers-5 top-level rope keys, beside rope_parameters, for readers that only know those
+    (mlx-lm's StableLM needs rope_theta and partial_rotary_factor, its Gemma 3 rope_local_base_freq)."""
+    from .models import config_from_dict
+    from .models.config import FULL, SLIDING, pattern_layer_types
+
+    parsed = config_from_dict(config)
+    rope = parsed.rope_parameters
+    out = dict(config)
+    full = rope.get(FULL, rope)
+    out.setdefault("rope_theta", full["rope_theta"])
+    if full.get("rope_type") == "linear":
+        out.setdefault("rope_scaling", {"type": "linear", "rope_type": "linear", "factor": full["factor"]})
+    if "partial_rotary_factor" in full:
+        out.setdefault("partial_rotary_factor", full["partial_rotary_factor"])
+    if SLIDING in rope:
+        out.setdefault("rope_local_base_freq", rope[SLIDING]["rope_theta"])
+        for k in range(1, parsed.num_hidden_layers + 1):
+            if parsed.layer_types == pattern_layer_types(parsed.num_hidden_layers, k):
+                out.setdefault("sliding_window_pattern", k)
+                break
+    return out
+
+
 def _write(out: Path, model: nn.Module, config: dict) -> None:
     from mlx_lm.utils import save_config, save_model
 
+    if config.get("model_type") != "gemma3":  # multimodal configs keep their text part nested
+        config = legacy_rope_keys(config)
     save_model(out, model)
     dtypes = {str(v.dtype).split(".")[-1] for k, v in tree_flatten(model.parameters())
               if mx.issubdtype(v.dtype, mx.floating) and not k.endswith(("scales", "biases"))}

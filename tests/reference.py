@@ -69,3 +69,20 @@ def max_diff(a, b) -> float:
 
 def random_ids(batch: int, length: int, seed: int = 1, low: int = 3, high: int = 96) -> np.ndarray:
     return np.random.default_rng(seed).integers(low, high, size=(batch, length))
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over the tiny models' 96 ids ("t0".."t95"), saved beside checkpoints so that
+    mlx_lm.load and mlxgemma.load find one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(96)}, unk_token="t3"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="t1", pad_token="t0", bos_token="t2")
+
+
+def save_checkpoint(model, path):
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path

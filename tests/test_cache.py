@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mlxgemma.models.cache import KVCache, RotatingKVCache
-from reference import TOL, WINDOW, hf_logits, hf_model, max_diff, random_ids, save_and_load
+from reference import TOL, WINDOW, hf_logits, hf_model, max_diff, random_ids, save_and_load, tiny_tokenizer
 
 
 def test_sliding_cache_holds_one_window(tmp_path):
@@ -56,12 +56,8 @@ def test_trim_after_wrap_refuses_more_than_exact():
 
 def _tiny_tokenizer():
     from mlx_lm.tokenizer_utils import TokenizerWrapper
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(96)}, unk_token="t3"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return TokenizerWrapper(PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="t1", pad_token="t0"))
+    return TokenizerWrapper(tiny_tokenizer())
 
 
 @pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3", "stablelm"])
