@@ -49,9 +49,9 @@ def _k_blocks(weight: np.ndarray, qtype, rng) -> np.ndarray:
     return blocks.reshape(weight.shape[0], -1)
 
 
-def write_gguf(path, family: str = "gemma3", seed: int = 0, types=TYPES):
+def write_gguf(path, family: str = "gemma3", seed: int = 0, types=TYPES, **overrides):
     arch = family
-    kwargs = dict(SIZES)
+    kwargs = dict(SIZES, **overrides)
     if family == "gemma2":
         kwargs.update(attn_logit_softcapping=30.0, final_logit_softcapping=20.0)
     hf = hf_model(family, seed=seed, query_pre_attn_scalar=256, layer_types=None, **kwargs)
@@ -95,6 +95,10 @@ def write_gguf(path, family: str = "gemma3", seed: int = 0, types=TYPES):
         i += 1
         if qtype == T.F16:
             w.add_tensor(gname, x.astype(np.float16))
+        elif qtype == T.Q8_1:  # a type mlxgemma refuses: raw bytes are enough
+            size = gq.GGML_QUANT_SIZES[qtype][1]
+            w.add_tensor(gname, rng.integers(0, 256, (x.shape[0], x.shape[1] // 32 * size), dtype=np.uint8),
+                         raw_dtype=qtype)
         elif qtype in (T.Q4_K, T.Q5_K, T.Q6_K):
             w.add_tensor(gname, _k_blocks(x, qtype, rng), raw_dtype=qtype)
         else:
