@@ -19,7 +19,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from .errors import MlxGemmaError
 from .loading import build_model, model_from_weights, read_config, read_weights, resolve
-from .quantize import RECIPES, quantize
+from .quantize import RECIPES, quantize as quantize_weights
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -27,24 +27,21 @@ TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "preprocessor_config.json", "processor_config.json"]
 
 
-def convert(hf_path, mlx_path, *, dtype: Optional[str] = None, quantize_model: bool = False, q_bits: int = 4,
+def convert(hf_path, mlx_path, *, dtype: Optional[str] = None, quantize: bool = False, q_bits: int = 4,
             q_group_size: int = 64, quant_predicate: Optional[str] = None, dequantize: bool = False,
-            overwrite: bool = False, revision: Optional[str] = None, **kwargs) -> Path:
-    """Write the MLX checkpoint of hf_path to mlx_path and return mlx_path. `quantize=True` (alias of
-    quantize_model) quantizes with MLX affine groups: q_bits of 2/3/4/5/6/8, q_group_size of 32/64/128,
-    or a mixed recipe (quant_predicate, see mlxgemma.quantize.RECIPES). A .gguf source keeps its own
-    quantized weights (exact repacking) unless dequantize=True or quantize is asked for."""
-    quantize_model = kwargs.pop("quantize", quantize_model)
-    if kwargs:
-        raise TypeError(f"convert() got unexpected arguments {', '.join(kwargs)}")
+            overwrite: bool = False, revision: Optional[str] = None) -> Path:
+    """Write the MLX checkpoint of hf_path to mlx_path and return mlx_path. quantize=True quantizes with MLX
+    affine groups: q_bits of 2/3/4/5/6/8, q_group_size of 32/64/128, or a mixed recipe (quant_predicate, see
+    mlxgemma.quantize.RECIPES). A .gguf source keeps its own quantized weights (exact repacking) unless
+    dequantize=True or quantize=True is asked for."""
     dst = Path(mlx_path).expanduser()
-    _check_options(dst, dtype, quantize_model, q_bits, q_group_size, quant_predicate, dequantize, overwrite)
+    _check_options(dst, dtype, quantize, q_bits, q_group_size, quant_predicate, dequantize, overwrite)
     src = resolve(hf_path, revision)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
     try:
         config, model, tokenizer_writer = _source_model(src, dtype)
-        if quantize_model or dequantize:
+        if quantize or dequantize:
             model, config = _requantize(model, config, dequantize, q_bits, q_group_size, quant_predicate)
         _write(tmp, model, config)
         tokenizer_writer(tmp)
@@ -56,7 +53,7 @@ def convert(hf_path, mlx_path, *, dtype: Optional[str] = None, quantize_model: b
     return dst
 
 
-def _check_options(dst, dtype, quantize_model, q_bits, q_group_size, recipe, dequantize, overwrite):
+def _check_options(dst, dtype, quantize, q_bits, q_group_size, recipe, dequantize, overwrite):
     if dst.exists() and not overwrite:
         raise MlxGemmaError(f"{dst} already exists: choose another --mlx-path or pass --overwrite")
     if dtype is not None and dtype not in DTYPES:
@@ -67,7 +64,7 @@ def _check_options(dst, dtype, quantize_model, q_bits, q_group_size, recipe, deq
         raise MlxGemmaError(f"--q-group-size {q_group_size} is not supported (32, 64 or 128)")
     if recipe is not None and recipe not in RECIPES:
         raise MlxGemmaError(f"--quant-predicate {recipe!r} is not a recipe ({', '.join(RECIPES)})")
-    if quantize_model and dequantize:
+    if quantize and dequantize:
         raise MlxGemmaError("-q and --dequantize contradict each other: pick one")
 
 
@@ -105,7 +102,7 @@ def _requantize(model, config, dequantize, bits, group_size, recipe):
         config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
     if dequantize:
         return model, config
-    return quantize(model, config, bits, group_size, recipe)
+    return quantize_weights(model, config, bits, group_size, recipe)
 
 
 def legacy_rope_keys(config: dict) -> dict:
@@ -188,7 +185,7 @@ def configure_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = configure_parser().parse_args(argv)
     try:
-        dst = convert(args.hf_path, args.mlx_path, dtype=args.dtype, quantize_model=args.quantize,
+        dst = convert(args.hf_path, args.mlx_path, dtype=args.dtype, quantize=args.quantize,
                       q_bits=args.q_bits, q_group_size=args.q_group_size, quant_predicate=args.quant_predicate,
                       dequantize=args.dequantize, overwrite=args.overwrite, revision=args.revision)
     except MlxGemmaError as e:
