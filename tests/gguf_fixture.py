@@ -15,7 +15,7 @@ _BLOCK = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn
           "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
 # Every 2-D weight gets one of these in turn: all the exactly-mapped types, a requantized one, floats.
 TYPES = [T.Q4_K, T.Q5_K, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q6_K, T.F16]
-SIZES = dict(vocab_size=300, hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=2,
+SIZES = dict(vocab_size=400, hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=2,
              num_key_value_heads=1, head_dim=256, sliding_window=4)
 
 
@@ -24,8 +24,9 @@ def vocabulary(n: int):
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
     tokens += letters + [f"\u2581{c}" for c in letters]
     tokens += [a + b for a in "etaoin" for b in "etaoinshr"]
-    tokens += [f"<0x{i:02X}>" for i in range(n - len(tokens))]
-    types = [3 if t.startswith("<") and not t.startswith("<0x") else 6 if t.startswith("<0x") else 1 for t in tokens]
+    tokens += [f"<0x{i:02X}>" for i in range(256)]  # every byte, for byte fallback
+    tokens += [f"<unused{i}>" for i in range(n - len(tokens))]
+    types = [6 if t.startswith("<0x") else 3 if t.startswith("<") else 1 for t in tokens]
     return tokens[:n], types[:n]
 
 

@@ -36,7 +36,7 @@ def _gguf_reference(path):
     return model
 
 
-def _ids(n=13, vocab=300):
+def _ids(n=13, vocab=400):
     return np.random.default_rng(0).integers(3, vocab, (2, n))
 
 

@@ -166,8 +166,13 @@ def layer_masks(layer_types, caches, L: int, attention_mask, window: Optional[in
     return masks
 
 
-def make_caches(layer_types, window: Optional[int]) -> list:
-    return [RotatingKVCache(window) if t == SLIDING else KVCache() for t in layer_types]
+def make_caches(layer_types, window: Optional[int], max_kv_size: Optional[int] = None) -> list:
+    """Sliding layers: a cache of one window. Full layers: a growing cache, or with max_kv_size a window of
+    that many tokens (a bound on memory that turns full attention into sliding attention, as in mlx-lm)."""
+    def sliding(size):
+        return RotatingKVCache(min(size, max_kv_size) if max_kv_size else size)
+    return [sliding(window) if t == SLIDING else sliding(max_kv_size) if max_kv_size else KVCache()
+            for t in layer_types]
 
 
 def as_input_ids(input_ids, vocab_size: int) -> mx.array:

@@ -84,8 +84,8 @@ class GemmaModel(nn.Module):
             h = layer(h, masks[layer.attention_type], c)
         return self.norm(h)
 
-    def make_cache(self) -> list:
-        return make_caches(self.config.layer_types, self.config.sliding_window)
+    def make_cache(self, max_kv_size=None) -> list:
+        return make_caches(self.config.layer_types, self.config.sliding_window, max_kv_size)
 
     def sanitize(self, weights: dict) -> dict:
         return {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}

@@ -38,8 +38,8 @@ class _Head(nn.Module):
     def layers(self):
         return self.model.layers
 
-    def make_cache(self):
-        return self.model.make_cache()
+    def make_cache(self, max_kv_size=None):
+        return self.model.make_cache(max_kv_size)
 
     def sanitize(self, weights: dict) -> dict:
         return self.model.sanitize(weights)

@@ -118,8 +118,8 @@ class StableLmModel(nn.Module):
             h = layer(h, masks[FULL], c)
         return self.norm(h)
 
-    def make_cache(self) -> list:
-        return make_caches(self.config.layer_types, None)
+    def make_cache(self, max_kv_size=None) -> list:
+        return make_caches(self.config.layer_types, None, max_kv_size)
 
     def sanitize(self, weights: dict) -> dict:
         return {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}

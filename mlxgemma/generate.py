@@ -1,0 +1,202 @@
+"""Generation: the Python API (generate, stream_generate) and `python -m mlxgemma.generate`.
+
+The decode loop, samplers, logits processors and streaming detokenizer (which never splits a multi-byte
+character) are mlx-lm's. This module prepares prompts (text, token ids or chat messages, through the
+tokenizer's chat template), checks them and the options, applies stop strings without ever yielding part
+of one, and runs the embedded default model when no --model is given.
+
+    python -m mlxgemma.generate --prompt "The capital of France is" --max-tokens 32
+"""
+
+import argparse
+import sys
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence, Union
+
+import mlx.core as mx
+
+from .errors import MlxGemmaError
+
+Prompt = Union[str, Sequence[int], Sequence[dict]]
+
+
+@dataclass
+class Chunk:
+    """One step of a stream: new text (possibly empty), the token, its log-probability, why it ended."""
+
+    text: str
+    token: int
+    logprob: float
+    finish_reason: Optional[str]  # None while running, then "stop" (eos or stop string) or "length"
+    prompt_tokens: int = 0
+    prompt_tps: float = 0.0
+    generation_tokens: int = 0
+    generation_tps: float = 0.0
+    peak_memory: float = 0.0  # GB
+
+
+def prompt_ids(tokenizer, prompt: Prompt, system: Optional[str] = None, chat_template: bool = True) -> List[int]:
+    """Token ids for a prompt: text (wrapped in the chat template when the tokenizer has one and
+    chat_template is True), chat messages [{"role", "content"}], or token ids as they are."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise MlxGemmaError("the prompt is empty: give some text")
+        if chat_template and getattr(tokenizer, "chat_template", None):
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            return _apply_template(tokenizer, messages)
+        return list(tokenizer.encode(f"{system}\n\n{prompt}" if system else prompt))
+    prompt = list(prompt)
+    if not prompt:
+        raise MlxGemmaError("the prompt is empty: give some text, token ids or messages")
+    if all(isinstance(m, dict) for m in prompt):
+        if not getattr(tokenizer, "chat_template", None):
+            raise MlxGemmaError("chat messages need a tokenizer with a chat template; this one has none")
+        return _apply_template(tokenizer, ([{"role": "system", "content": system}] if system else []) + prompt)
+    if not all(isinstance(t, int) for t in prompt):
+        raise MlxGemmaError("a prompt is text, a list of token ids or a list of chat messages")
+    return prompt
+
+
+def _apply_template(tokenizer, messages) -> List[int]:
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    except Exception as e:  # jinja raises its own errors (e.g. roles out of order)
+        raise MlxGemmaError(f"the chat template rejected the messages: {str(e).splitlines()[0]}") from None
+    return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+
+def check_options(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, prefill_step_size, max_kv_size):
+    for ok, message in [
+        (max_tokens > 0, f"--max-tokens must be positive, got {max_tokens}"),
+        (temp >= 0, f"--temp must be >= 0, got {temp}"),
+        (0 < top_p <= 1, f"--top-p must be in (0, 1], got {top_p}"),
+        (top_k >= 0, f"--top-k must be >= 0, got {top_k}"),
+        (0 <= min_p <= 1, f"--min-p must be in [0, 1], got {min_p}"),
+        (repetition_penalty is None or repetition_penalty > 0,
+         f"--repetition-penalty must be > 0, got {repetition_penalty}"),
+        (prefill_step_size > 0, f"--prefill-step-size must be positive, got {prefill_step_size}"),
+        (max_kv_size is None or max_kv_size > 0, f"--max-kv-size must be positive, got {max_kv_size}"),
+    ]:
+        if not ok:
+            raise MlxGemmaError(message)
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters could still grow into a stop string (so must not be shown yet)."""
+    return max((k for s in stops for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])), default=0)
+
+
+def stream_generate(model, tokenizer, prompt: Prompt, *, max_tokens: int = 256, temp: float = 0.0,
+                    top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
+                    repetition_penalty: Optional[float] = None, seed: Optional[int] = None,
+                    stop: Sequence[str] = (), system: Optional[str] = None, chat_template: bool = True,
+                    prefill_step_size: int = 2048, max_kv_size: Optional[int] = None, prompt_cache=None,
+                    image=None) -> Iterator[Chunk]:
+    """Yield Chunks as tokens are produced. Stops at any eos id of the checkpoint (config.json and
+    generation_config.json, e.g. Gemma's <end_of_turn>), at a stop string (never yielded, not even in
+    part), or after max_tokens. A seed makes sampling reproducible. prompt_cache (model.make_cache())
+    continues from what it already holds: afterwards it holds the prompt and every yielded token, so the
+    next call passes only new tokens."""
+    from mlx_lm.generate import stream_generate as mlx_lm_stream
+    from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+    if image is not None:
+        raise MlxGemmaError(f"{type(model).__name__} is a text-only model: it takes no image")
+    check_options(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, prefill_step_size, max_kv_size)
+    ids = prompt_ids(tokenizer, prompt, system, chat_template)
+    config = getattr(model, "config", None)
+    context = getattr(config, "max_position_embeddings", None)
+    seen = prompt_cache[0].offset if prompt_cache else 0
+    if context and seen + len(ids) >= context:
+        raise MlxGemmaError(f"the prompt has {seen + len(ids)} tokens but the model's context is {context}: shorten it")
+    vocab = getattr(config, "vocab_size", None)
+    if vocab and (min(ids) < 0 or max(ids) >= vocab):
+        raise MlxGemmaError(f"token id {min(ids) if min(ids) < 0 else max(ids)} is outside the vocabulary (0..{vocab - 1})")
+    if seed is not None:
+        mx.random.seed(seed)
+    if prompt_cache is None and hasattr(model, "make_cache"):
+        prompt_cache = model.make_cache(max_kv_size=max_kv_size)
+    sampler = make_sampler(temp=temp, top_p=top_p if top_p < 1 else 0.0, min_p=min_p, top_k=top_k)
+    processors = make_logits_processors(repetition_penalty=repetition_penalty) if repetition_penalty else None
+    text = ""
+    for r in mlx_lm_stream(model, tokenizer, ids, max_tokens=max_tokens, sampler=sampler,
+                           logits_processors=processors, prefill_step_size=prefill_step_size,
+                           prompt_cache=prompt_cache):
+        stats = dict(prompt_tokens=r.prompt_tokens, prompt_tps=r.prompt_tps, generation_tokens=r.generation_tokens,
+                     generation_tps=r.generation_tps, peak_memory=r.peak_memory)
+        text += r.text
+        logprob = r.logprobs[r.token].item()
+        hits = [text.find(s) for s in stop if s and s in text]
+        if hits:
+            yield Chunk(text[: min(hits)], r.token, logprob, "stop", **stats)
+            return
+        shown = len(text) - _held_back(text, stop) if r.finish_reason is None else len(text)
+        yield Chunk(text[:shown], r.token, logprob, r.finish_reason, **stats)
+        text = text[shown:]
+        if r.finish_reason is not None:
+            return
+
+
+def generate(model, tokenizer, prompt: Prompt, **options) -> str:
+    """The whole completion as one string (options as for stream_generate)."""
+    return "".join(c.text for c in stream_generate(model, tokenizer, prompt, **options))
+
+
+def configure_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mlxgemma.generate", description="Generate text with a Gemma model.")
+    p.add_argument("--model", default=None, help="MLX/HF directory, Hub repo id or .gguf (default: the embedded "
+                   "Gemma 3 270M of mlxgemma[demo])")
+    p.add_argument("--prompt", "-p", default=None, help="the prompt; - reads standard input")
+    p.add_argument("--max-tokens", "-m", type=int, default=256)
+    p.add_argument("--temp", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--ignore-chat-template", action="store_true", help="feed the prompt as raw text")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--prefill-step-size", type=int, default=2048)
+    p.add_argument("--max-kv-size", type=int, default=None,
+                   help="bound every KV cache to this many tokens (full layers then attend to a window)")
+    p.add_argument("--image", action="append", default=None, help="image file (image+text models only)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = configure_parser().parse_args(argv)
+    try:
+        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        if prompt is None:
+            raise MlxGemmaError("no prompt: pass --prompt TEXT (or --prompt - to read standard input)")
+        check_options(args.max_tokens, args.temp, args.top_p, args.top_k, args.min_p, args.repetition_penalty,
+                      args.prefill_step_size, args.max_kv_size)
+        from .default_model import default_model_path
+        from .loading import load
+
+        model, tokenizer = load(args.model if args.model else default_model_path())
+        last = None
+        for last in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens, temp=args.temp,
+                                    top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                                    repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
+                                    system=args.system, chat_template=not args.ignore_chat_template,
+                                    prefill_step_size=args.prefill_step_size, max_kv_size=args.max_kv_size,
+                                    image=args.image):
+            print(last.text, end="", flush=True)
+    except MlxGemmaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\n[interrupted]", file=sys.stderr)
+        return 130
+    print()
+    if last is not None:
+        print(f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s | generation: "
+              f"{last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s | peak memory: "
+              f"{last.peak_memory:.3f} GB", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
