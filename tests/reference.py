@@ -72,14 +72,15 @@ def random_ids(batch: int, length: int, seed: int = 1, low: int = 3, high: int =
 
 
 def tiny_tokenizer():
-    """A word-level tokenizer over the tiny models' 96 ids ("t0".."t95"), saved beside checkpoints so that
-    mlx_lm.load and mlxgemma.load find one."""
+    """A word-level tokenizer over the tiny models' 96 ids (specials 0..3, then "t4".."t95"), saved beside
+    checkpoints so that mlx_lm.load and mlxgemma.load find one."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(96)}, unk_token="t3"))
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, **{f"t{i}": i for i in range(4, 96)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="t1", pad_token="t0", bos_token="t2")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", bos_token="<bos>")
 
 
 def save_checkpoint(model, path):
