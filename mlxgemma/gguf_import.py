@@ -194,6 +194,16 @@ def read_config(reader: GGUFReader) -> dict:
     return config
 
 
+# Gemma's chat format, for GGUF files that carry none (llama.cpp falls back to its built-in Gemma template
+# too): system text joins the first user turn, the assistant role is called "model".
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% set ns = namespace(system='') %}{% for m in messages %}{% if m['role'] == 'system' %}"
+    "{% set ns.system = m['content'] | trim + '\n\n' %}{% else %}<start_of_turn>"
+    "{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{% if m['role'] == 'user' %}{{ ns.system }}"
+    "{% set ns.system = '' %}{% endif %}{{ m['content'] | trim }}<end_of_turn>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
 def build_tokenizer(reader: GGUFReader, arch: str):
     """transformers' GGUF tokenizer builder (Gemma's respelled spaces, merges rebuilt in file order, control
     tokens kept whole), fed from the gguf package's reader so that no torch is needed."""
@@ -217,14 +227,19 @@ def build_tokenizer(reader: GGUFReader, arch: str):
              ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")) if ids[key] is not None}
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **named)
     template = field(reader, "tokenizer.chat_template")
+    if not template and "<start_of_turn>" in tokens and "<end_of_turn>" in tokens:
+        template = GEMMA_CHAT_TEMPLATE
     if template:
         tokenizer.chat_template = template
     return tokenizer
 
 
 def eos_ids(reader: GGUFReader) -> list:
-    """End of text and, where the file names one, end of turn (<end_of_turn> for Gemma chat models)."""
+    """End of text and end of turn (the file's eot id, else Gemma's <end_of_turn>), as Gemma chat ends turns."""
     ids = [field(reader, "tokenizer.ggml.eos_token_id"), field(reader, "tokenizer.ggml.eot_token_id")]
+    tokens = reader.fields["tokenizer.ggml.tokens"]
+    if ids[1] is None:
+        ids[1] = next((i for i, part in enumerate(tokens.data) if bytes(tokens.parts[part]) == b"<end_of_turn>"), None)
     return sorted({i for i in ids if i is not None})
 
 

@@ -140,3 +140,13 @@ def test_not_a_gguf(tmp_path):
     (tmp_path / "x.gguf").write_bytes(b"GGUF" + b"\x00" * 10)
     with pytest.raises(MlxGemmaError, match="is not a readable GGUF file"):
         mlxgemma.load_model(tmp_path / "x.gguf")
+
+
+def test_gemma_chat_template_when_the_file_has_none(tmp_path):
+    """A Gemma GGUF without tokenizer.chat_template gets Gemma's turn format (as llama.cpp falls back to)."""
+    from mlxgemma.generate import prompt_ids
+
+    path = write_gguf(tmp_path / "m.gguf", "gemma3", types=[T.Q8_0])
+    _, tokenizer = mlxgemma.load(path)
+    ids = prompt_ids(tokenizer, [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
+    assert tokenizer.decode(ids) == "<bos><start_of_turn>user\nbe brief\n\nhi<end_of_turn>\n<start_of_turn>model\n"
