@@ -26,18 +26,19 @@ TINY_TYPES = {"gemma": {}, "gemma2": dict(sliding_window=128, query_pre_attn_sca
 
 def tiny_checkpoint(family: str, out: Path) -> Path:
     """A random checkpoint of the family's real layout (every norm randomised), written by our converter."""
-    import mlx.nn as nn
-    from mlx.utils import tree_flatten, tree_map
+    from mlx.utils import tree_map
 
     import mlxgemma
     from mlxgemma.convert import _write
+    from mlxgemma.models.config import as_dict
 
     model_type = family if family != "gemma3" else "gemma3_text"
     config = {k: v for k, v in dict(TINY, model_type=model_type, **TINY_TYPES[model_type]).items() if v is not None}
     model = mlxgemma.build_model(config)
     model.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.05, model.parameters()))
     mx.eval(model.parameters())
-    _write(out, model, config)
+    full = {k: v for k, v in as_dict(model.config).items() if k not in ("extra", "quantization") and v is not None}
+    _write(out, model, dict(full, architectures=[type(model).__name__]))
     return out
 
 
@@ -55,11 +56,11 @@ def real_checkpoint(kind: str, work: Path) -> Path:
 
 
 def load_both(path: Path):
-    import mlx_lm
+    from mlx_lm.utils import load_model
 
     import mlxgemma
 
-    return {"mlxgemma": mlxgemma.load_model(path), "mlx-lm": mlx_lm.load(str(path))[0]}
+    return {"mlxgemma": mlxgemma.load_model(path), "mlx-lm": load_model(path)[0]}
 
 
 def trial(model, prompt: mx.array, gen: int):

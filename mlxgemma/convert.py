@@ -31,8 +31,8 @@ def convert(hf_path, mlx_path, *, dtype: Optional[str] = None, quantize: bool = 
             q_group_size: int = 64, quant_predicate: Optional[str] = None, dequantize: bool = False,
             overwrite: bool = False, revision: Optional[str] = None) -> Path:
     """Write the MLX checkpoint of hf_path to mlx_path and return mlx_path. quantize=True quantizes with MLX
-    affine groups: q_bits of 2/3/4/5/6/8, q_group_size of 32/64/128, or a mixed recipe (quant_predicate, see
-    mlxgemma.quantize.RECIPES). A .gguf source keeps its own quantized weights (exact repacking) unless
+    affine groups: q_bits of 2/3/4/5/6/8, q_group_size of 32/64/128, and a recipe (quant_predicate:
+    "uniform" or mlx-lm's mixed ones; at 4 bits the default is mixed_4_6, chosen by measurement). A .gguf source keeps its own quantized weights (exact repacking) unless
     dequantize=True or quantize=True is asked for."""
     dst = Path(mlx_path).expanduser()
     _check_options(dst, dtype, quantize, q_bits, q_group_size, quant_predicate, dequantize, overwrite)
@@ -174,7 +174,8 @@ def configure_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quantize", action="store_true", help="quantize the weights")
     p.add_argument("--q-bits", type=int, default=4, help="bits per weight (default 4)")
     p.add_argument("--q-group-size", type=int, default=64, help="group size (default 64)")
-    p.add_argument("--quant-predicate", choices=None, default=None, help=f"mixed recipe: {', '.join(RECIPES)}")
+    p.add_argument("--quant-predicate", default=None,
+                   help=f"recipe: {', '.join(RECIPES)} (default: mixed_4_6 at 4 bits, else uniform)")
     p.add_argument("--dtype", default=None, help="float dtype: float32, float16, bfloat16")
     p.add_argument("-d", "--dequantize", action="store_true", help="write float weights from a quantized source")
     p.add_argument("--revision", default=None, help="Hub revision")

@@ -37,10 +37,12 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = mx.zeros((dims,))
         self.eps = eps
+        self._scale = self._scale_of = None  # 1 + w in float32, kept while the weight array stays the same
 
     def __call__(self, x: mx.array) -> mx.array:
-        scale = 1.0 + self.weight.astype(mx.float32)
-        return mx.fast.rms_norm(x.astype(mx.float32), scale, self.eps).astype(x.dtype)
+        if self._scale_of is not self.weight:  # (not a parameter: the leading underscore keeps it out)
+            self._scale, self._scale_of = 1.0 + self.weight.astype(mx.float32), self.weight
+        return mx.fast.rms_norm(x.astype(mx.float32), self._scale, self.eps).astype(x.dtype)
 
 
 class RoPE(nn.Module):
