@@ -93,7 +93,7 @@ def test_prompt_forms_and_cache_continuation(ckpt):
         mlxgemma.generate(model, tokenizer, [{"role": "user", "content": "t5"}])
     tokenizer._tokenizer.chat_template = "{% for m in messages %}t4 {{ m['content'] }} {% endfor %}t6"
     ids = mlxgemma.generate.__globals__["prompt_ids"](tokenizer, [{"role": "user", "content": "t7 t8"}])
-    assert ids == tokenizer.encode("t4 t7 t8 t6", add_special_tokens=False) or ids[-4:] == [4, 7, 8, 6]
+    assert ids == [4, 7, 8, 6]  # the template's text, tokenized (this tokenizer adds no BOS)
     assert mlxgemma.generate(model, tokenizer, "t7 t8", max_tokens=3) == mlxgemma.generate(
         model, tokenizer, ids, max_tokens=3)
     # a cache keeps the prompt and every yielded token: the second call feeds only new tokens
