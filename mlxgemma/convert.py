@@ -15,10 +15,10 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten
 
 from .errors import MlxGemmaError
-from .loading import build_model, model_from_weights, read_config, read_weights, resolve
+from .loading import model_from_weights, read_config, read_weights, resolve
 from .quantize import RECIPES, quantize as quantize_weights
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}

@@ -8,7 +8,7 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten
 
 import mlxgemma
 from mlxgemma import MlxGemmaError

@@ -5,8 +5,6 @@ import json
 import sys
 import types
 
-import mlx.core as mx
-import numpy as np
 import pytest
 import torch
 

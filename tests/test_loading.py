@@ -7,11 +7,10 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
-import transformers
 
 import mlxgemma
 from mlxgemma import MlxGemmaError
-from reference import TOL, hf_logits, hf_model, max_diff, random_ids, save_and_load
+from reference import TOL, hf_logits, hf_model, max_diff, random_ids
 
 
 @pytest.fixture(scope="module")

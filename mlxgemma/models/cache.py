@@ -60,7 +60,7 @@ class KVCache(_MlxLmKVCache):
         super().__init__()
         self.key_valid = None  # (B, offset) bool, None while no padding was seen
 
-    def mask(self, L: int, valid: Optional[mx.array] = None, window: Optional[int] = None):
+    def mask(self, L: int, valid: Optional[mx.array] = None):
         if valid is None and self.key_valid is None:
             return "causal" if L > 1 else None
         return causal_mask(self.offset, L, 0, self.offset + L, None, self._valid_with(L, valid))
@@ -94,16 +94,13 @@ def _ring_update(buf: Optional[mx.array], x: mx.array, offset: int, window: int,
     end = offset + L
     tail = seen[..., -min(end, window):, :]
     shift = end % window if end > window else 0  # slot of the oldest kept token
-    if shift:
-        tail = mx.concatenate([tail[..., window - shift :, :], tail[..., : window - shift, :]], axis=2)
-    return tail, seen
+    return (mx.roll(tail, shift, axis=2) if shift else tail), seen
 
 
 def _oldest_first(buf: mx.array, offset: int, window: int) -> mx.array:
     if offset <= window:
         return buf[..., :offset, :]
-    s = offset % window
-    return mx.concatenate([buf[..., s:, :], buf[..., :s, :]], axis=2)
+    return mx.roll(buf, -(offset % window), axis=2)
 
 
 class RotatingKVCache:
@@ -121,8 +118,8 @@ class RotatingKVCache:
         self.offset += keys.shape[2]
         return k, v
 
-    def mask(self, L: int, valid: Optional[mx.array] = None, window: Optional[int] = None):
-        W = self.max_size
+    def mask(self, L: int, valid: Optional[mx.array] = None):
+        W = self.max_size  # the window (smaller under max_kv_size)
         held = min(self.offset, W)
         if valid is None and self.key_valid is None:
             if L == 1:

@@ -162,7 +162,7 @@ def layer_masks(layer_types, caches, L: int, attention_mask, window: Optional[in
     masks = {}
     for t, c in zip(layer_types, caches):
         if t not in masks:
-            masks[t] = c.mask(L, valid, window if t == SLIDING else None)
+            masks[t] = c.mask(L, valid)  # a cache's size is its layer's window
     for c in caches:
         c.record_padding(L, valid)
     return masks
