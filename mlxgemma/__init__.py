@@ -13,3 +13,11 @@ from .convert import convert  # noqa: E402  (the functions; `python -m mlxgemma.
 from .generate import generate, stream_generate  # noqa: E402
 
 __version__ = "0.1.0"
+__all__ = [
+    "MlxGemmaError", "build_model", "load", "load_model", "convert", "generate", "stream_generate",
+    "GemmaConfig", "GemmaModel", "GemmaForCausalLM", "GemmaForSequenceClassification", "GemmaForTokenClassification",
+    "Gemma2Config", "Gemma2Model", "Gemma2ForCausalLM", "Gemma2ForSequenceClassification",
+    "Gemma2ForTokenClassification", "Gemma3TextConfig", "Gemma3TextModel", "Gemma3ForCausalLM",
+    "Gemma3TextForSequenceClassification", "StableLmConfig", "StableLmModel", "StableLmForCausalLM",
+    "StableLmForSequenceClassification", "StableLmForTokenClassification",
+]

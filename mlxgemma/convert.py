@@ -18,10 +18,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .errors import MlxGemmaError
-from .loading import model_from_weights, read_config, read_weights, resolve
+from .loading import DTYPES, model_from_weights, read_config, read_weights, resolve
 from .quantize import RECIPES, quantize as quantize_weights
 
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
                    "preprocessor_config.json", "processor_config.json"]

@@ -18,7 +18,7 @@ from mlx.utils import tree_flatten
 from .errors import MlxGemmaError
 from .models import config_from_dict, model_class_for
 
-_FLOAT_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
 def read_config(path: Union[str, Path]) -> dict:
@@ -146,11 +146,16 @@ def load_model(path: Union[str, Path], dtype: Optional[str] = None) -> nn.Module
     dtype ("float32", "float16", "bfloat16") casts the floating-point weights; default: as stored."""
     path = resolve(path)
     if path.suffix == ".gguf":
-        from .gguf_import import load_gguf
-
-        config, weights, _, _ = load_gguf(path, _FLOAT_DTYPES.get(dtype, mx.float32))
-        return model_from_weights(config, weights, dtype, str(path))
+        return _from_gguf(path, dtype)[0]
     return model_from_weights(read_config(path), read_weights(path), dtype, str(path / "config.json"))
+
+
+def _from_gguf(path: Path, dtype: Optional[str]):
+    """(model, tokenizer, eos ids) of a .gguf file, imported in memory (float32 unless dtype says)."""
+    from .gguf_import import load_gguf
+
+    config, weights, tokenizer, eos = load_gguf(path, DTYPES.get(dtype, mx.float32))
+    return model_from_weights(config, weights, dtype, str(path)), tokenizer, eos
 
 
 def model_from_weights(config: dict, weights: dict, dtype: Optional[str] = None, source: str = "config.json"):
@@ -159,9 +164,9 @@ def model_from_weights(config: dict, weights: dict, dtype: Optional[str] = None,
     _quantize_like(model, config, weights)
     check_weights(model, weights)
     if dtype is not None:
-        if dtype not in _FLOAT_DTYPES:
-            raise MlxGemmaError(f"dtype {dtype!r} is not one of {', '.join(_FLOAT_DTYPES)}")
-        target = _FLOAT_DTYPES[dtype]
+        if dtype not in DTYPES:
+            raise MlxGemmaError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        target = DTYPES[dtype]
         weights = {k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
@@ -199,10 +204,8 @@ def load(source: Union[str, Path], dtype: Optional[str] = None, revision: Option
 
     path = resolve(source, revision)
     if path.suffix == ".gguf":
-        from .gguf_import import load_gguf
-
-        config, weights, tokenizer, eos = load_gguf(path, _FLOAT_DTYPES.get(dtype, mx.float32))
-        return model_from_weights(config, weights, dtype, str(path)), TokenizerWrapper(tokenizer, eos_token_ids=eos)
+        model, tokenizer, eos = _from_gguf(path, dtype)
+        return model, TokenizerWrapper(tokenizer, eos_token_ids=eos)
     model = load_model(path, dtype)
     return model, load_tokenizer(path, eos_token_ids=eos_token_ids(path))
 
