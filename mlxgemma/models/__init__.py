@@ -1,7 +1,7 @@
 """The registry: config.json's model_type and architectures -> config class and model class."""
 
 from ..errors import MlxGemmaError
-from . import gemma, gemma2, gemma3, stablelm
+from . import gemma, gemma2, gemma3, stablelm, t5gemma2
 from .config import text_config_of
 
 # model_type -> (config class, family module, the class used when config.json names no architecture)
@@ -11,6 +11,7 @@ FAMILIES = {
     "gemma3_text": (gemma3.Gemma3TextConfig, gemma3.Gemma3ForCausalLM),
     "gemma3": (gemma3.Gemma3TextConfig, gemma3.Gemma3ForCausalLM),  # the text part of a multimodal checkpoint
     "stablelm": (stablelm.StableLmConfig, stablelm.StableLmForCausalLM),
+    "t5gemma2": (t5gemma2.T5Gemma2Config, t5gemma2.T5Gemma2ForConditionalGeneration),
 }
 
 CLASSES = {
@@ -23,6 +24,8 @@ CLASSES = {
         gemma3.Gemma3TextModel, gemma3.Gemma3ForCausalLM, gemma3.Gemma3TextForSequenceClassification,
         stablelm.StableLmModel, stablelm.StableLmForCausalLM, stablelm.StableLmForSequenceClassification,
         stablelm.StableLmForTokenClassification,
+        t5gemma2.T5Gemma2Model, t5gemma2.T5Gemma2ForConditionalGeneration,
+        t5gemma2.T5Gemma2ForSequenceClassification, t5gemma2.T5Gemma2ForTokenClassification,
     )
 }
 # Multimodal Gemma 3 architectures: we run their text part.
@@ -38,6 +41,8 @@ def config_from_dict(d: dict, source: str = "config.json"):
     config_class, _ = FAMILIES[model_type]
     if model_type == "gemma3":
         return config_class.from_dict(text_config_of(d), source=f"{source} (text_config)", require=False)
+    if model_type == "t5gemma2":  # shapes live in the sub-configs, with transformers' defaults
+        return config_class.from_dict(d, source=source, require=False)
     return config_class.from_dict(d, source=source)
 
 

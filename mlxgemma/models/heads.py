@@ -26,6 +26,29 @@ def cross_entropy(logits: mx.array, labels: mx.array, ignore_index: int = -100,
     return total / (num_items_in_batch if num_items_in_batch is not None else keep.sum())
 
 
+def sequence_classification_loss(pooled: mx.array, labels, config) -> mx.array:
+    """transformers' rule: MSE for one label (regression), cross-entropy for integer labels, else BCE with
+    logits (config.problem_type, when set, decides)."""
+    pooled = pooled.astype(mx.float32)
+    labels = mx.array(labels)
+    problem = config.problem_type
+    if problem is None:
+        if config.num_labels == 1:
+            problem = "regression"
+        elif mx.issubdtype(labels.dtype, mx.integer):
+            problem = "single_label_classification"
+        else:
+            problem = "multi_label_classification"
+    if problem == "regression":
+        diff = pooled.squeeze() - labels.astype(mx.float32).squeeze()
+        return (diff * diff).mean()
+    if problem == "single_label_classification":
+        return cross_entropy(pooled, labels)
+    if problem == "multi_label_classification":
+        return nn.losses.binary_cross_entropy(pooled, labels.astype(mx.float32), reduction="mean")
+    raise MlxGemmaError(f"config.json: problem_type {problem!r} is not one transformers knows")
+
+
 class _Head(nn.Module):
     base_model_class = None
 
@@ -100,25 +123,7 @@ class SequenceClassification(_Head):
         return mx.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
 
     def loss(self, input_ids, labels, attention_mask=None) -> mx.array:
-        """MSE for one label (regression), cross-entropy for integer labels, else BCE with logits."""
-        pooled = self(input_ids, attention_mask=attention_mask).astype(mx.float32)
-        labels = mx.array(labels)
-        problem = self.config.problem_type
-        if problem is None:
-            if self.config.num_labels == 1:
-                problem = "regression"
-            elif mx.issubdtype(labels.dtype, mx.integer):
-                problem = "single_label_classification"
-            else:
-                problem = "multi_label_classification"
-        if problem == "regression":
-            diff = pooled.squeeze() - labels.astype(mx.float32).squeeze()
-            return (diff * diff).mean()
-        if problem == "single_label_classification":
-            return cross_entropy(pooled, labels)
-        if problem == "multi_label_classification":
-            return nn.losses.binary_cross_entropy(pooled, labels.astype(mx.float32), reduction="mean")
-        raise MlxGemmaError(f"config.json: problem_type {problem!r} is not one transformers knows")
+        return sequence_classification_loss(self(input_ids, attention_mask=attention_mask), labels, self.config)
 
 
 class TokenClassification(_Head):

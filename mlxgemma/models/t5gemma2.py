@@ -1,0 +1,456 @@
+"""T5Gemma 2: an encoder-decoder built from Gemma 3 blocks, with a SigLIP vision tower.
+
+Encoder: scaled embeddings (the eoi token takes a learned, unscaled `eoi_embedding`), image features spliced
+into the image-token slots, then bidirectional Gemma 3 layers; sliding layers see the asymmetric window
+[i - ((W+1)//2 - 1), i + W//2]. Images: SigLIP -> average pooling to mm_tokens_per_image -> Gemma RMSNorm ->
+x @ W with W (vision_dim, hidden). Decoder: Gemma 3 layers whose one attention attends, under ONE softmax, to
+its own causal (sliding) keys followed by the encoder's keys (the same k_proj/k_norm/v_proj, no RoPE); the
+encoder's keys and values are computed once per request. Embeddings (and by default the LM head) are shared.
+Module names follow the checkpoints on disk (`model.encoder.layers`, without transformers' in-memory
+`text_model.` level; both layouts load). Reference: transformers/models/t5gemma2."""
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..errors import MlxGemmaError
+from .cache import causal_mask
+from .common import MLP, Attention, RMSNorm, activation, as_input_ids, make_caches, padding_of, scaled_embedding
+from .config import SLIDING, BaseConfig
+from .gemma3 import Gemma3TextConfig
+from .heads import cross_entropy, sequence_classification_loss
+from .siglip import SiglipVisionConfig, SiglipVisionModel
+
+
+@dataclass
+class T5Gemma2TextConfig(Gemma3TextConfig):
+    """Encoder text part and decoder (transformers' T5Gemma2TextConfig / T5Gemma2DecoderConfig)."""
+    model_type: str = "t5gemma2_text"
+    dropout_rate: float = 0.0
+
+
+@dataclass
+class T5Gemma2EncoderConfig(BaseConfig):
+    model_type: str = "t5gemma2_encoder"
+    text_config: Any = None
+    vision_config: Any = None
+    mm_tokens_per_image: int = 256
+    boi_token_index: int = 255_999
+    eoi_token_index: int = 256_000
+    image_token_index: int = 262_144
+
+    def resolve(self, legacy: dict) -> None:
+        self.text_config = T5Gemma2TextConfig.from_dict(self.text_config or {}, "config.json encoder.text_config",
+                                                        require=False)
+        self.vision_config = SiglipVisionConfig.from_dict(self.vision_config or {},
+                                                          "config.json encoder.vision_config", require=False)
+        side = int(self.mm_tokens_per_image**0.5)
+        if side * side != self.mm_tokens_per_image or self.vision_config.patches_per_side < side:
+            raise MlxGemmaError(f"config.json: mm_tokens_per_image {self.mm_tokens_per_image} must be a square of at "
+                                f"most {self.vision_config.patches_per_side ** 2} (the vision tower's patch grid)")
+
+
+@dataclass
+class T5Gemma2Config(BaseConfig):
+    model_type: str = "t5gemma2"
+    encoder: Any = None
+    decoder: Any = None
+    image_token_index: int = 256_001
+    eoi_token_index: Optional[int] = None
+    classifier_dropout_rate: float = 0.0
+    dropout_rate: float = 0.0
+    tie_word_embeddings: bool = True
+    vocab_size: Optional[int] = None
+    pad_token_id: Optional[int] = None
+    bos_token_id: Optional[int] = None
+    eos_token_id: Any = None
+
+    def resolve(self, legacy: dict) -> None:
+        self.encoder = T5Gemma2EncoderConfig.from_dict(self.encoder or {}, "config.json encoder", require=False)
+        self.decoder = T5Gemma2TextConfig.from_dict(self.decoder or {}, "config.json decoder", require=False)
+        self.encoder.image_token_index = self.image_token_index  # the top-level id wins, as in transformers
+        self.eoi_token_index = self.encoder.eoi_token_index
+        for key in ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id"):
+            if getattr(self, key) is None:
+                setattr(self, key, getattr(self.decoder, key))
+        text = self.encoder.text_config
+        if (text.hidden_size, text.vocab_size) != (self.decoder.hidden_size, self.decoder.vocab_size):
+            raise MlxGemmaError("config.json: encoder and decoder must have the same hidden_size and vocab_size")
+
+    @property
+    def max_position_embeddings(self) -> int:
+        return self.decoder.max_position_embeddings
+
+
+class EncoderOutput(NamedTuple):
+    hidden_states: mx.array  # (B, S_enc, D)
+    valid: Optional[mx.array]  # (B, S_enc) bool, which encoder positions are real; None if all
+
+
+class EncoderDecoderCache(list):
+    """The decoder's self-attention caches (a window on sliding layers), with every layer's encoder keys and
+    values computed once (`cross`) and the encoder padding."""
+
+    def __init__(self, self_caches: list, cross: list, encoder_valid: Optional[mx.array]):
+        super().__init__(self_caches)
+        self.cross, self.encoder_valid = cross, encoder_valid
+
+
+class T5Gemma2TextScaledWordEmbedding(nn.Embedding):
+    """The shared token table plus the learned embedding of the end-of-image token."""
+
+    def __init__(self, num_embeddings: int, dims: int):
+        super().__init__(num_embeddings, dims)
+        self.eoi_embedding = mx.zeros((dims,))
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine"):
+        q = nn.QuantizedEmbedding.from_embedding(self, group_size, bits, mode)
+        q.eoi_embedding = self.eoi_embedding  # kept in float, with its name
+        return q
+
+
+def embed(table, ids: mx.array, config: T5Gemma2Config) -> mx.array:
+    """W[ids] * sqrt(D) (in the weights' dtype); eoi positions take eoi_embedding, unscaled."""
+    h = scaled_embedding(table, ids, config.decoder.hidden_size)
+    return mx.where((ids == config.eoi_token_index)[..., None], table.eoi_embedding.astype(h.dtype), h)
+
+
+class T5Gemma2MultiModalProjector(nn.Module):
+    def __init__(self, config: T5Gemma2EncoderConfig):
+        super().__init__()
+        vision = config.vision_config
+        self.mm_input_projection_weight = mx.zeros((vision.hidden_size, config.text_config.hidden_size))
+        self.mm_soft_emb_norm = RMSNorm(vision.hidden_size, eps=vision.layer_norm_eps)
+        self.patches_per_side = vision.patches_per_side
+        self.kernel = self.patches_per_side // int(config.mm_tokens_per_image**0.5)
+
+    def __call__(self, vision_outputs: mx.array) -> mx.array:
+        """(N, P*P, Dv) row-major patches -> k x k average pools (row-major) -> norm -> (N, T, D)."""
+        N, _, Dv = vision_outputs.shape
+        P, k = self.patches_per_side, self.kernel
+        t = P // k  # AvgPool2d(k, stride=k) drops a remainder
+        x = vision_outputs.reshape(N, P, P, Dv)[:, : t * k, : t * k]
+        x = x.reshape(N, t, k, t, k, Dv).mean(axis=(2, 4)).reshape(N, t * t, Dv)
+        return (self.mm_soft_emb_norm(x) @ self.mm_input_projection_weight).astype(vision_outputs.dtype)
+
+
+def encoder_mask(L: int, valid: Optional[mx.array], window: Optional[int]):
+    """Bidirectional, minus padded keys; on sliding layers query i sees keys [i - ((W+1)//2 - 1), i + W//2]."""
+    if window is None or L <= (window + 1) // 2:
+        if valid is None:
+            return None
+        allowed = mx.ones((L, L), dtype=mx.bool_)
+    else:
+        d = mx.arange(L)[None] - mx.arange(L)[:, None]  # key - query
+        allowed = (d >= 1 - (window + 1) // 2) & (d <= window // 2)
+    if valid is not None:  # a query always sees itself, so no row is empty (its output is never read)
+        allowed = (allowed[None, None] & valid[:, None, None, :]) | mx.eye(L, dtype=mx.bool_)
+    return allowed
+
+
+class T5Gemma2EncoderLayer(nn.Module):
+    def __init__(self, config: T5Gemma2TextConfig, layer_idx: int):
+        super().__init__()
+        self.attention_type = config.layer_types[layer_idx]
+        self.self_attn = self.attention_class(config, config.rope_parameters[self.attention_type],
+                                              scale=config.query_pre_attn_scalar**-0.5, qk_norm=True)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size,
+                       activation(config.hidden_activation, "hidden_activation"))
+        D, eps = config.hidden_size, config.rms_norm_eps
+        self.pre_self_attn_layernorm = RMSNorm(D, eps)
+        self.post_self_attn_layernorm = RMSNorm(D, eps)
+        self.pre_feedforward_layernorm = RMSNorm(D, eps)
+        self.post_feedforward_layernorm = RMSNorm(D, eps)
+
+    attention_class = Attention
+
+    def __call__(self, x: mx.array, mask=None, cache=None, **cross) -> mx.array:
+        h = x + self.post_self_attn_layernorm(self.self_attn(self.pre_self_attn_layernorm(x), mask, cache, **cross))
+        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+
+
+class T5Gemma2Encoder(nn.Module):
+    def __init__(self, config: T5Gemma2Config):
+        super().__init__()
+        self.config = config
+        text = config.encoder.text_config
+        self.embed_tokens = T5Gemma2TextScaledWordEmbedding(text.vocab_size, text.hidden_size)
+        self.layers = [T5Gemma2EncoderLayer(text, i) for i in range(text.num_hidden_layers)]
+        self.norm = RMSNorm(text.hidden_size, eps=text.rms_norm_eps)
+        self.vision_tower = SiglipVisionModel(config.encoder.vision_config)
+        self.multi_modal_projector = T5Gemma2MultiModalProjector(config.encoder)
+
+    def get_image_features(self, pixel_values) -> mx.array:
+        """(N, 3, S, S) -> (N, mm_tokens_per_image, D)."""
+        return self.multi_modal_projector(self.vision_tower(mx.array(pixel_values)))
+
+    def __call__(self, input_ids, attention_mask=None, pixel_values=None) -> mx.array:
+        text = self.config.encoder.text_config
+        input_ids = as_input_ids(input_ids, text.vocab_size)
+        h = embed(self.embed_tokens, input_ids, self.config)
+        if pixel_values is not None:
+            h = self._merge_images(input_ids, h, self.get_image_features(pixel_values))
+        L = input_ids.shape[1]
+        valid = padding_of(attention_mask, L)
+        masks = {t: encoder_mask(L, valid, text.sliding_window if t == SLIDING else None)
+                 for t in set(text.layer_types)}
+        for layer in self.layers:
+            h = layer(h, masks[layer.attention_type])
+        return self.norm(h)
+
+    def _merge_images(self, input_ids, h, features):
+        """Features fill the image-token slots in (batch, sequence) order, as transformers' masked_scatter."""
+        slots = (input_ids == self.config.encoder.image_token_index).reshape(-1)
+        n_slots, (n_images, per_image, D) = slots.sum().item(), features.shape
+        if n_slots != n_images * per_image:
+            raise MlxGemmaError(f"input_ids hold {n_slots} image tokens but {n_images} image(s) give "
+                                f"{n_images * per_image} features ({per_image} each): prepare text and images "
+                                "together with the model's processor")
+        index = mx.maximum(mx.cumsum(slots.astype(mx.int32)) - 1, 0)
+        merged = mx.where(slots[:, None], features.reshape(-1, D).astype(h.dtype)[index], h.reshape(-1, D))
+        return merged.reshape(h.shape)
+
+
+def merged_mask(self_mask, encoder_valid, L: int, S_self: int, S_enc: int, offset: int):
+    """[self part ; encoder part] for one softmax over both key sets: the self part as the cache gave it
+    (None = all, "causal" = keys 0..offset+L-1), the encoder part all keys minus encoder padding."""
+    if self_mask is None and encoder_valid is None:
+        return None
+    if isinstance(self_mask, str):
+        self_mask = causal_mask(offset, L, 0, S_self)
+    elif self_mask is None:
+        self_mask = mx.ones((L, S_self), dtype=mx.bool_)
+    cross = (mx.ones((1, 1, L, S_enc), dtype=mx.bool_) if encoder_valid is None
+             else mx.broadcast_to(encoder_valid[:, None, None, :], (encoder_valid.shape[0], 1, L, S_enc)))
+    B = cross.shape[0] if self_mask.ndim == 2 else self_mask.shape[0]
+    self_mask = mx.broadcast_to(self_mask if self_mask.ndim == 4 else self_mask[None, None], (B, 1, L, S_self))
+    return mx.concatenate([self_mask, mx.broadcast_to(cross, (B, 1, L, S_enc))], axis=-1)
+
+
+class T5Gemma2MergedAttention(Attention):
+    """Self- and cross-attention with one set of projections and one softmax over [self keys ; encoder keys]."""
+
+    def __call__(self, x: mx.array, mask=None, cache=None, cross=None, encoder_valid=None) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        q, k = self.q_norm(q), self.k_norm(k)
+        offset = cache.offset if cache is not None else 0
+        q, k = self.rope(q, offset), self.rope(k, offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        cross_k, cross_v = cross
+        mask = merged_mask(mask, encoder_valid, L, k.shape[2], cross_k.shape[2], offset)
+        k, v = mx.concatenate([k, cross_k], axis=2), mx.concatenate([v, cross_v], axis=2)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def cross_kv(self, encoder_hidden: mx.array):
+        """The encoder's keys (k_norm, no RoPE) and values for this layer."""
+        B, S, _ = encoder_hidden.shape
+        k = self.k_proj(encoder_hidden).reshape(B, S, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = self.v_proj(encoder_hidden).reshape(B, S, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        return self.k_norm(k), v
+
+
+class T5Gemma2DecoderLayer(T5Gemma2EncoderLayer):
+    attention_class = T5Gemma2MergedAttention
+
+
+class T5Gemma2Decoder(nn.Module):
+    def __init__(self, config: T5Gemma2Config):
+        super().__init__()
+        self.config = config
+        dec = config.decoder
+        if not config.tie_word_embeddings:
+            self.embed_tokens = T5Gemma2TextScaledWordEmbedding(dec.vocab_size, dec.hidden_size)
+        self.layers = [T5Gemma2DecoderLayer(dec, i) for i in range(dec.num_hidden_layers)]
+        self.norm = RMSNorm(dec.hidden_size, eps=dec.rms_norm_eps)
+
+    def cross_kv(self, encoder_hidden: mx.array) -> list:
+        return [layer.self_attn.cross_kv(encoder_hidden) for layer in self.layers]
+
+    def __call__(self, h: mx.array, cross: list, encoder_valid=None, attention_mask=None, cache=None) -> mx.array:
+        """h: the decoder's input embeddings; cross: cross_kv(encoder output)."""
+        dec = self.config.decoder
+        L = h.shape[1]
+        valid = padding_of(attention_mask, L)
+        if cache is None:
+            masks = {t: causal_mask(0, L, 0, L, dec.sliding_window if t == SLIDING else None, valid)
+                     for t in set(dec.layer_types)}
+        else:
+            masks = {}
+            for t, c in zip(dec.layer_types, cache):
+                masks.setdefault(t, c.mask(L, valid))
+            for c in cache:
+                c.record_padding(L, valid)
+        for layer, c, kv in zip(self.layers, cache or [None] * len(self.layers), cross):
+            h = layer(h, masks[layer.attention_type], c, cross=kv, encoder_valid=encoder_valid)
+        return self.norm(h)
+
+
+class T5Gemma2Model(nn.Module):
+    def __init__(self, config: T5Gemma2Config):
+        super().__init__()
+        self.config = config
+        self.encoder = T5Gemma2Encoder(config)
+        self.decoder = T5Gemma2Decoder(config)
+
+    def encode(self, input_ids, attention_mask=None, pixel_values=None) -> EncoderOutput:
+        """Run the encoder once (text, and images when pixel_values is given)."""
+        input_ids = as_input_ids(input_ids, self.config.vocab_size)
+        hidden = self.encoder(input_ids, attention_mask, pixel_values)
+        return EncoderOutput(hidden, padding_of(attention_mask, input_ids.shape[1]))
+
+    def make_cache(self, encoder_output: EncoderOutput, max_kv_size: Optional[int] = None) -> EncoderDecoderCache:
+        dec = self.config.decoder
+        cross = self.decoder.cross_kv(encoder_output.hidden_states)
+        mx.eval(cross)
+        return EncoderDecoderCache(make_caches(dec.layer_types, dec.sliding_window, max_kv_size), cross,
+                                   encoder_output.valid)
+
+    def decode(self, decoder_input_ids, encoder_output: EncoderOutput, decoder_attention_mask=None,
+               cache: Optional[EncoderDecoderCache] = None) -> mx.array:
+        """Decoder hidden states; with a cache (make_cache) each call continues where the last one ended."""
+        ids = as_input_ids(decoder_input_ids, self.config.vocab_size)
+        table = self.decoder.embed_tokens if "embed_tokens" in self.decoder else self.encoder.embed_tokens
+        if cache is None:
+            cross, valid = self.decoder.cross_kv(encoder_output.hidden_states), encoder_output.valid
+        else:
+            cross, valid = cache.cross, cache.encoder_valid
+        return self.decoder(embed(table, ids, self.config), cross, valid, decoder_attention_mask, cache)
+
+    def __call__(self, input_ids, decoder_input_ids, attention_mask=None, pixel_values=None,
+                 decoder_attention_mask=None) -> mx.array:
+        encoded = self.encode(input_ids, attention_mask, pixel_values)
+        return self.decode(decoder_input_ids, encoded, decoder_attention_mask)
+
+    def sanitize(self, weights: dict) -> dict:
+        """Either on-disk layout: `model.encoder.text_model.*` (transformers' in-memory names) or without it,
+        and `vision_tower.vision_model.*` or without it. The tied decoder table is dropped."""
+        out, vision = {}, {}
+        for k, v in weights.items():
+            k = k.replace("model.encoder.text_model.", "model.encoder.", 1)
+            if k.startswith("model.encoder.vision_tower."):
+                vision[k.removeprefix("model.encoder.vision_tower.")] = v
+            elif not (self.config.tie_word_embeddings and k.startswith("model.decoder.embed_tokens.")):
+                out[k] = v
+        out.update({"model.encoder.vision_tower." + k: v
+                    for k, v in self.encoder.vision_tower.sanitize(vision).items()})
+        return out
+
+
+def shift_right(ids: mx.array, start: int, pad: int) -> mx.array:
+    """transformers' decoder inputs from labels: start token first, -100 -> pad."""
+    shifted = mx.concatenate([mx.full((ids.shape[0], 1), start, ids.dtype), ids[:, :-1]], axis=1)
+    return mx.where(shifted == -100, pad, shifted)
+
+
+class _T5Gemma2Head(nn.Module):
+    def __init__(self, config: T5Gemma2Config):
+        super().__init__()
+        self.config = config
+        self.model = T5Gemma2Model(config)
+
+    @property
+    def layers(self):
+        return self.model.decoder.layers
+
+    def sanitize(self, weights: dict) -> dict:
+        return self.model.sanitize(weights)
+
+    def _decoder_inputs(self, input_ids, decoder_input_ids):
+        if decoder_input_ids is not None:
+            return decoder_input_ids
+        return shift_right(as_input_ids(input_ids, self.config.vocab_size), self.config.decoder.bos_token_id,
+                           self.config.decoder.pad_token_id)
+
+
+class T5Gemma2LMHead(nn.Module):
+    def __init__(self, hidden_size: int, vocab_size: int):
+        super().__init__()
+        self.out_proj = nn.Linear(hidden_size, vocab_size, bias=False)
+
+
+class T5Gemma2ForConditionalGeneration(_T5Gemma2Head):
+    """model(input_ids, decoder_input_ids, attention_mask, pixel_values, decoder_attention_mask) -> logits
+    (B, L_dec, V). For generation: encode once, make_cache(encoded), then decode_step per token."""
+
+    def __init__(self, config: T5Gemma2Config):
+        super().__init__(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = T5Gemma2LMHead(config.decoder.hidden_size, config.vocab_size)
+
+    def __call__(self, input_ids, decoder_input_ids=None, attention_mask=None, pixel_values=None,
+                 decoder_attention_mask=None) -> mx.array:
+        encoded = self.encode(input_ids, attention_mask, pixel_values)
+        return self.decode_step(self._decoder_inputs(input_ids, decoder_input_ids), encoded,
+                                decoder_attention_mask=decoder_attention_mask)
+
+    def encode(self, input_ids, attention_mask=None, pixel_values=None) -> EncoderOutput:
+        return self.model.encode(input_ids, attention_mask, pixel_values)
+
+    def make_cache(self, encoder_output: EncoderOutput, max_kv_size: Optional[int] = None) -> EncoderDecoderCache:
+        return self.model.make_cache(encoder_output, max_kv_size)
+
+    def decode_step(self, decoder_input_ids, encoder_output: Optional[EncoderOutput] = None, cache=None,
+                    decoder_attention_mask=None) -> mx.array:
+        """Logits for decoder tokens, reusing an encoder output (or the cache made from one)."""
+        h = self.model.decode(decoder_input_ids, encoder_output, decoder_attention_mask, cache)
+        head = self.lm_head.out_proj if "lm_head" in self else self.model.encoder.embed_tokens.as_linear
+        logits = head(h)
+        cap = self.config.decoder.final_logit_softcapping
+        return mx.tanh(logits / cap) * cap if cap else logits
+
+    def loss(self, input_ids, labels, attention_mask=None, pixel_values=None) -> mx.array:
+        """transformers' seq2seq loss: the decoder reads shift_right(labels); labels[t] is the target of
+        position t (no further shift); -100 is ignored."""
+        labels = mx.array(labels)
+        return cross_entropy(self(input_ids, self._decoder_inputs(labels, None), attention_mask, pixel_values), labels)
+
+
+class T5Gemma2ClassificationHead(nn.Module):
+    def __init__(self, hidden_size: int, num_labels: int):
+        super().__init__()
+        self.out_proj = nn.Linear(hidden_size, num_labels, bias=True)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.out_proj(x)
+
+
+class T5Gemma2ForTokenClassification(_T5Gemma2Head):
+    """Per decoder position (the decoder reads shift_right(input_ids) unless given) -> (B, L, num_labels)."""
+
+    def __init__(self, config: T5Gemma2Config):
+        super().__init__(config)
+        self.score = T5Gemma2ClassificationHead(config.decoder.hidden_size, config.num_labels)
+
+    def __call__(self, input_ids, decoder_input_ids=None, attention_mask=None, pixel_values=None,
+                 decoder_attention_mask=None) -> mx.array:
+        return self.score(self._hidden(input_ids, decoder_input_ids, attention_mask, pixel_values,
+                                       decoder_attention_mask)[0])
+
+    def _hidden(self, input_ids, decoder_input_ids, attention_mask, pixel_values, decoder_attention_mask):
+        dec_ids = as_input_ids(self._decoder_inputs(input_ids, decoder_input_ids), self.config.vocab_size)
+        return self.model(input_ids, dec_ids, attention_mask, pixel_values, decoder_attention_mask), dec_ids
+
+    def loss(self, input_ids, labels, attention_mask=None, pixel_values=None) -> mx.array:
+        return cross_entropy(self(input_ids, attention_mask=attention_mask, pixel_values=pixel_values), labels)
+
+
+class T5Gemma2ForSequenceClassification(T5Gemma2ForTokenClassification):
+    """Pooled at the decoder stream's rightmost non-pad position -> (B, num_labels)."""
+
+    def __call__(self, input_ids, decoder_input_ids=None, attention_mask=None, pixel_values=None,
+                 decoder_attention_mask=None) -> mx.array:
+        h, dec_ids = self._hidden(input_ids, decoder_input_ids, attention_mask, pixel_values, decoder_attention_mask)
+        L = dec_ids.shape[1]
+        last = mx.argmax(mx.arange(L) * (dec_ids != self.config.pad_token_id), axis=-1)
+        return self.score(mx.take_along_axis(h, last[:, None, None], axis=1)[:, 0])
+
+    def loss(self, input_ids, labels, attention_mask=None, pixel_values=None) -> mx.array:
+        pooled = self(input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
+        return sequence_classification_loss(pooled, labels, self.config)
