@@ -87,3 +87,34 @@ def save_checkpoint(model, path):
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+# T5Gemma 2: window 4 (encoder inputs of 9+ tokens cross it), 32-pixel images in 4-pixel patches pooled 4x4
+# to 4 tokens per image; ids 100/101/102 are boi/eoi/image, as the tiny processor's tokenizer says.
+T5_WINDOW, T5_IMAGE, T5_TOKENS, BOI, EOI, IMAGE = 4, 32, 4, 100, 101, 102
+T5_TEXT = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, sliding_window=T5_WINDOW, query_pre_attn_scalar=24,
+               layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+T5_VISION = dict(hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2,
+                 image_size=T5_IMAGE, patch_size=4, vision_use_head=False)
+
+
+def hf_t5gemma2(head: str = "ForConditionalGeneration", seed: int = 0, text=None, vision=None, **overrides):
+    text = dict(T5_TEXT, **(text or {}))
+    config = transformers.T5Gemma2Config(
+        encoder=dict(text_config=text, vision_config=dict(T5_VISION, **(vision or {})), mm_tokens_per_image=T5_TOKENS,
+                     boi_token_index=BOI, eoi_token_index=EOI),
+        decoder=dict(text), image_token_index=IMAGE, attn_implementation="eager", **overrides)
+    return randomize(getattr(transformers, "T5Gemma2" + head)(config), seed)
+
+
+def image_prompt(n_images: int, n_text: int = 5, seed: int = 0) -> list:
+    """bos, text, then per image: boi, the image tokens, eoi (as the processor expands a placeholder)."""
+    ids = [2] + [int(t) for t in random_ids(1, n_text, seed=seed, high=BOI)[0]]
+    for _ in range(n_images):
+        ids += [BOI] + [IMAGE] * T5_TOKENS + [EOI]
+    return ids
+
+
+def random_pixels(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 3, T5_IMAGE, T5_IMAGE)).astype(np.float32)

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from ..errors import MlxGemmaError
 from .cache import causal_mask
@@ -365,7 +366,8 @@ class _T5Gemma2Head(nn.Module):
     def _decoder_inputs(self, input_ids, decoder_input_ids):
         if decoder_input_ids is not None:
             return decoder_input_ids
-        return shift_right(as_input_ids(input_ids, self.config.vocab_size), self.config.decoder.bos_token_id,
+        ids = mx.array(np.asarray(input_ids)) if not isinstance(input_ids, mx.array) else input_ids
+        return shift_right(ids if ids.ndim == 2 else ids[None], self.config.decoder.bos_token_id,
                            self.config.decoder.pad_token_id)
 
 
