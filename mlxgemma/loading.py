@@ -199,7 +199,8 @@ def resolve(source: Union[str, Path], revision: Optional[str] = None) -> Path:
 
 def load(source: Union[str, Path], dtype: Optional[str] = None, revision: Optional[str] = None):
     """(model, tokenizer) from any source; the tokenizer is mlx-lm's TokenizerWrapper (streaming detokenizer,
-    chat template, every eos id of config.json and generation_config.json)."""
+    chat template, every eos id of config.json and generation_config.json). For image+text models
+    (T5Gemma 2): (model, processor), the processor holding that tokenizer."""
     from mlx_lm.tokenizer_utils import TokenizerWrapper, load as load_tokenizer
 
     path = resolve(source, revision)
@@ -207,7 +208,12 @@ def load(source: Union[str, Path], dtype: Optional[str] = None, revision: Option
         model, tokenizer, eos = _from_gguf(path, dtype)
         return model, TokenizerWrapper(tokenizer, eos_token_ids=eos)
     model = load_model(path, dtype)
-    return model, load_tokenizer(path, eos_token_ids=eos_token_ids(path))
+    tokenizer = load_tokenizer(path, eos_token_ids=eos_token_ids(path))
+    if getattr(model.config, "model_type", None) == "t5gemma2":
+        from .processor import T5Gemma2Processor
+
+        return model, T5Gemma2Processor.from_pretrained(path, tokenizer, model.config)
+    return model, tokenizer
 
 
 def eos_token_ids(path: Path) -> Optional[list]:

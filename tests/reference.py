@@ -118,3 +118,33 @@ def image_prompt(n_images: int, n_text: int = 5, seed: int = 0) -> list:
 
 def random_pixels(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, 3, T5_IMAGE, T5_IMAGE)).astype(np.float32)
+
+
+def t5_tokenizer():
+    """The tiny T5Gemma 2 models' tokenizer: words t4..t127 around boi/eoi/image tokens at 100/101/102, a
+    bos-prepending post-processor and left padding, as Gemma's tokenizer.json does."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = {f"t{i}": i for i in range(4, 128) if i not in (BOI, EOI, IMAGE)}
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, **words,
+             "<start_of_image>": BOI, "<end_of_image>": EOI, "<image_soft_token>": IMAGE}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", bos_token="<bos>", unk_token="<unk>",
+        padding_side="left", extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                                                   "image_token": "<image_soft_token>"})
+
+
+def hf_processor():
+    image_processor = transformers.Gemma3ImageProcessorPil(size={"height": T5_IMAGE, "width": T5_IMAGE})
+    return transformers.Gemma3Processor(image_processor=image_processor, tokenizer=t5_tokenizer(),
+                                        image_seq_length=T5_TOKENS)
+
+
+def save_t5_checkpoint(model, path):
+    model.save_pretrained(path)
+    hf_processor().save_pretrained(path)
+    return path

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 import mlxgemma
 from mlxgemma.errors import MlxGemmaError
-from reference import (EOI, IMAGE, T5_WINDOW, TOL, hf_t5gemma2, image_prompt, max_diff, random_ids,
+from reference import (EOI, T5_WINDOW, TOL, hf_t5gemma2, image_prompt, max_diff, random_ids,
                        random_pixels, save_and_load)
 
 
