@@ -10,7 +10,9 @@ of one, and runs the embedded default model when no --model is given.
 
 import argparse
 import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
@@ -49,19 +51,21 @@ def prompt_ids(tokenizer, prompt: Prompt, system: Optional[str] = None, chat_tem
     if not prompt:
         raise MlxGemmaError("the prompt is empty: give some text, token ids or messages")
     if all(isinstance(m, dict) for m in prompt):
-        if not getattr(tokenizer, "chat_template", None):
-            raise MlxGemmaError("chat messages need a tokenizer with a chat template; this one has none")
         return _apply_template(tokenizer, ([{"role": "system", "content": system}] if system else []) + prompt)
     if not all(isinstance(t, int) for t in prompt):
         raise MlxGemmaError("a prompt is text, a list of token ids or a list of chat messages")
     return prompt
 
 
-def _apply_template(tokenizer, messages) -> List[int]:
+def _apply_template(tokenizer, messages, tokenize: bool = True):
+    if not getattr(tokenizer, "chat_template", None):
+        raise MlxGemmaError("chat messages need a tokenizer with a chat template; this one has none")
     try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=tokenize)
     except Exception as e:  # jinja raises its own errors (e.g. roles out of order)
         raise MlxGemmaError(f"the chat template rejected the messages: {str(e).splitlines()[0]}") from None
+    if not tokenize:
+        return ids
     return list(ids["input_ids"] if isinstance(ids, dict) else ids)
 
 
@@ -96,34 +100,59 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, max_tokens: int = 256, 
     generation_config.json, e.g. Gemma's <end_of_turn>), at a stop string (never yielded, not even in
     part), or after max_tokens. A seed makes sampling reproducible. prompt_cache (model.make_cache())
     continues from what it already holds: afterwards it holds the prompt and every yielded token, so the
-    next call passes only new tokens."""
+    next call passes only new tokens.
+
+    Image+text models (T5Gemma 2; `tokenizer` is then the processor from mlxgemma.load): `image` is one
+    image or a list (paths or PIL images); a prompt without placeholders gets one per image in front. The
+    encoder runs once, the decoder starts from the start token; prompt_tokens/prompt_tps describe the
+    encoder (images included)."""
     from mlx_lm.generate import stream_generate as mlx_lm_stream
     from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-    if image is not None:
-        raise MlxGemmaError(f"{type(model).__name__} is a text-only model: it takes no image")
     check_options(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, prefill_step_size, max_kv_size)
-    ids = prompt_ids(tokenizer, prompt, system, chat_template)
-    config = getattr(model, "config", None)
-    context = getattr(config, "max_position_embeddings", None)
-    seen = prompt_cache[0].offset if prompt_cache else 0
-    if context and seen + len(ids) >= context:
-        raise MlxGemmaError(f"the prompt has {seen + len(ids)} tokens but the model's context is {context}: shorten it")
-    vocab = getattr(config, "vocab_size", None)
-    if vocab and (min(ids) < 0 or max(ids) >= vocab):
-        raise MlxGemmaError(f"token id {min(ids) if min(ids) < 0 else max(ids)} is outside the vocabulary (0..{vocab - 1})")
     if seed is not None:
         mx.random.seed(seed)
-    if prompt_cache is None and hasattr(model, "make_cache"):
-        prompt_cache = model.make_cache(max_kv_size=max_kv_size)
+    if is_encoder_decoder(model):
+        if prompt_cache is not None:
+            raise MlxGemmaError("prompt_cache is for decoder-only models; T5Gemma 2 encodes each request afresh")
+        model, tokenizer, ids, prompt_cache, encoder_stats = _encode_request(
+            model, tokenizer, prompt, image, system, max_kv_size)
+    else:
+        if image is not None:
+            raise MlxGemmaError(f"{type(model).__name__} is a text-only model: it takes no image")
+        ids, encoder_stats = _decoder_prompt(model, tokenizer, prompt, system, chat_template, prompt_cache), {}
+        if prompt_cache is None and hasattr(model, "make_cache"):
+            prompt_cache = model.make_cache(max_kv_size=max_kv_size)
     sampler = make_sampler(temp=temp, top_p=top_p if top_p < 1 else 0.0, min_p=min_p, top_k=top_k)
     processors = make_logits_processors(repetition_penalty=repetition_penalty) if repetition_penalty else None
+    steps = mlx_lm_stream(model, tokenizer, ids, max_tokens=max_tokens, sampler=sampler,
+                          logits_processors=processors, prefill_step_size=prefill_step_size,
+                          prompt_cache=prompt_cache)
+    yield from _chunks(steps, stop, encoder_stats)
+
+
+def _decoder_prompt(model, tokenizer, prompt, system, chat_template, prompt_cache) -> List[int]:
+    ids = prompt_ids(tokenizer, prompt, system, chat_template)
+    config = getattr(model, "config", None)
+    seen = prompt_cache[0].offset if prompt_cache else 0
+    _check_ids(ids, getattr(config, "max_position_embeddings", None), getattr(config, "vocab_size", None), seen)
+    return ids
+
+
+def _check_ids(ids, context, vocab, seen: int = 0) -> None:
+    if context and seen + len(ids) >= context:
+        raise MlxGemmaError(f"the prompt has {seen + len(ids)} tokens but the model's context is {context}: shorten it")
+    if vocab and (min(ids) < 0 or max(ids) >= vocab):
+        raise MlxGemmaError(f"token id {min(ids) if min(ids) < 0 else max(ids)} is outside the vocabulary (0..{vocab - 1})")
+
+
+def _chunks(steps, stop: Sequence[str], override: dict) -> Iterator[Chunk]:
+    """mlx-lm's responses as Chunks, holding back text that could still become a stop string."""
     text = ""
-    for r in mlx_lm_stream(model, tokenizer, ids, max_tokens=max_tokens, sampler=sampler,
-                           logits_processors=processors, prefill_step_size=prefill_step_size,
-                           prompt_cache=prompt_cache):
+    for r in steps:
         stats = dict(prompt_tokens=r.prompt_tokens, prompt_tps=r.prompt_tps, generation_tokens=r.generation_tokens,
                      generation_tps=r.generation_tps, peak_memory=r.peak_memory)
+        stats.update(override)
         text += r.text
         logprob = r.logprobs[r.token].item()
         hits = [text.find(s) for s in stop if s and s in text]
@@ -135,6 +164,48 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, max_tokens: int = 256, 
         text = text[shown:]
         if r.finish_reason is not None:
             return
+
+
+def is_encoder_decoder(model) -> bool:
+    return getattr(getattr(model, "config", None), "model_type", None) == "t5gemma2"
+
+
+class _DecoderView:
+    """What mlx-lm's generate loop drives (model(tokens, cache=...), layers): T5Gemma 2's decoder, with the
+    encoder's output held in the cache (its keys and values computed once per request)."""
+
+    def __init__(self, model):
+        self.model, self.layers = model, model.layers
+
+    def __call__(self, inputs, cache=None, **_):
+        return self.model.decode_step(inputs, cache=cache)
+
+
+def _encode_request(model, processor, prompt, image, system, max_kv_size):
+    """Encoder inputs from text (+ images), the encoder run once (timed), and the decoder's cache."""
+    images = [image] if isinstance(image, (str, Path)) or hasattr(image, "getbands") else image
+    if images is not None and len(images) == 0:
+        raise MlxGemmaError("the image list is empty: pass at least one image, or none at all")
+    if isinstance(prompt, str):
+        if not prompt.strip() and not images:
+            raise MlxGemmaError("the prompt is empty: give some text or an image")
+        text = f"{system}\n\n{prompt}" if system else prompt
+    else:
+        if not prompt or not all(isinstance(m, dict) for m in prompt):
+            raise MlxGemmaError("for T5Gemma 2 a prompt is text or a non-empty list of chat messages")
+        text = _apply_template(processor.tokenizer, prompt, tokenize=False)
+    if images and processor.boi_token not in text:
+        text = processor.boi_token * len(images) + text  # one placeholder per image, in front
+    inputs = processor(text, images)
+    ids = inputs["input_ids"][0].tolist()
+    config = model.config
+    _check_ids(ids, config.encoder.text_config.max_position_embeddings, config.vocab_size)
+    start = time.perf_counter()
+    encoded = model.encode(mx.array(inputs["input_ids"]), pixel_values=inputs.get("pixel_values"))
+    cache = model.make_cache(encoded, max_kv_size)  # evaluates the encoder and the cross keys/values
+    seconds = time.perf_counter() - start
+    stats = dict(prompt_tokens=len(ids), prompt_tps=len(ids) / seconds)
+    return _DecoderView(model), processor.tokenizer, [config.decoder.bos_token_id], cache, stats
 
 
 def generate(model, tokenizer, prompt: Prompt, **options) -> str:
@@ -160,7 +231,9 @@ def configure_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-step-size", type=int, default=2048)
     p.add_argument("--max-kv-size", type=int, default=None,
                    help="bound every KV cache to this many tokens (full layers then attend to a window)")
-    p.add_argument("--image", action="append", default=None, help="image file (image+text models only)")
+    p.add_argument("--image", action="append", default=None,
+                   help="image file, repeatable (image+text models: T5Gemma 2); the prompt's <start_of_image> "
+                        "placeholders mark where each goes, else they go first")
     return p
 
 
