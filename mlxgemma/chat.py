@@ -16,6 +16,9 @@ from .generate import prompt_ids, stream_generate
 
 class ChatSession:
     def __init__(self, model, tokenizer, system: Optional[str] = None, **options):
+        if getattr(model.config, "model_type", None) == "t5gemma2":
+            raise MlxGemmaError("chat keeps a decoder-only cache across turns; for T5Gemma 2 use "
+                                "python -m mlxgemma.generate (with --image for pictures)")
         if not getattr(tokenizer, "chat_template", None):
             raise MlxGemmaError("this model's tokenizer has no chat template: use python -m mlxgemma.generate")
         self.model, self.tokenizer, self.system, self.options = model, tokenizer, system, options

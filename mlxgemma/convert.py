@@ -97,7 +97,11 @@ def _requantize(model, config, dequantize, bits, group_size, recipe):
         if not dequantize:
             print("[mlxgemma] note: the source is already quantized; requantizing rounds its weights a "
                   "second time", file=sys.stderr)
-        model = dequantize_model(model)
+        kept = {name: m.eoi_embedding for name, m in model.named_modules() if "eoi_embedding" in m}
+        model = dequantize_model(model)  # (rebuilds plain layers: T5Gemma 2's eoi embedding is put back)
+        for name, m in model.named_modules():
+            if name in kept:
+                m.eoi_embedding = kept[name]
         config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
     if dequantize:
         return model, config
@@ -131,7 +135,7 @@ def legacy_rope_keys(config: dict) -> dict:
 def _write(out: Path, model: nn.Module, config: dict) -> None:
     from mlx_lm.utils import save_config, save_model
 
-    if config.get("model_type") != "gemma3":  # multimodal configs keep their text part nested
+    if config.get("model_type") not in ("gemma3", "t5gemma2"):  # nested configs keep their rope keys nested
         config = legacy_rope_keys(config)
     save_model(out, model)
     dtypes = {str(v.dtype).split(".")[-1] for k, v in tree_flatten(model.parameters())
@@ -150,8 +154,13 @@ def _write_readme(out: Path, source, config: dict, dtype) -> None:
     (out / "README.md").write_text(
         f"# {Path(str(source)).name} for MLX\n\nConverted by mlxgemma from `{source}`, {how}.\n"
         f"Weights: {size / 2**20:.1f} MiB. Files: {', '.join(files)}.\n\n"
-        "```python\nimport mlxgemma\nmodel, tokenizer = mlxgemma.load(\"path/to/this/folder\")\n```\n"
-        "It also loads with `mlx_lm.load`.\n")
+        + (_T5_README if config.get("model_type") == "t5gemma2" else _LM_README))
+
+
+_LM_README = ("```python\nimport mlxgemma\nmodel, tokenizer = mlxgemma.load(\"path/to/this/folder\")\n```\n"
+              "It also loads with `mlx_lm.load`.\n")
+_T5_README = ("```python\nimport mlxgemma\nmodel, processor = mlxgemma.load(\"path/to/this/folder\")\n"
+              "print(mlxgemma.generate(model, processor, \" in this image, there is\", image=\"photo.jpg\"))\n```\n")
 
 
 def _replace(tmp: Path, dst: Path) -> None:

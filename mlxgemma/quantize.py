@@ -4,26 +4,36 @@ layer, llama.cpp Q4_K_M style). At 4 bits the default is mixed_4_6, chosen by me
 perplexity 25.1 at 147 MiB against 28.1 at 144 MiB for uniform 4-bit (README, benchmarks/quality.py)."""
 
 import sys
+from typing import Optional
 
 import mlx.nn as nn
 from mlx_lm.convert import QUANT_RECIPES, mixed_quant_predicate_builder
 from mlx_lm.utils import quantize_model
 
 RECIPES = ["uniform"] + list(QUANT_RECIPES)
+VISION_BITS = None  # placeholder, set by measurement below
 
 
 def default_recipe(bits: int) -> str:
     return "mixed_4_6" if bits == 4 else "uniform"
 
 
-def quantize(model: nn.Module, config: dict, bits: int, group_size: int, recipe=None):
+def quantize(model: nn.Module, config: dict, bits: int, group_size: int, recipe=None,
+             vision_bits: Optional[int] = VISION_BITS):
     """Quantize in place; returns (model, config with mlx-lm's "quantization" block). Layers whose input
-    width does not divide by the group size stay in float, and we say which."""
+    width does not divide by the group size stay in float, and we say which. A vision tower (T5Gemma 2) is
+    quantized at vision_bits (None: kept in float), whatever the recipe says for the language model."""
     recipe = recipe or default_recipe(bits)
-    predicate = None if recipe == "uniform" else mixed_quant_predicate_builder(recipe, model, group_size)
+    mixed = None if recipe == "uniform" else mixed_quant_predicate_builder(recipe, model, group_size)
+
+    def predicate(path: str, module: nn.Module):
+        if ".vision_tower." in f".{path}":
+            return False if vision_bits is None else {"group_size": group_size, "bits": vision_bits, "mode": "affine"}
+        return mixed(path, module) if mixed else True
+
     model, config = quantize_model(model, config, group_size, bits, quant_predicate=predicate)
-    left = [name for name, m in model.named_modules()
-            if isinstance(m, (nn.Linear, nn.Embedding)) and not hasattr(m, "scales")]
+    left = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))
+            and not hasattr(m, "scales") and (vision_bits is not None or ".vision_tower." not in f".{name}")]
     if left:
         print(f"[mlxgemma] note: {len(left)} layer(s) stay in float (input width not a multiple of "
               f"{group_size}): {', '.join(left[:8])}{' ...' if len(left) > 8 else ''}", file=sys.stderr)

@@ -114,3 +114,10 @@ def test_caption_example(ckpt):
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     assert [line.split(":")[0] for line in lines] == [p.name for p in images]
+
+
+def test_chat_refuses_encoder_decoder(ckpt, capsys):
+    from mlxgemma.chat import main as chat_main
+
+    assert chat_main(["--model", str(ckpt[1])]) == 2
+    assert "T5Gemma 2" in capsys.readouterr().err
