@@ -8,6 +8,9 @@ from .models.gemma2 import (Gemma2Config, Gemma2ForCausalLM, Gemma2ForSequenceCl
 from .models.gemma3 import Gemma3ForCausalLM, Gemma3TextConfig, Gemma3TextForSequenceClassification, Gemma3TextModel
 from .models.stablelm import (StableLmConfig, StableLmForCausalLM, StableLmForSequenceClassification,
                               StableLmForTokenClassification, StableLmModel)
+from .models.t5gemma2 import (T5Gemma2Config, T5Gemma2ForConditionalGeneration, T5Gemma2ForSequenceClassification,
+                              T5Gemma2ForTokenClassification, T5Gemma2Model)
+from .processor import T5Gemma2Processor
 
 from .convert import convert  # noqa: E402  (the functions; `python -m mlxgemma.convert` etc. are the CLIs)
 from .generate import generate, stream_generate  # noqa: E402
@@ -19,5 +22,7 @@ __all__ = [
     "Gemma2Config", "Gemma2Model", "Gemma2ForCausalLM", "Gemma2ForSequenceClassification",
     "Gemma2ForTokenClassification", "Gemma3TextConfig", "Gemma3TextModel", "Gemma3ForCausalLM",
     "Gemma3TextForSequenceClassification", "StableLmConfig", "StableLmModel", "StableLmForCausalLM",
-    "StableLmForSequenceClassification", "StableLmForTokenClassification",
+    "StableLmForSequenceClassification", "StableLmForTokenClassification", "T5Gemma2Config", "T5Gemma2Model",
+    "T5Gemma2ForConditionalGeneration", "T5Gemma2ForSequenceClassification", "T5Gemma2ForTokenClassification",
+    "T5Gemma2Processor",
 ]
