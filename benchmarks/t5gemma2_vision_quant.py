@@ -88,7 +88,7 @@ def main():
         variants = [("float", None, None)] + [(f"{b}-bit {what}", b, what) for b in (4, 8)
                                               for what in ("language model", "language model + vision")]
         ref = None
-        print(f"| weights | image features rel. error | decoder KL | top-1 agreement |\n|---|---|---|---|")
+        print("| weights | image features rel. error | decoder KL | top-1 agreement |\n|---|---|---|---|")
         for name, bits, what in variants:
             model = mlxgemma.load_model(tmp)
             if bits:

@@ -19,7 +19,7 @@ from mlx.utils import tree_flatten
 
 from .errors import MlxGemmaError
 from .loading import DTYPES, model_from_weights, read_config, read_weights, resolve
-from .quantize import RECIPES, quantize as quantize_weights
+from .quantize import RECIPES, VISION_BITS, quantize as quantize_weights
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
@@ -28,20 +28,24 @@ TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def convert(hf_path, mlx_path, *, dtype: Optional[str] = None, quantize: bool = False, q_bits: int = 4,
             q_group_size: int = 64, quant_predicate: Optional[str] = None, dequantize: bool = False,
-            overwrite: bool = False, revision: Optional[str] = None) -> Path:
+            overwrite: bool = False, revision: Optional[str] = None, q_vision_bits: Optional[int] = VISION_BITS) -> Path:
     """Write the MLX checkpoint of hf_path to mlx_path and return mlx_path. quantize=True quantizes with MLX
     affine groups: q_bits of 2/3/4/5/6/8, q_group_size of 32/64/128, and a recipe (quant_predicate:
-    "uniform" or mlx-lm's mixed ones; at 4 bits the default is mixed_4_6, chosen by measurement). A .gguf source keeps its own quantized weights (exact repacking) unless
-    dequantize=True or quantize=True is asked for."""
+    "uniform" or mlx-lm's mixed ones; at 4 bits the default is mixed_4_6, chosen by measurement). A vision tower
+    (T5Gemma 2) gets q_vision_bits (8 by default, chosen by measurement; None keeps it in float). A .gguf
+    source keeps its own quantized weights (exact repacking) unless dequantize=True or quantize=True is asked for."""
     dst = Path(mlx_path).expanduser()
     _check_options(dst, dtype, quantize, q_bits, q_group_size, quant_predicate, dequantize, overwrite)
+    if q_vision_bits not in (None, 4, 8):
+        raise MlxGemmaError(f"--q-vision-bits {q_vision_bits} is not supported (4, 8, or float)")
     src = resolve(hf_path, revision)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
     try:
         config, model, tokenizer_writer = _source_model(src, dtype)
         if quantize or dequantize:
-            model, config = _requantize(model, config, dequantize, q_bits, q_group_size, quant_predicate)
+            model, config = _requantize(model, config, dequantize, q_bits, q_group_size, quant_predicate,
+                                        q_vision_bits)
         _write(tmp, model, config)
         tokenizer_writer(tmp)
         _write_readme(tmp, hf_path, config, dtype)
@@ -90,7 +94,7 @@ def _source_model(src: Path, dtype):
     return config, model, copy_tokenizer
 
 
-def _requantize(model, config, dequantize, bits, group_size, recipe):
+def _requantize(model, config, dequantize, bits, group_size, recipe, vision_bits=VISION_BITS):
     if config.get("quantization"):  # a quantized source: back to float first (a second rounding, said so)
         from mlx_lm.utils import dequantize_model
 
@@ -105,7 +109,7 @@ def _requantize(model, config, dequantize, bits, group_size, recipe):
         config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
     if dequantize:
         return model, config
-    return quantize_weights(model, config, bits, group_size, recipe)
+    return quantize_weights(model, config, bits, group_size, recipe, vision_bits)
 
 
 def legacy_rope_keys(config: dict) -> dict:
@@ -184,6 +188,8 @@ def configure_parser() -> argparse.ArgumentParser:
     p.add_argument("--q-group-size", type=int, default=64, help="group size (default 64)")
     p.add_argument("--quant-predicate", default=None,
                    help=f"recipe: {', '.join(RECIPES)} (default: mixed_4_6 at 4 bits, else uniform)")
+    p.add_argument("--q-vision-bits", default=str(VISION_BITS), choices=["4", "8", "float"],
+                   help=f"bits for a vision tower (T5Gemma 2), or float (default {VISION_BITS}, measured)")
     p.add_argument("--dtype", default=None, help="float dtype: float32, float16, bfloat16")
     p.add_argument("-d", "--dequantize", action="store_true", help="write float weights from a quantized source")
     p.add_argument("--revision", default=None, help="Hub revision")
@@ -196,7 +202,8 @@ def main(argv=None) -> int:
     try:
         dst = convert(args.hf_path, args.mlx_path, dtype=args.dtype, quantize=args.quantize,
                       q_bits=args.q_bits, q_group_size=args.q_group_size, quant_predicate=args.quant_predicate,
-                      dequantize=args.dequantize, overwrite=args.overwrite, revision=args.revision)
+                      dequantize=args.dequantize, overwrite=args.overwrite, revision=args.revision,
+                      q_vision_bits=None if args.q_vision_bits == "float" else int(args.q_vision_bits))
     except MlxGemmaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

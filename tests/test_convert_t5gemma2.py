@@ -24,14 +24,14 @@ def _logits(model):
 
 @pytest.fixture(scope="module")
 def src(tmp_path_factory):
-    return save_t5_checkpoint(hf_t5gemma2(text={"intermediate_size": 64}, vision={"intermediate_size": 64}),
+    return save_t5_checkpoint(hf_t5gemma2(text={"intermediate_size": 64}, vision={"intermediate_size": 64, "hidden_size": 32}),
                               tmp_path_factory.mktemp("t5conv") / "src")
 
 
 @pytest.mark.parametrize("layout", ["on disk", "in memory"])
 def test_float_conversion_is_lossless(src, tmp_path, layout):
     if layout == "in memory":  # transformers' module names: encoder.text_model., vision_tower.vision_model.
-        hf = hf_t5gemma2(text={"intermediate_size": 64}, vision={"intermediate_size": 64})
+        hf = hf_t5gemma2(text={"intermediate_size": 64}, vision={"intermediate_size": 64, "hidden_size": 32})
         state = {k.replace("vision_tower.", "vision_tower.vision_model."): v.contiguous()
                  for k, v in hf.state_dict().items() if not k.startswith(("lm_head", "model.decoder.embed_tokens"))}
         (tmp_path / "src").mkdir()
@@ -70,12 +70,22 @@ def test_quantized_conversion(src, tmp_path):
     model, _ = mlxgemma.load(dst)
     tower = model.model.encoder.vision_tower
     assert hasattr(model.model.encoder.embed_tokens, "scales") and "eoi_embedding" in model.model.encoder.embed_tokens
-    assert not hasattr(tower.encoder.layers[0].mlp.fc1, "scales")  # the vision tower stays in float (measured)
+    assert tower.encoder.layers[0].mlp.fc1.bits == 8  # the vision tower at 8 bits (measured), the rest at 4
     ours = _logits(model)
     assert max_diff(ours, _logits(_dequantized_twin(model, src))) <= TOL
     with torch.no_grad():  # and it still tracks the float model (random tiny weights: loose, see test_convert)
         ref = _logits(mlxgemma.load_model(src))
     assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) <= 0.5
+
+
+def test_vision_tower_in_float_or_4_bits(src, tmp_path):
+    float_tower = convert(src, tmp_path / "f", quantize=True, q_group_size=32, q_vision_bits=None)
+    assert not hasattr(mlxgemma.load_model(float_tower).model.encoder.vision_tower.encoder.layers[0].mlp.fc1, "scales")
+    from mlxgemma.convert import main
+
+    assert main(["--hf-path", str(src), "--mlx-path", str(tmp_path / "v4"), "-q", "--q-group-size", "32",
+                 "--q-vision-bits", "4"]) == 0
+    assert mlxgemma.load_model(tmp_path / "v4").model.encoder.vision_tower.encoder.layers[0].mlp.fc1.bits == 4
 
 
 def test_dequantize_keeps_the_eoi_embedding(src, tmp_path):

@@ -50,7 +50,7 @@ class SiglipVisionEmbeddings(nn.Module):
         x = pixel_values.transpose(0, 2, 3, 1).astype(self.patch_embedding.weight.dtype)
         x = self.patch_embedding(x)
         x = x.reshape(x.shape[0], -1, x.shape[-1])
-        return x + self.position_embedding.weight
+        return x + self.position_embedding(mx.arange(x.shape[1]))  # (quantized or not)
 
 
 class SiglipAttention(nn.Module):

@@ -164,12 +164,15 @@ class T5Gemma2Encoder(nn.Module):
         """(N, 3, S, S) -> (N, mm_tokens_per_image, D)."""
         return self.multi_modal_projector(self.vision_tower(mx.array(pixel_values)))
 
-    def __call__(self, input_ids, attention_mask=None, pixel_values=None) -> mx.array:
+    def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_features=None) -> mx.array:
+        """image_features (get_image_features' output) stand in for pixel_values, e.g. to reuse an image."""
         text = self.config.encoder.text_config
         input_ids = as_input_ids(input_ids, text.vocab_size)
         h = embed(self.embed_tokens, input_ids, self.config)
         if pixel_values is not None:
-            h = self._merge_images(input_ids, h, self.get_image_features(pixel_values))
+            image_features = self.get_image_features(pixel_values)
+        if image_features is not None:
+            h = self._merge_images(input_ids, h, image_features)
         L = input_ids.shape[1]
         valid = padding_of(attention_mask, L)
         masks = {t: encoder_mask(L, valid, text.sliding_window if t == SLIDING else None)
@@ -261,10 +264,10 @@ class T5Gemma2Model(nn.Module):
         self.encoder = T5Gemma2Encoder(config)
         self.decoder = T5Gemma2Decoder(config)
 
-    def encode(self, input_ids, attention_mask=None, pixel_values=None) -> EncoderOutput:
-        """Run the encoder once (text, and images when pixel_values is given)."""
+    def encode(self, input_ids, attention_mask=None, pixel_values=None, image_features=None) -> EncoderOutput:
+        """Run the encoder once (text, and images: pixel_values, or their get_image_features())."""
         input_ids = as_input_ids(input_ids, self.config.vocab_size)
-        hidden = self.encoder(input_ids, attention_mask, pixel_values)
+        hidden = self.encoder(input_ids, attention_mask, pixel_values, image_features)
         return EncoderOutput(hidden, padding_of(attention_mask, input_ids.shape[1]))
 
     def make_cache(self, encoder_output: EncoderOutput, max_kv_size: Optional[int] = None) -> EncoderDecoderCache:
@@ -353,8 +356,8 @@ class T5Gemma2ForConditionalGeneration(_T5Gemma2Head):
         return self.decode_step(self._decoder_inputs(input_ids, decoder_input_ids), encoded,
                                 decoder_attention_mask=decoder_attention_mask)
 
-    def encode(self, input_ids, attention_mask=None, pixel_values=None) -> EncoderOutput:
-        return self.model.encode(input_ids, attention_mask, pixel_values)
+    def encode(self, input_ids, attention_mask=None, pixel_values=None, image_features=None) -> EncoderOutput:
+        return self.model.encode(input_ids, attention_mask, pixel_values, image_features)
 
     def make_cache(self, encoder_output: EncoderOutput, max_kv_size: Optional[int] = None) -> EncoderDecoderCache:
         return self.model.make_cache(encoder_output, max_kv_size)
