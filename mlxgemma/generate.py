@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
+import numpy as np
 
 from .errors import MlxGemmaError
 
@@ -186,17 +187,23 @@ def _encode_request(model, processor, prompt, image, system, max_kv_size):
     images = [image] if isinstance(image, (str, Path)) or hasattr(image, "getbands") else image
     if images is not None and len(images) == 0:
         raise MlxGemmaError("the image list is empty: pass at least one image, or none at all")
-    if isinstance(prompt, str):
-        if not prompt.strip() and not images:
-            raise MlxGemmaError("the prompt is empty: give some text or an image")
-        text = f"{system}\n\n{prompt}" if system else prompt
+    if isinstance(prompt, str) or (prompt and all(isinstance(m, dict) for m in prompt)):
+        if isinstance(prompt, str):
+            if not prompt.strip() and not images:
+                raise MlxGemmaError("the prompt is empty: give some text or an image")
+            text = f"{system}\n\n{prompt}" if system else prompt
+        else:
+            system_turn = [{"role": "system", "content": system}] if system else []
+            text = _apply_template(processor.tokenizer, system_turn + list(prompt), tokenize=False)
+        if images and processor.boi_token not in text:
+            text = processor.boi_token * len(images) + text  # one placeholder per image, in front
+        inputs = processor(text, images)
+    elif prompt and all(isinstance(t, int) for t in prompt):  # encoder ids, already expanded
+        inputs = {"input_ids": np.array([list(prompt)])}
+        if images:
+            inputs["pixel_values"] = processor.preprocess(images)
     else:
-        if not prompt or not all(isinstance(m, dict) for m in prompt):
-            raise MlxGemmaError("for T5Gemma 2 a prompt is text or a non-empty list of chat messages")
-        text = _apply_template(processor.tokenizer, prompt, tokenize=False)
-    if images and processor.boi_token not in text:
-        text = processor.boi_token * len(images) + text  # one placeholder per image, in front
-    inputs = processor(text, images)
+        raise MlxGemmaError("a prompt is text, a list of token ids or a list of chat messages")
     ids = inputs["input_ids"][0].tolist()
     config = model.config
     _check_ids(ids, config.encoder.text_config.max_position_embeddings, config.vocab_size)

@@ -66,8 +66,10 @@ def test_text_only_prompt_and_placeholders_where_written(ckpt):
     ours = [c.token for c in mlxgemma.stream_generate(model, processor, "t9 t10 t11", max_tokens=STEPS)]
     assert ours == _hf_tokens(hf, "t9 t10 t11", [])[: len(ours)]
     text = "t7 <start_of_image> t8"
-    ours = mlxgemma.generate(model, processor, text, image=images[0], max_tokens=4)
-    assert isinstance(ours, str)
+    from_text = [c.token for c in mlxgemma.stream_generate(model, processor, text, image=images[0], max_tokens=4)]
+    assert from_text == _hf_tokens(hf, text, images[:1])[:4]
+    ids = processor(text, [images[0]])["input_ids"][0].tolist()  # token ids, already expanded, work too
+    assert [c.token for c in mlxgemma.stream_generate(model, processor, ids, image=images[0], max_tokens=4)] == from_text
 
 
 def test_cli_with_images(ckpt, capsys):
