@@ -195,3 +195,28 @@ def test_wrong_image_size(pair):
     _, model = pair
     with pytest.raises(MlxGemmaError, match="pixel_values has shape"):
         model(mx.array(np.array([image_prompt(1)])), mx.array([[2]]), pixel_values=mx.zeros((1, 3, 16, 16)))
+
+
+def test_legacy_config_keys(tmp_path):
+    """A config.json with the pre-transformers-5 keys (rope_theta, rope_local_base_freq, rope_scaling,
+    sliding_window_pattern, no layer_types) reads as transformers reads it, linear-scaled full layers included."""
+    import json
+
+    import transformers
+
+    hf = hf_t5gemma2(text={"num_hidden_layers": 4, "layer_types": None})
+    path = tmp_path / "ckpt"
+    hf.save_pretrained(path)
+    config = json.loads((path / "config.json").read_text())
+    for part in (config["encoder"]["text_config"], config["decoder"]):
+        for key in ("rope_parameters", "layer_types"):
+            part.pop(key, None)
+        part.update(rope_theta=50000.0, rope_local_base_freq=500.0, sliding_window_pattern=2,
+                    rope_scaling={"rope_type": "linear", "factor": 4.0})
+    (path / "config.json").write_text(json.dumps(config))
+    ref = transformers.T5Gemma2ForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
+    assert ref.config.decoder.layer_types == ["sliding_attention", "full_attention"] * 2
+    model = mlxgemma.load_model(path)
+    ids, dec = random_ids(1, 40, high=EOI), _decoder_ids(1, 30)  # positions far enough for the thetas to matter
+    assert max_diff(_ours(model, ids, dec), _hf(ref, ids, dec)) <= TOL
+    assert max_diff(_ours(model, ids, dec), _hf(hf, ids, dec)) > 100 * TOL  # the keys changed the model
