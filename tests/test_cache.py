@@ -73,3 +73,22 @@ def test_mlx_lm_stream_generate(family, tmp_path):
         ref = hf.generate(torch.tensor([prompt]), max_new_tokens=2 * WINDOW, do_sample=False, eos_token_id=1,
                           pad_token_id=0)[0, len(prompt) :].tolist()
     assert ours == ref
+
+
+def test_long_prefill_frees_what_the_window_drops():
+    """After one prefill of 4 windows, a sliding cache keeps one window allocated, not a view into all 4."""
+    import gc
+
+    from mlxgemma.models.cache import RotatingKVCache
+
+    caches = [RotatingKVCache(WINDOW) for _ in range(8)]
+    base = mx.get_active_memory()
+    for c in caches:
+        k, v = mx.random.normal((1, 2, 4 * WINDOW, 256)), mx.random.normal((1, 2, 4 * WINDOW, 256))
+        c.update_and_fetch(k, v)
+        mx.eval(c.keys, c.values)
+        del k, v
+    gc.collect()
+    held = sum(c.nbytes for c in caches)
+    assert held == 8 * 2 * (2 * WINDOW * 256 * 4)
+    assert mx.get_active_memory() - base <= 1.5 * held

@@ -94,7 +94,8 @@ def _ring_update(buf: Optional[mx.array], x: mx.array, offset: int, window: int,
     end = offset + L
     tail = seen[..., -min(end, window):, :]
     shift = end % window if end > window else 0  # slot of the oldest kept token
-    return (mx.roll(tail, shift, axis=2) if shift else tail), seen
+    # A slice shares its parent's buffer: copy it, or a long prefill's keys all stay allocated.
+    return (mx.roll(tail, shift, axis=2) if shift else mx.contiguous(tail)), seen
 
 
 def _oldest_first(buf: mx.array, offset: int, window: int) -> mx.array:
