@@ -1,5 +1,12 @@
 """mlxgemma: the Gemma model lineage on Apple silicon with MLX, exact to transformers."""
 
+import warnings
+
+# `python -m mlxgemma.generate` (and .convert) runs a module whose name this package also binds to a function
+# (mlxgemma.generate, as mlx-lm does); runpy warns about that on every run. The module runs as __main__ all
+# the same, so the warning says nothing to a user.
+warnings.filterwarnings("ignore", message=r"'mlxgemma\.\w+' found in sys\.modules", category=RuntimeWarning)
+
 from .errors import MlxGemmaError
 from .loading import build_model, load, load_model
 from .models.gemma import GemmaConfig, GemmaForCausalLM, GemmaForSequenceClassification, GemmaForTokenClassification, GemmaModel

@@ -204,3 +204,12 @@ def test_default_model_built_once_then_loaded(tmp_path, capsys, monkeypatch):
     cached = tmp_path / "cache" / "gemma-3-270m-q4_k_m-mlx"
     assert (cached / "config.json").is_file() and not list((tmp_path / "cache").glob("*.gguf"))
     assert json.loads((cached / "config.json").read_text())["quantization"]["group_size"] == 32
+
+
+@pytest.mark.parametrize("module", ["mlxgemma.generate", "mlxgemma.convert", "mlxgemma.chat"])
+def test_module_entry_points_print_no_runpy_warning(module):
+    """The package binds `generate`/`convert` to functions; `python -m` must not warn about it on every run."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "usage" in out.stdout and out.stderr == ""
