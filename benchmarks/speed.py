@@ -1,6 +1,6 @@
 """mlxgemma against mlx-lm on the same MLX checkpoint, in one run on one machine: prompt tokens/s for a
 512-token prompt, decode tokens/s over 128 tokens, peak memory. After a warm-up, trials alternate between
-the two libraries and the median of each is reported with the ratio mlxgemma / mlx-lm. Both run through the
+the two libraries (and which goes first) and the median of each is reported with the ratio mlxgemma / mlx-lm. Both run through the
 same harness (one prefill call, then greedy one-token steps through the model's own caches).
 
     python benchmarks/speed.py --model PATH [--trials 5]          # any MLX checkpoint both can load
@@ -106,9 +106,10 @@ def main():
     for m in models.values():  # warm-up
         trial(m, prompt[:32], 4)
     results = {k: [] for k in models}
-    for _ in range(args.trials):
-        for k, m in models.items():
-            results[k].append(trial(m, prompt, args.gen_tokens))
+    order = list(models)
+    for t in range(args.trials):  # who goes first alternates too: the allocator favours the second
+        for k in order if t % 2 == 0 else order[::-1]:
+            results[k].append(trial(models[k], prompt, args.gen_tokens))
     med = {k: [statistics.median(r[i] for r in v) for i in range(3)] for k, v in results.items()}
     print(f"{name}: {args.prompt_tokens}-token prompt, {args.gen_tokens} decode steps, median of {args.trials} "
           f"alternating trials; {platform.machine()} {platform.system()}, mlx {mx.__version__}, "
