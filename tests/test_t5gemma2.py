@@ -220,3 +220,14 @@ def test_legacy_config_keys(tmp_path):
     ids, dec = random_ids(1, 40, high=EOI), _decoder_ids(1, 30)  # positions far enough for the thetas to matter
     assert max_diff(_ours(model, ids, dec), _hf(ref, ids, dec)) <= TOL
     assert max_diff(_ours(model, ids, dec), _hf(hf, ids, dec)) > 100 * TOL  # the keys changed the model
+
+
+def test_bare_model_checkpoint(tmp_path):
+    """A T5Gemma2Model checkpoint (keys without `model.`) loads; its output is the decoder's last hidden state."""
+    hf = hf_t5gemma2("Model")
+    model, _ = save_and_load(hf, tmp_path)
+    ids, dec, pixels = np.array([image_prompt(1)]), _decoder_ids(1, 5), random_pixels(1)
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids), decoder_input_ids=torch.tensor(dec),
+                 pixel_values=torch.tensor(pixels)).last_hidden_state.numpy()
+    assert max_diff(np.array(model(mx.array(ids), mx.array(dec), pixel_values=mx.array(pixels))), ref) <= TOL

@@ -293,18 +293,19 @@ class T5Gemma2Model(nn.Module):
         encoded = self.encode(input_ids, attention_mask, pixel_values)
         return self.decode(decoder_input_ids, encoded, decoder_attention_mask)
 
-    def sanitize(self, weights: dict) -> dict:
-        """Either on-disk layout: `model.encoder.text_model.*` (transformers' in-memory names) or without it,
-        and `vision_tower.vision_model.*` or without it. The tied decoder table is dropped."""
+    def sanitize(self, weights: dict, prefix: str = "") -> dict:
+        """Either on-disk layout: `encoder.text_model.*` (transformers' in-memory names) or without it, and
+        `vision_tower.vision_model.*` or without it; keys under `prefix` (the heads' "model."). The tied
+        decoder table is dropped."""
         out, vision = {}, {}
+        enc, tower = f"{prefix}encoder.", f"{prefix}encoder.vision_tower."
         for k, v in weights.items():
-            k = k.replace("model.encoder.text_model.", "model.encoder.", 1)
-            if k.startswith("model.encoder.vision_tower."):
-                vision[k.removeprefix("model.encoder.vision_tower.")] = v
-            elif not (self.config.tie_word_embeddings and k.startswith("model.decoder.embed_tokens.")):
+            k = k.replace(f"{enc}text_model.", enc, 1)
+            if k.startswith(tower):
+                vision[k.removeprefix(tower)] = v
+            elif not (self.config.tie_word_embeddings and k.startswith(f"{prefix}decoder.embed_tokens.")):
                 out[k] = v
-        out.update({"model.encoder.vision_tower." + k: v
-                    for k, v in self.encoder.vision_tower.sanitize(vision).items()})
+        out.update({tower + k: v for k, v in self.encoder.vision_tower.sanitize(vision).items()})
         return out
 
 
@@ -325,7 +326,7 @@ class _T5Gemma2Head(nn.Module):
         return self.model.decoder.layers
 
     def sanitize(self, weights: dict) -> dict:
-        return self.model.sanitize(weights)
+        return self.model.sanitize(weights, prefix="model.")
 
     def _decoder_inputs(self, input_ids, decoder_input_ids):
         if decoder_input_ids is not None:
