@@ -80,6 +80,12 @@ def attention(q, k, v, scale: float, mask, softcap: Optional[float] = None) -> m
     return (probs @ v[:, :, None]).reshape(B, H, L, d)
 
 
+def heads(x: mx.array, n: int) -> mx.array:
+    """(B, L, n * d) -> (B, n, L, d)."""
+    B, L, _ = x.shape
+    return x.reshape(B, L, n, -1).transpose(0, 2, 1, 3)
+
+
 class Attention(nn.Module):
     """Gemma-lineage self-attention: q/k/v/o projections (biased iff attention_bias), optional per-head
     q/k RMSNorm before RoPE (Gemma 3), RoPE for this layer's type, GQA, optional score softcap (Gemma 2)."""
@@ -101,16 +107,23 @@ class Attention(nn.Module):
         self.rope = RoPE(d, rope_params)
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
-        B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
-        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        q, k, v = self.project(x, cache)
+        return self.output(attention(q, k, v, self.scale, mask, self.softcap))
+
+    def project(self, x: mx.array, cache=None):
+        """Query, key and value heads (B, heads, L, d) of x: q/k normalised and rotated at the cache's
+        offset; keys and values joined to what the cache holds."""
+        q = heads(self.q_proj(x), self.n_heads)
+        k, v = heads(self.k_proj(x), self.n_kv_heads), heads(self.v_proj(x), self.n_kv_heads)
         q, k = self.normalize(q, k)
         offset = cache.offset if cache is not None else 0
         q, k = self.rope(q, offset), self.rope(k, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        out = attention(q, k, v, self.scale, mask, self.softcap)
+        return q, k, v
+
+    def output(self, out: mx.array) -> mx.array:
+        B, _, L, _ = out.shape
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
     def normalize(self, q: mx.array, k: mx.array):

@@ -17,8 +17,9 @@ import mlx.nn as nn
 import numpy as np
 
 from ..errors import MlxGemmaError
-from .cache import EncoderDecoderCache, causal_mask, encoder_mask, merged_mask
-from .common import MLP, Attention, RMSNorm, activation, as_input_ids, make_caches, padding_of, scaled_embedding
+from .cache import EncoderDecoderCache, encoder_mask, merged_mask
+from .common import (MLP, Attention, RMSNorm, activation, as_input_ids, attention, heads, layer_masks, make_caches,
+                     padding_of, scaled_embedding)
 from .config import SLIDING, BaseConfig
 from .gemma3 import Gemma3TextConfig
 from .heads import cross_entropy, sequence_classification_loss
@@ -79,10 +80,6 @@ class T5Gemma2Config(BaseConfig):
         text = self.encoder.text_config
         if (text.hidden_size, text.vocab_size) != (self.decoder.hidden_size, self.decoder.vocab_size):
             raise MlxGemmaError("config.json: encoder and decoder must have the same hidden_size and vocab_size")
-
-    @property
-    def max_position_embeddings(self) -> int:
-        return self.decoder.max_position_embeddings
 
 
 class EncoderOutput(NamedTuple):
@@ -198,27 +195,17 @@ class T5Gemma2MergedAttention(Attention):
     """Self- and cross-attention with one set of projections and one softmax over [self keys ; encoder keys]."""
 
     def __call__(self, x: mx.array, mask=None, cache=None, cross=None, encoder_valid=None) -> mx.array:
-        B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
-        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        q, k = self.q_norm(q), self.k_norm(k)
         offset = cache.offset if cache is not None else 0
-        q, k = self.rope(q, offset), self.rope(k, offset)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
+        q, k, v = self.project(x, cache)
         cross_k, cross_v = cross
-        mask = merged_mask(mask, encoder_valid, L, k.shape[2], cross_k.shape[2], offset)
+        mask = merged_mask(mask, encoder_valid, x.shape[1], k.shape[2], cross_k.shape[2], offset)
         k, v = mx.concatenate([k, cross_k], axis=2), mx.concatenate([v, cross_v], axis=2)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return self.output(attention(q, k, v, self.scale, mask))
 
     def cross_kv(self, encoder_hidden: mx.array):
         """The encoder's keys (k_norm, no RoPE) and values for this layer."""
-        B, S, _ = encoder_hidden.shape
-        k = self.k_proj(encoder_hidden).reshape(B, S, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        v = self.v_proj(encoder_hidden).reshape(B, S, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        return self.k_norm(k), v
+        k = heads(self.k_proj(encoder_hidden), self.n_kv_heads)
+        return self.k_norm(k), heads(self.v_proj(encoder_hidden), self.n_kv_heads)
 
 
 class T5Gemma2DecoderLayer(T5Gemma2EncoderLayer):
@@ -241,17 +228,7 @@ class T5Gemma2Decoder(nn.Module):
     def __call__(self, h: mx.array, cross: list, encoder_valid=None, attention_mask=None, cache=None) -> mx.array:
         """h: the decoder's input embeddings; cross: cross_kv(encoder output)."""
         dec = self.config.decoder
-        L = h.shape[1]
-        valid = padding_of(attention_mask, L)
-        if cache is None:
-            masks = {t: causal_mask(0, L, 0, L, dec.sliding_window if t == SLIDING else None, valid)
-                     for t in set(dec.layer_types)}
-        else:
-            masks = {}
-            for t, c in zip(dec.layer_types, cache):
-                masks.setdefault(t, c.mask(L, valid))
-            for c in cache:
-                c.record_padding(L, valid)
+        masks = layer_masks(dec.layer_types, cache, h.shape[1], attention_mask, dec.sliding_window)
         for layer, c, kv in zip(self.layers, cache or [None] * len(self.layers), cross):
             h = layer(h, masks[layer.attention_type], c, cross=kv, encoder_valid=encoder_valid)
         return self.norm(h)
