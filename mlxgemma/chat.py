@@ -11,12 +11,13 @@ import sys
 from typing import Iterator, List, Optional
 
 from .errors import MlxGemmaError
+from .models import is_encoder_decoder
 from .generate import prompt_ids, stream_generate
 
 
 class ChatSession:
     def __init__(self, model, tokenizer, system: Optional[str] = None, **options):
-        if getattr(model.config, "model_type", None) == "t5gemma2":
+        if is_encoder_decoder(model):
             raise MlxGemmaError("chat keeps a decoder-only cache across turns; for T5Gemma 2 use "
                                 "python -m mlxgemma.generate (with --image for pictures)")
         if not getattr(tokenizer, "chat_template", None):

@@ -12,13 +12,13 @@ import argparse
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
 
 from .errors import MlxGemmaError
+from .models import is_encoder_decoder
 
 Prompt = Union[str, Sequence[int], Sequence[dict]]
 
@@ -45,17 +45,24 @@ def prompt_ids(tokenizer, prompt: Prompt, system: Optional[str] = None, chat_tem
         if not prompt.strip():
             raise MlxGemmaError("the prompt is empty: give some text")
         if chat_template and getattr(tokenizer, "chat_template", None):
-            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-            return _apply_template(tokenizer, messages)
-        return list(tokenizer.encode(f"{system}\n\n{prompt}" if system else prompt))
+            return _apply_template(tokenizer, _with_system(system, [{"role": "user", "content": prompt}]))
+        return list(tokenizer.encode(_raw_text(system, prompt)))
     prompt = list(prompt)
     if not prompt:
         raise MlxGemmaError("the prompt is empty: give some text, token ids or messages")
     if all(isinstance(m, dict) for m in prompt):
-        return _apply_template(tokenizer, ([{"role": "system", "content": system}] if system else []) + prompt)
+        return _apply_template(tokenizer, _with_system(system, prompt))
     if not all(isinstance(t, int) for t in prompt):
         raise MlxGemmaError("a prompt is text, a list of token ids or a list of chat messages")
     return prompt
+
+
+def _with_system(system: Optional[str], messages) -> list:
+    return ([{"role": "system", "content": system}] if system else []) + list(messages)
+
+
+def _raw_text(system: Optional[str], prompt: str) -> str:
+    return f"{system}\n\n{prompt}" if system else prompt
 
 
 def _apply_template(tokenizer, messages, tokenize: bool = True):
@@ -167,10 +174,6 @@ def _chunks(steps, stop: Sequence[str], override: dict) -> Iterator[Chunk]:
             return
 
 
-def is_encoder_decoder(model) -> bool:
-    return getattr(getattr(model, "config", None), "model_type", None) == "t5gemma2"
-
-
 class _DecoderView:
     """What mlx-lm's generate loop drives (model(tokens, cache=...), layers): T5Gemma 2's decoder, with the
     encoder's output held in the cache (its keys and values computed once per request)."""
@@ -184,20 +187,17 @@ class _DecoderView:
 
 def _encode_request(model, processor, prompt, image, system, max_kv_size):
     """Encoder inputs from text (+ images), the encoder run once (timed), and the decoder's cache."""
-    images = [image] if isinstance(image, (str, Path)) or hasattr(image, "getbands") else image
-    if images is not None and len(images) == 0:
-        raise MlxGemmaError("the image list is empty: pass at least one image, or none at all")
+    images = processor.images_per_prompt(image, 1)[0]  # one image or a list; an empty list is refused
     if isinstance(prompt, str) or (prompt and all(isinstance(m, dict) for m in prompt)):
         if isinstance(prompt, str):
             if not prompt.strip() and not images:
                 raise MlxGemmaError("the prompt is empty: give some text or an image")
-            text = f"{system}\n\n{prompt}" if system else prompt
+            text = _raw_text(system, prompt)
         else:
-            system_turn = [{"role": "system", "content": system}] if system else []
-            text = _apply_template(processor.tokenizer, system_turn + list(prompt), tokenize=False)
+            text = _apply_template(processor.tokenizer, _with_system(system, prompt), tokenize=False)
         if images and processor.boi_token not in text:
             text = processor.boi_token * len(images) + text  # one placeholder per image, in front
-        inputs = processor(text, images)
+        inputs = processor(text, images or None)
     elif prompt and all(isinstance(t, int) for t in prompt):  # encoder ids, already expanded
         inputs = {"input_ids": np.array([list(prompt)])}
         if images:

@@ -16,7 +16,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .errors import MlxGemmaError
-from .models import config_from_dict, model_class_for
+from .models import config_from_dict, is_encoder_decoder, model_class_for
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -209,7 +209,7 @@ def load(source: Union[str, Path], dtype: Optional[str] = None, revision: Option
         return model, TokenizerWrapper(tokenizer, eos_token_ids=eos)
     model = load_model(path, dtype)
     tokenizer = load_tokenizer(path, eos_token_ids=eos_token_ids(path))
-    if getattr(model.config, "model_type", None) == "t5gemma2":
+    if is_encoder_decoder(model):
         from .processor import T5Gemma2Processor
 
         return model, T5Gemma2Processor.from_pretrained(path, tokenizer, model.config)

@@ -84,13 +84,13 @@ class T5Gemma2Processor:
             img = img.resize((self.size[1], self.size[0]), resample=self.resample)
             x = np.asarray(img, dtype=np.float32) * np.float32(self.rescale)
             out.append(((x - self.mean) / self.std).transpose(2, 0, 1))
-        return np.stack(out).astype(np.float32)
+        return np.stack(out)  # float32 throughout
 
     def __call__(self, text: Union[str, List[str]], images=None) -> dict:
         """text: one prompt or a batch; images: for one prompt a list of images, for a batch a list of lists
         (one per prompt, [] for none). Each prompt holds one placeholder (the boi token) per image."""
         texts = [text] if isinstance(text, str) else list(text)
-        per_prompt = self._images_per_prompt(images, len(texts))
+        per_prompt = self.images_per_prompt(images, len(texts))
         counts = [t.count(self.boi_token) for t in texts]
         if counts != [len(i) for i in per_prompt]:
             raise MlxGemmaError(f"the prompt(s) hold {counts} image placeholder(s) {self.boi_token!r} but "
@@ -104,7 +104,8 @@ class T5Gemma2Processor:
         return out
 
     @staticmethod
-    def _images_per_prompt(images, n_texts: int) -> list:
+    def images_per_prompt(images, n_texts: int) -> list:
+        """One list of images per prompt, from None, one image, a list (one prompt) or a list of lists."""
         if images is None:
             return [[] for _ in range(n_texts)]
         if isinstance(images, (str, Path, Image.Image)):

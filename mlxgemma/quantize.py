@@ -21,6 +21,10 @@ def default_recipe(bits: int) -> str:
     return "mixed_4_6" if bits == 4 else "uniform"
 
 
+def in_vision_tower(path: str) -> bool:
+    return ".vision_tower." in f".{path}"
+
+
 def quantize(model: nn.Module, config: dict, bits: int, group_size: int, recipe=None,
              vision_bits: Optional[int] = VISION_BITS):
     """Quantize in place; returns (model, config with mlx-lm's "quantization" block). Layers whose input
@@ -30,13 +34,13 @@ def quantize(model: nn.Module, config: dict, bits: int, group_size: int, recipe=
     mixed = None if recipe == "uniform" else mixed_quant_predicate_builder(recipe, model, group_size)
 
     def predicate(path: str, module: nn.Module):
-        if ".vision_tower." in f".{path}":
+        if in_vision_tower(path):
             return False if vision_bits is None else {"group_size": group_size, "bits": vision_bits, "mode": "affine"}
         return mixed(path, module) if mixed else True
 
     model, config = quantize_model(model, config, group_size, bits, quant_predicate=predicate)
     left = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))
-            and not hasattr(m, "scales") and (vision_bits is not None or ".vision_tower." not in f".{name}")]
+            and not hasattr(m, "scales") and (vision_bits is not None or not in_vision_tower(name))]
     if left:
         print(f"[mlxgemma] note: {len(left)} layer(s) stay in float (input width not a multiple of "
               f"{group_size}): {', '.join(left[:8])}{' ...' if len(left) > 8 else ''}", file=sys.stderr)

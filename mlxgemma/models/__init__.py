@@ -33,6 +33,11 @@ CLASSES["Gemma3ForConditionalGeneration"] = gemma3.Gemma3ForCausalLM
 CLASSES["Gemma3ForSequenceClassification"] = gemma3.Gemma3TextForSequenceClassification
 
 
+def is_encoder_decoder(model) -> bool:
+    """T5Gemma 2: loads with a processor, generates per request (encoder once), has no chat cache."""
+    return getattr(getattr(model, "config", None), "model_type", None) == "t5gemma2"
+
+
 def config_from_dict(d: dict, source: str = "config.json"):
     model_type = d.get("model_type")
     if model_type not in FAMILIES:
