@@ -26,6 +26,21 @@ def cross_entropy(logits: mx.array, labels: mx.array, ignore_index: int = -100,
     return total / (num_items_in_batch if num_items_in_batch is not None else keep.sum())
 
 
+def softcap(logits: mx.array, cap: Optional[float]) -> mx.array:
+    """Gemma 2's final logit softcap, tanh(x / cap) * cap (none when cap is unset)."""
+    return mx.tanh(logits / cap) * cap if cap else logits
+
+
+def last_non_pad(ids: mx.array, pad: int) -> mx.array:
+    """Each row's rightmost position whose id is not pad (0 if all are), for left and right padding alike."""
+    return mx.argmax(mx.arange(ids.shape[1]) * (ids != pad), axis=-1)
+
+
+def at_positions(x: mx.array, positions: mx.array) -> mx.array:
+    """x (B, L, ...) at one position per row -> (B, ...)."""
+    return mx.take_along_axis(x, positions[:, None, None], axis=1)[:, 0]
+
+
 def sequence_classification_loss(pooled: mx.array, labels, config) -> mx.array:
     """transformers' rule: MSE for one label (regression), cross-entropy for integer labels, else BCE with
     logits (config.problem_type, when set, decides)."""
@@ -83,10 +98,7 @@ class CausalLM(_Head):
             logits = self.model.embed_tokens.as_linear(h)
         else:
             logits = self.lm_head(h)
-        cap = getattr(self.config, "final_logit_softcapping", None)
-        if cap:
-            logits = mx.tanh(logits / cap) * cap
-        return logits
+        return softcap(logits, getattr(self.config, "final_logit_softcapping", None))
 
     def loss(self, input_ids, labels, attention_mask=None, num_items_in_batch=None) -> mx.array:
         """transformers' causal-LM loss: logits[t] predicts labels[t + 1]; -100 is ignored."""
@@ -119,8 +131,8 @@ class SequenceClassification(_Head):
                 raise MlxGemmaError("Cannot handle batch sizes > 1 if no padding token is defined.")
             last = mx.array([L - 1])
         else:
-            last = mx.argmax(mx.arange(L) * (input_ids != pad), axis=-1)
-        return mx.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+            last = last_non_pad(input_ids, pad)
+        return at_positions(logits, last)
 
     def loss(self, input_ids, labels, attention_mask=None) -> mx.array:
         return sequence_classification_loss(self(input_ids, attention_mask=attention_mask), labels, self.config)

@@ -22,7 +22,7 @@ from .common import (MLP, Attention, RMSNorm, activation, as_input_ids, attentio
                      padding_of, scaled_embedding)
 from .config import SLIDING, BaseConfig
 from .gemma3 import Gemma3TextConfig
-from .heads import cross_entropy, sequence_classification_loss
+from .heads import at_positions, cross_entropy, last_non_pad, sequence_classification_loss, softcap
 from .siglip import SiglipVisionConfig, SiglipVisionModel
 
 
@@ -345,9 +345,7 @@ class T5Gemma2ForConditionalGeneration(_T5Gemma2Head):
         """Logits for decoder tokens, reusing an encoder output (or the cache made from one)."""
         h = self.model.decode(decoder_input_ids, encoder_output, decoder_attention_mask, cache)
         head = self.lm_head.out_proj if "lm_head" in self else self.model.encoder.embed_tokens.as_linear
-        logits = head(h)
-        cap = self.config.decoder.final_logit_softcapping
-        return mx.tanh(logits / cap) * cap if cap else logits
+        return softcap(head(h), self.config.decoder.final_logit_softcapping)
 
     def loss(self, input_ids, labels, attention_mask=None, pixel_values=None) -> mx.array:
         """transformers' seq2seq loss: the decoder reads shift_right(labels); labels[t] is the target of
@@ -391,9 +389,7 @@ class T5Gemma2ForSequenceClassification(T5Gemma2ForTokenClassification):
     def __call__(self, input_ids, decoder_input_ids=None, attention_mask=None, pixel_values=None,
                  decoder_attention_mask=None) -> mx.array:
         h, dec_ids = self._hidden(input_ids, decoder_input_ids, attention_mask, pixel_values, decoder_attention_mask)
-        L = dec_ids.shape[1]
-        last = mx.argmax(mx.arange(L) * (dec_ids != self.config.pad_token_id), axis=-1)
-        return self.score(mx.take_along_axis(h, last[:, None, None], axis=1)[:, 0])
+        return self.score(at_positions(h, last_non_pad(dec_ids, self.config.pad_token_id)))
 
     def loss(self, input_ids, labels, attention_mask=None, pixel_values=None) -> mx.array:
         pooled = self(input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
