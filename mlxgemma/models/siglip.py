@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import MlxGemmaError
-from .common import activation
+from .common import activation, heads
 from .config import BaseConfig
 
 
@@ -65,11 +65,9 @@ class SiglipAttention(nn.Module):
         self.out_proj = nn.Linear(D, D)
 
     def __call__(self, x: mx.array) -> mx.array:
-        B, L, _ = x.shape
-        q, k, v = (p(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (heads(p(x), self.num_heads) for p in (self.q_proj, self.k_proj, self.v_proj))
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(*x.shape[:2], -1))
 
 
 class SiglipMLP(nn.Module):
