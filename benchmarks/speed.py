@@ -1,7 +1,14 @@
 """mlxgemma against mlx-lm on the same MLX checkpoint, in one run on one machine: prompt tokens/s for a
-512-token prompt, decode tokens/s over 128 tokens, peak memory. After a warm-up, trials alternate between
-the two libraries (and which goes first) and the median of each is reported with the ratio mlxgemma / mlx-lm. Both run through the
-same harness (one prefill call, then greedy one-token steps through the model's own caches).
+512-token prompt, decode tokens/s over 128 tokens, peak memory. Both run through one harness that does what
+mlx-lm's generate_step does (which mlxgemma's generation also drives): the prompt but its last token is
+prefilled evaluating only the caches, the last token gives the first logits, then greedy one-token steps.
+
+This shared 2-core VM's speed drifts by tens of percent over seconds, so the two libraries are timed side by
+side: each trial prefills both (which goes first alternates), then interleaves their decode steps one by one
+(A B B A ...), so that both see the same machine. Peak memory is taken in separate trials, one library at a
+time (its model's weights plus the trial's peak above what was live before it, so the other library's
+weights do not count). After a warm-up, the median of the trials and the ratio mlxgemma / mlx-lm are
+printed, with the range of the per-trial ratios.
 
     python benchmarks/speed.py --model PATH [--trials 5]          # any MLX checkpoint both can load
     python benchmarks/speed.py --tiny gemma3                       # a tiny random checkpoint of a family
@@ -9,6 +16,7 @@ same harness (one prefill call, then greedy one-token steps through the model's 
 """
 
 import argparse
+import gc
 import platform
 import statistics
 import tempfile
@@ -56,30 +64,67 @@ def real_checkpoint(kind: str, work: Path) -> Path:
 
 
 def load_both(path: Path):
+    """Both models, and the bytes each one keeps resident (active memory added by loading it)."""
     from mlx_lm.utils import load_model
 
     import mlxgemma
 
-    return {"mlxgemma": mlxgemma.load_model(path), "mlx-lm": load_model(path)[0]}
+    models, weights = {}, {}
+    for name, load in (("mlxgemma", mlxgemma.load_model), ("mlx-lm", lambda p: load_model(p)[0])):
+        gc.collect()
+        before = mx.get_active_memory()
+        models[name] = load(path)
+        mx.eval(models[name].parameters())
+        weights[name] = mx.get_active_memory() - before
+    return models, weights
 
 
-def trial(model, prompt: mx.array, gen: int):
+def prefill(model, prompt: mx.array):
+    """Returns (cache, next token, seconds)."""
     from mlx_lm.models.cache import make_prompt_cache
 
     cache = make_prompt_cache(model)
     mx.synchronize()
-    mx.reset_peak_memory()
     start = time.perf_counter()
-    logits = model(prompt[None], cache=cache)
-    y = mx.argmax(logits[:, -1], axis=-1)
+    model(prompt[None, :-1], cache=cache)
+    mx.eval([c.state for c in cache])
+    y = mx.argmax(model(prompt[None, -1:], cache=cache)[:, -1], axis=-1)
     mx.eval(y)
-    prefill = time.perf_counter() - start
+    return cache, y, time.perf_counter() - start
+
+
+def step(model, cache, y: mx.array):
+    """Returns (next token, seconds)."""
     start = time.perf_counter()
+    y = mx.argmax(model(y[:, None], cache=cache)[:, -1], axis=-1)
+    mx.eval(y)
+    return y, time.perf_counter() - start
+
+
+def timing_trial(models: dict, order: list, prompt: mx.array, gen: int) -> dict:
+    """{name: (prompt tok/s, decode tok/s)}, the libraries side by side."""
+    state, prompt_s, decode_s = {}, dict.fromkeys(order, 0.0), dict.fromkeys(order, 0.0)
+    for k in order + order[::-1]:  # A B B A: a drift during the prefills charges both alike
+        cache, y, seconds = prefill(models[k], prompt)
+        prompt_s[k] += seconds / 2
+        state[k] = [cache, y]
+    for i in range(gen):
+        for k in order if i % 2 == 0 else order[::-1]:
+            state[k][1], dt = step(models[k], *state[k])
+            decode_s[k] += dt
+    return {k: (prompt.size / prompt_s[k], gen / decode_s[k]) for k in order}
+
+
+def memory_trial(model, weights: int, prompt: mx.array, gen: int) -> float:
+    """Peak MiB of one library alone: its weights plus the trial's peak above what was live before it."""
+    gc.collect()
+    mx.synchronize()
+    before = mx.get_active_memory()
+    mx.reset_peak_memory()
+    cache, y, _ = prefill(model, prompt)
     for _ in range(gen):
-        y = mx.argmax(model(y[:, None], cache=cache)[:, -1], axis=-1)
-        mx.eval(y)
-    decode = time.perf_counter() - start
-    return prompt.size / prefill, gen / decode, mx.get_peak_memory() / 2**20
+        y, _ = step(model, cache, y)
+    return (weights + mx.get_peak_memory() - before) / 2**20
 
 
 def main():
@@ -100,25 +145,33 @@ def main():
         path, name = real_checkpoint(args.real, work), f"Gemma 3 270M ({args.real})"
     else:
         path, name = tiny_checkpoint(args.tiny, work / f"tiny-{args.tiny}"), f"tiny random {args.tiny}"
-    models = load_both(path)
+    models, weights = load_both(path)
     vocab = models["mlxgemma"].config.vocab_size
     prompt = mx.random.randint(3, vocab, (args.prompt_tokens,), key=mx.random.key(0))
-    for m in models.values():  # warm-up
-        trial(m, prompt[:32], 4)
-    results = {k: [] for k in models}
     order = list(models)
-    for t in range(args.trials):  # who goes first alternates too: the allocator favours the second
+    timing_trial(models, order, prompt[:32], 4)  # warm-up
+    speed = [timing_trial(models, order if t % 2 == 0 else order[::-1], prompt, args.gen_tokens)
+             for t in range(args.trials)]
+    memory = {k: [] for k in order}
+    for t in range(args.trials):
         for k in order if t % 2 == 0 else order[::-1]:
-            results[k].append(trial(models[k], prompt, args.gen_tokens))
-    med = {k: [statistics.median(r[i] for r in v) for i in range(3)] for k, v in results.items()}
+            memory[k].append(memory_trial(models[k], weights[k], prompt, args.gen_tokens))
+    report(name, args, speed, memory)
+
+
+def report(name, args, speed: list, memory: dict):
+    med = {k: [statistics.median(t[k][i] for t in speed) for i in range(2)] + [statistics.median(memory[k])]
+           for k in memory}
+    ratios = [[t["mlxgemma"][i] / t["mlx-lm"][i] for t in speed] for i in range(2)]
+    ratios.append([a / b for a, b in zip(memory["mlxgemma"], memory["mlx-lm"])])
     print(f"{name}: {args.prompt_tokens}-token prompt, {args.gen_tokens} decode steps, median of {args.trials} "
-          f"alternating trials; {platform.machine()} {platform.system()}, mlx {mx.__version__}, "
-          f"device {mx.default_device()}")
+          f"trials; {platform.machine()} {platform.system()}, mlx {mx.__version__}, device {mx.default_device()}")
     print("| library | prompt tok/s | decode tok/s | peak memory (MiB) |\n|---|---|---|---|")
     for k, (pp, dec, mem) in med.items():
-        print(f"| {k} | {pp:.1f} | {dec:.1f} | {mem:.1f} |")
+        print(f"| {k} | {pp:.1f} | {dec:.1f} | {mem:.2f} |")
     a, b = med["mlxgemma"], med["mlx-lm"]
-    print(f"| ratio mlxgemma / mlx-lm | {a[0] / b[0]:.3f} | {a[1] / b[1]:.3f} | {a[2] / b[2]:.3f} |")
+    print(f"| ratio mlxgemma / mlx-lm | {a[0] / b[0]:.3f} | {a[1] / b[1]:.3f} | {a[2] / b[2]:.4f} |")
+    print("| per-trial ratios, min to max | " + " | ".join(f"{min(r):.3f} to {max(r):.3f}" for r in ratios) + " |")
 
 
 if __name__ == "__main__":
