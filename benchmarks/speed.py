@@ -4,11 +4,11 @@ mlx-lm's generate_step does (which mlxgemma's generation also drives): the promp
 prefilled evaluating only the caches, the last token gives the first logits, then greedy one-token steps.
 
 This shared 2-core VM's speed drifts by tens of percent over seconds, so the two libraries are timed side by
-side: each trial prefills both (which goes first alternates), then interleaves their decode steps one by one
-(A B B A ...), so that both see the same machine. Peak memory is taken in separate trials, one library at a
-time (its model's weights plus the trial's peak above what was live before it, so the other library's
-weights do not count). After a warm-up, the median of the trials and the ratio mlxgemma / mlx-lm are
-printed, with the range of the per-trial ratios.
+side: each trial prefills both twice (A B B A; which goes first alternates), then interleaves their decode
+steps one by one (A B B A ...), so that both see the same machine. Peak memory is taken in separate trials,
+one library at a time (its model's weights plus the trial's peak above what was live before it, so the
+other library's weights do not count). After a warm-up, the median of the trials and the ratio
+mlxgemma / mlx-lm are printed, with the range of the per-trial ratios.
 
     python benchmarks/speed.py --model PATH [--trials 5]          # any MLX checkpoint both can load
     python benchmarks/speed.py --tiny gemma3                       # a tiny random checkpoint of a family
