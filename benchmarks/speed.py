@@ -12,6 +12,7 @@ mlxgemma / mlx-lm are printed, with the range of the per-trial ratios.
 
     python benchmarks/speed.py --model PATH [--trials 5]          # any MLX checkpoint both can load
     python benchmarks/speed.py --tiny gemma3                       # a tiny random checkpoint of a family
+    python benchmarks/speed.py --tiny gemma --tanh-gelu-for-mlx-lm # the same activation on both sides
     python benchmarks/speed.py --real float32|4bit                 # Gemma 3 270M from mlxgemma[demo]
 """
 
@@ -22,6 +23,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlx.core as mx
 
@@ -135,6 +137,9 @@ def main():
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--trials", type=int, default=5)
+    p.add_argument("--tanh-gelu-for-mlx-lm", action="store_true",
+                   help="mlx-lm's gemma.py applies the exact (erf) GELU where transformers applies the tanh "
+                        "approximation; give it the tanh one, so that both libraries compute the same function")
     p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "mlxgemma-speed"))
     args = p.parse_args()
     work = Path(args.work)
@@ -145,6 +150,12 @@ def main():
         path, name = real_checkpoint(args.real, work), f"Gemma 3 270M ({args.real})"
     else:
         path, name = tiny_checkpoint(args.tiny, work / f"tiny-{args.tiny}"), f"tiny random {args.tiny}"
+    if args.tanh_gelu_for_mlx_lm:
+        import mlx.nn as nn
+        import mlx_lm.models.gemma
+
+        mlx_lm.models.gemma.nn = SimpleNamespace(**{**vars(nn), "gelu": nn.gelu_approx})
+        name += " (mlx-lm given the tanh GELU)"
     models, weights = load_both(path)
     vocab = models["mlxgemma"].config.vocab_size
     prompt = mx.random.randint(3, vocab, (args.prompt_tokens,), key=mx.random.key(0))

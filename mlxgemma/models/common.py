@@ -7,6 +7,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx_lm.models.activations import swiglu
 
 from ..errors import MlxGemmaError
 from .cache import KVCache, RotatingKVCache, uncached_mask
@@ -130,6 +131,13 @@ class Attention(nn.Module):
         return (self.q_norm(q), self.k_norm(k)) if "q_norm" in self else (q, k)
 
 
+def gated(act):
+    """act(gate) * up. For SiLU it is mlx-lm's compiled swiglu, one kernel. The tanh GELU is left as two
+    ops: compiled together (shapeless) MLX still splits it in two kernels, and the split held one more
+    activation-sized array at the prefill's peak (measured on tiny Gemma 3)."""
+    return swiglu if act is nn.silu else lambda gate, up: act(gate) * up
+
+
 class MLP(nn.Module):
     """down(act(gate(x)) * up(x)), no biases."""
 
@@ -138,10 +146,10 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-        self.act = act
+        self.glu = gated(act)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.glu(self.gate_proj(x), self.up_proj(x)))
 
 
 def scaled_embedding(embed_tokens, input_ids: mx.array, hidden_size: int) -> mx.array:
