@@ -137,6 +137,7 @@ def main():
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--trials", type=int, default=5)
+    p.add_argument("--memory-trials", type=int, help="peak-memory trials per library (default: --trials)")
     p.add_argument("--tanh-gelu-for-mlx-lm", action="store_true",
                    help="mlx-lm's gemma.py applies the exact (erf) GELU where transformers applies the tanh "
                         "approximation; give it the tanh one, so that both libraries compute the same function")
@@ -164,7 +165,7 @@ def main():
     speed = [timing_trial(models, order if t % 2 == 0 else order[::-1], prompt, args.gen_tokens)
              for t in range(args.trials)]
     memory = {k: [] for k in order}
-    for t in range(args.trials):
+    for t in range(args.memory_trials or args.trials):
         for k in order if t % 2 == 0 else order[::-1]:
             memory[k].append(memory_trial(models[k], weights[k], prompt, args.gen_tokens))
     report(name, args, speed, memory)
@@ -176,7 +177,8 @@ def report(name, args, speed: list, memory: dict):
     ratios = [[t["mlxgemma"][i] / t["mlx-lm"][i] for t in speed] for i in range(2)]
     ratios.append([a / b for a, b in zip(memory["mlxgemma"], memory["mlx-lm"])])
     print(f"{name}: {args.prompt_tokens}-token prompt, {args.gen_tokens} decode steps, median of {args.trials} "
-          f"trials; {platform.machine()} {platform.system()}, mlx {mx.__version__}, device {mx.default_device()}")
+          f"trials ({args.memory_trials or args.trials} for memory); {platform.machine()} {platform.system()}, "
+          f"mlx {mx.__version__}, device {mx.default_device()}")
     print("| library | prompt tok/s | decode tok/s | peak memory (MiB) |\n|---|---|---|---|")
     for k, (pp, dec, mem) in med.items():
         print(f"| {k} | {pp:.1f} | {dec:.1f} | {mem:.2f} |")

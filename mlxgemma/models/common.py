@@ -43,6 +43,8 @@ class RMSNorm(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         scale = 1.0 + self.weight.astype(mx.float32)
+        if x.dtype == mx.float32:
+            return mx.fast.rms_norm(x, scale, self.eps)
         return mx.fast.rms_norm(x.astype(mx.float32), scale, self.eps).astype(x.dtype)
 
 
