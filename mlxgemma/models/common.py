@@ -136,8 +136,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """down(act(gate(x)) * up(x)), no biases. A SiLU gate goes through mlx-lm's compiled swiglu (one kernel,
     as mlx-lm's StableLM). The tanh GELU is left as two ops: compiled with the product (shapeless), MLX
-    still splits it in two kernels, and the split held one more activation-sized array at the prefill's
-    peak (measured on tiny Gemma 3)."""
+    still splits it in two kernels, and tiny Gemma 3's prefill peak rose (44.12 against 43.99 MiB)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, act):
         super().__init__()
