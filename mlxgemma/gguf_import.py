@@ -132,9 +132,29 @@ def open_gguf(path: Path) -> GGUFReader:
         raise MlxGemmaError(f"{path} is not a readable GGUF file ({str(e).splitlines()[0]})") from None
 
 
-def field(reader: GGUFReader, key: str, default=None):
+def field(reader: GGUFReader, key: str, default=None, kind=None):
+    """A metadata value; with kind (int, float, str, list) it must be of that type: one clear error if not."""
     f = reader.fields.get(key)
-    return default if f is None else f.contents()
+    try:
+        value = default if f is None else f.contents()
+    except Exception:  # the gguf package decodes lazily: a malformed value fails here
+        raise MlxGemmaError(f"GGUF metadata {key} is malformed") from None
+    if kind is not None and value is not None and not _is(value, kind):
+        raise MlxGemmaError(f"GGUF metadata {key} is {str(value)[:40]!r}, expected {kind.__name__}")
+    return value
+
+
+def _is(value, kind) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+def required(reader: GGUFReader, key: str, kind=int):
+    value = field(reader, key, kind=kind)
+    if value is None:
+        raise MlxGemmaError(f"GGUF metadata {key} is missing: the file does not describe a complete model")
+    return value
 
 
 def read_weights(reader: GGUFReader, arch: str, dtype=mx.float16, progress=None):
@@ -162,21 +182,25 @@ def read_weights(reader: GGUFReader, arch: str, dtype=mx.float16, progress=None)
 
 def read_config(reader: GGUFReader) -> dict:
     arch = field(reader, "general.architecture")
-    if arch not in ARCHITECTURES:
-        raise MlxGemmaError(f"GGUF architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
-    g = lambda key, default=None: field(reader, f"{arch}.{key}", default)  # noqa: E731
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
+        raise MlxGemmaError(f"GGUF architecture {str(arch)[:40]!r} is not supported (supported: "
+                            f"{', '.join(ARCHITECTURES)})")
+    g = lambda key, default=None, kind=int: field(reader, f"{arch}.{key}", default, kind)  # noqa: E731
     names = {t.name for t in reader.tensors}
-    heads, hidden, layers = g("attention.head_count"), g("embedding_length"), g("block_count")
+    heads, hidden, layers = (required(reader, f"{arch}.{k}") for k in
+                             ("attention.head_count", "embedding_length", "block_count"))
+    if heads <= 0 or hidden <= 0:
+        raise MlxGemmaError(f"GGUF metadata: {arch}.attention.head_count and embedding_length must be positive")
     head_dim = g("attention.key_length", hidden // heads)
     # llama.cpp scales queries by hidden/heads for the 27B Gemma 2 (46 layers) and Gemma 3 (62), else head_dim.
     qpas = hidden // heads if (arch, layers) in (("gemma2", 46), ("gemma3", 62)) else head_dim
     config = {
         "model_type": ARCHITECTURES[arch], "architectures": [_CLASS[arch]],
-        "vocab_size": len(reader.fields["tokenizer.ggml.tokens"].data), "hidden_size": hidden,
-        "intermediate_size": g("feed_forward_length"), "num_hidden_layers": layers,
+        "vocab_size": len(required(reader, "tokenizer.ggml.tokens", list)), "hidden_size": hidden,
+        "intermediate_size": required(reader, f"{arch}.feed_forward_length"), "num_hidden_layers": layers,
         "num_attention_heads": heads, "num_key_value_heads": g("attention.head_count_kv", heads),
-        "head_dim": head_dim, "rms_norm_eps": g("attention.layer_norm_rms_epsilon", 1e-6),
-        "max_position_embeddings": g("context_length", 8192), "rope_theta": g("rope.freq_base", 10000.0),
+        "head_dim": head_dim, "rms_norm_eps": g("attention.layer_norm_rms_epsilon", 1e-6, float),
+        "max_position_embeddings": g("context_length", 8192), "rope_theta": g("rope.freq_base", 10000.0, float),
         "tie_word_embeddings": "output.weight" not in names,
         "bos_token_id": field(reader, "tokenizer.ggml.bos_token_id", 2),
         "eos_token_id": field(reader, "tokenizer.ggml.eos_token_id", 1),
@@ -185,23 +209,13 @@ def read_config(reader: GGUFReader) -> dict:
     if arch in ("gemma2", "gemma3"):
         config.update(query_pre_attn_scalar=qpas, sliding_window=g("attention.sliding_window", 4096))
     if arch == "gemma2":
-        config.update(attn_logit_softcapping=g("attn_logit_softcapping", 50.0),
-                      final_logit_softcapping=g("final_logit_softcapping", 30.0))
+        config.update(attn_logit_softcapping=g("attn_logit_softcapping", 50.0, float),
+                      final_logit_softcapping=g("final_logit_softcapping", 30.0, float))
     if arch == "gemma3":  # llama.cpp fixes these for Gemma 3: local theta 1e4, five sliding layers to one full
         config.update(rope_local_base_freq=10000.0, sliding_window_pattern=6)
-        if g("rope.scaling.type") == "linear":
-            config["rope_scaling"] = {"rope_type": "linear", "factor": g("rope.scaling.factor")}
+        if g("rope.scaling.type", kind=str) == "linear":
+            config["rope_scaling"] = {"rope_type": "linear", "factor": g("rope.scaling.factor", kind=float)}
     return config
-
-
-# Gemma's chat format, for GGUF files that carry none (llama.cpp falls back to its built-in Gemma template
-# too): system text joins the first user turn, the assistant role is called "model".
-GEMMA_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% set ns = namespace(system='') %}{% for m in messages %}{% if m['role'] == 'system' %}"
-    "{% set ns.system = m['content'] | trim + '\n\n' %}{% else %}<start_of_turn>"
-    "{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{% if m['role'] == 'user' %}{{ ns.system }}"
-    "{% set ns.system = '' %}{% endif %}{{ m['content'] | trim }}<end_of_turn>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
 
 
 def build_tokenizer(reader: GGUFReader, arch: str):
@@ -211,13 +225,21 @@ def build_tokenizer(reader: GGUFReader, arch: str):
     from transformers import PreTrainedTokenizerFast
     from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
 
-    tokens = field(reader, "tokenizer.ggml.tokens")
-    ids = {k: field(reader, f"tokenizer.ggml.{k}") for k in
+    tokens = required(reader, "tokenizer.ggml.tokens", list)
+    ids = {k: field(reader, f"tokenizer.ggml.{k}", kind=int) for k in
            ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id")}
-    spec = {"tokenizer_type": field(reader, "tokenizer.ggml.model"), "tokens": tokens,
-            "scores": field(reader, "tokenizer.ggml.scores"), "token_type": field(reader, "tokenizer.ggml.token_type"),
+    bad = [k for k, i in ids.items() if i is not None and not 0 <= i < len(tokens)]
+    if bad:
+        raise MlxGemmaError(f"GGUF metadata tokenizer.ggml.{bad[0]} is outside the token list")
+    spec = {"tokenizer_type": required(reader, "tokenizer.ggml.model", str), "tokens": tokens,
+            "scores": field(reader, "tokenizer.ggml.scores", kind=list),
+            "token_type": field(reader, "tokenizer.ggml.token_type", kind=list),
             "add_prefix_space": field(reader, "tokenizer.ggml.add_space_prefix", False)}
-    backend, _ = convert_gguf_tokenizer(arch, spec)
+    try:
+        backend, _ = convert_gguf_tokenizer(arch, spec)
+    except Exception as e:  # transformers' builder on inconsistent metadata (scores, types, merges)
+        raise MlxGemmaError(f"cannot build the tokenizer from the GGUF metadata ({type(e).__name__}: "
+                            f"{str(e)[:120]})") from None
     add_bos = field(reader, "tokenizer.ggml.add_bos_token", True)
     bos = tokens[ids["bos_token_id"]] if ids["bos_token_id"] is not None else None
     if add_bos and bos is not None:
@@ -226,9 +248,9 @@ def build_tokenizer(reader: GGUFReader, arch: str):
     named = {name: tokens[ids[key]] for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
              ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")) if ids[key] is not None}
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **named)
-    template = field(reader, "tokenizer.chat_template")
-    if not template and "<start_of_turn>" in tokens and "<end_of_turn>" in tokens:
-        template = GEMMA_CHAT_TEMPLATE
+    # A file without a chat template gets none: it is (almost always) a pretrained model, which continues
+    # text; wrapping its prompts in an invented Gemma chat format made the default model answer nonsense.
+    template = field(reader, "tokenizer.chat_template", kind=str)
     if template:
         tokenizer.chat_template = template
     return tokenizer
@@ -236,7 +258,7 @@ def build_tokenizer(reader: GGUFReader, arch: str):
 
 def eos_ids(reader: GGUFReader) -> list:
     """End of text and end of turn (the file's eot id, else Gemma's <end_of_turn>), as Gemma chat ends turns."""
-    ids = [field(reader, "tokenizer.ggml.eos_token_id"), field(reader, "tokenizer.ggml.eot_token_id")]
+    ids = [field(reader, "tokenizer.ggml.eos_token_id", kind=int), field(reader, "tokenizer.ggml.eot_token_id", kind=int)]
     tokens = reader.fields["tokenizer.ggml.tokens"]
     if ids[1] is None:
         ids[1] = next((i for i, part in enumerate(tokens.data) if bytes(tokens.parts[part]) == b"<end_of_turn>"), None)

@@ -8,7 +8,8 @@ cache), or a .gguf file (imported in memory, see gguf_import)."""
 import json
 import math
 import re
-from pathlib import Path
+import stat
+from pathlib import Path, PurePosixPath
 from typing import Optional, Union
 
 import mlx.core as mx
@@ -19,6 +20,35 @@ from .errors import MlxGemmaError
 from .models import config_from_dict, is_encoder_decoder, model_class_for
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+MAX_JSON_BYTES = 100 * 2**20  # a config, index or tokenizer file larger than this is not one
+
+
+def read_json(file: Path) -> dict:
+    """A small JSON object from a regular file, or one clear error (never a traceback, never a hang on a pipe)."""
+    regular_file(file)
+    if file.stat().st_size > MAX_JSON_BYTES:
+        raise MlxGemmaError(f"{file} is larger than {MAX_JSON_BYTES >> 20} MiB: not a JSON file of a checkpoint")
+    try:
+        d = json.loads(file.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MlxGemmaError(f"{file} is not valid JSON ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise MlxGemmaError(f"{file} is nested too deeply to be a JSON file of a checkpoint") from None
+    except OSError as e:
+        raise MlxGemmaError(f"cannot read {file}: {e.strerror or e}") from None
+    if not isinstance(d, dict):
+        raise MlxGemmaError(f"{file} must hold a JSON object, not {type(d).__name__}")
+    return d
+
+
+def regular_file(file: Path) -> None:
+    """Refuse what is not a regular file (a named pipe would block a read forever, a device never end)."""
+    try:
+        mode = file.stat().st_mode
+    except OSError:
+        raise MlxGemmaError(f"{file} not found") from None
+    if not stat.S_ISREG(mode):
+        raise MlxGemmaError(f"{file} is not a regular file")
 
 
 def read_config(path: Union[str, Path]) -> dict:
@@ -26,31 +56,25 @@ def read_config(path: Union[str, Path]) -> dict:
     file = path / "config.json"
     if not path.is_dir():
         raise MlxGemmaError(f"model path {str(path)!r} is not a directory")
-    if not file.is_file():
+    if not file.exists():
         raise MlxGemmaError(f"{file} not found: a model directory needs the config.json of its checkpoint")
-    try:
-        d = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MlxGemmaError(f"{file} is not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise MlxGemmaError(f"{file} must hold a JSON object")
-    return d
+    return read_json(file)
 
 
 def weight_files(path: Path) -> list:
     """The safetensors files of a checkpoint: those its index names, else every *.safetensors."""
     index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError):
-            raise MlxGemmaError(f"{index} is not a valid safetensors index (no weight_map)") from None
-        files = [path / n for n in names]
-        absent = [f.name for f in files if not f.is_file()]
+    if index.exists():
+        files = [path / n for n in shard_names(read_json(index), index)]
+        absent = [f.name for f in files if not f.exists()]
         if absent:
             raise MlxGemmaError(f"{index.name} names shard(s) that are not in {path}: {', '.join(absent)}")
+        for f in files:
+            regular_file(f)
         return files
     files = sorted(path.glob("*.safetensors"))
+    for f in files:
+        regular_file(f)
     if not files:
         pickled = [f.name for f in path.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".ckpt")]
         if pickled:
@@ -62,6 +86,28 @@ def weight_files(path: Path) -> list:
     return files
 
 
+def shard_names(index: dict, file: Path) -> list:
+    """The shard file names of a safetensors index: plain names inside the checkpoint folder only (a name
+    with a directory part, '..' or an absolute path would read weights from elsewhere)."""
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise MlxGemmaError(f"{file} is not a valid safetensors index (no weight_map object)")
+    bad = [n for n in weight_map.values() if not _plain_name(n)]
+    if bad:
+        raise MlxGemmaError(f"{file.name}: weight_map names {_listed([repr(b)[:80] for b in bad])}; a shard must be a *.safetensors file "
+                            "in the checkpoint folder itself")
+    return sorted(set(weight_map.values()))
+
+
+def _plain_name(name) -> bool:
+    return (isinstance(name, str) and name.endswith(".safetensors") and PurePosixPath(name).name == name
+            and "\\" not in name and "\0" not in name)
+
+
+def _listed(items, n: int = 4) -> str:
+    return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+
+
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "U64": 8, "U32": 4, "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -69,29 +115,43 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 def check_safetensors(f: Path) -> None:
     """Validate a safetensors header against the file before any tensor is materialised: a header that
     claims more bytes than the file holds is an error, not an allocation."""
+    regular_file(f)
     size = f.stat().st_size
     with open(f, "rb") as fh:
         head = fh.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n < 0 or n > size - 8:
+        if n < 2 or n > min(size - 8, MAX_JSON_BYTES):
             raise MlxGemmaError(f"{f.name} is truncated or not safetensors: its header claims {max(n, 0)} bytes, "
                                 f"the file holds {size}")
         try:
-            header = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            header = json.loads(fh.read(n).decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise MlxGemmaError(f"{f.name} has an unreadable safetensors header") from None
+    if not isinstance(header, dict):
+        raise MlxGemmaError(f"{f.name}: the safetensors header must be a JSON object, not {type(header).__name__}")
     data = size - 8 - n
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            start, end = info["data_offsets"]
-            nbytes = _DTYPE_BYTES[info["dtype"]] * math.prod(info["shape"])
-        except (KeyError, TypeError, ValueError):
-            raise MlxGemmaError(f"{f.name}: tensor {name} has a malformed header entry") from None
+        start, end, nbytes = _header_entry(f, name, info)
         if end - start != nbytes or not 0 <= start <= end <= data:
             raise MlxGemmaError(f"{f.name}: tensor {name} claims bytes {start}..{end} for {nbytes} bytes of data, "
                                 f"but the file holds {data}: the file is truncated or its header lies")
+
+
+def _header_entry(f: Path, name: str, info) -> tuple:
+    """(start, end, bytes the dtype and shape need) of one header entry, whose every field is checked."""
+    ok = (isinstance(info, dict) and info.get("dtype") in _DTYPE_BYTES and isinstance(info.get("shape"), list)
+          and all(_is_index(d) for d in info["shape"]) and isinstance(info.get("data_offsets"), list)
+          and len(info["data_offsets"]) == 2 and all(_is_index(o) for o in info["data_offsets"]))
+    if not ok:
+        raise MlxGemmaError(f"{f.name}: tensor {name[:80]!r} has a malformed header entry (dtype, shape, data_offsets)")
+    start, end = info["data_offsets"]
+    return start, end, _DTYPE_BYTES[info["dtype"]] * math.prod(info["shape"])
+
+
+def _is_index(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63
 
 
 def read_weights(path: Path) -> dict:
@@ -113,8 +173,9 @@ def build_model(config_dict: dict, source: str = "config.json") -> nn.Module:
 def _quantize_like(model: nn.Module, config: dict, weights: dict) -> None:
     """Rebuild quantized layers from an mlx-lm style "quantization" block (per-layer overrides included)."""
     q = config.get("quantization") or config.get("quantization_config")
-    if not q or "bits" not in q:
+    if not isinstance(q, dict) or "bits" not in q:
         return
+    check_quantization(q)
 
     def predicate(name, module):
         if f"{name}.scales" not in weights:
@@ -126,6 +187,25 @@ def _quantize_like(model: nn.Module, config: dict, weights: dict) -> None:
                 class_predicate=predicate)
 
 
+# What MLX's quantized kernels take (mx.quantize refuses the rest; a group size of 0 kills the process).
+QUANT_MODES = {"affine": ((1, 2, 3, 4, 5, 6, 8), (32, 64, 128)), "mxfp4": ((4,), (32,)), "mxfp8": ((8,), (32,)),
+               "nvfp4": ((4,), (16,))}
+
+
+def check_quantization(q: dict) -> None:
+    """config.json's quantization block (and its per-layer overrides) against what MLX can run."""
+    for where, block in [("quantization", q)] + [(f"quantization.{k}", v) for k, v in q.items() if isinstance(v, dict)]:
+        mode = block.get("mode", q.get("mode", "affine"))
+        bits, group = block.get("bits", q.get("bits")), block.get("group_size", q.get("group_size", 64))
+        if not isinstance(mode, str) or mode not in QUANT_MODES:
+            raise MlxGemmaError(f"config.json: {where}.mode is {mode!r}; supported: {', '.join(QUANT_MODES)}")
+        allowed_bits, allowed_groups = QUANT_MODES[mode]
+        if isinstance(bits, bool) or bits not in allowed_bits:
+            raise MlxGemmaError(f"config.json: {where}.bits is {bits!r}; {mode} takes {allowed_bits}")
+        if isinstance(group, bool) or group not in allowed_groups:
+            raise MlxGemmaError(f"config.json: {where}.group_size is {group!r}; {mode} takes {allowed_groups}")
+
+
 def check_weights(model: nn.Module, weights: dict) -> None:
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(set(expected) - set(weights))
@@ -135,26 +215,38 @@ def check_weights(model: nn.Module, weights: dict) -> None:
     problems = []
     for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
         if items:
-            shown = ", ".join(items[:6]) + (f", ... ({len(items) - 6} more)" if len(items) > 6 else "")
-            problems.append(f"{label}: {shown}")
+            problems.append(f"{label}: {_listed(items, 6)}")
     if problems:
         raise MlxGemmaError("weights do not match config.json: " + "; ".join(problems))
 
 
-def load_model(path: Union[str, Path], dtype: Optional[str] = None) -> nn.Module:
+def compute_dtype(dtype: Optional[str] = None) -> Optional[str]:
+    """The dtype to run in. "auto" (or None) is float32 on MLX's CPU backend, whose bf16 and fp16 kernels
+    are several times slower than its float32 ones (README, Performance), and on a GPU (Metal) the
+    checkpoint's own dtype (None: as stored; bf16 for the released checkpoints). A name forces that dtype."""
+    if dtype in (None, "auto"):
+        return "float32" if mx.default_device() == mx.cpu else None
+    if dtype not in DTYPES:
+        raise MlxGemmaError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    return dtype
+
+
+def load_model(path: Union[str, Path], dtype: Optional[str] = "auto") -> nn.Module:
     """Build the model class config.json names and load its weights strictly (any source, see resolve).
-    dtype ("float32", "float16", "bfloat16") casts the floating-point weights; default: as stored."""
+    dtype ("float32", "float16", "bfloat16") casts the floating-point weights (quantization scales and
+    biases included); "auto" chooses by backend (compute_dtype); None keeps them as stored."""
     path = resolve(path)
+    dtype = compute_dtype(dtype) if dtype is not None else None
     if path.suffix == ".gguf":
         return _from_gguf(path, dtype)[0]
     return model_from_weights(read_config(path), read_weights(path), dtype, str(path / "config.json"))
 
 
 def _from_gguf(path: Path, dtype: Optional[str]):
-    """(model, tokenizer, eos ids) of a .gguf file, imported in memory (float32 unless dtype says)."""
+    """(model, tokenizer, eos ids) of a .gguf file, imported in memory (in bfloat16 unless dtype says)."""
     from .gguf_import import load_gguf
 
-    config, weights, tokenizer, eos = load_gguf(path, DTYPES.get(dtype, mx.float32))
+    config, weights, tokenizer, eos = load_gguf(path, DTYPES[dtype or "bfloat16"])
     return model_from_weights(config, weights, dtype, str(path)), tokenizer, eos
 
 
@@ -168,8 +260,11 @@ def model_from_weights(config: dict, weights: dict, dtype: Optional[str] = None,
             raise MlxGemmaError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         target = DTYPES[dtype]
         weights = {k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
-    model.load_weights(list(weights.items()), strict=True)
-    mx.eval(model.parameters())
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+        mx.eval(model.parameters())
+    except (RuntimeError, ValueError) as e:  # e.g. a tensor of the right size whose bytes cannot be read
+        raise MlxGemmaError(f"cannot load the weights of {source}: {str(e).splitlines()[0]}") from None
     model.eval()
     return model
 
@@ -197,18 +292,18 @@ def resolve(source: Union[str, Path], revision: Optional[str] = None) -> Path:
         raise MlxGemmaError(f"cannot download {source} from the Hub: {str(e).splitlines()[0]}") from None
 
 
-def load(source: Union[str, Path], dtype: Optional[str] = None, revision: Optional[str] = None):
+def load(source: Union[str, Path], dtype: Optional[str] = "auto", revision: Optional[str] = None):
     """(model, tokenizer) from any source; the tokenizer is mlx-lm's TokenizerWrapper (streaming detokenizer,
     chat template, every eos id of config.json and generation_config.json). For image+text models
-    (T5Gemma 2): (model, processor), the processor holding that tokenizer."""
-    from mlx_lm.tokenizer_utils import TokenizerWrapper, load as load_tokenizer
+    (T5Gemma 2): (model, processor), the processor holding that tokenizer. dtype as for load_model."""
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
 
     path = resolve(source, revision)
     if path.suffix == ".gguf":
-        model, tokenizer, eos = _from_gguf(path, dtype)
+        model, tokenizer, eos = _from_gguf(path, compute_dtype(dtype) if dtype is not None else None)
         return model, TokenizerWrapper(tokenizer, eos_token_ids=eos)
     model = load_model(path, dtype)
-    tokenizer = load_tokenizer(path, eos_token_ids=eos_token_ids(path))
+    tokenizer = load_tokenizer(path)
     if is_encoder_decoder(model):
         from .processor import T5Gemma2Processor
 
@@ -216,11 +311,38 @@ def load(source: Union[str, Path], dtype: Optional[str] = None, revision: Option
     return model, tokenizer
 
 
+# The small JSON files a tokenizer reads, checked first so that a broken one is named in the error.
+TOKENIZER_JSON = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.json")
+
+
+def load_tokenizer(path: Path):
+    """mlx-lm's TokenizerWrapper of a checkpoint folder, or one clear error for a missing or broken file."""
+    from mlx_lm.tokenizer_utils import load as mlx_lm_load_tokenizer
+
+    for name in TOKENIZER_JSON:
+        if (path / name).exists():
+            read_json(path / name)
+    if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        raise MlxGemmaError(f"{path} holds no tokenizer (tokenizer.json, tokenizer.model or tokenizer_config.json)")
+    for name in ("tokenizer.json", "tokenizer.model"):
+        if (path / name).exists():
+            regular_file(path / name)
+    eos = eos_token_ids(path)
+    try:
+        return mlx_lm_load_tokenizer(path, eos_token_ids=eos)
+    except Exception as e:  # tokenizers, sentencepiece and transformers each raise their own kinds
+        raise MlxGemmaError(f"cannot load the tokenizer in {path}: {type(e).__name__}: "
+                            f"{(str(e).splitlines() or [''])[0][:200]}") from None
+
+
 def eos_token_ids(path: Path) -> Optional[list]:
     ids = []
     for name in ("config.json", "generation_config.json"):
         f = path / name
-        if f.is_file():
-            value = json.loads(f.read_text()).get("eos_token_id")
-            ids += value if isinstance(value, list) else [value] if value is not None else []
+        if f.exists():
+            value = read_json(f).get("eos_token_id")
+            value = value if isinstance(value, list) else [value] if value is not None else []
+            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
+                raise MlxGemmaError(f"{f}: eos_token_id must be a token id or a list of ids, got {value!r}"[:200])
+            ids += value
     return sorted(set(ids)) or None

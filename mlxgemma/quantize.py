@@ -7,10 +7,10 @@ import sys
 from typing import Optional
 
 import mlx.nn as nn
-from mlx_lm.convert import QUANT_RECIPES, mixed_quant_predicate_builder
-from mlx_lm.utils import quantize_model
 
-RECIPES = ["uniform"] + list(QUANT_RECIPES)
+# "uniform" and mlx-lm's QUANT_RECIPES (named here, not imported: mlx-lm is imported only when quantizing,
+# as importing it imports transformers; a test checks the names against mlx-lm's).
+RECIPES = ["uniform", "mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6"]
 # T5Gemma 2's SigLIP tower at 8 bits whatever the language model gets: measured on a random-weight model of
 # the real widths (benchmarks/t5gemma2_vision_quant.py, README), 4 bits put 3.3% of error into the image
 # features (8 bits: 0.2%) for about 1.5 times the tower's 8-bit saving; 8 bits cost nothing measurable.
@@ -30,6 +30,9 @@ def quantize(model: nn.Module, config: dict, bits: int, group_size: int, recipe=
     """Quantize in place; returns (model, config with mlx-lm's "quantization" block). Layers whose input
     width does not divide by the group size stay in float, and we say which. A vision tower (T5Gemma 2) is
     quantized at vision_bits (None: kept in float), whatever the recipe says for the language model."""
+    from mlx_lm.convert import mixed_quant_predicate_builder
+    from mlx_lm.utils import quantize_model
+
     recipe = recipe or default_recipe(bits)
     mixed = None if recipe == "uniform" else mixed_quant_predicate_builder(recipe, model, group_size)
 

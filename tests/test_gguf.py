@@ -142,11 +142,14 @@ def test_not_a_gguf(tmp_path):
         mlxgemma.load_model(tmp_path / "x.gguf")
 
 
-def test_gemma_chat_template_when_the_file_has_none(tmp_path):
-    """A Gemma GGUF without tokenizer.chat_template gets Gemma's turn format (as llama.cpp falls back to)."""
+def test_no_chat_template_is_invented(tmp_path):
+    """A GGUF without tokenizer.chat_template (a pretrained model) gets none: text prompts are fed as written,
+    and chat messages are refused, instead of being wrapped in a turn format the model never learned."""
     from mlxgemma.generate import prompt_ids
 
     path = write_gguf(tmp_path / "m.gguf", "gemma3", types=[T.Q8_0])
     _, tokenizer = mlxgemma.load(path)
-    ids = prompt_ids(tokenizer, [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
-    assert tokenizer.decode(ids) == "<bos><start_of_turn>user\nbe brief\n\nhi<end_of_turn>\n<start_of_turn>model\n"
+    assert not tokenizer.chat_template
+    assert tokenizer.decode(prompt_ids(tokenizer, "hi there")) == "<bos>hi there"
+    with pytest.raises(MlxGemmaError, match="need a tokenizer with a chat template"):
+        prompt_ids(tokenizer, [{"role": "user", "content": "hi"}])

@@ -85,7 +85,7 @@ def test_unknown_architecture(ckpt, tmp_path):
     ("hidden_activation", "swish", "hidden_activation 'swish' is not supported"),
     ("layer_types", ["sliding_attention"], "layer_types has 1 entries but num_hidden_layers is 4"),
     ("layer_types", ["chunked_attention"] * 4, "unsupported type"),
-    ("hidden_size", "32", "field hidden_size is '32', expected a int"),
+    ("hidden_size", "32", "field hidden_size is '32', expected an integer"),
 ])
 def test_unsupported_config_values(ckpt, tmp_path, field, value, match):
     path = _copy(ckpt[1], tmp_path / "c")

@@ -4,8 +4,11 @@ Every cache is asked, before a forward adds L tokens, for the mask those L queri
 which of the L tokens are padding (`record_padding`), and then stores the new keys (`update_and_fetch`).
 Positions are absolute: query i sits at `offset + i`.
 
-Full-attention layers use mlx-lm's KVCache (grows in steps, writes in place) plus a record of which keys
-were padding, so a left-padded batch keeps masking its pads while it decodes.
+Full-attention layers use a growing cache (mlx-lm's KVCache, restated here: it grows in steps of 256 and
+writes in place) plus a record of which keys were padding, so a left-padded batch keeps masking its pads
+while it decodes. It is restated rather than imported because importing any part of mlx-lm runs its
+package __init__, which imports transformers (and torch, where installed): seconds of start-up for
+`import mlxgemma` and for users who only run models.
 
 Sliding layers use our RotatingKVCache rather than mlx-lm's: theirs keeps up to max_size + L - 1 keys after
 a multi-token update and cannot be trimmed once it wraps. Ours keeps exactly the last `window` tokens, the
@@ -16,7 +19,6 @@ in place and may attend to every slot (all of them lie inside its window), and t
 from typing import Optional
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache as _MlxLmKVCache
 
 
 def causal_mask(q_start: int, L: int, k_start: int, S: int, window: Optional[int] = None,
@@ -53,12 +55,61 @@ def _new_valid(L: int, valid: Optional[mx.array], batch: int) -> mx.array:
     return valid if valid is not None else mx.ones((batch, L), dtype=mx.bool_)
 
 
-class KVCache(_MlxLmKVCache):
-    """mlx-lm's growing cache for full-attention layers, plus which cached keys are padding."""
+class KVCache:
+    """The growing cache of full-attention layers (mlx-lm's KVCache: grown in steps, written in place, the
+    same state layout), plus which cached keys are padding."""
+
+    step = 256
 
     def __init__(self):
-        super().__init__()
+        self.keys = self.values = None
+        self.offset = 0
         self.key_valid = None  # (B, offset) bool, None while no padding was seen
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        prev, L = self.offset, keys.shape[2]
+        if self.keys is None or prev + L > self.keys.shape[2]:
+            grow = (self.step + L - 1) // self.step * self.step
+            new_k = mx.zeros((*keys.shape[:2], grow, keys.shape[3]), keys.dtype)
+            new_v = mx.zeros((*values.shape[:2], grow, values.shape[3]), values.dtype)
+            if self.keys is None:
+                self.keys, self.values = new_k, new_v
+            else:
+                self.keys = mx.concatenate([self.keys[..., :prev, :], new_k], axis=2)
+                self.values = mx.concatenate([self.values[..., :prev, :], new_v], axis=2)
+        self.offset += L
+        self.keys[..., prev : self.offset, :] = keys
+        self.values[..., prev : self.offset, :] = values
+        if self.offset == self.keys.shape[2]:
+            return self.keys, self.values
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    # What mlx-lm's generation and prompt-cache helpers expect of a cache.
+    @property
+    def state(self):
+        return self.keys, self.values, self.offset
+
+    @state.setter
+    def state(self, v):
+        self.keys, self.values, self.offset = v
+
+    def size(self) -> int:
+        return self.offset
+
+    def empty(self) -> bool:
+        return self.keys is None
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
     def mask(self, L: int, valid: Optional[mx.array] = None):
         if valid is None and self.key_valid is None:

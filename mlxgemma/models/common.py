@@ -2,12 +2,12 @@
 softcap, GQA, masks), the gated MLP, and the per-forward mask and cache bookkeeping."""
 
 import math
+from functools import partial
 from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.activations import swiglu
 
 from ..errors import MlxGemmaError
 from .cache import KVCache, RotatingKVCache, uncached_mask
@@ -148,6 +148,13 @@ class MLP(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(swiglu(gate, up) if self.act is nn.silu else self.act(gate) * up)
+
+
+@partial(mx.compile, shapeless=True)
+def swiglu(gate: mx.array, x: mx.array) -> mx.array:
+    """silu(gate) * x in one compiled kernel: mlx-lm's models.activations.swiglu, restated because importing
+    mlx-lm imports transformers (see cache.py)."""
+    return nn.silu(gate) * x
 
 
 def scaled_embedding(embed_tokens, input_ids: mx.array, hidden_size: int) -> mx.array:

@@ -5,7 +5,10 @@ dict into it: legacy rope keys (rope_theta, rope_scaling, rope_local_base_freq, 
 layer_types from legacy patterns, num_labels from id2label, and clear errors for what cannot work.
 """
 
+import math
+import typing
 from dataclasses import dataclass, field, fields
+from functools import lru_cache
 from typing import Any, Optional
 
 from ..errors import MlxGemmaError
@@ -14,6 +17,14 @@ SLIDING, FULL = "sliding_attention", "full_attention"
 SUPPORTED_ROPE_TYPES = ("default", "linear")
 # Fields that fix the shapes of the weights: a config.json without them cannot describe a checkpoint.
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+# Range checks, made before any arithmetic or MLX call sees a value. Sizes are MLX int32 dimensions; the
+# layer bound is far above any checkpoint (Gemma 3 27B has 62) and keeps a hostile config from building
+# for minutes.
+POSITIVE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window", "num_channels",
+            "image_size", "patch_size", "mm_tokens_per_image", "num_labels", "query_pre_attn_scalar",
+            "rms_norm_eps", "layer_norm_eps", "final_logit_softcapping", "attn_logit_softcapping")
+MAX_SIZE, MAX_LAYERS = 2**31 - 1, 1024
 
 
 @dataclass
@@ -37,6 +48,8 @@ class BaseConfig:
     def from_dict(cls, d: dict, source: str = "config.json", require: bool = True) -> "BaseConfig":
         """require=False takes transformers' defaults for the shape fields too (nested text configs
         of multimodal checkpoints leave them out)."""
+        if not isinstance(d, dict):
+            raise MlxGemmaError(f"{source} must be a JSON object, got {type(d).__name__}")
         missing = [k for k in REQUIRED if d.get(k) is None]
         if missing and require:
             raise MlxGemmaError(
@@ -46,9 +59,11 @@ class BaseConfig:
         names = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in names and k != "extra"}
         kwargs["extra"] = {k: v for k, v in d.items() if k not in names}
+        _check_types(cls, kwargs, source)
         if d.get("id2label"):
             kwargs["num_labels"] = len(d["id2label"])
-        _check_types(cls, kwargs, source)
+        _check_ranges(kwargs, source)
+        check_legacy(kwargs["extra"], source)
         return cls(**kwargs)
 
     def resolve(self, legacy: dict) -> None:
@@ -59,23 +74,78 @@ class BaseConfig:
         return getattr(self, "head_dim", None) or self.hidden_size // self.num_attention_heads
 
 
+@lru_cache(maxsize=None)
+def _field_types(cls) -> dict:
+    """Each field's expected JSON type(s): int, float (an int is fine), bool, str, list or dict; None for Any."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        args = [a for a in typing.get_args(hint) if a is not type(None)]  # Optional[X] -> X
+        base = typing.get_origin(args[0] if args else hint) or (args[0] if args else hint)
+        out[name] = base if base in (int, float, bool, str, list, dict) else None
+    return out
+
+
+def _is(value, kind) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if kind is float:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, kind)
+
+
+_NAMES = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string", list: "a list",
+          dict: "an object"}
+
+
 def _check_types(cls, kwargs: dict, source: str) -> None:
-    for f in fields(cls):
-        if f.name not in kwargs or kwargs[f.name] is None:
+    """Every field of the right JSON type, so no arithmetic or lookup later fails on a wrong type."""
+    types = _field_types(cls)
+    for name, value in kwargs.items():
+        kind = types.get(name)
+        if value is None or kind is None or _is(value, kind):
             continue
-        value, default = kwargs[f.name], f.default
-        if isinstance(default, bool):
-            ok = isinstance(value, bool)
-        elif isinstance(default, int):
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        elif isinstance(default, float):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        else:
-            continue
-        if not ok:
-            raise MlxGemmaError(
-                f"{source}: field {f.name} is {value!r}, expected a {type(default).__name__}"
-            )
+        raise MlxGemmaError(f"{source}: field {name} is {_short(value)}, expected {_NAMES[kind]}")
+    for name in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        value = kwargs.get(name)
+        ids = value if isinstance(value, list) else [value]
+        if value is not None and not all(_is(i, int) and 0 <= i < MAX_SIZE for i in ids):
+            raise MlxGemmaError(f"{source}: field {name} is {_short(value)}, expected a token id or a list of ids")
+    for name in ("architectures", "layer_types"):
+        if kwargs.get(name) is not None and not all(isinstance(v, str) for v in kwargs[name]):
+            raise MlxGemmaError(f"{source}: field {name} must be a list of strings")
+
+
+def _check_ranges(kwargs: dict, source: str) -> None:
+    for name in POSITIVE:
+        value = kwargs.get(name)
+        if value is not None and not 0 < value <= MAX_SIZE:
+            raise MlxGemmaError(f"{source}: field {name} is {_short(value)}, expected a positive size "
+                                f"(at most {MAX_SIZE})")
+    if kwargs.get("num_hidden_layers", 0) > MAX_LAYERS:
+        raise MlxGemmaError(f"{source}: num_hidden_layers {kwargs['num_hidden_layers']} is more than mlxgemma "
+                            f"builds ({MAX_LAYERS})")
+    heads, kv = kwargs.get("num_attention_heads"), kwargs.get("num_key_value_heads")
+    if heads and kv and heads % kv:
+        raise MlxGemmaError(f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+
+
+def check_legacy(legacy: dict, source: str) -> None:
+    """The pre-transformers-5 keys that are read (they are not fields, so not type-checked above)."""
+    for name, kind in (("rope_scaling", dict), ("rope_theta", float), ("rope_local_base_freq", float),
+                       ("partial_rotary_factor", float), ("sliding_window_pattern", int)):
+        value = legacy.get(name)
+        if value is not None and not _is(value, kind):
+            raise MlxGemmaError(f"{source}: field {name} is {_short(value)}, expected {_NAMES[kind]}")
+    pattern = legacy.get("sliding_window_pattern")
+    if pattern is not None and not 0 < pattern <= MAX_LAYERS:
+        raise MlxGemmaError(f"{source}: sliding_window_pattern is {pattern}, expected a positive layer count")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def single_rope(rope_parameters: Optional[dict], legacy: dict, default_theta: float,
@@ -94,13 +164,19 @@ def single_rope(rope_parameters: Optional[dict], legacy: dict, default_theta: fl
 
 def check_rope(params: dict, where: str) -> None:
     rope_type = params.get("rope_type", "default")
-    if rope_type not in SUPPORTED_ROPE_TYPES:
+    if not isinstance(rope_type, str) or rope_type not in SUPPORTED_ROPE_TYPES:
         raise MlxGemmaError(
             f"{where}.rope_type {rope_type!r} is not supported "
             f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
         )
-    if rope_type == "linear" and not isinstance(params.get("factor"), (int, float)):
-        raise MlxGemmaError(f"{where}: a linear rope needs a numeric 'factor'")
+    if rope_type == "linear" and not (_is(params.get("factor"), float) and params["factor"] > 0):
+        raise MlxGemmaError(f"{where}: a linear rope needs a positive numeric 'factor'")
+    theta = params.get("rope_theta")
+    if not (_is(theta, float) and theta > 0):
+        raise MlxGemmaError(f"{where}.rope_theta is {_short(theta)}, expected a positive number")
+    partial = params.get("partial_rotary_factor", 1.0)
+    if not (_is(partial, float) and 0 < partial <= 1):
+        raise MlxGemmaError(f"{where}.partial_rotary_factor is {_short(partial)}, expected a number in (0, 1]")
 
 
 def pattern_layer_types(n_layers: int, pattern: int) -> list:
@@ -123,7 +199,10 @@ def check_layer_types(layer_types: list, n_layers: int) -> None:
 
 def text_config_of(d: dict) -> dict:
     """The text part of a multimodal Gemma 3 config (model_type gemma3), with gemma3_text defaults."""
-    text = dict(d.get("text_config") or {})
+    text = d.get("text_config") or {}
+    if not isinstance(text, dict):
+        raise MlxGemmaError(f"config.json: text_config must be an object, got {type(text).__name__}")
+    text = dict(text)
     text.setdefault("model_type", "gemma3_text")
     for key in ("architectures", "quantization"):
         if key in d:
