@@ -10,9 +10,10 @@ import argparse
 import sys
 from typing import Iterator, List, Optional
 
+from .cli import Terminated, add_generation_options, load_for_cli, run, sampling_kwargs
 from .errors import MlxGemmaError
+from .generate import check_options, check_prompt, prompt_ids, stream_generate
 from .models import is_encoder_decoder
-from .generate import prompt_ids, stream_generate
 
 
 class ChatSession:
@@ -21,7 +22,8 @@ class ChatSession:
             raise MlxGemmaError("chat keeps a decoder-only cache across turns; for T5Gemma 2 use "
                                 "python -m mlxgemma.generate (with --image for pictures)")
         if not getattr(tokenizer, "chat_template", None):
-            raise MlxGemmaError("this model's tokenizer has no chat template: use python -m mlxgemma.generate")
+            raise MlxGemmaError("this model's tokenizer has no chat template (a pretrained model, which continues "
+                                "text): use python -m mlxgemma.generate, or an instruction-tuned checkpoint")
         self.model, self.tokenizer, self.system, self.options = model, tokenizer, system, options
         self.reset()
 
@@ -45,9 +47,12 @@ class ChatSession:
         return common
 
     def reply(self, text: str) -> Iterator[str]:
-        """Stream the reply to a user message; it joins the conversation even if interrupted."""
-        self.messages.append({"role": "user", "content": text})
-        ids = prompt_ids(self.tokenizer, self.messages, self.system)
+        """Stream the reply to a user message. The turn joins the conversation when it ends or is interrupted
+        (Ctrl-C keeps what was said); a turn refused as bad input (longer than the context, say) leaves the
+        conversation as it was, so the next turn works."""
+        messages = self.messages + [{"role": "user", "content": text}]
+        ids = prompt_ids(self.tokenizer, messages, self.system)
+        check_prompt(self.model, ids)
         start = self._reuse(ids)
         generated, pieces = [], []
         try:
@@ -56,39 +61,26 @@ class ChatSession:
                 generated.append(chunk.token)
                 pieces.append(chunk.text)
                 yield chunk.text
+        except MlxGemmaError:
+            messages = None
+            raise
         finally:
             # mlx-lm feeds each token before yielding it: the cache holds the prompt and every yielded token
             # (an interruption during the prefill leaves it partial: trust its offset).
             self.cached = (ids + generated)[: self.cache[0].offset]
-            self.messages.append({"role": "assistant", "content": "".join(pieces)})
+            if messages is not None:
+                self.messages = messages + [{"role": "assistant", "content": "".join(pieces)}]
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mlxgemma.chat", description="Chat with a Gemma model.")
-    p.add_argument("--model", default=None, help="model path, Hub id or .gguf (default: the embedded model)")
-    p.add_argument("--system", default=None)
-    p.add_argument("--max-tokens", type=int, default=512)
-    p.add_argument("--temp", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--max-kv-size", type=int, default=None)
-    args = p.parse_args(argv)
-    try:
-        from .default_model import default_model_path
-        from .loading import load
-
-        model, tokenizer = load(args.model if args.model else default_model_path())
-        session = ChatSession(model, tokenizer, args.system, max_tokens=args.max_tokens, temp=args.temp,
-                              top_p=args.top_p, seed=args.seed, max_kv_size=args.max_kv_size)
-    except MlxGemmaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def repl(session: ChatSession) -> int:
     print("[mlxgemma chat] /reset starts over, /quit leaves, Ctrl-C stops a reply", file=sys.stderr)
     while True:
         try:
             line = input("> ")
         except EOFError:
             return 0
+        except Terminated:
+            raise
         except KeyboardInterrupt:
             print("\n(/quit leaves)", file=sys.stderr)
             continue
@@ -103,11 +95,27 @@ def main(argv=None) -> int:
         try:
             for text in session.reply(line):
                 print(text, end="", flush=True)
+        except Terminated:
+            raise
         except KeyboardInterrupt:
             print(" [stopped]", end="", file=sys.stderr)
         except MlxGemmaError as e:
             print(f"error: {e}", file=sys.stderr)
         print()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mlxgemma.chat", description="Chat with a Gemma model.")
+    add_generation_options(p, max_tokens=256)  # mlx_lm.chat's default
+    args = p.parse_args(argv)
+    options = sampling_kwargs(args)
+
+    def body() -> int:
+        check_options(**options)  # before the model loads and the REPL starts
+        model, tokenizer = load_for_cli(args)
+        return repl(ChatSession(model, tokenizer, args.system, **options))
+
+    return run(body)
 
 
 if __name__ == "__main__":

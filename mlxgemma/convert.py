@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .cli import run
 from .errors import MlxGemmaError
 from .loading import DTYPES, model_from_weights, read_config, read_weights, resolve
 from .quantize import RECIPES, VISION_BITS, quantize as quantize_weights
@@ -39,8 +40,12 @@ def convert(hf_path, mlx_path, *, dtype: Optional[str] = None, quantize: bool = 
     if q_vision_bits not in (None, 4, 8):
         raise MlxGemmaError(f"--q-vision-bits {q_vision_bits} is not supported (4, 8, or float)")
     src = resolve(hf_path, revision)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    _check_not_overlapping(src, dst)
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    except OSError as e:
+        raise MlxGemmaError(f"cannot write to {dst.parent}: {e.strerror or e}") from None
     try:
         config, model, tokenizer_writer = _source_model(src, dtype)
         if quantize or dequantize:
@@ -50,10 +55,20 @@ def convert(hf_path, mlx_path, *, dtype: Optional[str] = None, quantize: bool = 
         tokenizer_writer(tmp)
         _write_readme(tmp, hf_path, config, dtype)
         _replace(tmp, dst)
+    except OSError as e:  # a full disk, a folder made read-only meanwhile: nothing is left behind either
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MlxGemmaError(f"cannot write {dst}: {e.strerror or e}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
+
+
+def _check_not_overlapping(src: Path, dst: Path) -> None:
+    """The output may not be the source, lie inside it, or hold it: --overwrite would delete the source."""
+    s, d = src.resolve(), dst.resolve()
+    if s == d or s in d.parents or d in s.parents:
+        raise MlxGemmaError(f"--mlx-path {dst} overlaps the source {src}: write the output somewhere else")
 
 
 def _check_options(dst, dtype, quantize, q_bits, q_group_size, recipe, dequantize, overwrite):
@@ -199,19 +214,16 @@ def configure_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = configure_parser().parse_args(argv)
-    try:
+
+    def body() -> int:
         dst = convert(args.hf_path, args.mlx_path, dtype=args.dtype, quantize=args.quantize,
                       q_bits=args.q_bits, q_group_size=args.q_group_size, quant_predicate=args.quant_predicate,
                       dequantize=args.dequantize, overwrite=args.overwrite, revision=args.revision,
                       q_vision_bits=None if args.q_vision_bits == "float" else int(args.q_vision_bits))
-    except MlxGemmaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
-        return 130
-    print(f"[mlxgemma] wrote {dst}", file=sys.stderr)
-    return 0
+        print(f"[mlxgemma] wrote {dst}", file=sys.stderr)
+        return 0
+
+    return run(body, interrupted="interrupted: nothing was written")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from typing import Iterator, List, Optional, Sequence, Union
 import mlx.core as mx
 import numpy as np
 
+from .cli import PrefillProgress, add_generation_options, load_for_cli, run, sampling_kwargs
 from .errors import MlxGemmaError
 from .models import is_encoder_decoder
 
@@ -42,6 +43,7 @@ def prompt_ids(tokenizer, prompt: Prompt, system: Optional[str] = None, chat_tem
     """Token ids for a prompt: text (wrapped in the chat template when the tokenizer has one and
     chat_template is True), chat messages [{"role", "content"}], or token ids as they are."""
     if isinstance(prompt, str):
+        check_text(prompt, "the prompt")
         if not prompt.strip():
             raise MlxGemmaError("the prompt is empty: give some text")
         if chat_template and getattr(tokenizer, "chat_template", None):
@@ -51,10 +53,22 @@ def prompt_ids(tokenizer, prompt: Prompt, system: Optional[str] = None, chat_tem
     if not prompt:
         raise MlxGemmaError("the prompt is empty: give some text, token ids or messages")
     if all(isinstance(m, dict) for m in prompt):
+        for m in prompt:
+            if isinstance(m.get("content"), str):
+                check_text(m["content"], "a message")
         return _apply_template(tokenizer, _with_system(system, prompt))
-    if not all(isinstance(t, int) for t in prompt):
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         raise MlxGemmaError("a prompt is text, a list of token ids or a list of chat messages")
     return prompt
+
+
+def check_text(text: str, what: str) -> None:
+    """Text that cannot be UTF-8 (lone surrogates: how Python decodes invalid bytes in a command line) is
+    refused here, before a tokenizer or template fails on it with a misleading error."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise MlxGemmaError(f"{what} is not valid UTF-8 text (at character {e.start})") from None
 
 
 def _with_system(system: Optional[str], messages) -> list:
@@ -77,8 +91,11 @@ def _apply_template(tokenizer, messages, tokenize: bool = True):
     return list(ids["input_ids"] if isinstance(ids, dict) else ids)
 
 
-def check_options(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, prefill_step_size, max_kv_size):
+def check_options(*, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, max_kv_size, seed=None,
+                  prefill_step_size=2048):
+    """Every generation option in range (the CLIs call it before loading a model)."""
     for ok, message in [
+        (seed is None or 0 <= seed < 2**64, f"--seed must be in 0..2^64-1, got {seed}"),
         (max_tokens > 0, f"--max-tokens must be positive, got {max_tokens}"),
         (temp >= 0, f"--temp must be >= 0, got {temp}"),
         (0 < top_p <= 1, f"--top-p must be in (0, 1], got {top_p}"),
@@ -103,7 +120,7 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, max_tokens: int = 256, 
                     repetition_penalty: Optional[float] = None, seed: Optional[int] = None,
                     stop: Sequence[str] = (), system: Optional[str] = None, chat_template: bool = True,
                     prefill_step_size: int = 2048, max_kv_size: Optional[int] = None, prompt_cache=None,
-                    image=None) -> Iterator[Chunk]:
+                    image=None, prompt_progress_callback=None) -> Iterator[Chunk]:
     """Yield Chunks as tokens are produced. Stops at any eos id of the checkpoint (config.json and
     generation_config.json, e.g. Gemma's <end_of_turn>), at a stop string (never yielded, not even in
     part), or after max_tokens. A seed makes sampling reproducible. prompt_cache (model.make_cache())
@@ -113,11 +130,14 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, max_tokens: int = 256, 
     Image+text models (T5Gemma 2; `tokenizer` is then the processor from mlxgemma.load): `image` is one
     image or a list (paths or PIL images); a prompt without placeholders gets one per image in front. The
     encoder runs once, the decoder starts from the start token; prompt_tokens/prompt_tps describe the
-    encoder (images included)."""
+    encoder (images included). prompt_progress_callback(done, total) is called as the prompt is prefilled
+    (mlx-lm's hook)."""
     from mlx_lm.generate import stream_generate as mlx_lm_stream
     from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-    check_options(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, prefill_step_size, max_kv_size)
+    check_options(max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+                  repetition_penalty=repetition_penalty, max_kv_size=max_kv_size, seed=seed,
+                  prefill_step_size=prefill_step_size)
     if seed is not None:
         mx.random.seed(seed)
     if is_encoder_decoder(model):
@@ -135,16 +155,20 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, max_tokens: int = 256, 
     processors = make_logits_processors(repetition_penalty=repetition_penalty) if repetition_penalty else None
     steps = mlx_lm_stream(model, tokenizer, ids, max_tokens=max_tokens, sampler=sampler,
                           logits_processors=processors, prefill_step_size=prefill_step_size,
-                          prompt_cache=prompt_cache)
+                          prompt_cache=prompt_cache, prompt_progress_callback=prompt_progress_callback)
     yield from _chunks(steps, stop, encoder_stats)
 
 
 def _decoder_prompt(model, tokenizer, prompt, system, chat_template, prompt_cache) -> List[int]:
     ids = prompt_ids(tokenizer, prompt, system, chat_template)
-    config = getattr(model, "config", None)
-    seen = prompt_cache[0].offset if prompt_cache else 0
-    _check_ids(ids, getattr(config, "max_position_embeddings", None), getattr(config, "vocab_size", None), seen)
+    check_prompt(model, ids, prompt_cache[0].offset if prompt_cache else 0)
     return ids
+
+
+def check_prompt(model, ids: List[int], seen: int = 0) -> None:
+    """Token ids that fit a decoder-only model's context (after `seen` cached tokens) and vocabulary."""
+    config = getattr(model, "config", None)
+    _check_ids(ids, getattr(config, "max_position_embeddings", None), getattr(config, "vocab_size", None), seen)
 
 
 def _check_ids(ids, context, vocab, seen: int = 0) -> None:
@@ -222,60 +246,53 @@ def generate(model, tokenizer, prompt: Prompt, **options) -> str:
 
 def configure_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mlxgemma.generate", description="Generate text with a Gemma model.")
-    p.add_argument("--model", default=None, help="MLX/HF directory, Hub repo id or .gguf (default: the embedded "
-                   "Gemma 3 270M of mlxgemma[demo])")
+    add_generation_options(p)
     p.add_argument("--prompt", "-p", default=None, help="the prompt; - reads standard input")
-    p.add_argument("--max-tokens", "-m", type=int, default=256)
-    p.add_argument("--temp", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--ignore-chat-template", action="store_true", help="feed the prompt as raw text")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--prefill-step-size", type=int, default=2048)
-    p.add_argument("--max-kv-size", type=int, default=None,
-                   help="bound every KV cache to this many tokens (full layers then attend to a window)")
     p.add_argument("--image", action="append", default=None,
                    help="image file, repeatable (image+text models: T5Gemma 2); the prompt's <start_of_image> "
                         "placeholders mark where each goes, else they go first")
     return p
 
 
+def read_prompt(arg: Optional[str]) -> str:
+    if arg is None:
+        raise MlxGemmaError("no prompt: pass --prompt TEXT (or --prompt - to read standard input)")
+    if arg != "-":
+        return arg
+    raw = getattr(sys.stdin, "buffer", None)  # bytes, decoded strictly here (a text stream is taken as it is)
+    if raw is None:
+        return sys.stdin.read()
+    try:
+        return raw.read().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MlxGemmaError(f"standard input is not UTF-8 text (byte {e.start})") from None
+
+
 def main(argv=None) -> int:
     args = configure_parser().parse_args(argv)
-    try:
-        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-        if prompt is None:
-            raise MlxGemmaError("no prompt: pass --prompt TEXT (or --prompt - to read standard input)")
-        check_options(args.max_tokens, args.temp, args.top_p, args.top_k, args.min_p, args.repetition_penalty,
-                      args.prefill_step_size, args.max_kv_size)
-        from .default_model import default_model_path
-        from .loading import load
+    options = sampling_kwargs(args)
 
-        model, tokenizer = load(args.model if args.model else default_model_path())
+    def body() -> int:
+        prompt = read_prompt(args.prompt)
+        check_options(**options, prefill_step_size=args.prefill_step_size)
+        model, tokenizer = load_for_cli(args)
         last = None
-        for last in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens, temp=args.temp,
-                                    top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                                    repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
-                                    system=args.system, chat_template=not args.ignore_chat_template,
-                                    prefill_step_size=args.prefill_step_size, max_kv_size=args.max_kv_size,
-                                    image=args.image):
+        for last in stream_generate(model, tokenizer, prompt, **options, stop=args.stop, system=args.system,
+                                    chat_template=not args.ignore_chat_template,
+                                    prefill_step_size=args.prefill_step_size, image=args.image,
+                                    prompt_progress_callback=PrefillProgress(args.prefill_step_size)):
             print(last.text, end="", flush=True)
-    except MlxGemmaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\n[interrupted]", file=sys.stderr)
-        return 130
-    print()
-    if last is not None:
-        print(f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s | generation: "
-              f"{last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s | peak memory: "
-              f"{last.peak_memory:.3f} GB", file=sys.stderr)
-    return 0
+        print()
+        if last is not None:
+            print(f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s | generation: "
+                  f"{last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s | peak memory: "
+                  f"{last.peak_memory:.3f} GB", file=sys.stderr)
+        return 0
+
+    return run(body)
 
 
 if __name__ == "__main__":

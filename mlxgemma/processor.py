@@ -4,7 +4,6 @@ them, without torch: each image placeholder (the boi token, `<start_of_image>`) 
 composited on white), resized to the vision tower's size with Pillow's bilinear filter, rescaled by 1/255,
 normalised ((v - mean) / std, 0.5 and 0.5 by default) and laid out channels-first."""
 
-import json
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
@@ -20,15 +19,22 @@ def load_image(image: ImageInput) -> Image.Image:
     """A PIL image from a path (read completely now, so a truncated file fails here) or as given."""
     if isinstance(image, Image.Image):
         return image
+    if not isinstance(image, (str, Path)):
+        raise MlxGemmaError(f"an image is a file path or a PIL image, not {type(image).__name__}")
     path = Path(image).expanduser()
-    if not path.is_file():
+    if not path.exists():
         raise MlxGemmaError(f"image {str(path)!r} not found")
+    if not path.is_file():
+        raise MlxGemmaError(f"image {str(path)!r} is not a regular file")
     try:
         with Image.open(path) as img:
             img.load()
             return img.copy()
     except UnidentifiedImageError:
         raise MlxGemmaError(f"image {str(path)!r} is not an image file Pillow can read") from None
+    except Image.DecompressionBombError:
+        raise MlxGemmaError(f"image {str(path)!r} claims more than {2 * Image.MAX_IMAGE_PIXELS} pixels: refused as "
+                            "a possible decompression bomb") from None
     except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
         raise MlxGemmaError(f"image {str(path)!r} cannot be decoded ({e}): is the file truncated?") from None
 
@@ -40,6 +46,24 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _check_image_options(options: dict) -> None:
+    """preprocessor_config.json's values by type, so that a broken file is one clear error."""
+    def numbers(v, n):
+        return isinstance(v, list) and len(v) == n and all(isinstance(x, (int, float)) and
+                                                           not isinstance(x, bool) and np.isfinite(x) for x in v)
+    checks = {
+        "size": lambda v: isinstance(v, dict) and all(isinstance(x, int) and x > 0 for x in v.values()),
+        "resample": lambda v: v in {r.value for r in Image.Resampling},
+        "rescale_factor": lambda v: numbers([v], 1),
+        "image_mean": lambda v: numbers(v, 3),
+        "image_std": lambda v: numbers(v, 3) and all(x != 0 for x in v),
+        **{k: lambda v: isinstance(v, bool) for k in ("do_rescale", "do_normalize", "do_convert_rgb")},
+    }
+    for key, ok in checks.items():
+        if options.get(key) is not None and not ok(options[key]):
+            raise MlxGemmaError(f"preprocessor_config.json: {key} is {str(options[key])[:40]!r}, which is not valid")
+
+
 class T5Gemma2Processor:
     """processor(text, images) -> {"input_ids", "attention_mask", "pixel_values"} as numpy arrays.
     `tokenizer` is mlx-lm's TokenizerWrapper (streaming detokenizer, eos ids) of the checkpoint."""
@@ -48,6 +72,7 @@ class T5Gemma2Processor:
         self.tokenizer = tokenizer
         enc = config.encoder
         options = image_options or {}
+        _check_image_options(options)
         size = options.get("size") or {}
         vision = enc.vision_config.image_size
         self.size = (size.get("height", vision), size.get("width", vision))
@@ -67,12 +92,17 @@ class T5Gemma2Processor:
 
     @classmethod
     def from_pretrained(cls, path: Path, tokenizer, config) -> "T5Gemma2Processor":
+        from .loading import read_json
+
         options = {}
         for name, key in (("processor_config.json", "image_processor"), ("preprocessor_config.json", None)):
             f = Path(path) / name
-            if f.is_file():
-                d = json.loads(f.read_text())
-                options.update(d.get(key) or {} if key else d)
+            if f.exists():
+                d = read_json(f)
+                d = d.get(key) or {} if key else d
+                if not isinstance(d, dict):
+                    raise MlxGemmaError(f"{f}: {key} must be an object")
+                options.update(d)
         return cls(tokenizer, config, options)
 
     def preprocess(self, images: Sequence[ImageInput]) -> np.ndarray:

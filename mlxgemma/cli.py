@@ -1,0 +1,91 @@
+"""What the command lines (generate, chat, convert) share: the generation options with mlx-lm's names, one
+line and exit code 2 for bad input, 130 for Ctrl-C, and SIGTERM treated as Ctrl-C so that every cleanup
+(a convert's temporary folder, for one) runs before the process ends."""
+
+import signal
+import sys
+import threading
+from contextlib import contextmanager
+
+from .errors import MlxGemmaError
+
+DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16"]
+
+
+def add_generation_options(p, max_tokens: int = 100) -> None:
+    """mlx_lm.generate's sampling and cache options (and its --max-tokens default of 100)."""
+    p.add_argument("--model", default=None, help="MLX/HF directory, Hub repo id or .gguf (default: the embedded "
+                   "Gemma 3 270M of mlxgemma[demo])")
+    p.add_argument("--max-tokens", "-m", type=int, default=max_tokens)
+    p.add_argument("--temp", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--max-kv-size", type=int, default=None,
+                   help="bound every KV cache to this many tokens (full layers then attend to a window)")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="compute dtype; auto: float32 on MLX's CPU backend, the checkpoint's own (bf16) on a GPU")
+
+
+def sampling_kwargs(args) -> dict:
+    return dict(max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                repetition_penalty=args.repetition_penalty, seed=args.seed, max_kv_size=args.max_kv_size)
+
+
+def load_for_cli(args):
+    """(model, tokenizer or processor) of --model, or of the embedded default model when none is given."""
+    from .default_model import default_model_path
+    from .loading import load
+
+    return load(args.model if args.model else default_model_path(), dtype=args.dtype)
+
+
+def run(body, interrupted: str = "[interrupted]") -> int:
+    """body() -> exit code, with bad input as one line on stderr (exit 2) and Ctrl-C or SIGTERM as exit 130."""
+    with _sigterm_as_interrupt():
+        try:
+            return body()
+        except MlxGemmaError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"\n{interrupted}", file=sys.stderr)
+            return 130
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that cleanups run; a REPL that survives Ctrl-C lets this one through."""
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    if threading.current_thread() is not threading.main_thread():  # signals can only be set there
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class PrefillProgress:
+    """'[prefill] done/total tokens' on stderr for prompts longer than one prefill chunk (updated in place on
+    a terminal, a line per chunk otherwise); mlx-lm's generate loop calls it after every chunk."""
+
+    def __init__(self, chunk: int, stream=None):
+        self.chunk, self.stream = chunk, stream or sys.stderr
+
+    def __call__(self, done: int, total: int) -> None:
+        if total <= self.chunk or done == 0:
+            return
+        tty = self.stream.isatty()
+        end = "\n" if done >= total or not tty else ""
+        print(f"{chr(13) if tty else ''}[prefill] {done}/{total} tokens", end=end, file=self.stream, flush=True)
