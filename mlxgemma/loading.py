@@ -141,7 +141,8 @@ def check_safetensors(f: Path) -> None:
 
 def _header_entry(f: Path, name: str, info) -> tuple:
     """(start, end, bytes the dtype and shape need) of one header entry, whose every field is checked."""
-    ok = (isinstance(info, dict) and info.get("dtype") in _DTYPE_BYTES and isinstance(info.get("shape"), list)
+    ok = (isinstance(info, dict) and isinstance(info.get("dtype"), str) and info["dtype"] in _DTYPE_BYTES
+          and isinstance(info.get("shape"), list)
           and all(_is_index(d) for d in info["shape"]) and isinstance(info.get("data_offsets"), list)
           and len(info["data_offsets"]) == 2 and all(_is_index(o) for o in info["data_offsets"]))
     if not ok:

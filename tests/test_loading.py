@@ -54,6 +54,24 @@ def test_sharded_checkpoint(tmp_path):
     assert max_diff(np.array(mlxgemma.load_model(path)(mx.array(ids))), hf_logits(hf, ids)) <= TOL
 
 
+def test_compute_dtype_by_backend(ckpt, tmp_path):
+    """auto: float32 on MLX's CPU backend (a bf16 checkpoint is upcast, quantization scales included), the
+    stored dtype on a GPU; None keeps what is stored; a name forces it."""
+    from mlxgemma.loading import compute_dtype
+
+    path = tmp_path / "bf16"
+    mlxgemma.convert(ckpt[1], path, dtype="bfloat16")
+    cpu = mx.default_device() == mx.cpu
+    assert compute_dtype("auto") == ("float32" if cpu else None) and compute_dtype("bfloat16") == "bfloat16"
+    auto = mlxgemma.load_model(path).model.embed_tokens.weight.dtype
+    assert auto == (mx.float32 if cpu else mx.bfloat16)
+    assert mlxgemma.load_model(path, dtype=None).model.embed_tokens.weight.dtype == mx.bfloat16
+    quantized = tmp_path / "q"
+    mlxgemma.convert(path, quantized, quantize=True, q_group_size=32)
+    scales = mlxgemma.load_model(quantized).model.layers[0].self_attn.q_proj.scales.dtype
+    assert scales == (mx.float32 if cpu else mx.bfloat16)
+
+
 def test_dtype_cast(ckpt):
     model = mlxgemma.load_model(ckpt[1], dtype="bfloat16")
     assert model.model.embed_tokens.weight.dtype == mx.bfloat16

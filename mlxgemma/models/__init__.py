@@ -38,8 +38,19 @@ def is_encoder_decoder(model) -> bool:
     return getattr(getattr(model, "config", None), "model_type", None) == "t5gemma2"
 
 
+# model_types of configs that were replaced on the Hub: what to do instead.
+SUPERSEDED = {"stablelm_epoch": "the remote-code StableLM config of 2023; the checkpoint's current revision on the "
+                                "Hub (model_type stablelm) loads"}
+
+
 def config_from_dict(d: dict, source: str = "config.json"):
+    if not isinstance(d, dict):
+        raise MlxGemmaError(f"{source} must be a JSON object")
     model_type = d.get("model_type")
+    if not isinstance(model_type, str) and model_type is not None:
+        raise MlxGemmaError(f"{source}: model_type must be a string, got {type(model_type).__name__}")
+    if model_type in SUPERSEDED:
+        raise MlxGemmaError(f"{source} has model_type {model_type!r}: {SUPERSEDED[model_type]}")
     if model_type not in FAMILIES:
         what = f"model_type {model_type!r}" if model_type else "no model_type"
         raise MlxGemmaError(f"{source} has {what}; supported: {', '.join(FAMILIES)}")
@@ -56,6 +67,8 @@ def model_class_for(d: dict):
     model_type = d.get("model_type")
     default = FAMILIES[model_type][1]
     names = d.get("architectures") or []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise MlxGemmaError("config.json: architectures must be a list of class names")
     if not names:
         return default
     cls = CLASSES.get(names[0])

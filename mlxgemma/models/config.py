@@ -64,7 +64,11 @@ class BaseConfig:
             kwargs["num_labels"] = len(d["id2label"])
         _check_ranges(kwargs, source)
         check_legacy(kwargs["extra"], source)
-        return cls(**kwargs)
+        config = cls(**kwargs)
+        heads = getattr(config, "num_attention_heads", None)
+        if heads and max(heads, getattr(config, "num_key_value_heads", 0) or 0) * config.head_dim_ > MAX_SIZE:
+            raise MlxGemmaError(f"{source}: num_attention_heads x head_dim is more than an MLX dimension holds")
+        return config
 
     def resolve(self, legacy: dict) -> None:
         """Fill derived fields (rope per layer type, layer_types) from the legacy keys; families extend it."""
@@ -72,6 +76,12 @@ class BaseConfig:
     @property
     def head_dim_(self) -> int:
         return getattr(self, "head_dim", None) or self.hidden_size // self.num_attention_heads
+
+    def check_divisible_heads(self, where: str = "config.json") -> None:
+        """Families that split hidden_size into heads (no head_dim field) need it to divide evenly."""
+        if self.hidden_size % self.num_attention_heads:
+            raise MlxGemmaError(f"{where}: hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
+                                f"{self.num_attention_heads}")
 
 
 @lru_cache(maxsize=None)

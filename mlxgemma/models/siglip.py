@@ -29,6 +29,7 @@ class SiglipVisionConfig(BaseConfig):
     vision_use_head: bool = True
 
     def resolve(self, legacy: dict) -> None:
+        self.check_divisible_heads("vision_config")
         if self.image_size % self.patch_size:
             raise MlxGemmaError(f"vision_config: image_size {self.image_size} is not a multiple of patch_size "
                                 f"{self.patch_size}")

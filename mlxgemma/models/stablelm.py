@@ -41,6 +41,7 @@ class StableLmConfig(BaseConfig):
 
     def resolve(self, legacy: dict) -> None:
         self.rope_parameters = single_rope(self.rope_parameters, legacy, 10000.0, partial_rotary_factor=0.25)
+        self.check_divisible_heads()
         self.head_dim = self.hidden_size // self.num_attention_heads
         self.layer_types = [FULL] * self.num_hidden_layers
         self.sliding_window = None
