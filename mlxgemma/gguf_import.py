@@ -107,7 +107,7 @@ def _quantized_tensor(t, shape, dtype):
     try:
         dense = mx.array(gq.dequantize(t.data, t.tensor_type).reshape(rows, cols))
     except NotImplementedError:
-        raise MlxGemmaError(f"GGUF tensor {t.name} has quant type {t.tensor_type.name}, which mlxgemma cannot "
+        raise MlxGemmaError(f"GGUF tensor {t.name!r} has quant type {t.tensor_type.name}, which mlxgemma cannot "
                             "read (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K)") from None
     w, scales, biases = mx.quantize(dense, group_size=GROUP, bits=REQUANT_BITS)
     return w, scales.astype(dtype), biases.astype(dtype), REQUANT_BITS
@@ -174,7 +174,7 @@ def read_weights(reader: GGUFReader, arch: str, dtype=mx.float16, progress=None)
                 value = value - 1.0
             weights[name] = mx.array(value).astype(mx.float32 if value.ndim == 1 else dtype)
         else:
-            raise MlxGemmaError(f"GGUF tensor {t.name} is quantized ({t.tensor_type.name}) but not 2-D")
+            raise MlxGemmaError(f"GGUF tensor {t.name!r} is quantized ({t.tensor_type.name}) but not 2-D")
         if progress is not None:
             progress.update(1)
     return weights, quantization

@@ -135,7 +135,7 @@ def check_safetensors(f: Path) -> None:
             continue
         start, end, nbytes = _header_entry(f, name, info)
         if end - start != nbytes or not 0 <= start <= end <= data:
-            raise MlxGemmaError(f"{f.name}: tensor {name} claims bytes {start}..{end} for {nbytes} bytes of data, "
+            raise MlxGemmaError(f"{f.name}: tensor {name[:80]!r} claims bytes {start}..{end} for {nbytes} bytes of data, "
                                 f"but the file holds {data}: the file is truncated or its header lies")
 
 

@@ -236,7 +236,7 @@ def test_header_that_lies(src, tmp_path):
     header[name]["data_offsets"] = [0, 4 << 40]
     raw = json.dumps(header).encode()
     f.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n :])
-    _fails(tmp_path, src, f"tensor {name} claims bytes 0..{4 << 40}")
+    _fails(tmp_path, src, f"tensor '{name}' claims bytes 0..{4 << 40}")
     f.write_bytes((1 << 40).to_bytes(8, "little") + data[8:])
     _fails(tmp_path, src, "its header claims 1099511627776 bytes")
 

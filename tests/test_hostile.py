@@ -414,3 +414,11 @@ def test_convert_sigterm_leaves_nothing(copy, tmp_path, capsys, monkeypatch):
     assert "interrupted: nothing was written" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+
+
+def test_names_from_files_never_break_the_line(copy):
+    """A tensor name with line breaks (safetensors keys are arbitrary strings) stays one escaped line."""
+    _header(copy, json.dumps({"evil\nname\r": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode(),
+            b"\0" * 4)
+    one_line(lambda: mlxgemma.load_model(copy), r"tensor 'evil\\nname\\r' claims bytes 0..8")
+    assert str(MlxGemmaError("a\nb")) == "a\\nb"
