@@ -17,6 +17,7 @@ from gguf import GGUFReader
 from gguf import quants as gq
 
 from .errors import MlxGemmaError
+from .models.config import of_type
 
 GROUP = 32
 EXACT_BITS = {T.Q4_0: 4, T.Q4_1: 4, T.Q5_0: 5, T.Q5_1: 5, T.Q8_0: 8, T.Q4_K: 4, T.Q5_K: 5}
@@ -139,15 +140,9 @@ def field(reader: GGUFReader, key: str, default=None, kind=None):
         value = default if f is None else f.contents()
     except Exception:  # the gguf package decodes lazily: a malformed value fails here
         raise MlxGemmaError(f"GGUF metadata {key} is malformed") from None
-    if kind is not None and value is not None and not _is(value, kind):
+    if kind is not None and value is not None and not of_type(value, kind):
         raise MlxGemmaError(f"GGUF metadata {key} is {str(value)[:40]!r}, expected {kind.__name__}")
     return value
-
-
-def _is(value, kind) -> bool:
-    if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
-    return isinstance(value, kind) and not isinstance(value, bool)
 
 
 def required(reader: GGUFReader, key: str, kind=int):

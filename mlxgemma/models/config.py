@@ -95,7 +95,8 @@ def _field_types(cls) -> dict:
     return out
 
 
-def _is(value, kind) -> bool:
+def of_type(value, kind) -> bool:
+    """A JSON value of kind: bool only as bool (never as a number), float also from an int, and finite."""
     if kind is bool:
         return isinstance(value, bool)
     if isinstance(value, bool):
@@ -114,13 +115,13 @@ def _check_types(cls, kwargs: dict, source: str) -> None:
     types = _field_types(cls)
     for name, value in kwargs.items():
         kind = types.get(name)
-        if value is None or kind is None or _is(value, kind):
+        if value is None or kind is None or of_type(value, kind):
             continue
         raise MlxGemmaError(f"{source}: field {name} is {_short(value)}, expected {_NAMES[kind]}")
     for name in ("eos_token_id", "bos_token_id", "pad_token_id"):
         value = kwargs.get(name)
         ids = value if isinstance(value, list) else [value]
-        if value is not None and not all(_is(i, int) and 0 <= i < MAX_SIZE for i in ids):
+        if value is not None and not all(of_type(i, int) and 0 <= i < MAX_SIZE for i in ids):
             raise MlxGemmaError(f"{source}: field {name} is {_short(value)}, expected a token id or a list of ids")
     for name in ("architectures", "layer_types"):
         if kwargs.get(name) is not None and not all(isinstance(v, str) for v in kwargs[name]):
@@ -146,7 +147,7 @@ def check_legacy(legacy: dict, source: str) -> None:
     for name, kind in (("rope_scaling", dict), ("rope_theta", float), ("rope_local_base_freq", float),
                        ("partial_rotary_factor", float), ("sliding_window_pattern", int)):
         value = legacy.get(name)
-        if value is not None and not _is(value, kind):
+        if value is not None and not of_type(value, kind):
             raise MlxGemmaError(f"{source}: field {name} is {_short(value)}, expected {_NAMES[kind]}")
     pattern = legacy.get("sliding_window_pattern")
     if pattern is not None and not 0 < pattern <= MAX_LAYERS:
@@ -179,13 +180,13 @@ def check_rope(params: dict, where: str) -> None:
             f"{where}.rope_type {rope_type!r} is not supported "
             f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
         )
-    if rope_type == "linear" and not (_is(params.get("factor"), float) and params["factor"] > 0):
+    if rope_type == "linear" and not (of_type(params.get("factor"), float) and params["factor"] > 0):
         raise MlxGemmaError(f"{where}: a linear rope needs a positive numeric 'factor'")
     theta = params.get("rope_theta")
-    if not (_is(theta, float) and theta > 0):
+    if not (of_type(theta, float) and theta > 0):
         raise MlxGemmaError(f"{where}.rope_theta is {_short(theta)}, expected a positive number")
     partial = params.get("partial_rotary_factor", 1.0)
-    if not (_is(partial, float) and 0 < partial <= 1):
+    if not (of_type(partial, float) and 0 < partial <= 1):
         raise MlxGemmaError(f"{where}.partial_rotary_factor is {_short(partial)}, expected a number in (0, 1]")
 
 
