@@ -8,8 +8,9 @@ import threading
 from contextlib import contextmanager
 
 from .errors import MlxGemmaError
+from .loading import DTYPES
 
-DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16"]
+DTYPE_CHOICES = ["auto"] + list(DTYPES)
 
 
 def add_generation_options(p, max_tokens: int = 100) -> None:

@@ -69,12 +69,8 @@ def weight_files(path: Path) -> list:
         absent = [f.name for f in files if not f.exists()]
         if absent:
             raise MlxGemmaError(f"{index.name} names shard(s) that are not in {path}: {', '.join(absent)}")
-        for f in files:
-            regular_file(f)
-        return files
+        return files  # each is checked to be a regular file by check_safetensors, before it is read
     files = sorted(path.glob("*.safetensors"))
-    for f in files:
-        regular_file(f)
     if not files:
         pickled = [f.name for f in path.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".ckpt")]
         if pickled:
@@ -94,8 +90,8 @@ def shard_names(index: dict, file: Path) -> list:
         raise MlxGemmaError(f"{file} is not a valid safetensors index (no weight_map object)")
     bad = [n for n in weight_map.values() if not _plain_name(n)]
     if bad:
-        raise MlxGemmaError(f"{file.name}: weight_map names {_listed([repr(b)[:80] for b in bad])}; a shard must be a *.safetensors file "
-                            "in the checkpoint folder itself")
+        raise MlxGemmaError(f"{file.name}: weight_map names {_listed([repr(b)[:80] for b in bad])}; a shard must be "
+                            "a *.safetensors file in the checkpoint folder itself")
     return sorted(set(weight_map.values()))
 
 
