@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten
 
 from .errors import MlxGemmaError
 from .models import config_from_dict, is_encoder_decoder, model_class_for
+from .models.config import token_ids
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 MAX_JSON_BYTES = 100 * 2**20  # a config, index or tokenizer file larger than this is not one
@@ -337,9 +338,5 @@ def eos_token_ids(path: Path) -> Optional[list]:
     for name in ("config.json", "generation_config.json"):
         f = path / name
         if f.exists():
-            value = read_json(f).get("eos_token_id")
-            value = value if isinstance(value, list) else [value] if value is not None else []
-            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
-                raise MlxGemmaError(f"{f}: eos_token_id must be a token id or a list of ids, got {value!r}"[:200])
-            ids += value
+            ids += token_ids(read_json(f).get("eos_token_id"), "eos_token_id", str(f))
     return sorted(set(ids)) or None

@@ -119,13 +119,18 @@ def _check_types(cls, kwargs: dict, source: str) -> None:
             continue
         raise MlxGemmaError(f"{source}: field {name} is {_short(value)}, expected {_NAMES[kind]}")
     for name in ("eos_token_id", "bos_token_id", "pad_token_id"):
-        value = kwargs.get(name)
-        ids = value if isinstance(value, list) else [value]
-        if value is not None and not all(of_type(i, int) and 0 <= i < MAX_SIZE for i in ids):
-            raise MlxGemmaError(f"{source}: field {name} is {_short(value)}, expected a token id or a list of ids")
+        token_ids(kwargs.get(name), name, source)
     for name in ("architectures", "layer_types"):
         if kwargs.get(name) is not None and not all(isinstance(v, str) for v in kwargs[name]):
             raise MlxGemmaError(f"{source}: field {name} must be a list of strings")
+
+
+def token_ids(value, name: str, source: str) -> list:
+    """A token id field (an id or a list of ids, or absent) as a list, or one clear error."""
+    ids = [] if value is None else value if isinstance(value, list) else [value]
+    if not all(of_type(i, int) and 0 <= i < MAX_SIZE for i in ids):
+        raise MlxGemmaError(f"{source}: field {name} is {_short(value)}, expected a token id or a list of ids")
+    return ids
 
 
 def _check_ranges(kwargs: dict, source: str) -> None:
