@@ -47,7 +47,7 @@ def prompt_ids(tokenizer, prompt: Prompt, system: Optional[str] = None, chat_tem
         if not prompt.strip():
             raise MlxGemmaError("the prompt is empty: give some text")
         if chat_template and getattr(tokenizer, "chat_template", None):
-            return _apply_template(tokenizer, _with_system(system, [{"role": "user", "content": prompt}]))
+            return apply_template(tokenizer, _with_system(system, [{"role": "user", "content": prompt}]))
         return list(tokenizer.encode(_raw_text(system, prompt)))
     prompt = list(prompt)
     if not prompt:
@@ -56,7 +56,7 @@ def prompt_ids(tokenizer, prompt: Prompt, system: Optional[str] = None, chat_tem
         for m in prompt:
             if isinstance(m.get("content"), str):
                 check_text(m["content"], "a message")
-        return _apply_template(tokenizer, _with_system(system, prompt))
+        return apply_template(tokenizer, _with_system(system, prompt))
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         raise MlxGemmaError("a prompt is text, a list of token ids or a list of chat messages")
     return prompt
@@ -79,11 +79,12 @@ def _raw_text(system: Optional[str], prompt: str) -> str:
     return f"{system}\n\n{prompt}" if system else prompt
 
 
-def _apply_template(tokenizer, messages, tokenize: bool = True):
+def apply_template(tokenizer, messages, tokenize: bool = True, **template_args):
+    """The chat template on messages, with the generation prompt; template_args go to the template."""
     if not getattr(tokenizer, "chat_template", None):
         raise MlxGemmaError("chat messages need a tokenizer with a chat template; this one has none")
     try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=tokenize)
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=tokenize, **template_args)
     except Exception as e:  # jinja raises its own errors (e.g. roles out of order)
         raise MlxGemmaError(f"the chat template rejected the messages: {str(e).splitlines()[0]}") from None
     if not tokenize:
@@ -218,7 +219,7 @@ def _encode_request(model, processor, prompt, image, system, max_kv_size):
                 raise MlxGemmaError("the prompt is empty: give some text or an image")
             text = _raw_text(system, prompt)
         else:
-            text = _apply_template(processor.tokenizer, _with_system(system, prompt), tokenize=False)
+            text = apply_template(processor.tokenizer, _with_system(system, prompt), tokenize=False)
         if images and processor.boi_token not in text:
             text = processor.boi_token * len(images) + text  # one placeholder per image, in front
         inputs = processor(text, images or None)

@@ -4,6 +4,7 @@ them, without torch: each image placeholder (the boi token, `<start_of_image>`) 
 composited on white), resized to the vision tower's size with Pillow's bilinear filter, rescaled by 1/255,
 normalised ((v - mean) / std, 0.5 and 0.5 by default) and laid out channels-first."""
 
+import io
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
@@ -26,17 +27,26 @@ def load_image(image: ImageInput) -> Image.Image:
         raise MlxGemmaError(f"image {str(path)!r} not found")
     if not path.is_file():
         raise MlxGemmaError(f"image {str(path)!r} is not a regular file")
+    return _read(path, f"image {str(path)!r}")
+
+
+def decode_image(data: bytes, what: str = "the image") -> Image.Image:
+    """A PIL image from encoded bytes (PNG, JPEG, ...: what a data URL or base64 field carries)."""
+    return _read(io.BytesIO(data), what)
+
+
+def _read(source, what: str) -> Image.Image:
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             img.load()
             return img.copy()
     except UnidentifiedImageError:
-        raise MlxGemmaError(f"image {str(path)!r} is not an image file Pillow can read") from None
+        raise MlxGemmaError(f"{what} is not an image file Pillow can read") from None
     except Image.DecompressionBombError:
-        raise MlxGemmaError(f"image {str(path)!r} claims more than {2 * Image.MAX_IMAGE_PIXELS} pixels: refused as "
+        raise MlxGemmaError(f"{what} claims more than {2 * Image.MAX_IMAGE_PIXELS} pixels: refused as "
                             "a possible decompression bomb") from None
     except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
-        raise MlxGemmaError(f"image {str(path)!r} cannot be decoded ({e}): is the file truncated?") from None
+        raise MlxGemmaError(f"{what} cannot be decoded ({e}): is the file truncated?") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

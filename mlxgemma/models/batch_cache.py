@@ -1,0 +1,142 @@
+"""Caches for a batch of independent sequences decoding together (the server's continuous batching).
+
+Each row keeps its own position: row b's next token sits at position `offset[b]` (an array, so RoPE rotates
+every row at its own position), its token at position p lives in slot p of a full layer's buffer and in
+slot p % window of a sliding layer's, exactly as in the single-sequence caches of cache.py. So a row is
+moved in (`merge`) and out (`extract`) without reordering anything, and rows of any lengths, some far
+past the window, attend exactly as they would alone: the mask hides only the slots a row has not filled.
+
+Rows are prefilled one request at a time with the single-sequence caches (the same code path as
+generation), then merged; the batch only ever takes one token per row per step. mlx-lm's BatchKVCache /
+BatchRotatingKVCache are not used: they left-pad rows to a shared write index and cannot hand back an
+exact per-row rotating cache once it has wrapped (what the prompt cache keeps).
+"""
+
+from typing import List, Optional
+
+import mlx.core as mx
+
+from .cache import EncoderDecoderCache, KVCache, RotatingKVCache
+
+STEP = 256  # buffers grow in steps, as mlx-lm's
+
+
+def _pad_to(x: mx.array, size: int) -> mx.array:
+    """Zero slots appended along axis 2 up to `size`."""
+    if x.shape[2] >= size:
+        return x[..., :size, :]
+    return mx.concatenate([x, mx.zeros((*x.shape[:2], size - x.shape[2], x.shape[3]), x.dtype)], axis=2)
+
+
+def _stack(blocks: List[mx.array], size: int) -> mx.array:
+    return mx.concatenate([_pad_to(b, size) for b in blocks], axis=0)
+
+
+class _BatchCache:
+    """Shared by both kinds: per-row offsets (an array for RoPE and masks, a list for sizes) and buffers."""
+
+    window: Optional[int] = None
+
+    def __init__(self, keys: mx.array, values: mx.array, lengths: List[int]):
+        self.keys, self.values, self.lengths = keys, values, list(lengths)
+        self.offset = mx.array(self.lengths, dtype=mx.int32)
+
+    def _slots(self, longest: int) -> int:
+        return longest if self.window is None else min(longest, self.window)
+
+    def _slot(self) -> mx.array:
+        return self.offset if self.window is None else self.offset % self.window
+
+    @classmethod
+    def merge(cls, caches: list):
+        """One batch from single-sequence caches (B=1 each) or batches of this kind, rows in order."""
+        lengths = [n for c in caches for n in (c.lengths if isinstance(c, _BatchCache) else [c.offset])]
+        window = next((c.window if isinstance(c, _BatchCache) else c.max_size for c in caches
+                       if not isinstance(c, KVCache)), None)
+        self = cls.__new__(cls)
+        self.window = window
+        size = self._slots(max(lengths))
+        _BatchCache.__init__(self, _stack([c.keys for c in caches], size),
+                             _stack([c.values for c in caches], size), lengths)
+        return self
+
+    def extract(self, b: int):
+        """Row b as a single-sequence cache (its slots copied out, so the batch can change afterwards)."""
+        n = self.lengths[b]
+        single = KVCache() if self.window is None else RotatingKVCache(self.window)
+        single.keys = mx.contiguous(self.keys[b : b + 1, :, : self._slots(n)])
+        single.values = mx.contiguous(self.values[b : b + 1, :, : self._slots(n)])
+        single.offset = n
+        return single
+
+    def keep(self, rows: List[int]) -> None:
+        """Only these rows stay, in this order; buffers shrink to what the longest remaining row needs."""
+        self.lengths = [self.lengths[i] for i in rows]
+        index = mx.array(rows, dtype=mx.int32)
+        size = self._slots(max(self.lengths))
+        self.keys, self.values = self.keys[index, :, :size], self.values[index, :, :size]
+        self.offset = self.offset[index]
+
+    def mask(self, L: int, valid=None) -> mx.array:
+        """Which slots each row's query (at position offset[b]) sees, once this step's key is written: a full
+        layer the positions 0..offset[b]; a sliding layer every filled slot (all lie inside the window)."""
+        if L != 1 or valid is not None:
+            raise ValueError("a batch cache takes one unpadded token per row and step")
+        filled = self.offset + 1 if self.window is None else mx.minimum(self.offset + 1, self.window)
+        size = self._slots(max(self.lengths) + 1)
+        return (mx.arange(size)[None] < filled[:, None])[:, None, None, :]
+
+    def record_padding(self, L: int, valid=None) -> None:
+        pass
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        size = self._slots(max(self.lengths) + 1)
+        if size > self.keys.shape[2]:
+            grown = self.keys.shape[2] + STEP
+            grown = grown if self.window is None else min(grown, self.window)
+            self.keys, self.values = _pad_to(self.keys, grown), _pad_to(self.values, grown)
+        slot = mx.broadcast_to(self._slot()[:, None, None, None], keys.shape)
+        self.keys = mx.put_along_axis(self.keys, slot, keys, axis=2)
+        self.values = mx.put_along_axis(self.values, slot, values, axis=2)
+        self.offset = self.offset + 1
+        self.lengths = [n + 1 for n in self.lengths]
+        return self.keys[..., :size, :], self.values[..., :size, :]
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+
+def merge_caches(rows: list) -> list:
+    """Per layer, one batch cache from each row's list of layer caches (single or batch)."""
+    return [_BatchCache.merge(list(layer)) for layer in zip(*rows)]
+
+
+class BatchEncoderDecoderCache(list):
+    """T5Gemma 2's decoder rows batched: self-attention batch caches, and each layer's encoder keys and
+    values padded to the longest encoder output, with the padding masked out (`encoder_valid`)."""
+
+    def __init__(self, self_caches: list, cross: list, encoder_valid: mx.array):
+        super().__init__(self_caches)
+        self.cross, self.encoder_valid = cross, encoder_valid
+
+    @classmethod
+    def merge(cls, caches: list):
+        parts = [(c.cross, c.encoder_valid if c.encoder_valid is not None
+                  else mx.ones((1, c.cross[0][0].shape[2]), dtype=mx.bool_)) for c in caches]
+        size = max(valid.shape[1] for _, valid in parts)
+        cross = [(_stack([p[0][i][0] for p in parts], size), _stack([p[0][i][1] for p in parts], size))
+                 for i in range(len(parts[0][0]))]
+        valid = mx.concatenate([mx.pad(v, [(0, 0), (0, size - v.shape[1])]) for _, v in parts], axis=0)
+        return cls(merge_caches([list(c) for c in caches]), cross, valid)
+
+    def keep(self, rows: List[int]) -> None:
+        index = mx.array(rows, dtype=mx.int32)
+        for c in self:
+            c.keep(rows)
+        self.cross = [(k[index], v[index]) for k, v in self.cross]
+        self.encoder_valid = self.encoder_valid[index]
+
+    def extract(self, b: int) -> EncoderDecoderCache:
+        return EncoderDecoderCache([c.extract(b) for c in self], [(k[b : b + 1], v[b : b + 1]) for k, v in self.cross],
+                                   self.encoder_valid[b : b + 1])

@@ -1,0 +1,111 @@
+"""python -m mlxgemma.server [--model PATH_OR_REPO_OR_GGUF] [--host 127.0.0.1] [--port 8080]
+
+A local OpenAI- and Ollama-compatible server with continuous batching and a prompt cache; the chat page
+is at http://127.0.0.1:8080/. Options follow mlx_lm.server where they overlap.
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from ..cli import DTYPE_CHOICES, load_for_cli, run
+from ..errors import MlxGemmaError
+
+
+def configure_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mlxgemma.server", description="Serve a Gemma model over HTTP.")
+    p.add_argument("--model", default=None, help="MLX/HF directory, Hub repo id or .gguf (default: the embedded "
+                   "Gemma 3 270M of mlxgemma[demo])")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every request "
+                   "(default: $MLXGEMMA_API_KEY when set)")
+    p.add_argument("--allowed-origins", default="", help="comma-separated origins that get CORS headers "
+                   "(default: none)")
+    p.add_argument("--temp", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--chat-template-args", type=json.loads, default={},
+                   help='JSON arguments for the chat template, e.g. \'{"enable_thinking": false}\'')
+    p.add_argument("--decode-concurrency", type=int, default=32, help="rows decoded together at most")
+    p.add_argument("--prefill-step-size", type=int, default=2048)
+    p.add_argument("--prompt-cache-size", type=int, default=10, help="sequences kept for reuse (0: none)")
+    p.add_argument("--prompt-cache-bytes", type=int, default=None, help="bound on the kept caches' bytes")
+    p.add_argument("--max-request-bytes", type=int, default=32 * 1024 * 1024)
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
+    return p
+
+
+def check_args(args) -> None:
+    for ok, message in [
+        (0 < args.port < 65536, f"--port must be in 1..65535, got {args.port}"),
+        (args.max_tokens > 0, f"--max-tokens must be positive, got {args.max_tokens}"),
+        (args.temp >= 0, f"--temp must be >= 0, got {args.temp}"),
+        (0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
+        (args.top_k >= 0 and 0 <= args.min_p <= 1, "--top-k must be >= 0 and --min-p in [0, 1]"),
+        (args.decode_concurrency > 0, "--decode-concurrency must be positive"),
+        (args.prefill_step_size > 0, "--prefill-step-size must be positive"),
+        (args.prompt_cache_size >= 0, "--prompt-cache-size must be >= 0"),
+        (args.prompt_cache_bytes is None or args.prompt_cache_bytes > 0, "--prompt-cache-bytes must be positive"),
+        (args.max_request_bytes > 0, "--max-request-bytes must be positive"),
+        (isinstance(args.chat_template_args, dict), "--chat-template-args must be a JSON object"),
+    ]:
+        if not ok:
+            raise MlxGemmaError(message)
+
+
+def model_name(args) -> str:
+    if not args.model:
+        from ..default_model import NAME
+        return NAME
+    path = Path(args.model)
+    return path.stem if path.suffix == ".gguf" else (path.name if path.exists() else args.model)
+
+
+def build(args):
+    """The app for these arguments: model loaded, scheduler started."""
+    from .app import create_app
+    from .engine import Defaults, Engine
+    from .prompt_cache import PromptCache
+    from .scheduler import Scheduler
+
+    model, tokenizer = load_for_cli(args)
+    cache = PromptCache(args.prompt_cache_size, args.prompt_cache_bytes) if args.prompt_cache_size else None
+    scheduler = Scheduler(model, tokenizer.tokenizer if hasattr(tokenizer, "images_per_prompt") else tokenizer,
+                          cache, args.decode_concurrency, args.prefill_step_size).start()
+    defaults = Defaults(args.max_tokens, args.temp, args.top_p, args.top_k, args.min_p)
+    engine = Engine(model, tokenizer, model_name(args), scheduler, defaults, args.chat_template_args, args.model or "")
+    origins = [o.strip() for o in args.allowed_origins.split(",") if o.strip()]
+    key = args.api_key or os.environ.get("MLXGEMMA_API_KEY")
+    return create_app(engine, key, origins, args.max_request_bytes), engine
+
+
+def main(argv=None) -> int:
+    args = configure_parser().parse_args(argv)  # a --chat-template-args that is not JSON: argparse's exit 2
+
+    def body() -> int:
+        try:
+            import uvicorn
+        except ImportError:
+            raise MlxGemmaError('the server needs its extra: pip install "mlxgemma[server]"') from None
+        check_args(args)
+        logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        app, engine = build(args)
+        print(f"[mlxgemma] serving {engine.name} on http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
+        try:
+            uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+        finally:
+            engine.scheduler.stop()
+        return 0
+
+    return run(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""The routes: OpenAI (/v1/...), Ollama (/api/...), /health and the chat page (/), on Starlette.
+
+Every bad request is a 4xx with one clear message (an OpenAI error object, or Ollama's {"error": ...} under
+/api/), never a traceback and never anything that touches other clients. With an API key every route but
+the page itself (static, no data: it asks for the key) needs `Authorization: Bearer KEY`.
+"""
+
+import hmac
+import json
+import logging
+from importlib import resources
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse
+from starlette.routing import Route
+
+from . import ollama_api, openai_api
+from .engine import Engine
+from .schemas import RequestError
+
+log = logging.getLogger("mlxgemma.server")
+MAX_BODY = 32 * 1024 * 1024
+
+
+async def read_json(request: Request, limit: int):
+    """The body as JSON, refused past `limit` bytes (413) before it is all read."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise RequestError(f"the request body is over the server's limit of {limit} bytes", status=413)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise RequestError(f"the request body is over the server's limit of {limit} bytes", status=413)
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(f"the request body is not valid JSON: {e}") from None
+
+
+def _error(request: Request, e: RequestError) -> JSONResponse:
+    if request.url.path.startswith("/api/"):
+        return JSONResponse({"error": e.message}, status_code=e.status)
+    return JSONResponse(openai_api.error_body(e), status_code=e.status)
+
+
+def create_app(engine: Engine, api_key=None, allowed_origins=(), max_body: int = MAX_BODY) -> Starlette:
+    def post(handler):
+        async def endpoint(request: Request):
+            return await handler(engine, request, await read_json(request, max_body))
+        return endpoint
+
+    def get(make):
+        async def endpoint(request: Request):
+            return JSONResponse(make())
+        return endpoint
+
+    async def show(request: Request):
+        return JSONResponse(ollama_api.show(engine, await read_json(request, max_body)))
+
+    async def page(request: Request):
+        return HTMLResponse(resources.files(__package__).joinpath("static/index.html").read_text("utf-8"))
+
+    routes = [
+        Route("/", page),
+        Route("/health", get(lambda: {"status": "ok"})),
+        Route("/v1/models", get(lambda: openai_api.models(engine))),
+        Route("/v1/chat/completions", post(openai_api.chat_completions), methods=["POST"]),
+        Route("/v1/completions", post(openai_api.completions), methods=["POST"]),
+        Route("/api/version", get(ollama_api.version)),
+        Route("/api/tags", get(lambda: ollama_api.tags(engine))),
+        Route("/api/show", show, methods=["POST"]),
+        Route("/api/chat", post(ollama_api.chat), methods=["POST"]),
+        Route("/api/generate", post(ollama_api.generate), methods=["POST"]),
+    ]
+
+    async def request_error(request: Request, e: RequestError):
+        return _error(request, e)
+
+    async def http_error(request: Request, e: HTTPException):
+        return _error(request, RequestError(e.detail, status=e.status_code))
+
+    async def server_error(request: Request, e: Exception):
+        log.exception("request failed")
+        return _error(request, RequestError(f"internal error: {type(e).__name__}", status=500))
+
+    middleware = []  # the first is the outermost: CORS headers also on a 401
+    if allowed_origins:
+        middleware.append(Middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["*"],
+                                     allow_headers=["*"]))
+    if api_key:
+        middleware.append(Middleware(_KeyCheck, key=api_key))
+    return Starlette(routes=routes, middleware=middleware,
+                     exception_handlers={RequestError: request_error, HTTPException: http_error,
+                                         Exception: server_error})
+
+
+class _KeyCheck:
+    """Pure ASGI (so streamed responses pass untouched): every HTTP request but GET / needs the bearer key."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and not (scope["path"] == "/" and scope["method"] == "GET"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not (given.startswith(b"Bearer ") and hmac.compare_digest(given[7:].strip(), self.key)):
+                if scope["method"] == "OPTIONS":  # a CORS preflight carries no credentials
+                    return await self.app(scope, receive, send)
+                e = RequestError("a valid API key is needed: send Authorization: Bearer KEY", status=401)
+                body = (json.dumps({"error": e.message}) if scope["path"].startswith("/api/")
+                        else json.dumps(openai_api.error_body(e))).encode()
+                await send({"type": "http.response.start", "status": 401,
+                            "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)

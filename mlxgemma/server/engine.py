@@ -1,0 +1,214 @@
+"""What both APIs share: the loaded model and its scheduler, requests turned into token ids (chat template,
+images from data URLs or base64), and the scheduler's events as an async stream for a handler."""
+
+import asyncio
+import base64
+import binascii
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from ..errors import MlxGemmaError
+from ..generate import apply_template, check_prompt, check_text
+from ..models import is_encoder_decoder
+from ..processor import decode_image
+from .scheduler import Request, Scheduler
+from .schemas import RequestError
+
+MAX_IMAGES = 16
+
+
+@dataclass
+class Defaults:
+    """The server's sampling defaults (its command line), for fields a request leaves out."""
+
+    max_tokens: int = 512
+    temp: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+
+
+@dataclass
+class Prompt:
+    ids: List[int]  # the decoder's prompt (T5Gemma 2: its start token)
+    encoder: Optional[dict] = None  # T5Gemma 2: input_ids, pixel_values
+    images: list = field(default_factory=list)
+
+
+def image_bytes(url: str) -> bytes:
+    """The bytes of a data: URL or of bare base64 (Ollama). Never a file or a fetch."""
+    if url.startswith(("http://", "https://", "file:", "/", "./")):
+        raise RequestError("images are accepted only inline: send a data URL (data:image/png;base64,...); "
+                           "this server never fetches URLs or reads files", param="image_url")
+    if url.startswith("data:"):
+        header, _, url = url.partition(",")
+        if not header.endswith(";base64"):
+            raise RequestError("an image data URL must be base64 (data:image/...;base64,...)", param="image_url")
+    try:
+        return base64.b64decode(url, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError("an image is not valid base64", param="image_url") from None
+
+
+class Engine:
+    def __init__(self, model, tokenizer, name: str, scheduler: Scheduler, defaults: Defaults,
+                 template_args: Optional[dict] = None, source: str = ""):
+        self.model, self.name, self.scheduler, self.defaults = model, name, scheduler, defaults
+        self.encoder_decoder = is_encoder_decoder(model)
+        self.processor = tokenizer if self.encoder_decoder else None
+        self.tokenizer = tokenizer.tokenizer if self.encoder_decoder else tokenizer
+        self.template_args, self.source, self.created = template_args or {}, source, int(time.time())
+
+    @property
+    def takes_images(self) -> bool:
+        return self.encoder_decoder
+
+    @property
+    def context(self) -> Optional[int]:
+        config = self.model.config
+        if self.encoder_decoder:
+            return config.decoder.max_position_embeddings
+        return getattr(config, "max_position_embeddings", None)
+
+    # Prompts
+
+    def chat(self, messages: list) -> Prompt:
+        """Messages (schemas.Message) through the chat template; image parts become the processor's
+        placeholders (T5Gemma 2) or are refused by a text-only model."""
+        turns, images = [], []
+        for m in messages:
+            text, pictures = self._content(m)
+            images += pictures
+            turns.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+        if len(images) > MAX_IMAGES:
+            raise RequestError(f"at most {MAX_IMAGES} images per request", param="messages")
+        return self._prompt(turns, images, template=True)
+
+    def text(self, prompt, images=(), raw: bool = True, system: Optional[str] = None) -> Prompt:
+        """A completion prompt: text as written (raw) or in the chat template, or token ids."""
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt) and prompt:
+            if self.encoder_decoder:
+                raise RequestError("T5Gemma 2 takes text prompts here, not token ids", param="prompt")
+            self._check_ids(prompt)
+            return Prompt(list(prompt))
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise RequestError("send one prompt per request", param="prompt")
+            prompt = prompt[0]
+        images = [self._image(b, "images") for b in images]
+        if not raw and getattr(self.tokenizer, "chat_template", None):
+            turns = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            marker = (self.processor.boi_token * len(images)) if images else ""
+            turns[-1]["content"] = marker + prompt
+            return self._prompt(turns, images, template=True)
+        text = f"{system}\n\n{prompt}" if system else prompt
+        if images:
+            text = self.processor.boi_token * len(images) + text
+        return self._prompt(text, images, template=False)
+
+    def _content(self, m):
+        if isinstance(m.content, str) or m.content is None:
+            text, pictures = m.content or "", []
+        else:
+            text, pictures = "", []
+            for part in m.content:
+                if part.type == "text":
+                    text += part.text
+                else:
+                    url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
+                    pictures.append(self._image(url, "messages"))
+                    text += self._placeholder()
+        for b in m.images or []:
+            pictures.append(self._image(b, "messages"))
+            text = self._placeholder() + text
+        return text, pictures
+
+    def _placeholder(self) -> str:
+        if not self.takes_images:
+            raise RequestError(f"{self.name} is a text-only model: it takes no images", param="messages")
+        return self.processor.boi_token
+
+    def _image(self, url: str, param: str):
+        self._placeholder()
+        try:
+            return decode_image(image_bytes(url), "an image")
+        except MlxGemmaError as e:
+            raise RequestError(str(e), param=param) from None
+
+    def _prompt(self, turns, images, template: bool) -> Prompt:
+        try:
+            if template:
+                for t in turns:
+                    check_text(t["content"], "a message")
+                text_or_ids = apply_template(self.tokenizer, turns, tokenize=not self.encoder_decoder,
+                                             **self.template_args)
+            else:
+                check_text(turns, "the prompt")
+                if not turns.strip() and not images:
+                    raise MlxGemmaError("the prompt is empty: give some text")
+                text_or_ids = turns if self.encoder_decoder else list(self.tokenizer.encode(turns))
+            if not self.encoder_decoder:
+                self._check_ids(text_or_ids)
+                return Prompt(text_or_ids)
+            inputs = self.processor(text_or_ids, images or None)
+        except MlxGemmaError as e:
+            raise RequestError(str(e)) from None
+        encoder = {"input_ids": inputs["input_ids"], "pixel_values": inputs.get("pixel_values")}
+        limit = self.model.config.encoder.text_config.max_position_embeddings
+        if inputs["input_ids"].shape[1] >= limit:
+            raise RequestError(f"the prompt has {inputs['input_ids'].shape[1]} tokens but the encoder's context is "
+                               f"{limit}: shorten it", code="context_length_exceeded")
+        return Prompt([self.model.config.decoder.bos_token_id], encoder, images)
+
+    def _check_ids(self, ids: List[int]) -> None:
+        try:
+            check_prompt(self.model, ids)
+        except MlxGemmaError as e:
+            raise RequestError(str(e), code="context_length_exceeded" if "context" in str(e) else None) from None
+
+    # Running
+
+    def request(self, prompt: Prompt, *, max_tokens=None, temperature=None, top_p=None, top_k=None, min_p=None,
+                seed=None, stop=(), n=1, top_logprobs=0) -> Request:
+        d = self.defaults
+        sampling = dict(temp=d.temp if temperature is None else temperature, top_p=d.top_p if top_p is None else top_p,
+                        top_k=d.top_k if top_k is None else top_k, min_p=d.min_p if min_p is None else min_p,
+                        seed=seed)
+        return Request(prompt.ids, emit=None, max_tokens=max_tokens or d.max_tokens, sampling=sampling, n=n,
+                       stop=list(stop or []), top_logprobs=top_logprobs or 0, encoder=prompt.encoder,
+                       context=self.context)
+
+    async def events(self, request: Request, http_request=None):
+        """Submit request and yield its (kind, data) events until it ends. Leaving early (a client gone,
+        a stream cancelled) cancels it: the scheduler drops its rows at the next step."""
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue = asyncio.Queue()
+
+        def emit(kind, data):
+            try:
+                loop.call_soon_threadsafe(inbox.put_nowait, (kind, data))
+            except RuntimeError:  # the event loop is gone (shutting down): nobody is listening
+                request.cancelled = True
+
+        request.emit = emit
+        self.scheduler.submit(request)
+        try:
+            while True:
+                try:
+                    kind, data = await asyncio.wait_for(inbox.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if http_request is not None and await http_request.is_disconnected():
+                        return
+                    continue
+                if kind == "end":
+                    return
+                yield kind, data
+        finally:
+            request.cancelled = True
+
+    def describe(self) -> dict:
+        config = self.model.config
+        return {"model_type": getattr(config, "model_type", ""), "architecture": type(self.model).__name__,
+                "context_length": self.context, "source": str(Path(self.source)) if self.source else ""}

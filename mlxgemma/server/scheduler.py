@@ -1,0 +1,280 @@
+"""The model's owner: one thread that admits requests, prefills them a chunk at a time, and steps every
+live row in one batched forward, streaming each row's text out as it comes.
+
+Each loop: take new requests; drop rows whose client left; prefill one chunk of the oldest waiting request
+(a request joins the batch as soon as its prompt is in); one decode step of the whole batch. So a long
+prompt or a long generation never holds up the others for more than a chunk, and a request that finishes
+leaves the batch at once. HTTP handlers talk to it only through `submit` and the events they receive (from
+this thread: they hand them to their event loop themselves).
+"""
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import mlx.core as mx
+
+from ..batch import Batch, Sampling, fill, prefill, sample
+from ..generate import _held_back
+from ..models import is_encoder_decoder
+from .prompt_cache import PromptCache, snapshot
+
+log = logging.getLogger("mlxgemma.server")
+
+
+@dataclass
+class Request:
+    """What a handler asks for. `prompt`: the decoder's token ids (T5Gemma 2: `encoder` holds the encoder's
+    input_ids and pixel_values, and `prompt` is the decoder's start token). Events go to `emit`:
+    ("prompt", {prompt_tokens, cached_tokens}), ("token", Token), ("done", index, finish_reason, completion
+    tokens), ("error", message) and finally ("end", None)."""
+
+    prompt: List[int]
+    emit: Callable
+    max_tokens: int = 256
+    sampling: dict = field(default_factory=dict)  # temp, top_p, top_k, min_p, seed
+    n: int = 1
+    stop: List[str] = field(default_factory=list)
+    top_logprobs: int = 0  # 0: only the chosen token's logprob
+    encoder: Optional[dict] = None
+    context: Optional[int] = None  # the model's context: a row stops ("length") when it is full
+    cancelled: bool = False
+    # the scheduler's own
+    started: float = 0.0
+    live: int = 0
+    snapshots: list = field(default_factory=list)
+
+
+@dataclass
+class Token:
+    index: int
+    text: str
+    id: int
+    logprob: float
+    top: List[tuple]  # (id, logprob), best first
+
+
+@dataclass
+class Row:
+    request: Request
+    index: int
+    sampler: Sampling
+    detokenizer: object
+    generated: List[int] = field(default_factory=list)
+    pending: str = ""  # text held back while it could still become a stop string
+
+
+def materialize(model) -> None:
+    """Evaluate every array the model holds (weights and constants such as RoPE frequencies) here: a lazy
+    array made on this thread's MLX stream cannot be evaluated from the scheduler's thread."""
+    mx.eval(model.parameters())
+    for _, module in model.named_modules():
+        mx.eval([v for v in [*vars(module).values(), *module.values()] if isinstance(v, mx.array)])
+
+
+class Scheduler:
+    def __init__(self, model, tokenizer, prompt_cache: Optional[PromptCache] = None, decode_concurrency: int = 32,
+                 prefill_step_size: int = 2048):
+        self.model, self.tokenizer = model, tokenizer
+        self.encoder_decoder = is_encoder_decoder(model)
+        self.prompt_cache = prompt_cache if not self.encoder_decoder else None
+        self.decode_concurrency, self.prefill_step_size = decode_concurrency, prefill_step_size
+        self.eos = set(tokenizer.eos_token_ids)
+        self.inbox: "queue.Queue[Request]" = queue.Queue()
+        self.waiting: List[Request] = []
+        self.prefilling = None  # (request, cache, ids still to feed)
+        self.batch, self.rows = Batch(model), []
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="mlxgemma-scheduler", daemon=True)
+        materialize(model)
+
+    def start(self) -> "Scheduler":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.inbox.put(None)
+        self.thread.join(timeout=10)
+
+    def submit(self, request: Request) -> None:
+        self.inbox.put(request)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.rows or self.waiting or self.prefilling)
+
+    def _loop(self) -> None:
+        mx.set_default_stream(mx.new_stream(mx.default_device()))  # MLX streams belong to one thread
+        while not self._stop.is_set():
+            try:
+                self._take(block=not self.busy)
+                self._drop_cancelled()
+                if self.prefilling or (self.waiting and len(self.rows) < self.decode_concurrency):
+                    self._prefill_chunk()
+                if self.rows:
+                    self._step()
+            except Exception as e:  # never let one failure stop the server: fail what was running
+                log.exception("scheduler step failed")
+                self._fail_all(f"internal error: {type(e).__name__}: {e}")
+
+    def _take(self, block: bool) -> None:
+        try:
+            r = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
+            while True:
+                if r is not None:
+                    r.started = time.perf_counter()
+                    self.waiting.append(r)
+                r = self.inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _drop_cancelled(self) -> None:
+        for r in [r for r in self.waiting if r.cancelled]:
+            self.waiting.remove(r)
+            r.emit("end", None)
+        if self.prefilling and self.prefilling[0].cancelled:
+            self.prefilling[0].emit("end", None)
+            self.prefilling = None
+        gone = [i for i, row in enumerate(self.rows) if row.request.cancelled]
+        if gone:
+            self._remove(gone)
+
+    # Prefill
+
+    def _prefill_chunk(self) -> None:
+        if self.prefilling is None:
+            request = self.waiting.pop(0)
+            try:
+                self.prefilling = self._begin(request)
+            except Exception as e:
+                log.exception("prefill failed")
+                request.emit("error", f"{type(e).__name__}: {e}")
+                request.emit("end", None)
+                return
+        request, cache, rest = self.prefilling
+        try:
+            if len(rest) > self.prefill_step_size + 1:  # one chunk now, the rest after the next decode step
+                fill(self.model, cache, rest[: self.prefill_step_size], self.prefill_step_size)
+                self.prefilling = (request, cache, rest[self.prefill_step_size :])
+                return
+            self.prefilling = None
+            logprobs = prefill(self.model, cache, rest, self.prefill_step_size)
+        except Exception as e:
+            self.prefilling = None
+            log.exception("prefill failed")
+            request.emit("error", f"{type(e).__name__}: {e}")
+            request.emit("end", None)
+            return
+        if self.prompt_cache is not None:
+            request.snapshots.append(snapshot(cache, len(request.prompt)))
+        self._join(request, cache, logprobs)
+
+    def _begin(self, request: Request):
+        """The request's cache (from the prompt cache where it can be) and the ids it still has to feed."""
+        if self.encoder_decoder:
+            enc = request.encoder
+            encoded = self.model.encode(mx.array(enc["input_ids"]), pixel_values=enc.get("pixel_values"))
+            cache, cached = self.model.make_cache(encoded), 0
+        else:
+            cached, cache = 0, None
+            if self.prompt_cache is not None:
+                cached, cache, request.snapshots = self.prompt_cache.fetch(request.prompt)
+            cache = cache if cache is not None else self.model.make_cache()
+        prompt_tokens = len(request.encoder["input_ids"][0]) if self.encoder_decoder else len(request.prompt)
+        request.emit("prompt", {"prompt_tokens": prompt_tokens, "cached_tokens": cached})
+        return request, cache, request.prompt[cached:]
+
+    def _join(self, request: Request, cache, logprobs: mx.array) -> None:
+        """Each of the request's n choices samples its first token and, unless already done, joins the batch."""
+        request.live = request.n
+        for index in range(request.n):
+            sampling = dict(request.sampling)
+            seed = sampling.pop("seed", None)
+            sampler = Sampling(**sampling, seed=None if seed is None else seed + index)
+            row = Row(request, index, sampler, self.tokenizer.detokenizer)
+            token = int(sample(logprobs[None], [sampler]).item())
+            if not self._advance(row, token, logprobs[token].item(), logprobs):
+                self.batch.add(cache, token)
+                self.rows.append(row)
+            else:
+                self._finished(row, cache)
+
+    # Decode
+
+    def _step(self) -> None:
+        logprobs = self.batch.step()
+        tokens = sample(logprobs, [row.sampler for row in self.rows])
+        chosen = mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+        mx.eval(tokens, chosen)
+        self.batch.tokens = tokens
+        done = [i for i, (row, t, lp) in enumerate(zip(self.rows, tokens.tolist(), chosen.tolist()))
+                if self._advance(row, t, lp, logprobs[i])]
+        if done:
+            for i in done:
+                self._finished(self.rows[i], self.batch.extract(i) if self.prompt_cache is not None else None)
+            self._remove(done, finished=True)
+
+    def _advance(self, row: Row, token: int, logprob: float, logprobs: mx.array) -> bool:
+        """Record and stream one new token of a row; True when the row is done (its 'done' is sent)."""
+        request = row.request
+        row.generated.append(token)
+        position = len(request.prompt) + len(row.generated)
+        finish = None
+        if token in self.eos:
+            finish = "stop"
+        else:
+            row.detokenizer.add_token(token)
+        if finish is None and (len(row.generated) >= request.max_tokens or
+                               (request.context and position >= request.context)):
+            finish = "length"
+        if finish is not None:
+            row.detokenizer.finalize()
+        text = row.pending + row.detokenizer.last_segment
+        hits = [text.find(s) for s in request.stop if s in text]
+        if hits:
+            text, finish = text[: min(hits)], "stop"
+        shown = len(text) if finish else len(text) - _held_back(text, request.stop)
+        row.pending = text[shown:]
+        top = self._top(logprobs, request.top_logprobs) if request.top_logprobs else []
+        request.emit("token", Token(row.index, text[:shown], token, logprob, top))
+        if finish:
+            request.emit("done", (row.index, finish, len(row.generated)))
+        return finish is not None
+
+    @staticmethod
+    def _top(logprobs: mx.array, k: int) -> List[tuple]:
+        ids = mx.argsort(-logprobs)[:k]
+        return list(zip(ids.tolist(), logprobs[ids].tolist()))
+
+    def _finished(self, row: Row, cache) -> None:
+        request = row.request
+        if self.prompt_cache is not None and cache is not None:
+            self.prompt_cache.insert(request.prompt + row.generated[:-1], cache, request.snapshots)
+        request.live -= 1
+        if request.live == 0:
+            request.emit("end", None)
+
+    def _remove(self, indices: List[int], finished: bool = False) -> None:
+        for i in indices:
+            row = self.rows[i]
+            if not finished:  # cancelled: end the request once (its other rows go in this same call)
+                row.request.live -= 1
+                if row.request.live == 0:
+                    row.request.emit("end", None)
+        keep = [i for i in range(len(self.rows)) if i not in set(indices)]
+        self.rows = [self.rows[i] for i in keep]
+        self.batch.keep(keep)
+
+    def _fail_all(self, message: str) -> None:
+        requests = {id(r.request): r.request for r in self.rows}
+        if self.prefilling:
+            requests[id(self.prefilling[0])] = self.prefilling[0]
+        for r in requests.values():
+            r.emit("error", message)
+            r.emit("end", None)
+        self.rows, self.prefilling = [], None
+        self.batch = Batch(self.model)

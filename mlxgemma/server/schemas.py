@@ -1,0 +1,205 @@
+"""Request bodies of both APIs (pydantic models: types and ranges), and the one error a bad request becomes.
+
+Fields clients commonly send that change nothing here (user, frequency_penalty 0, ...) are accepted and
+ignored; a field that would change the output in a way this server cannot honour is refused by name
+(tools, response_format other than text, echo, ...), never silently dropped.
+"""
+
+from typing import Any, Dict, List, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+MAX_STOPS = 16
+
+
+class RequestError(Exception):
+    """Becomes an OpenAI error object ({"error": {message, type, param, code}}) or Ollama's {"error": ...}."""
+
+    def __init__(self, message: str, status: int = 400, param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.message, self.status, self.param, self.code = message, status, param, code
+
+    @property
+    def kind(self) -> str:
+        return {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error"}.get(
+            self.status, "invalid_request_error" if self.status < 500 else "server_error")
+
+
+def parse(model: type, body: Any):
+    """A request model from a decoded JSON body; the first problem as one RequestError naming the field."""
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = ".".join(str(p) for p in err["loc"]) or None
+        message = err["msg"].removeprefix("Value error, ")
+        raise RequestError(f"{param}: {message}" if param else message, param=param) from None
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(_Body):
+    url: str
+
+
+class ImagePart(_Body):
+    type: Literal["image_url"]
+    image_url: Union[ImageURL, str]
+
+
+class Message(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, List[Union[TextPart, ImagePart]], None] = None
+    images: Optional[List[str]] = None  # Ollama: base64 images on the message
+
+
+def _stops(v):
+    stops = [v] if isinstance(v, str) else list(v or [])
+    if len(stops) > MAX_STOPS:
+        raise ValueError(f"at most {MAX_STOPS} stop strings")
+    return [s for s in stops if s]
+
+
+def _no_tools(cls, v):
+    if v:
+        raise ValueError("tool calls are not supported yet")
+    return v
+
+
+class Sampling(_Body):
+    """What both OpenAI endpoints share."""
+
+    model: Optional[str] = None
+    max_tokens: Optional[int] = Field(None, gt=0)
+    temperature: Optional[float] = Field(None, ge=0, le=2)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    top_k: Optional[int] = Field(None, ge=0)
+    min_p: Optional[float] = Field(None, ge=0, le=1)
+    seed: Optional[int] = Field(None, ge=0, lt=2**63)
+    stop: Union[str, List[str], None] = None
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stream_options: Optional[Dict[str, Any]] = None
+    frequency_penalty: Optional[float] = None
+    presence_penalty: Optional[float] = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v):
+        return _stops(v)
+
+    @field_validator("frequency_penalty", "presence_penalty")
+    @classmethod
+    def _no_penalty(cls, v):
+        if v:
+            raise ValueError("penalties are not supported; leave it 0 or out")
+        return v
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class ChatRequest(Sampling):
+    messages: List[Message] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, gt=0)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    tools: Optional[list] = None
+    tool_choice: Any = None
+    response_format: Optional[Dict[str, Any]] = None
+
+    _no_tools = field_validator("tools")(_no_tools)
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, v):
+        if v and v.get("type", "text") != "text":
+            raise ValueError("only the text response format is supported yet")
+        return v
+
+
+class CompletionRequest(Sampling):
+    prompt: Union[str, List[str], List[int]]
+    logprobs: Optional[int] = Field(None, ge=0, le=5)
+    echo: bool = False
+    suffix: Optional[str] = None
+    best_of: Optional[int] = None
+
+    @field_validator("echo", "suffix", "best_of")
+    @classmethod
+    def _unsupported(cls, v, info):
+        if v and not (info.field_name == "best_of" and v == 1):
+            raise ValueError(f"{info.field_name} is not supported")
+        return v
+
+
+class OllamaOptions(_Body):
+    temperature: Optional[float] = Field(None, ge=0, le=2)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    top_k: Optional[int] = Field(None, ge=0)
+    min_p: Optional[float] = Field(None, ge=0, le=1)
+    seed: Optional[int] = Field(None, ge=0, lt=2**63)
+    num_predict: Optional[int] = None  # -1 (or -2): until the context is full
+    stop: Optional[List[str]] = None
+    num_ctx: Optional[int] = None
+
+    @field_validator("num_predict")
+    @classmethod
+    def _predict(cls, v):
+        if v is not None and (v == 0 or v < -2):
+            raise ValueError("num_predict must be positive, or -1 for no limit")
+        return v
+
+
+class _Ollama(_Body):
+    model: Optional[str] = None
+    stream: bool = True
+    options: Optional[OllamaOptions] = None
+    format: Any = None
+    keep_alive: Any = None
+
+    @field_validator("format")
+    @classmethod
+    def _no_format(cls, v):
+        if v:
+            raise ValueError("structured output (format) is not supported yet")
+        return v
+
+
+class OllamaChatRequest(_Ollama):
+    messages: List[Message] = Field(min_length=1)
+    tools: Optional[list] = None
+
+    _no_tools = field_validator("tools")(_no_tools)
+
+
+class OllamaGenerateRequest(_Ollama):
+    prompt: str = ""
+    system: Optional[str] = None
+    images: Optional[List[str]] = None
+    raw: bool = False
+    suffix: Optional[str] = None
+    template: Optional[str] = None
+    context: Optional[List[int]] = None
+
+    @field_validator("suffix", "template")
+    @classmethod
+    def _unsupported(cls, v, info):
+        if v:
+            raise ValueError(f"{info.field_name} is not supported")
+        return v
+
+
+class OllamaShowRequest(_Body):
+    model: Optional[str] = None
+    name: Optional[str] = None
