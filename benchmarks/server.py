@@ -57,7 +57,8 @@ class Server:
         self.log = log_dir / f"{name}-{self.port}.log"
         cmd = COMMANDS[name] + ["--model", str(model), "--host", "127.0.0.1", "--port", str(self.port), *extra]
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
 
     def wait_ready(self, timeout: float = 600.0):
         """Polls /health (or /v1/models where /health is missing), then one short request: mlx_lm answers
@@ -116,6 +117,8 @@ def stream(client: httpx.Client, url: str, prompt: str, max_tokens: int) -> dict
                     chunks += 1
                     text.append(choice["text"])
     end = time.perf_counter()
+    if first is None:
+        raise RuntimeError(f"{url}: a stream without data chunks")
     tokens = usage["completion_tokens"] if usage and usage.get("completion_tokens") is not None else chunks
     return dict(start=start, end=end, ttft=(first_text or first or end) - start, tokens=tokens,
                 text="".join(text), usage=usage)
@@ -185,7 +188,8 @@ def conversation(servers: dict, tiny: bool, first_words: int, turn_words: int, t
                 usage = r["usage"] or {}
                 cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
                 out[label].append(dict(ttft=r["ttft"], prompt_tokens=usage.get("prompt_tokens"), cached_tokens=cached))
-                prompts[label] = prompts[label] + r["text"] + " " + pieces[k]
+                # The word-level tokenizer's text lacks the space before its first word; SentencePiece's has it.
+                prompts[label] += (" " if tiny else "") + r["text"] + " " + pieces[k]
     return out
 
 
@@ -251,6 +255,11 @@ def bench(name: str, model: Path, args, sides: list, work: Path) -> dict:
         print(f"[{name}] conversation", file=sys.stderr, flush=True)
         conv = conversation({(f"{s} cache" if s in sides else s): v for s, v in servers.items()}, name == "tiny",
                             size["first_words"], size["turn_words"])
+    except Exception:
+        for label, server in servers.items():
+            if server.proc.poll() is not None:
+                print(f"[{name}] {label} exited with {server.proc.returncode}:\n{server.log_tail()}", file=sys.stderr)
+        raise
     finally:
         for server in servers.values():
             server.stop()

@@ -87,6 +87,7 @@ class Scheduler:
         self.waiting: List[Request] = []
         self.prefilling = None  # (request, cache, ids still to feed)
         self.batch, self.rows = Batch(model), []
+        self.stats = {"requests": 0, "cancelled": 0, "peak_rows": 0}
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="mlxgemma-scheduler", daemon=True)
         materialize(model)
@@ -116,6 +117,7 @@ class Scheduler:
                 if self.prefilling or (self.waiting and len(self.rows) < self.decode_concurrency):
                     self._prefill_chunk()
                 if self.rows:
+                    self.stats["peak_rows"] = max(self.stats["peak_rows"], len(self.rows))
                     self._step()
             except Exception as e:  # never let one failure stop the server: fail what was running
                 log.exception("scheduler step failed")
@@ -126,6 +128,7 @@ class Scheduler:
             r = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
             while True:
                 if r is not None:
+                    self.stats["requests"] += 1
                     r.started = time.perf_counter()
                     self.waiting.append(r)
                 r = self.inbox.get_nowait()
@@ -133,6 +136,9 @@ class Scheduler:
             pass
 
     def _drop_cancelled(self) -> None:
+        gone = {id(r): r for r in self.waiting + [row.request for row in self.rows] +
+                [self.prefilling[0] if self.prefilling else None] if r is not None and r.cancelled}
+        self.stats["cancelled"] += len(gone)
         for r in [r for r in self.waiting if r.cancelled]:
             self.waiting.remove(r)
             r.emit("end", None)
