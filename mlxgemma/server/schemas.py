@@ -192,11 +192,12 @@ class OllamaGenerateRequest(_Ollama):
     template: Optional[str] = None
     context: Optional[List[int]] = None
 
-    @field_validator("suffix", "template")
+    @field_validator("suffix", "template", "context")
     @classmethod
     def _unsupported(cls, v, info):
         if v:
-            raise ValueError(f"{info.field_name} is not supported")
+            hint = ": send the whole prompt (the prompt cache makes that cheap)" if info.field_name == "context" else ""
+            raise ValueError(f"{info.field_name} is not supported{hint}")
         return v
 
 
