@@ -136,45 +136,47 @@ class Scheduler:
             pass
 
     def _drop_cancelled(self) -> None:
-        gone = {id(r): r for r in self.waiting + [row.request for row in self.rows] +
-                [self.prefilling[0] if self.prefilling else None] if r is not None and r.cancelled}
+        """Requests whose client left: out of the queue, the prefill and the batch."""
+        prefilling = [self.prefilling[0]] if self.prefilling else []
+        gone = {id(r): r for r in self.waiting + prefilling + [row.request for row in self.rows] if r.cancelled}
+        if not gone:
+            return
         self.stats["cancelled"] += len(gone)
-        for r in [r for r in self.waiting if r.cancelled]:
-            self.waiting.remove(r)
-            r.emit("end", None)
-        if self.prefilling and self.prefilling[0].cancelled:
-            self.prefilling[0].emit("end", None)
+        self.waiting = [r for r in self.waiting if not r.cancelled]
+        if prefilling and prefilling[0].cancelled:
             self.prefilling = None
-        gone = [i for i, row in enumerate(self.rows) if row.request.cancelled]
-        if gone:
-            self._remove(gone)
+        rows = [i for i, row in enumerate(self.rows) if row.request.cancelled]
+        if rows:
+            self._remove(rows)
+        for r in gone.values():
+            r.emit("end", None)
 
     # Prefill
 
     def _prefill_chunk(self) -> None:
+        """One chunk of the current prefill (started from the queue if none is running); a failure ends
+        that request alone."""
         if self.prefilling is None:
-            request = self.waiting.pop(0)
-            try:
-                self.prefilling = self._begin(request)
-            except Exception as e:
-                log.exception("prefill failed")
-                request.emit("error", f"{type(e).__name__}: {e}")
-                request.emit("end", None)
-                return
-        request, cache, rest = self.prefilling
+            self.prefilling = (self.waiting.pop(0), None, None)
+        request = self.prefilling[0]
         try:
-            if len(rest) > self.prefill_step_size + 1:  # one chunk now, the rest after the next decode step
-                fill(self.model, cache, rest[: self.prefill_step_size], self.prefill_step_size)
-                self.prefilling = (request, cache, rest[self.prefill_step_size :])
-                return
-            self.prefilling = None
-            logprobs = prefill(self.model, cache, rest, self.prefill_step_size)
+            self._prefill_more()
         except Exception as e:
             self.prefilling = None
             log.exception("prefill failed")
             request.emit("error", f"{type(e).__name__}: {e}")
             request.emit("end", None)
+
+    def _prefill_more(self) -> None:
+        request, cache, rest = self.prefilling
+        if cache is None:
+            request, cache, rest = self.prefilling = self._begin(request)
+        if len(rest) > self.prefill_step_size + 1:  # one chunk now, the rest after the next decode step
+            fill(self.model, cache, rest[: self.prefill_step_size], self.prefill_step_size)
+            self.prefilling = (request, cache, rest[self.prefill_step_size :])
             return
+        self.prefilling = None
+        logprobs = prefill(self.model, cache, rest, self.prefill_step_size)
         if self.prompt_cache is not None:
             request.snapshots.append(snapshot(cache, len(request.prompt)))
         self._join(request, cache, logprobs)
@@ -222,7 +224,7 @@ class Scheduler:
         if done:
             for i in done:
                 self._finished(self.rows[i], self.batch.extract(i) if self.prompt_cache is not None else None)
-            self._remove(done, finished=True)
+            self._remove(done)
 
     def _advance(self, row: Row, token: int, logprob: float, logprobs: mx.array) -> bool:
         """Record and stream one new token of a row; True when the row is done (its 'done' is sent)."""
@@ -264,14 +266,9 @@ class Scheduler:
         if request.live == 0:
             request.emit("end", None)
 
-    def _remove(self, indices: List[int], finished: bool = False) -> None:
-        for i in indices:
-            row = self.rows[i]
-            if not finished:  # cancelled: end the request once (its other rows go in this same call)
-                row.request.live -= 1
-                if row.request.live == 0:
-                    row.request.emit("end", None)
-        keep = [i for i in range(len(self.rows)) if i not in set(indices)]
+    def _remove(self, indices: List[int]) -> None:
+        drop = set(indices)
+        keep = [i for i in range(len(self.rows)) if i not in drop]
         self.rows = [self.rows[i] for i in keep]
         self.batch.keep(keep)
 
