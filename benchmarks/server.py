@@ -2,18 +2,24 @@
 decode tokens/s and time to first token (TTFT) for 1..16 concurrent streaming clients, and the TTFT of each
 turn of a 6-turn conversation with the prompt cache on and off.
 
-Each server is a subprocess on a free 127.0.0.1 port, polled on /health until ready, warmed up by one short
-request, and killed at the end. Both sides run at once, idle while the other is measured, so that the machine's
-drifting speed hits both alike: each concurrency level runs on one, then the other (which goes first
-alternates). A level is `--rounds` bursts of N clients started together, each streaming /v1/completions
-(temperature 0, `--max-tokens`, a prompt of its own so that no prompt cache helps); tokens/s is all the tokens
-generated (usage.completion_tokens of the stream's usage chunk, else the chunks counted) over the bursts' wall
-time, from the first request sent to the last stream finished; TTFT is to the first chunk with text.
-The conversation: turn k's prompt is turn k-1's prompt, its completion and a new piece of text, 16 new tokens
-a turn; the turns go round the servers one by one, on a second pair started with --prompt-cache-size 0 (which
-both servers read as: keep no cache). The initial prompt puts turn 6 past 1000 tokens.
+Each server is a subprocess on a free 127.0.0.1 port (both get --decode-concurrency of the highest level),
+polled on /health until ready, warmed up by one short request, and killed at the end. Both sides run at once,
+idle while the other is measured, so that the machine's drifting speed hits both alike: each concurrency level
+runs on one, then the other (which goes first alternates). A level is `--rounds` bursts of N clients started
+together, each streaming /v1/completions (temperature 0, `--max-tokens`, random words of its own so that no
+prompt cache helps); tokens/s is all the tokens generated (usage.completion_tokens of the stream's usage chunk,
+else the chunks counted) over the bursts' wall time, from the first request sent to the last stream finished;
+TTFT is to the first chunk with text. The conversation: turn k's prompt is turn k-1's prompt, its completion
+and a new piece of text, 16 new tokens a turn; the turns go round the servers one by one, those above (cache
+on) and a second pair started with --prompt-cache-size 0 (which both read as: keep no cache). The initial
+prompt puts turn 6 past 1000 tokens. Each TTFT cell also shows the prompt tokens the server reported as cached
+(usage.prompt_tokens_details.cached_tokens).
 
-    python benchmarks/server.py                          # both checkpoints (tiny random, then Gemma 3 270M)
+On this project's 2-core VM (MLX's CPU backend, where Gemma 3 270M prefills ~8 tokens/s and decodes ~3) the
+tiny checkpoint takes about 5 minutes for both servers, the real one about 40: for a short real run, cut
+--first-words (e.g. 40: turn 6 of ~330 tokens), --concurrency and --max-tokens.
+
+    python benchmarks/server.py                          # both checkpoints: tiny random, then Gemma 3 270M
     python benchmarks/server.py --tiny --concurrency 1,4 --max-tokens 16 --only mlx_lm
     python benchmarks/server.py --real --json out.json   # the default model, from mlxgemma[demo]
 """
@@ -86,18 +92,21 @@ class Server:
         return self.log.read_text(errors="replace")[-n:]
 
     def stop(self):
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
+                os.killpg(self.proc.pid, sig)  # the group: the server and anything it started
                 self.proc.wait(10)
+                return
+            except ProcessLookupError:
+                return
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+                pass
 
 
 def stream(client: httpx.Client, url: str, prompt: str, max_tokens: int) -> dict:
     """One streaming completion: start/end times, TTFT, generated tokens, text, the usage chunk if any."""
-    body = dict(prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True, stream_options={"include_usage": True})
+    body = dict(prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
+                stream_options={"include_usage": True})
     start, first, first_text, chunks, usage, text = time.perf_counter(), None, None, 0, None, []
     with client.stream("POST", url + "/v1/completions", json=body) as r:
         if r.status_code != 200:
@@ -233,7 +242,8 @@ def report(name: str, conc: dict, conv: dict, sides: list):
     last = {lb: conv[lb][-1]["ttft"] for lb in labels}
     notes = [f"{s} no cache / cache {last[s + ' no cache'] / last[s + ' cache']:.2f}" for s in sides]
     if len(sides) == 2:
-        notes += [f"mlxgemma / mlx_lm {c} {last['mlxgemma ' + c] / last['mlx_lm ' + c]:.2f}" for c in ("cache", "no cache")]
+        notes += [f"mlxgemma / mlx_lm {c} {last['mlxgemma ' + c] / last['mlx_lm ' + c]:.2f}"
+                  for c in ("cache", "no cache")]
     print("\nTurn-6 TTFT ratios: " + "; ".join(notes))
 
 
@@ -279,6 +289,7 @@ def main():
     p.add_argument("--only", choices=list(COMMANDS))
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # through the finally clauses that stop the servers
     import mlx.core as mx
     import mlx_lm
 

@@ -1,7 +1,7 @@
 """The registry: config.json's model_type and architectures -> config class and model class."""
 
 from ..errors import MlxGemmaError
-from . import gemma, gemma2, gemma3, stablelm, t5gemma2
+from . import gemma, gemma2, gemma3, gemma4, stablelm, t5gemma2
 from .config import text_config_of
 
 # model_type -> (config class, family module, the class used when config.json names no architecture)
@@ -10,6 +10,8 @@ FAMILIES = {
     "gemma2": (gemma2.Gemma2Config, gemma2.Gemma2ForCausalLM),
     "gemma3_text": (gemma3.Gemma3TextConfig, gemma3.Gemma3ForCausalLM),
     "gemma3": (gemma3.Gemma3TextConfig, gemma3.Gemma3ForCausalLM),  # the text part of a multimodal checkpoint
+    "gemma4_text": (gemma4.Gemma4TextConfig, gemma4.Gemma4ForCausalLM),
+    "gemma4": (gemma4.Gemma4TextConfig, gemma4.Gemma4ForCausalLM),  # the text part of a multimodal checkpoint
     "stablelm": (stablelm.StableLmConfig, stablelm.StableLmForCausalLM),
     "t5gemma2": (t5gemma2.T5Gemma2Config, t5gemma2.T5Gemma2ForConditionalGeneration),
 }
@@ -22,15 +24,17 @@ CLASSES = {
         gemma2.Gemma2Model, gemma2.Gemma2ForCausalLM, gemma2.Gemma2ForSequenceClassification,
         gemma2.Gemma2ForTokenClassification,
         gemma3.Gemma3TextModel, gemma3.Gemma3ForCausalLM, gemma3.Gemma3TextForSequenceClassification,
+        gemma4.Gemma4TextModel, gemma4.Gemma4ForCausalLM,
         stablelm.StableLmModel, stablelm.StableLmForCausalLM, stablelm.StableLmForSequenceClassification,
         stablelm.StableLmForTokenClassification,
         t5gemma2.T5Gemma2Model, t5gemma2.T5Gemma2ForConditionalGeneration,
         t5gemma2.T5Gemma2ForSequenceClassification, t5gemma2.T5Gemma2ForTokenClassification,
     )
 }
-# Multimodal Gemma 3 architectures: we run their text part.
+# Multimodal Gemma 3 and Gemma 4 architectures: we run their text part.
 CLASSES["Gemma3ForConditionalGeneration"] = gemma3.Gemma3ForCausalLM
 CLASSES["Gemma3ForSequenceClassification"] = gemma3.Gemma3TextForSequenceClassification
+CLASSES["Gemma4ForConditionalGeneration"] = gemma4.Gemma4ForCausalLM
 
 
 def is_encoder_decoder(model) -> bool:
@@ -55,8 +59,9 @@ def config_from_dict(d: dict, source: str = "config.json"):
         what = f"model_type {model_type!r}" if model_type else "no model_type"
         raise MlxGemmaError(f"{source} has {what}; supported: {', '.join(FAMILIES)}")
     config_class, _ = FAMILIES[model_type]
-    if model_type == "gemma3":
-        return config_class.from_dict(text_config_of(d), source=f"{source} (text_config)", require=False)
+    if model_type in ("gemma3", "gemma4"):
+        text = text_config_of(d, model_type + "_text")
+        return config_class.from_dict(text, source=f"{source} (text_config)", require=False)
     if model_type == "t5gemma2":  # shapes live in the sub-configs, with transformers' defaults
         return config_class.from_dict(d, source=source, require=False)
     return config_class.from_dict(d, source=source)

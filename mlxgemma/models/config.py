@@ -23,7 +23,9 @@ REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers
 POSITIVE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window", "num_channels",
             "image_size", "patch_size", "mm_tokens_per_image", "num_labels", "query_pre_attn_scalar",
-            "rms_norm_eps", "layer_norm_eps", "final_logit_softcapping", "attn_logit_softcapping")
+            "rms_norm_eps", "layer_norm_eps", "final_logit_softcapping", "attn_logit_softcapping",
+            "global_head_dim", "num_global_key_value_heads", "vocab_size_per_layer_input", "num_experts",
+            "top_k_experts", "moe_intermediate_size")
 MAX_SIZE, MAX_LAYERS = 2**31 - 1, 1024
 
 
@@ -178,15 +180,18 @@ def single_rope(rope_parameters: Optional[dict], legacy: dict, default_theta: fl
     return params
 
 
-def check_rope(params: dict, where: str) -> None:
+def check_rope(params: dict, where: str, supported: tuple = SUPPORTED_ROPE_TYPES) -> None:
     rope_type = params.get("rope_type", "default")
-    if not isinstance(rope_type, str) or rope_type not in SUPPORTED_ROPE_TYPES:
+    if not isinstance(rope_type, str) or rope_type not in supported:
         raise MlxGemmaError(
             f"{where}.rope_type {rope_type!r} is not supported "
-            f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+            f"(supported: {', '.join(supported)})"
         )
     if rope_type == "linear" and not (of_type(params.get("factor"), float) and params["factor"] > 0):
         raise MlxGemmaError(f"{where}: a linear rope needs a positive numeric 'factor'")
+    factor = params.get("factor", 1.0)
+    if rope_type == "proportional" and not (of_type(factor, float) and factor > 0):
+        raise MlxGemmaError(f"{where}.factor is {_short(factor)}, expected a positive number")
     theta = params.get("rope_theta")
     if not (of_type(theta, float) and theta > 0):
         raise MlxGemmaError(f"{where}.rope_theta is {_short(theta)}, expected a positive number")
@@ -213,13 +218,13 @@ def check_layer_types(layer_types: list, n_layers: int) -> None:
         )
 
 
-def text_config_of(d: dict) -> dict:
-    """The text part of a multimodal Gemma 3 config (model_type gemma3), with gemma3_text defaults."""
+def text_config_of(d: dict, text_model_type: str = "gemma3_text") -> dict:
+    """The text part of a multimodal config (model_type gemma3 or gemma4), with its text model's defaults."""
     text = d.get("text_config") or {}
     if not isinstance(text, dict):
         raise MlxGemmaError(f"config.json: text_config must be an object, got {type(text).__name__}")
     text = dict(text)
-    text.setdefault("model_type", "gemma3_text")
+    text.setdefault("model_type", text_model_type)
     for key in ("architectures", "quantization"):
         if key in d:
             text.setdefault(key, d[key])

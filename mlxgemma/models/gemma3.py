@@ -63,17 +63,23 @@ class Gemma3TextModel(GemmaModel):
 
     def sanitize(self, weights: dict) -> dict:
         """Multimodal checkpoints: keep the language model (either hub layout), drop the vision parts."""
-        out = {}
-        for k, v in super().sanitize(weights).items():
-            if k.startswith(_VISION_PREFIXES):
-                continue
-            for prefix in _TEXT_PREFIXES:
-                if k.startswith(prefix):
-                    k = k[len(prefix):]
-                    k = k if k.startswith("lm_head.") else "model." + k
-                    break
-            out[k] = v
-        return out
+        return language_model_part(super().sanitize(weights), _VISION_PREFIXES)
+
+
+def language_model_part(weights: dict, drop: tuple) -> dict:
+    """The weights of a multimodal checkpoint's language model, named as its CausalLM's (model.*, lm_head.*),
+    from either layout (model.language_model.* or language_model.model.*); keys starting with `drop` go."""
+    out = {}
+    for k, v in weights.items():
+        if k.startswith(drop):
+            continue
+        for prefix in _TEXT_PREFIXES:
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+                k = k if k.startswith("lm_head.") else "model." + k
+                break
+        out[k] = v
+    return out
 
 
 class Gemma3ForCausalLM(CausalLM):

@@ -87,6 +87,7 @@ class Scheduler:
         self.waiting: List[Request] = []
         self.prefilling = None  # (request, cache, ids still to feed)
         self.batch, self.rows = Batch(model), []
+        self.inflight = None  # a queued decode step (see _step)
         self.stats = {"requests": 0, "cancelled": 0, "peak_rows": 0}
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="mlxgemma-scheduler", daemon=True)
@@ -115,6 +116,8 @@ class Scheduler:
                 self._take(block=not self.busy)
                 self._drop_cancelled()
                 if self.prefilling or (self.waiting and len(self.rows) < self.decode_concurrency):
+                    if self.inflight is not None:  # stream the queued step before the batch changes
+                        self._step()
                     self._prefill_chunk()
                 if self.rows:
                     self.stats["peak_rows"] = max(self.stats["peak_rows"], len(self.rows))
@@ -209,21 +212,33 @@ class Scheduler:
                 self.batch.add(cache, token)
                 self.rows.append(row)
             else:
-                self._finished(row, cache)
+                self._finished(row, cache, 0)
 
     # Decode
 
-    def _step(self) -> None:
+    def _launch(self):
+        """One decode step of the whole batch, queued (mx.async_eval): its log-probabilities, sampled tokens
+        and their log-probabilities."""
         logprobs = self.batch.step()
         tokens = sample(logprobs, [row.sampler for row in self.rows])
         chosen = mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
-        mx.eval(tokens, chosen)
+        mx.async_eval(tokens, chosen)
+        return logprobs, tokens, chosen
+
+    def _step(self) -> None:
+        """Stream one step's tokens. While no request waits to join, the next step is queued first, on the
+        tokens just sampled, so that the model computes it while this thread detokenizes and streams (as
+        mlx-lm's generation loop does); a row that finishes meanwhile is dropped from that step's output."""
+        logprobs, tokens, chosen = self.inflight or self._launch()
         self.batch.tokens = tokens
+        self.inflight = None if (self.waiting or self.prefilling) else self._launch()
         done = [i for i, (row, t, lp) in enumerate(zip(self.rows, tokens.tolist(), chosen.tolist()))
                 if self._advance(row, t, lp, logprobs[i])]
         if done:
+            fed = 0 if self.inflight else -1  # the queued step has fed every row its last token
             for i in done:
-                self._finished(self.rows[i], self.batch.extract(i) if self.prompt_cache is not None else None)
+                cache = self.batch.extract(i) if self.prompt_cache is not None else None
+                self._finished(self.rows[i], cache, len(self.rows[i].generated) + fed)
             self._remove(done)
 
     def _advance(self, row: Row, token: int, logprob: float, logprobs: mx.array) -> bool:
@@ -258,10 +273,11 @@ class Scheduler:
         ids = mx.argsort(-logprobs)[:k]
         return list(zip(ids.tolist(), logprobs[ids].tolist()))
 
-    def _finished(self, row: Row, cache) -> None:
+    def _finished(self, row: Row, cache, fed: int) -> None:
+        """A row is done; its cache (holding the prompt and its first `fed` tokens) goes to the prompt cache."""
         request = row.request
         if self.prompt_cache is not None and cache is not None:
-            self.prompt_cache.insert(request.prompt + row.generated[:-1], cache, request.snapshots)
+            self.prompt_cache.insert(request.prompt + row.generated[:fed], cache, request.snapshots)
         request.live -= 1
         if request.live == 0:
             request.emit("end", None)
@@ -271,6 +287,9 @@ class Scheduler:
         keep = [i for i in range(len(self.rows)) if i not in drop]
         self.rows = [self.rows[i] for i in keep]
         self.batch.keep(keep)
+        if self.inflight is not None:
+            index = mx.array(keep, dtype=mx.int32)
+            self.inflight = tuple(x[index] for x in self.inflight) if keep else None
 
     def _fail_all(self, message: str) -> None:
         requests = {id(r.request): r.request for r in self.rows}
@@ -279,5 +298,5 @@ class Scheduler:
         for r in requests.values():
             r.emit("error", message)
             r.emit("end", None)
-        self.rows, self.prefilling = [], None
+        self.rows, self.prefilling, self.inflight = [], None, None
         self.batch = Batch(self.model)

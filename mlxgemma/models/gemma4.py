@@ -1,0 +1,375 @@
+"""Gemma 4 (text): Gemma 3's sandwich layer with plain-weight RMSNorms (w, not 1 + w), attention unscaled
+(q and k are RMS-normalised per head, v too, without a weight), and on full-attention layers their own head
+size (global_head_dim), KV heads and a "proportional" partial RoPE. Optional parts, each as in a released
+checkpoint: per-layer inputs (E2B/E4B: a second embedding table feeding every layer), KV sharing (the last
+num_kv_shared_layers layers reuse an earlier layer's keys and values), keys as values on full layers
+(attention_k_eq_v, 31B), double-wide MLPs on the shared layers, and a mixture-of-experts block beside the
+MLP (gemma4_moe.py). Also the text part of multimodal `gemma4` checkpoints.
+Reference: transformers/models/gemma4 (Gemma4TextConfig, Gemma4TextModel, Gemma4ForCausalLM)."""
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..errors import MlxGemmaError
+from .common import MLP, activation, as_input_ids, attention, heads, layer_masks, make_caches, scaled_embedding
+from .config import FULL, MAX_SIZE, SLIDING, BaseConfig, check_layer_types, check_rope, pattern_layer_types
+from .gemma3 import language_model_part
+from .gemma4_moe import Gemma4TextExperts, Gemma4TextRouter
+from .heads import CausalLM
+
+ROPE_TYPES = ("default", "linear", "proportional")
+DEFAULT_ROPE = {SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
+                FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0}}
+_NON_TEXT = tuple(p + part for p in ("model.", "") for part in ("vision_tower.", "audio_tower.", "embed_vision.",
+                                                                  "embed_audio."))
+
+
+@dataclass
+class Gemma4TextConfig(BaseConfig):
+    model_type: str = "gemma4_text"
+    vocab_size: int = 262_144
+    hidden_size: int = 2304
+    intermediate_size: int = 9216
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 4
+    head_dim: int = 256
+    hidden_activation: str = "gelu_pytorch_tanh"
+    max_position_embeddings: int = 131_072
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    pad_token_id: Optional[int] = 0
+    eos_token_id: Any = 1
+    bos_token_id: Optional[int] = 2
+    tie_word_embeddings: bool = True
+    rope_parameters: Optional[dict] = None
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    sliding_window: int = 512
+    layer_types: Optional[list] = None
+    final_logit_softcapping: Optional[float] = None
+    use_bidirectional_attention: Optional[str] = None  # "all" (bidirectional) or "vision" (images only)
+    vocab_size_per_layer_input: int = 262_144
+    hidden_size_per_layer_input: int = 256
+    attention_k_eq_v: bool = False
+    num_kv_shared_layers: int = 0
+    enable_moe_block: bool = False
+    use_double_wide_mlp: bool = False
+    num_experts: Optional[int] = None
+    top_k_experts: Optional[int] = None
+    moe_intermediate_size: Optional[int] = None
+    # Read by transformers' __post_init__ but not kept: it turns them into per_layer_config overrides of the
+    # full layers (which is what save_pretrained then writes, instead of these two).
+    global_head_dim: Optional[int] = 512
+    num_global_key_value_heads: Optional[int] = None
+    per_layer_config: Optional[dict] = None
+
+    def resolve(self, legacy: dict) -> None:
+        if self.use_bidirectional_attention not in (None, "all", "vision"):
+            raise MlxGemmaError(f"config.json: use_bidirectional_attention is {self.use_bidirectional_attention!r}, "
+                                "expected \"all\", \"vision\" or null")
+        if self.bidirectional:
+            self.sliding_window = self.sliding_window // 2 + 1  # transformers' conversion, undone on save
+        layer_types = list(self.layer_types or pattern_layer_types(self.num_hidden_layers, 6))
+        check_layer_types(layer_types, self.num_hidden_layers)
+        layer_types[-1] = FULL  # transformers forces the last layer to full attention (with a warning)
+        self.layer_types = layer_types
+        self.rope_parameters = self._rope_per_type()
+        self._attention_shapes()
+        self._kv_sharing()
+        self._check_sizes()
+
+    @property
+    def bidirectional(self) -> bool:
+        """"vision" only changes the masks of image tokens, which a text model never sees: causal here."""
+        return self.use_bidirectional_attention == "all"
+
+    def _rope_per_type(self) -> dict:
+        """One rope per layer type, nested by type (transformers reads no flat or legacy form for Gemma 4)."""
+        given = DEFAULT_ROPE if self.rope_parameters is None else self.rope_parameters
+        params = {}
+        for t in sorted(set(self.layer_types)):
+            p = given.get(t)
+            if not isinstance(p, dict):
+                raise MlxGemmaError(f"config.json: rope_parameters has no {t!r} entry (Gemma 4 nests its rope "
+                                    "parameters by layer type)")
+            p = dict(p)
+            p.setdefault("rope_type", p.get("type", "default"))
+            check_rope(p, f"rope_parameters.{t}", ROPE_TYPES)
+            if p["rope_type"] == "linear" and p.get("partial_rotary_factor", 1.0) != 1.0:
+                raise MlxGemmaError(f"config.json: rope_parameters.{t} is a partial linear rope, which transformers' "
+                                    "Gemma 4 cannot apply either (its cos/sin would not cover the head)")
+            params[t] = p
+        return params
+
+    def _attention_shapes(self) -> None:
+        """head_dims and kv_heads per layer type. The released configs give global_head_dim (default 512) and
+        num_global_key_value_heads (read only with attention_k_eq_v); configs saved by transformers 5 give
+        per_layer_config overrides instead, and then those two are ignored, as transformers ignores them."""
+        base = {"head_dim": self.head_dim, "num_key_value_heads": self.num_key_value_heads}
+        if self.per_layer_config is None:
+            full = {"head_dim": self.global_head_dim}
+            if self.attention_k_eq_v and self.num_global_key_value_heads is not None:
+                full["num_key_value_heads"] = self.num_global_key_value_heads
+            overrides = {i: full for i, t in enumerate(self.layer_types) if t == FULL}
+        else:
+            overrides = self._per_layer_overrides()
+        shapes = {}
+        for i, t in enumerate(self.layer_types):
+            layer = dict(base, **overrides.get(i, {}))
+            if shapes.setdefault(t, layer) != layer:
+                raise MlxGemmaError(f"config.json: per_layer_config gives {t} layers different head sizes or KV heads; "
+                                    "Gemma 4 takes one shape per layer type (as transformers' rope does)")
+        for t, s in shapes.items():
+            d, kv = s["head_dim"], s["num_key_value_heads"]
+            if not (isinstance(d, int) and 0 < d <= MAX_SIZE and d % 2 == 0):
+                raise MlxGemmaError(f"config.json: the {t} layers' head_dim is {d!r}, expected a positive even size")
+            if not (isinstance(kv, int) and 0 < kv and self.num_attention_heads % kv == 0):
+                raise MlxGemmaError(f"config.json: the {t} layers have {kv!r} KV heads, which must divide "
+                                    f"num_attention_heads {self.num_attention_heads}")
+            if self.num_attention_heads * d > MAX_SIZE:
+                raise MlxGemmaError("config.json: num_attention_heads x head_dim is more than an MLX dimension holds")
+        self.head_dims = {t: s["head_dim"] for t, s in shapes.items()}
+        self.kv_heads = {t: s["num_key_value_heads"] for t, s in shapes.items()}
+
+    def _per_layer_overrides(self) -> dict:
+        out = {}
+        for key, value in self.per_layer_config.items():
+            index = int(key) if isinstance(key, str) and key.isdigit() else -1
+            if not 0 <= index < self.num_hidden_layers or not isinstance(value, dict):
+                raise MlxGemmaError(f"config.json: per_layer_config key {key!r} is not a layer index with an object")
+            unknown = sorted(set(value) - {"head_dim", "num_key_value_heads"})
+            if unknown:
+                raise MlxGemmaError(f"config.json: per_layer_config overrides {', '.join(unknown)} of layer {index}; "
+                                    "mlxgemma reads only head_dim and num_key_value_heads there")
+            out[index] = value
+        return out
+
+    def _kv_sharing(self) -> None:
+        """The last num_kv_shared_layers layers own no keys and values: each reads those of the LAST earlier
+        layer of its own type (transformers' "store" layer), which must therefore exist."""
+        shared = self.num_kv_shared_layers
+        if not (isinstance(shared, int) and 0 <= shared < self.num_hidden_layers):
+            raise MlxGemmaError(f"config.json: num_kv_shared_layers is {shared!r}, expected 0..{self.num_hidden_layers - 1}"
+                                " (at least one layer must compute keys and values)")
+        self.first_kv_shared_layer_idx = first = self.num_hidden_layers - shared
+        self.kv_donors = {t: max(i for i in range(first) if self.layer_types[i] == t)
+                          for t in set(self.layer_types[:first])} if shared else {}
+        orphans = sorted(set(self.layer_types[first:]) - set(self.kv_donors))
+        if orphans:
+            raise MlxGemmaError(f"config.json: num_kv_shared_layers {shared} leaves the shared {orphans[0]} layers "
+                                f"without a layer of that type before them (layers 0..{first - 1}) to take keys and "
+                                "values from")
+
+    def _check_sizes(self) -> None:
+        per_layer = self.hidden_size_per_layer_input
+        if not (isinstance(per_layer, int) and 0 <= per_layer and per_layer * self.num_hidden_layers <= MAX_SIZE):
+            raise MlxGemmaError(f"config.json: hidden_size_per_layer_input is {per_layer!r}, expected 0 (none) or a "
+                                "size that fits num_hidden_layers times in an MLX dimension")
+        if per_layer and self.vocab_size_per_layer_input < self.vocab_size:
+            raise MlxGemmaError(f"config.json: vocab_size_per_layer_input {self.vocab_size_per_layer_input} is "
+                                f"smaller than vocab_size {self.vocab_size}: ids past it have no per-layer input")
+        if self.enable_moe_block:
+            missing = [k for k in ("num_experts", "top_k_experts", "moe_intermediate_size") if getattr(self, k) is None]
+            if missing:
+                raise MlxGemmaError(f"config.json: enable_moe_block needs {', '.join(missing)}")
+            if self.top_k_experts > self.num_experts:
+                raise MlxGemmaError(f"config.json: top_k_experts {self.top_k_experts} is more than num_experts "
+                                    f"{self.num_experts}")
+
+
+class Gemma4RMSNorm(nn.Module):
+    """RMSNorm scaled by its weight as stored (not 1 + w), or by nothing (with_scale=False: v_norm and the
+    router's norm have no weight). As in transformers, all of it runs in float32."""
+
+    def __init__(self, dims: int, eps: float = 1e-6, with_scale: bool = True):
+        super().__init__()
+        if with_scale:
+            self.weight = mx.ones((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        weight = self.weight.astype(mx.float32) if "weight" in self else None
+        if x.dtype == mx.float32:
+            return mx.fast.rms_norm(x, weight, self.eps)
+        return mx.fast.rms_norm(x.astype(mx.float32), weight, self.eps).astype(x.dtype)
+
+
+class Gemma4RoPE(nn.Module):
+    """Half-split RoPE over the whole head. "proportional" (full layers) rotates only the first
+    partial_rotary_factor / 2 of the frequency pairs, with exponents over the WHOLE head size
+    (theta^(2i/head_dim)), the other pairs not at all (an infinite period): so channel j pairs with
+    j + head_dim/2, not with j + rotated/2 as a partial rope over the first channels would.
+    "default" ignores partial_rotary_factor, as transformers' Gemma 4 does; "linear" divides positions."""
+
+    def __init__(self, head_dim: int, params: dict):
+        super().__init__()
+        self.dims = head_dim
+        theta = mx.array(float(params["rope_theta"]), dtype=mx.float32)
+        factor = float(params.get("factor", 1.0)) if params["rope_type"] != "default" else 1.0
+        pairs = head_dim // 2
+        if params["rope_type"] == "proportional":
+            pairs = int(params.get("partial_rotary_factor", 1.0) * head_dim // 2)
+        exponents = mx.arange(0, 2 * pairs, 2).astype(mx.float32) / head_dim
+        still = mx.full((head_dim // 2 - pairs,), math.inf, dtype=mx.float32)
+        self._freqs = mx.concatenate([factor * theta**exponents, still])
+
+    def __call__(self, x: mx.array, offset=0) -> mx.array:
+        return mx.fast.rope(x, self.dims, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._freqs)
+
+
+class Gemma4TextAttention(nn.Module):
+    """Scale 1 (the norms fix the logits' size). A KV-shared layer has only q_proj, q_norm and o_proj and
+    attends over the keys and values its donor layer attended over (passed in as `shared`)."""
+
+    def __init__(self, config: Gemma4TextConfig, layer_idx: int):
+        super().__init__()
+        t = config.layer_types[layer_idx]
+        d, D, eps, bias = config.head_dims[t], config.hidden_size, config.rms_norm_eps, config.attention_bias
+        self.n_heads, self.n_kv_heads = config.num_attention_heads, config.kv_heads[t]
+        self.is_kv_shared_layer = layer_idx >= config.first_kv_shared_layer_idx
+        self.q_proj = nn.Linear(D, self.n_heads * d, bias=bias)
+        self.q_norm = Gemma4RMSNorm(d, eps)
+        if not self.is_kv_shared_layer:
+            self.k_proj = nn.Linear(D, self.n_kv_heads * d, bias=bias)
+            if not (config.attention_k_eq_v and t == FULL):  # else the values are the keys' projection
+                self.v_proj = nn.Linear(D, self.n_kv_heads * d, bias=bias)
+            self.k_norm = Gemma4RMSNorm(d, eps)
+            self.v_norm = Gemma4RMSNorm(d, eps, with_scale=False)
+        self.o_proj = nn.Linear(self.n_heads * d, D, bias=bias)
+        self.rope = Gemma4RoPE(d, config.rope_parameters[t])
+
+    def __call__(self, x: mx.array, mask=None, cache=None, shared=None):
+        """-> (output, (keys, values, offset)): what this layer attended over, for the layers sharing it."""
+        q = self.q_norm(heads(self.q_proj(x), self.n_heads))
+        if shared is not None:
+            k, v, offset = shared
+        else:
+            offset = cache.offset if cache is not None else 0
+            k = heads(self.k_proj(x), self.n_kv_heads)
+            v = heads(self.v_proj(x), self.n_kv_heads) if "v_proj" in self else k
+            k, v = self.rope(self.k_norm(k), offset), self.v_norm(v)
+            if cache is not None:
+                k, v = cache.update_and_fetch(k, v)
+        out = attention(self.rope(q, offset), k, v, 1.0, mask)
+        B, _, L, _ = out.shape
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1)), (k, v, offset)
+
+
+class Gemma4TextDecoderLayer(nn.Module):
+    def __init__(self, config: Gemma4TextConfig, layer_idx: int):
+        super().__init__()
+        self.attention_type = config.layer_types[layer_idx]
+        self.self_attn = Gemma4TextAttention(config, layer_idx)
+        act = activation(config.hidden_activation, "hidden_activation")
+        wide = config.use_double_wide_mlp and self.self_attn.is_kv_shared_layer
+        self.mlp = MLP(config.hidden_size, config.intermediate_size * (2 if wide else 1), act)
+        D, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = Gemma4RMSNorm(D, eps)
+        self.post_attention_layernorm = Gemma4RMSNorm(D, eps)
+        self.pre_feedforward_layernorm = Gemma4RMSNorm(D, eps)
+        self.post_feedforward_layernorm = Gemma4RMSNorm(D, eps)
+        self.layer_scalar = mx.ones((1,))
+        if config.hidden_size_per_layer_input:
+            self.act = act
+            self.per_layer_input_gate = nn.Linear(D, config.hidden_size_per_layer_input, bias=False)
+            self.per_layer_projection = nn.Linear(config.hidden_size_per_layer_input, D, bias=False)
+            self.post_per_layer_input_norm = Gemma4RMSNorm(D, eps)
+        if config.enable_moe_block:
+            self.router = Gemma4TextRouter(config)
+            self.experts = Gemma4TextExperts(config, act)
+            self.post_feedforward_layernorm_1 = Gemma4RMSNorm(D, eps)
+            self.post_feedforward_layernorm_2 = Gemma4RMSNorm(D, eps)
+            self.pre_feedforward_layernorm_2 = Gemma4RMSNorm(D, eps)
+
+    def __call__(self, x: mx.array, mask=None, cache=None, per_layer_input=None, shared=None):
+        a, kv = self.self_attn(self.input_layernorm(x), mask, cache, shared)
+        h = x + self.post_attention_layernorm(a)
+        f = self.mlp(self.pre_feedforward_layernorm(h))
+        if "experts" in self:  # the experts run beside the MLP, routed on the un-normalised residual
+            moe = self.experts(self.pre_feedforward_layernorm_2(h), *self.router(h))
+            f = self.post_feedforward_layernorm_1(f) + self.post_feedforward_layernorm_2(moe)
+        h = h + self.post_feedforward_layernorm(f)
+        if per_layer_input is not None:
+            g = self.act(self.per_layer_input_gate(h)) * per_layer_input
+            h = h + self.post_per_layer_input_norm(self.per_layer_projection(g))
+        return h * self.layer_scalar, kv
+
+
+class Gemma4TextModel(nn.Module):
+    """Embeddings (and per-layer inputs), decoder layers, final norm. The cache holds one entry per layer that
+    computes keys and values: layers 0..first_kv_shared_layer_idx - 1, so cache[i] is layer i's; the shared
+    layers at the end read what their donor's attention got back from its cache (whatever kind of cache
+    that is), with the mask of their common type."""
+
+    def __init__(self, config: Gemma4TextConfig):
+        super().__init__()
+        self.config = config
+        D, N, P = config.hidden_size, config.num_hidden_layers, config.hidden_size_per_layer_input
+        self.embed_tokens = nn.Embedding(config.vocab_size, D)
+        self.layers = [Gemma4TextDecoderLayer(config, i) for i in range(N)]
+        self.norm = Gemma4RMSNorm(D, config.rms_norm_eps)
+        if P:
+            self.embed_tokens_per_layer = nn.Embedding(config.vocab_size_per_layer_input, N * P)
+            self.per_layer_model_projection = nn.Linear(D, N * P, bias=False)
+            self.per_layer_projection_norm = Gemma4RMSNorm(P, config.rms_norm_eps)
+
+    def __call__(self, input_ids, attention_mask=None, cache=None) -> mx.array:
+        config = self.config
+        input_ids = as_input_ids(input_ids, config.vocab_size)
+        h = scaled_embedding(self.embed_tokens, input_ids, config.hidden_size)
+        per_layer = self.per_layer_inputs(input_ids, h) if config.hidden_size_per_layer_input else None
+        owners = config.first_kv_shared_layer_idx
+        if cache is not None and len(cache) != owners:
+            raise MlxGemmaError(f"this Gemma 4 model takes {owners} layer caches (one per layer that computes keys "
+                                f"and values, from model.make_cache()), got {len(cache)}")
+        window = config.sliding_window + 1 if config.bidirectional else config.sliding_window  # |i - j| <= W there
+        types = config.layer_types if cache is None else config.layer_types[:owners]
+        masks = layer_masks(types, cache, h.shape[1], attention_mask, window, config.bidirectional)
+        donors, shared = set(config.kv_donors.values()), {}
+        for i, layer in enumerate(self.layers):
+            t = layer.attention_type
+            c = cache[i] if cache is not None and i < owners else None
+            h, kv = layer(h, masks[t], c, None if per_layer is None else per_layer[:, :, i],
+                          shared.get(t) if i >= owners else None)
+            if i in donors:
+                shared[t] = kv
+        return self.norm(h)
+
+    def per_layer_inputs(self, input_ids: mx.array, h: mx.array) -> mx.array:
+        """(B, L, layers, P): each token's own per-layer embedding plus a projection of its embedding h,
+        normalised, the sum scaled by 1/sqrt(2)."""
+        config = self.config
+        shape = (*input_ids.shape, config.num_hidden_layers, config.hidden_size_per_layer_input)
+        tokens = scaled_embedding(self.embed_tokens_per_layer, input_ids, shape[-1]).reshape(shape)
+        projected = (self.per_layer_model_projection(h) * config.hidden_size**-0.5).reshape(shape)
+        return (self.per_layer_projection_norm(projected) + tokens) * 2.0**-0.5
+
+    def make_cache(self, max_kv_size=None) -> list:
+        owners = self.config.first_kv_shared_layer_idx
+        return make_caches(self.config.layer_types[:owners], self.config.sliding_window, max_kv_size)
+
+    def sanitize(self, weights: dict) -> dict:
+        """Multimodal checkpoints: the language model only (either layout). Shared layers' k/v projections and
+        norms, where a checkpoint has them, are dropped, as transformers ignores them."""
+        weights = language_model_part(weights, _NON_TEXT)
+        first = self.config.first_kv_shared_layer_idx
+        return {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k and not _shared_kv_weight(k, first)}
+
+
+def _shared_kv_weight(key: str, first_shared: int) -> bool:
+    parts = key.split(".")
+    if "layers" not in parts or "self_attn" not in parts:
+        return False
+    i = parts.index("layers")
+    return (i + 3 < len(parts) and parts[i + 1].isdigit() and int(parts[i + 1]) >= first_shared
+            and parts[i + 2] == "self_attn" and parts[i + 3] in ("k_proj", "v_proj", "k_norm", "v_norm"))
+
+
+class Gemma4ForCausalLM(CausalLM):
+    base_model_class = Gemma4TextModel
