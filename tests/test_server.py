@@ -158,6 +158,11 @@ def test_conversation_past_the_window_reuses_the_cache(servers):
         previous = (a.usage.prompt_tokens, a.usage.completion_tokens, a.choices[0].finish_reason)
         messages.append({"role": "assistant", "content": a.choices[0].message.content})
     assert a.usage.prompt_tokens > 4 * WINDOW
+    # the last reply regenerated (the same messages again, sampled): all but the prompt's last token reused
+    again = chat(cached, messages[:-1], max_tokens=6, temperature=1.0, seed=1)
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+    assert again.choices[0].message.content == chat(plain, messages[:-1], max_tokens=6, temperature=1.0,
+                                                    seed=1).choices[0].message.content
     # an edited conversation (the last user message changed) reuses less, and still gives the plain answer
     messages[-2] = user("t90 t91")
     a, b = chat(cached, messages[:-1], max_tokens=6), chat(plain, messages[:-1], max_tokens=6)

@@ -2,7 +2,8 @@
 them prefills only the rest (the next turn of a conversation prefills just the new message).
 
 A kept entry is a sequence of token ids with its single-sequence caches at its end, plus snapshots of its
-sliding-window caches at earlier points (the end of each prompt it grew from). Reuse must never change an
+sliding-window caches at earlier points: each prompt it grew from, less that prompt's last token (where a
+request repeating the prompt, a regenerated reply, restarts), and the end of the entry it extended. Reuse must never change an
 output, so a request reuses exactly what can be restored: full-attention caches are cut back to any
 point; a window-bounded cache holds only the last `window` tokens, so once it has wrapped it can go back at
 most one token, and further back only to a snapshot (earlier tokens are gone from it). At least one token
@@ -50,9 +51,17 @@ def common_prefix(a: List[int], b: List[int]) -> int:
     return int(diff[0]) if diff.size else n
 
 
+def _own(a: mx.array) -> mx.array:
+    """A new array object with the same value. MLX arrays are values, but a cache's one-token update assigns
+    into its buffer in place (`buf[..., slot, :] = x`), which changes that Python object for every holder:
+    whoever keeps or restores a buffer takes its own object (no copy is made; the update then copies)."""
+    return a[...]
+
+
 def snapshot(caches: list, position: int) -> Snapshot:
-    """The sliding layers' state at `position` (references: cache updates make new arrays, see restore)."""
-    return Snapshot(position, [(c.keys, c.values) if isinstance(c, RotatingKVCache) else None for c in caches])
+    """The sliding layers' state at `position`."""
+    return Snapshot(position, [(_own(c.keys), _own(c.values)) if isinstance(c, RotatingKVCache) else None
+                               for c in caches])
 
 
 def _reach(entry: Entry, c: int) -> Tuple[int, Optional[Snapshot]]:
@@ -65,11 +74,6 @@ def _reach(entry: Entry, c: int) -> Tuple[int, Optional[Snapshot]]:
     return (best.position, best) if best else (0, None)
 
 
-def _fresh(a: mx.array) -> mx.array:
-    # A copy, so that a one-token update (written in place into the buffer) never reaches the kept entry.
-    return mx.array(a)
-
-
 def restore(entry: Entry, position: int, snap: Optional[Snapshot]) -> list:
     """New caches holding entry's first `position` tokens."""
     caches = []
@@ -80,7 +84,7 @@ def restore(entry: Entry, position: int, snap: Optional[Snapshot]) -> list:
         else:
             new = RotatingKVCache(c.max_size)
             k, v = snap.states[i] if snap is not None else (c.keys, c.values)
-            new.keys, new.values = _fresh(k), _fresh(v)
+            new.keys, new.values = _own(k), _own(v)
             if snap is None and c.offset <= c.max_size:
                 new.keys, new.values = new.keys[..., :position, :], new.values[..., :position, :]
         new.offset = position

@@ -179,10 +179,10 @@ class Scheduler:
             self.prefilling = (request, cache, rest[self.prefill_step_size :])
             return
         self.prefilling = None
-        logprobs = prefill(self.model, cache, rest, self.prefill_step_size)
-        if self.prompt_cache is not None:
-            request.snapshots.append(snapshot(cache, len(request.prompt)))
-        self._join(request, cache, logprobs)
+        fill(self.model, cache, rest[:-1], self.prefill_step_size)
+        if self.prompt_cache is not None and len(request.prompt) > 1:  # where a repeat of this prompt restarts
+            request.snapshots.append(snapshot(cache, len(request.prompt) - 1))
+        self._join(request, cache, prefill(self.model, cache, rest[-1:]))
 
     def _begin(self, request: Request):
         """The request's cache (from the prompt cache where it can be) and the ids it still has to feed."""
