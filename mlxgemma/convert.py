@@ -154,7 +154,8 @@ def legacy_rope_keys(config: dict) -> dict:
 def _write(out: Path, model: nn.Module, config: dict) -> None:
     from mlx_lm.utils import save_config, save_model
 
-    if config.get("model_type") not in ("gemma3", "t5gemma2"):  # nested configs keep their rope keys nested
+    # Nested configs keep their rope keys nested (Gemma 4 readers, mlx-lm's too, read only rope_parameters).
+    if config.get("model_type") not in ("gemma3", "gemma4", "gemma4_text", "t5gemma2"):
         config = legacy_rope_keys(config)
     save_model(out, model)
     dtypes = {str(v.dtype).split(".")[-1] for k, v in tree_flatten(model.parameters())

@@ -151,9 +151,10 @@ def test_greedy_generation_equals_transformers(variant, name):
     """stream_generate (mlx-lm's loop on model.make_cache()) in small prefill steps, decoding past two
     windows: transformers' greedy tokens."""
     hf, model, tokenizer, _ = variant(name)
-    prompt = random_ids(1, 2 * WINDOW + 1)[0].tolist()
+    prompt = random_ids(1, 2 * WINDOW + 1, seed=5)[0].tolist()  # a prompt none of the variants ends early on
     ours = [c.token for c in mlxgemma.stream_generate(model, tokenizer, prompt, max_tokens=2 * WINDOW,
                                                       prefill_step_size=4)]
+    assert len(ours) == 2 * WINDOW
     with torch.no_grad():
         ref = hf.generate(torch.tensor([prompt]), max_new_tokens=2 * WINDOW, do_sample=False, eos_token_id=1,
                           pad_token_id=0)
@@ -268,6 +269,17 @@ def test_released_config_forms(variant, tmp_path):
     save_file(weights, str(released / "model.safetensors"), metadata={"format": "pt"})
     (released / "config.json").write_text((path / "config.json").read_text())
     assert max_diff(_logits(mlxgemma.load_model(released), ids), hf_logits(hf, ids)) <= TOL
+
+
+def test_base_model(tmp_path):
+    """architectures ["Gemma4TextModel"]: the final hidden states (keys without the "model." prefix)."""
+    config = transformers.Gemma4TextConfig(**dict(BASE, **VARIANTS["E"]), attn_implementation="eager")
+    hf = randomize_scalars(randomize(transformers.Gemma4TextModel(config)))
+    model = mlxgemma.load_model(save_checkpoint(hf, tmp_path / "base"))
+    ids = random_ids(2, 15)
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids)).last_hidden_state.numpy()
+    assert type(model).__name__ == "Gemma4TextModel" and max_diff(_logits(model, ids), ref) <= TOL
 
 
 def _config(**overrides) -> dict:

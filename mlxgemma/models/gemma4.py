@@ -155,8 +155,8 @@ class Gemma4TextConfig(BaseConfig):
         layer of its own type (transformers' "store" layer), which must therefore exist."""
         shared = self.num_kv_shared_layers
         if not (isinstance(shared, int) and 0 <= shared < self.num_hidden_layers):
-            raise MlxGemmaError(f"config.json: num_kv_shared_layers is {shared!r}, expected 0..{self.num_hidden_layers - 1}"
-                                " (at least one layer must compute keys and values)")
+            raise MlxGemmaError(f"config.json: num_kv_shared_layers is {shared!r}, expected "
+                                f"0..{self.num_hidden_layers - 1} (at least one layer must compute keys and values)")
         self.first_kv_shared_layer_idx = first = self.num_hidden_layers - shared
         self.kv_donors = {t: max(i for i in range(first) if self.layer_types[i] == t)
                           for t in set(self.layer_types[:first])} if shared else {}

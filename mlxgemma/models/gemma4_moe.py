@@ -58,4 +58,8 @@ class Gemma4TextExperts(nn.Module):
 
     @staticmethod
     def _matmul(x: mx.array, w: mx.array, idx: mx.array, sorted_indices: bool) -> mx.array:
+        if x.dtype != mx.float32 and mx.default_device() == mx.cpu:  # MLX's CPU gather_mm is float32 only
+            y = mx.gather_mm(x.astype(mx.float32), w.astype(mx.float32).swapaxes(-1, -2), rhs_indices=idx,
+                             sorted_indices=sorted_indices)
+            return y.astype(x.dtype)
         return mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=idx, sorted_indices=sorted_indices)
