@@ -13,6 +13,7 @@ from .models.gemma import GemmaConfig, GemmaForCausalLM, GemmaForSequenceClassif
 from .models.gemma2 import (Gemma2Config, Gemma2ForCausalLM, Gemma2ForSequenceClassification,
                             Gemma2ForTokenClassification, Gemma2Model)
 from .models.gemma3 import Gemma3ForCausalLM, Gemma3TextConfig, Gemma3TextForSequenceClassification, Gemma3TextModel
+from .models.gemma4 import Gemma4ForCausalLM, Gemma4TextConfig, Gemma4TextModel
 from .models.stablelm import (StableLmConfig, StableLmForCausalLM, StableLmForSequenceClassification,
                               StableLmForTokenClassification, StableLmModel)
 from .models.t5gemma2 import (T5Gemma2Config, T5Gemma2ForConditionalGeneration, T5Gemma2ForSequenceClassification,
@@ -28,7 +29,8 @@ __all__ = [
     "GemmaConfig", "GemmaModel", "GemmaForCausalLM", "GemmaForSequenceClassification", "GemmaForTokenClassification",
     "Gemma2Config", "Gemma2Model", "Gemma2ForCausalLM", "Gemma2ForSequenceClassification",
     "Gemma2ForTokenClassification", "Gemma3TextConfig", "Gemma3TextModel", "Gemma3ForCausalLM",
-    "Gemma3TextForSequenceClassification", "StableLmConfig", "StableLmModel", "StableLmForCausalLM",
+    "Gemma3TextForSequenceClassification", "Gemma4TextConfig", "Gemma4TextModel", "Gemma4ForCausalLM",
+    "StableLmConfig", "StableLmModel", "StableLmForCausalLM",
     "StableLmForSequenceClassification", "StableLmForTokenClassification", "T5Gemma2Config", "T5Gemma2Model",
     "T5Gemma2ForConditionalGeneration", "T5Gemma2ForSequenceClassification", "T5Gemma2ForTokenClassification",
     "T5Gemma2Processor",

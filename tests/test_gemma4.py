@@ -6,6 +6,7 @@ keys as values on full layers. Every variant: prefill 2.5 windows long, chunked 
 across the window, left-padded batches, the loss, greedy generation == transformers' generate. Then the
 bidirectional variant, multimodal checkpoints, the config forms transformers reads, and bad inputs."""
 
+import copy
 import json
 
 import mlx.core as mx
@@ -159,6 +160,17 @@ def test_greedy_generation_equals_transformers(variant, name):
         ref = hf.generate(torch.tensor([prompt]), max_new_tokens=2 * WINDOW, do_sample=False, eos_token_id=1,
                           pad_token_id=0)
     assert ours == ref[0, len(prompt):].tolist()
+
+
+def test_bfloat16(variant):
+    """bf16 weights (the released dtype) give transformers' own bf16 error, MoE included (MLX's CPU
+    gather_mm is float32 only: the experts fall back to it there)."""
+    hf, _, _, path = variant("moe")
+    ids = random_ids(2, 15)
+    ref = hf_logits(hf, ids)
+    ours = np.array(mlxgemma.load_model(path, dtype="bfloat16")(mx.array(ids)).astype(mx.float32))
+    theirs = hf_logits(copy.deepcopy(hf).to(torch.bfloat16), ids)
+    assert max_diff(ours, ref) <= 1.5 * max_diff(theirs, ref) + 0.01
 
 
 def test_layout_of_shared_layers(variant):
