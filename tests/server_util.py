@@ -16,9 +16,11 @@ TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}t4 {{ m['content
             "{% if add_generation_prompt %}t8{% endif %}")
 
 
-def chat_checkpoint(family: str, path: Path, **overrides) -> Path:
-    """A tiny random checkpoint of the family (tests/reference.py) whose tokenizer has a chat template."""
-    save_checkpoint(hf_model(family, eos_token_id=1, **overrides), path)
+def chat_checkpoint(family, path: Path, **overrides) -> Path:
+    """A tiny random checkpoint of the family (tests/reference.py; or a transformers model as it is) whose
+    tokenizer has a chat template."""
+    model = hf_model(family, eos_token_id=1, **overrides) if isinstance(family, str) else family
+    save_checkpoint(model, path)
     config = json.loads((path / "tokenizer_config.json").read_text())
     (path / "tokenizer_config.json").write_text(json.dumps(dict(config, chat_template=TEMPLATE)))
     return path
