@@ -270,8 +270,10 @@ class Scheduler:
 
     @staticmethod
     def _top(logprobs: mx.array, k: int) -> List[tuple]:
-        ids = mx.argsort(-logprobs)[:k]
-        return list(zip(ids.tolist(), logprobs[ids].tolist()))
+        """The k most likely (id, logprob), best first (a partition, not a sort of the whole vocabulary)."""
+        ids = mx.argpartition(-logprobs, kth=k - 1)[:k]
+        pairs = zip(ids.tolist(), logprobs[ids].tolist())
+        return sorted(pairs, key=lambda p: -p[1])
 
     def _finished(self, row: Row, cache, fed: int) -> None:
         """A row is done; its cache (holding the prompt and its first `fed` tokens) goes to the prompt cache."""
