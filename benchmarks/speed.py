@@ -14,6 +14,15 @@ mlxgemma / mlx-lm are printed, with the range of the per-trial ratios.
     python benchmarks/speed.py --tiny gemma3                       # a tiny random checkpoint of a family
     python benchmarks/speed.py --tiny gemma --tanh-gelu-for-mlx-lm # the same activation on both sides
     python benchmarks/speed.py --real float32|4bit                 # Gemma 3 270M from mlxgemma[demo]
+    python benchmarks/speed.py --tiny gemma4_e|gemma4_moe          # tiny random Gemma 4 (E-style, MoE)
+    python benchmarks/speed.py --e2b 4 [--quantize]                # E2B's widths, 4 layers (random weights)
+                                     # (2 own their KV, sliding and full; 2 share them, double-wide MLPs)
+
+Gemma 4 runs also print the KV-cache bytes each library holds after --kv-contexts tokens (prefilled in
+chunks of 512, then 3 decode steps): the KV-shared layers hold none. For --e2b that table is taken on the
+full 35-layer E2B attention layout (15 layers own caches: 12 sliding, window 512, one KV head of 256; 3 full,
+one KV head of 512), narrowed elsewhere (hidden 64, one query head, vocab 512) to run fast: KV bytes depend
+only on that layout.
 """
 
 import argparse
@@ -29,27 +38,67 @@ import mlx.core as mx
 
 TINY = dict(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4,
             num_key_value_heads=1, head_dim=64)
+S, F = "sliding_attention", "full_attention"
+GEMMA4 = dict(model_type="gemma4_text", sliding_window=128, global_head_dim=128, final_logit_softcapping=30.0,
+              num_hidden_layers=6, layer_types=[S, S, F, S, S, F])
 TINY_TYPES = {"gemma": {}, "gemma2": dict(sliding_window=128, query_pre_attn_scalar=64),
               "gemma3_text": dict(sliding_window=128, query_pre_attn_scalar=64),
-              "stablelm": dict(head_dim=None, num_key_value_heads=4, partial_rotary_factor=0.25)}
+              "stablelm": dict(head_dim=None, num_key_value_heads=4, partial_rotary_factor=0.25),
+              # E-style: per-layer inputs (6 x 64 wide), the last 3 layers KV-shared with double-wide MLPs
+              "gemma4_e": dict(GEMMA4, hidden_size_per_layer_input=64, vocab_size_per_layer_input=4096,
+                               num_kv_shared_layers=3, use_double_wide_mlp=True),
+              # 26B-A4B-style: top-2 of 8 experts beside the MLP
+              "gemma4_moe": dict(GEMMA4, hidden_size_per_layer_input=0, enable_moe_block=True, num_experts=8,
+                                 top_k_experts=2, moe_intermediate_size=256)}
+E2B_CONFIG = Path(__file__).resolve().parent.parent / "tests/real_configs/google__gemma-4-E2B-it/config.json"
 
 
 def tiny_checkpoint(family: str, out: Path) -> Path:
     """A random checkpoint of the family's real layout (every norm randomised), written by our converter."""
-    from mlx.utils import tree_map
+    family = family if family != "gemma3" else "gemma3_text"
+    config = {k: v for k, v in {**TINY, "model_type": family, **TINY_TYPES[family]}.items() if v is not None}
+    return random_checkpoint(config, out)
+
+
+def random_checkpoint(config: dict, out: Path, quantize: bool = False) -> Path:
+    from mlx.utils import tree_flatten
 
     import mlxgemma
     from mlxgemma.convert import _write
     from mlxgemma.models.config import as_dict
 
-    model_type = family if family != "gemma3" else "gemma3_text"
-    config = {k: v for k, v in dict(TINY, model_type=model_type, **TINY_TYPES[model_type]).items() if v is not None}
     model = mlxgemma.build_model(config)
-    model.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.05, model.parameters()))
-    mx.eval(model.parameters())
+    for name, p in tree_flatten(model.parameters()):  # one tensor at a time: E2B's tables are large
+        v = mx.random.normal(p.shape) * 0.05
+        mx.eval(v)
+        model.load_weights([(name, v)], strict=False)
     full = {k: v for k, v in as_dict(model.config).items() if k not in ("extra", "quantization") and v is not None}
-    _write(out, model, dict(full, architectures=[type(model).__name__]))
+    full = dict(full, architectures=[type(model).__name__])
+    if quantize:
+        from mlxgemma.quantize import quantize as quantize_model
+
+        model, full = quantize_model(model, full, 4, 64)
+    _write(out, model, full)
     return out
+
+
+def e2b_config(layers: int, narrow: bool = False) -> dict:
+    """E2B's text config with `layers` layers (35: E2B's own layout). Fewer keep its proportions: the first
+    round(15/35) of the layers own their keys and values, the rest read them, and each group ends in a full
+    layer as E2B's do (its 4:1 pattern would leave a few layers no full layer to share from). narrow: the
+    attention layout with everything else narrowed (for the KV-cache table)."""
+    import json
+
+    text = json.loads(E2B_CONFIG.read_text())["text_config"]
+    config = dict(text, num_hidden_layers=layers)
+    if layers != text["num_hidden_layers"]:
+        owners = max(2, round(layers * 15 / 35))
+        types = [S] * (owners - 1) + [F] + [S] * (layers - owners - 1) + [F]
+        config.update(layer_types=types, num_kv_shared_layers=layers - owners)
+    if narrow:
+        config.update(hidden_size=64, intermediate_size=64, num_attention_heads=1, vocab_size=512,
+                      vocab_size_per_layer_input=512, hidden_size_per_layer_input=8)
+    return config
 
 
 def real_checkpoint(kind: str, work: Path) -> Path:
@@ -117,6 +166,32 @@ def timing_trial(models: dict, order: list, prompt: mx.array, gen: int) -> dict:
     return {k: (prompt.size / prompt_s[k], gen / decode_s[k]) for k in order}
 
 
+def kv_bytes(model, tokens: int, vocab: int, chunk: int = 512) -> tuple:
+    """(bytes, caches) the model's prompt cache holds after `tokens` prompt tokens and 3 decode steps."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    ids = mx.random.randint(3, vocab, (1, tokens), key=mx.random.key(1))
+    for start in range(0, tokens, chunk):
+        model(ids[:, start : start + chunk], cache=cache)
+        mx.eval([c.state for c in cache])
+    for _ in range(3):
+        model(ids[:, :1], cache=cache)
+        mx.eval([c.state for c in cache])
+    return sum(c.nbytes for c in cache), len(cache)
+
+
+def kv_report(models: dict, contexts: list, what: str) -> None:
+    vocab = models["mlxgemma"].config.vocab_size
+    layers = len(models["mlxgemma"].layers)
+    print(f"\nKV cache of {what} ({layers} layers), float32:")
+    print("| context (+3 decode steps) | library | layers holding a cache | KV MiB |\n|---|---|---|---|")
+    for n in contexts:
+        for name, model in models.items():
+            nbytes, caches = kv_bytes(model, n, vocab)
+            print(f"| {n} | {name} | {caches} | {nbytes / 2**20:.2f} |", flush=True)
+
+
 def memory_trial(model, weights: int, prompt: mx.array, gen: int) -> float:
     """Peak MiB of one library alone: its weights plus the trial's peak above what was live before it."""
     gc.collect()
@@ -138,6 +213,10 @@ def main():
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--trials", type=int, default=5)
     p.add_argument("--memory-trials", type=int, help="peak-memory trials per library (default: --trials)")
+    p.add_argument("--e2b", type=int, metavar="LAYERS", help="a random checkpoint of E2B's widths, LAYERS layers")
+    p.add_argument("--quantize", action="store_true", help="(--e2b) write it quantized, mlxgemma's 4-bit default")
+    p.add_argument("--kv-contexts", default=None, help="Gemma 4: contexts for the KV table (default: 1x and 4x "
+                   "the window)")
     p.add_argument("--tanh-gelu-for-mlx-lm", action="store_true",
                    help="mlx-lm's gemma.py applies the exact (erf) GELU where transformers applies the tanh "
                         "approximation; give it the tanh one, so that both libraries compute the same function")
@@ -149,6 +228,12 @@ def main():
         path, name = Path(args.model), args.model
     elif args.real:
         path, name = real_checkpoint(args.real, work), f"Gemma 3 270M ({args.real})"
+    elif args.e2b:
+        kind = "4bit" if args.quantize else "float32"
+        path = work / f"e2b-{args.e2b}-layers-{kind}"
+        if not path.exists():
+            random_checkpoint(e2b_config(args.e2b), path, quantize=args.quantize)
+        name = f"random Gemma 4 of E2B's widths, {args.e2b} layers ({kind})"
     else:
         path, name = tiny_checkpoint(args.tiny, work / f"tiny-{args.tiny}"), f"tiny random {args.tiny}"
     if args.tanh_gelu_for_mlx_lm:
@@ -169,6 +254,31 @@ def main():
         for k in order if t % 2 == 0 else order[::-1]:
             memory[k].append(memory_trial(models[k], weights[k], prompt, args.gen_tokens))
     report(name, args, speed, memory)
+    if models["mlxgemma"].config.model_type.startswith("gemma4"):
+        window = models["mlxgemma"].config.sliding_window
+        contexts = [int(c) for c in args.kv_contexts.split(",")] if args.kv_contexts else [window, 4 * window]
+        if args.e2b:
+            del models
+            gc.collect()
+            kv_report(narrow_models(e2b_config(35, narrow=True)), contexts, "E2B's attention layout")
+        else:
+            kv_report(models, contexts, name)
+
+
+def narrow_models(config: dict) -> dict:
+    """mlxgemma's and mlx-lm's model of a config, random weights (KV bytes do not depend on them)."""
+    from mlx.utils import tree_map
+    from mlx_lm.models.gemma4_text import Model, ModelArgs
+
+    import mlxgemma
+    from mlxgemma.models.gemma4 import checkpoint_of  # (the config mlxgemma.convert would write)
+
+    ours = mlxgemma.build_model(config)
+    theirs = Model(ModelArgs.from_dict(checkpoint_of(ours, {}, config)[1]))
+    for m in (ours, theirs):
+        m.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.05, m.parameters()))
+        mx.eval(m.parameters())
+    return {"mlxgemma": ours, "mlx-lm": theirs}
 
 
 def report(name, args, speed: list, memory: dict):

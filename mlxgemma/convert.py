@@ -116,8 +116,11 @@ def _requantize(model, config, dequantize, bits, group_size, recipe, vision_bits
         if not dequantize:
             print("[mlxgemma] note: the source is already quantized; requantizing rounds its weights a "
                   "second time", file=sys.stderr)
+        from .models.gemma4_moe import dequantize_experts
+
         kept = {name: m.eoi_embedding for name, m in model.named_modules() if "eoi_embedding" in m}
-        model = dequantize_model(model)  # (rebuilds plain layers: T5Gemma 2's eoi embedding is put back)
+        model = dequantize_experts(dequantize_model(model))  # (rebuilds plain layers: T5Gemma 2's eoi embedding
+        # is put back; Gemma 4's quantized experts are ours, not mlx-lm's, and dequantized by us)
         for name, m in model.named_modules():
             if name in kept:
                 m.eoi_embedding = kept[name]
@@ -157,12 +160,35 @@ def _write(out: Path, model: nn.Module, config: dict) -> None:
     # Nested configs keep their rope keys nested (Gemma 4 readers, mlx-lm's too, read only rope_parameters).
     if config.get("model_type") not in ("gemma3", "gemma4", "gemma4_text", "t5gemma2"):
         config = legacy_rope_keys(config)
-    save_model(out, model)
-    dtypes = {str(v.dtype).split(".")[-1] for k, v in tree_flatten(model.parameters())
+    weights = dict(tree_flatten(model.parameters()))
+    dtypes = {str(v.dtype).split(".")[-1] for k, v in weights.items()
               if mx.issubdtype(v.dtype, mx.floating) and not k.endswith(("scales", "biases"))}
+    if hasattr(model, "checkpoint"):  # a family whose on-disk names or config differ from its modules' (Gemma 4)
+        weights, config = model.checkpoint(weights, config)
+        _save_weights(out, weights, model)
+    else:
+        save_model(out, model)
     if len(dtypes) == 1:
         config = dict(config, torch_dtype=dtypes.pop())
     save_config(config, out / "config.json")
+
+
+def _save_weights(out: Path, weights: dict, model: nn.Module) -> None:
+    """mlx-lm's save_model for a dict of weights: the same shards, names and index."""
+    from mlx_lm.utils import get_total_parameters, make_shards
+
+    out.mkdir(parents=True, exist_ok=True)
+    shards = make_shards(weights)
+    pattern = "model-{:05d}-of-{:05d}.safetensors" if len(shards) > 1 else "model.safetensors"
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = pattern.format(i + 1, len(shards))
+        mx.save_safetensors(str(out / name), shard, metadata={"format": "mlx"})
+        weight_map.update(dict.fromkeys(shard, name))
+    index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values()),
+                          "total_parameters": get_total_parameters(model)},
+             "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
 
 
 def _write_readme(out: Path, source, config: dict, dtype) -> None:

@@ -169,7 +169,10 @@ def build_model(config_dict: dict, source: str = "config.json") -> nn.Module:
 
 
 def _quantize_like(model: nn.Module, config: dict, weights: dict) -> None:
-    """Rebuild quantized layers from an mlx-lm style "quantization" block (per-layer overrides included)."""
+    """Rebuild quantized layers from an mlx-lm style "quantization" block (per-layer overrides included). A
+    quantized layer the block does not name by our module path (a checkpoint of another layout: mlx-lm's
+    language_model.model.* or its split experts) takes the bits and group size its stored shapes imply, as
+    mlx-lm's loader does."""
     q = config.get("quantization") or config.get("quantization_config")
     if not isinstance(q, dict) or "bits" not in q:
         return
@@ -179,10 +182,33 @@ def _quantize_like(model: nn.Module, config: dict, weights: dict) -> None:
         if f"{name}.scales" not in weights:
             return False
         override = q.get(name)
-        return override if isinstance(override, dict) else True
+        if isinstance(override, dict):
+            return override
+        return _stored_quantization(name, module, weights, q)
 
     nn.quantize(model, group_size=q.get("group_size", 64), bits=q["bits"], mode=q.get("mode", "affine"),
                 class_predicate=predicate)
+
+
+def _stored_quantization(name: str, module: nn.Module, weights: dict, q: dict):
+    """The block's defaults if the stored shapes fit them, else the bits and group size they imply
+    (in = the float layer's input width: scales hold in / group_size columns, the weight in * bits / 32)."""
+    weight, scales = weights.get(f"{name}.weight"), weights[f"{name}.scales"]
+    in_dims = getattr(module, "weight", None)
+    if weight is None or in_dims is None or in_dims.ndim < 2 or scales.ndim < 1 or not scales.shape[-1]:
+        return True  # the strict check reports what is missing or misshapen
+    in_dims = in_dims.shape[-1]
+    group_size, bits = in_dims // scales.shape[-1], weight.shape[-1] * 32 // in_dims
+    mode = q.get("mode", "affine")
+    if (group_size, bits) == (q.get("group_size", 64), q["bits"]):
+        return True
+    block = {"group_size": group_size, "bits": bits, "mode": mode}
+    try:
+        check_quantization(block)
+    except MlxGemmaError:
+        raise MlxGemmaError(f"{name} is stored quantized with {bits} bits in groups of {group_size} ({mode}), "
+                            "which config.json's quantization block does not say and MLX cannot run") from None
+    return block
 
 
 # What MLX's quantized kernels take (mx.quantize refuses the rest; a group size of 0 kills the process).

@@ -1,8 +1,13 @@
 """Gemma 4's mixture-of-experts block (26B-A4B): a router picking top_k_experts of num_experts per token, and
-the experts, whose weights are stored as transformers stores them (one (experts, 2 x moe_intermediate_size,
-hidden) gate_up_proj, one (experts, hidden, moe_intermediate_size) down_proj). Only the chosen experts run:
-a gather-based matmul (mx.gather_mm) multiplies each token by its own experts' weights, as mlx-lm's
-SwitchGLU does (restated here: importing mlx-lm imports transformers, see cache.py).
+the experts. Only the chosen experts run: a gather-based matmul (mx.gather_mm, or mx.gather_qmm on quantized
+experts) multiplies each token by its own experts' weights, as mlx-lm's SwitchGLU / QuantizedSwitchLinear do
+(restated here: importing mlx-lm imports transformers, see cache.py).
+
+The experts hold two per-expert linears named as transformers names its tensors: gate_up_proj (experts,
+2 x moe_intermediate_size, hidden; gate rows then up rows) and down_proj (experts, hidden,
+moe_intermediate_size), each a SwitchLinear whose .weight is that tensor, so MLX's quantization (nn.quantize,
+mlx-lm's quantize_model and its recipes) quantizes them like any linear. Checkpoint names (transformers'
+`experts.gate_up_proj`, mlx-lm's split `experts.switch_glu.{gate,up,down}_proj.*`) are mapped in gemma4.py.
 Reference: transformers/models/gemma4 (Gemma4TextRouter, Gemma4TextExperts)."""
 
 import mlx.core as mx
@@ -30,14 +35,69 @@ class Gemma4TextRouter(nn.Module):
         return top, weights * self.per_expert_scale[top]
 
 
+class SwitchLinear(nn.Module):
+    """One bias-free linear per expert, weight (experts, out, in); x (..., 1, in) times the weight of the
+    expert idx names for each row."""
+
+    def __init__(self, input_dims: int, output_dims: int, num_experts: int):
+        super().__init__()
+        self.weight = mx.zeros((num_experts, output_dims, input_dims))
+
+    def __call__(self, x: mx.array, idx: mx.array, sorted_indices: bool = False) -> mx.array:
+        w = self.weight
+        if x.dtype != mx.float32 and mx.default_device() == mx.cpu:  # MLX's CPU gather_mm is float32 only
+            y = mx.gather_mm(x.astype(mx.float32), w.astype(mx.float32).swapaxes(-1, -2), rhs_indices=idx,
+                             sorted_indices=sorted_indices)
+            return y.astype(x.dtype)
+        return mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=idx, sorted_indices=sorted_indices)
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine", **_):
+        """(what nn.quantize calls) The quantized twin of this layer, each expert in groups along `in`."""
+        E, out, inp = self.weight.shape
+        q = QuantizedSwitchLinear(inp, out, E, group_size, bits, mode)
+        q.weight, q.scales, *biases = mx.quantize(self.weight, group_size, bits, mode=mode)
+        if biases:
+            q.biases = biases[0]
+        return q
+
+
+class QuantizedSwitchLinear(nn.Module):
+    """SwitchLinear with MLX-quantized weights (weight, scales and, in affine mode, biases per expert), as
+    mlx-lm's QuantizedSwitchLinear stores them: mx.gather_qmm reads only the chosen experts' groups."""
+
+    def __init__(self, input_dims: int, output_dims: int, num_experts: int, group_size: int = 64, bits: int = 4,
+                 mode: str = "affine"):
+        super().__init__()
+        self.group_size, self.bits, self.mode = group_size, bits, mode
+        # Placeholders of the stored shapes (lazy: the loader replaces them before anything evaluates them).
+        self.weight, self.scales, *biases = mx.quantize(mx.zeros((num_experts, output_dims, input_dims)),
+                                                        group_size, bits, mode=mode)
+        if biases:
+            self.biases = biases[0]
+        self.freeze()
+
+    def __call__(self, x: mx.array, idx: mx.array, sorted_indices: bool = False) -> mx.array:
+        return mx.gather_qmm(x, self["weight"], self["scales"], self.get("biases"), rhs_indices=idx, transpose=True,
+                             group_size=self.group_size, bits=self.bits, mode=self.mode,
+                             sorted_indices=sorted_indices)
+
+    def dequantized(self) -> SwitchLinear:
+        """The float SwitchLinear holding exactly the weights this layer computes with."""
+        w = mx.dequantize(self.weight, self.scales, self.get("biases"), group_size=self.group_size, bits=self.bits,
+                          mode=self.mode)
+        out = SwitchLinear(w.shape[-1], w.shape[-2], w.shape[0])
+        out.weight = w
+        return out
+
+
 class Gemma4TextExperts(nn.Module):
     """sum over the chosen experts e of weight_e * down_e(act(gate_e(x)) * up_e(x))."""
 
     def __init__(self, config, act):
         super().__init__()
         E, D, I = config.num_experts, config.hidden_size, config.moe_intermediate_size
-        self.gate_up_proj = mx.zeros((E, 2 * I, D))
-        self.down_proj = mx.zeros((E, D, I))
+        self.gate_up_proj = SwitchLinear(D, 2 * I, E)
+        self.down_proj = SwitchLinear(I, D, E)
         self.act = act
 
     def __call__(self, x: mx.array, top: mx.array, weights: mx.array) -> mx.array:
@@ -48,18 +108,21 @@ class Gemma4TextExperts(nn.Module):
         order = mx.argsort(idx.flatten()) if idx.size >= 64 else None
         if order is not None:
             x, idx = x.reshape(-1, 1, shape[-1])[order // k], idx.flatten()[order]
-        gate, up = mx.split(self._matmul(x, self.gate_up_proj, idx, order is not None), 2, axis=-1)
-        y = self._matmul(self.act(gate) * up, self.down_proj, idx, order is not None)
+        gate, up = mx.split(self.gate_up_proj(x, idx, order is not None), 2, axis=-1)
+        y = self.down_proj(self.act(gate) * up, idx, order is not None)
         if order is not None:
             y = y[mx.argsort(order)].reshape(-1, k, 1, shape[-1])
         # As transformers: each expert's output times its (float32) weight, cast back, then summed.
         y = (y[..., 0, :] * weights.reshape(-1, k, 1)).astype(y.dtype)
         return y.sum(axis=1).reshape(shape)
 
-    @staticmethod
-    def _matmul(x: mx.array, w: mx.array, idx: mx.array, sorted_indices: bool) -> mx.array:
-        if x.dtype != mx.float32 and mx.default_device() == mx.cpu:  # MLX's CPU gather_mm is float32 only
-            y = mx.gather_mm(x.astype(mx.float32), w.astype(mx.float32).swapaxes(-1, -2), rhs_indices=idx,
-                             sorted_indices=sorted_indices)
-            return y.astype(x.dtype)
-        return mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=idx, sorted_indices=sorted_indices)
+
+def dequantize_experts(model: nn.Module) -> nn.Module:
+    """Replace every QuantizedSwitchLinear in model by its float twin (mlx-lm's dequantize_model knows only
+    its own switch layers)."""
+    from mlx.utils import tree_unflatten
+
+    layers = [(name, m.dequantized()) for name, m in model.named_modules() if isinstance(m, QuantizedSwitchLinear)]
+    if layers:
+        model.update_modules(tree_unflatten(layers))
+    return model
