@@ -16,7 +16,8 @@ import mlx.nn as nn
 
 class Gemma4TextRouter(nn.Module):
     """softmax(proj(rmsnorm(x) * scale / sqrt(hidden))) in float32, the top k of it renormalised to sum to 1,
-    then each multiplied by its expert's per_expert_scale. -> (expert ids, weights), each (..., k)."""
+    then each multiplied by its expert's per_expert_scale. -> (expert ids, weights), each (..., k); the ids in
+    no particular order (transformers' are by weight: only the order the k outputs are summed in differs)."""
 
     def __init__(self, config):
         super().__init__()
@@ -28,10 +29,11 @@ class Gemma4TextRouter(nn.Module):
 
     def __call__(self, x: mx.array):
         h = mx.fast.rms_norm(x.astype(mx.float32), None, self.eps).astype(x.dtype)  # a norm with no weight
-        probs = mx.softmax(self.proj(h * self.scale * self.root_size).astype(mx.float32), axis=-1)
-        top = mx.stop_gradient(mx.argpartition(-probs, kth=self.top_k - 1, axis=-1)[..., : self.top_k])
-        weights = mx.take_along_axis(probs, top, axis=-1)
-        weights = weights / weights.sum(axis=-1, keepdims=True)
+        logits = self.proj(h * self.scale * self.root_size).astype(mx.float32)
+        top = mx.stop_gradient(mx.argpartition(logits, kth=-self.top_k, axis=-1)[..., -self.top_k :])
+        # The top k of the float32 softmax over all experts, renormalised to sum to 1, is the softmax of those
+        # k logits (the same function, rounded once less; 4 ops fewer a layer than taking it literally).
+        weights = mx.softmax(mx.take_along_axis(logits, top, axis=-1), axis=-1)
         return top, weights * self.per_expert_scale[top]
 
 
@@ -101,20 +103,20 @@ class Gemma4TextExperts(nn.Module):
         self.act = act
 
     def __call__(self, x: mx.array, top: mx.array, weights: mx.array) -> mx.array:
-        shape, k = x.shape, top.shape[-1]
-        x = x.reshape(-1, 1, 1, shape[-1])  # (tokens, 1, 1, D): one row per token, broadcast over its k experts
-        idx = top.reshape(-1, k)
-        # Many tokens: sort their (token, expert) pairs by expert, so each expert's weights are read once.
-        order = mx.argsort(idx.flatten()) if idx.size >= 64 else None
-        if order is not None:
-            x, idx = x.reshape(-1, 1, shape[-1])[order // k], idx.flatten()[order]
-        gate, up = mx.split(self.gate_up_proj(x, idx, order is not None), 2, axis=-1)
-        y = self.down_proj(self.act(gate) * up, idx, order is not None)
-        if order is not None:
-            y = y[mx.argsort(order)].reshape(-1, k, 1, shape[-1])
+        k = top.shape[-1]
+        # A few tokens (decoding): each token's row against its own k experts, broadcast over the token axes as
+        # mlx-lm's SwitchGLU does (flattening them first cost 0.80 against 0.66 ms a layer on MLX's CPU backend).
+        if top.size < 64:
+            gate, up = mx.split(self.gate_up_proj(mx.expand_dims(x, (-2, -3)), top), 2, axis=-1)
+            y = self.down_proj(self.act(gate) * up, top).squeeze(-2)  # (..., k, D)
+        else:  # many: sort the (token, expert) pairs by expert, so that each expert's weights are read once
+            shape = x.shape
+            order = mx.argsort(top.flatten())
+            x, idx = x.reshape(-1, 1, shape[-1])[order // k], top.flatten()[order]
+            gate, up = mx.split(self.gate_up_proj(x, idx, True), 2, axis=-1)
+            y = self.down_proj(self.act(gate) * up, idx, True)[mx.argsort(order)].reshape(*shape[:-1], k, shape[-1])
         # As transformers: each expert's output times its (float32) weight, cast back, then summed.
-        y = (y[..., 0, :] * weights.reshape(-1, k, 1)).astype(y.dtype)
-        return y.sum(axis=1).reshape(shape)
+        return (y * weights[..., None]).astype(y.dtype).sum(axis=-2)
 
 
 def dequantize_experts(model: nn.Module) -> nn.Module:
