@@ -104,10 +104,7 @@ def write_gguf(path, family: str = "gemma3", seed: int = 0, types=TYPES, **overr
             w.add_tensor(gname, _k_blocks(x, qtype, rng), raw_dtype=qtype)
         else:
             w.add_tensor(gname, gq.quantize(x, qtype), raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _write_out(w)
     return path
 
 
@@ -275,8 +272,13 @@ def write_gemma4_gguf(path, hf, hp: dict, tokenizer_dir, types=(T.F32,), edit_me
             w.add_tensor(gname, gq.quantize(x, qtype))
         else:
             w.add_tensor(gname, gq.quantize(x, qtype), raw_dtype=qtype)
+    _write_out(w)
+    return names
+
+
+def _write_out(w) -> None:
+    """The GGUF writer's closing sequence: header, metadata, tensors."""
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return names
