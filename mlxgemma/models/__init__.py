@@ -1,7 +1,7 @@
 """The registry: config.json's model_type and architectures -> config class and model class."""
 
 from ..errors import MlxGemmaError
-from . import gemma, gemma2, gemma3, gemma4, stablelm, t5gemma2
+from . import gemma, gemma2, gemma3, gemma3_vision, gemma4, stablelm, t5gemma2
 from .config import text_config_of
 
 # model_type -> (config class, family module, the class used when config.json names no architecture)
@@ -9,7 +9,7 @@ FAMILIES = {
     "gemma": (gemma.GemmaConfig, gemma.GemmaForCausalLM),
     "gemma2": (gemma2.Gemma2Config, gemma2.Gemma2ForCausalLM),
     "gemma3_text": (gemma3.Gemma3TextConfig, gemma3.Gemma3ForCausalLM),
-    "gemma3": (gemma3.Gemma3TextConfig, gemma3.Gemma3ForCausalLM),  # the text part of a multimodal checkpoint
+    "gemma3": (gemma3_vision.Gemma3Config, gemma3_vision.Gemma3ForConditionalGeneration),
     "gemma4_text": (gemma4.Gemma4TextConfig, gemma4.Gemma4ForCausalLM),
     "gemma4": (gemma4.Gemma4TextConfig, gemma4.Gemma4ForCausalLM),  # the text part of a multimodal checkpoint
     "stablelm": (stablelm.StableLmConfig, stablelm.StableLmForCausalLM),
@@ -24,6 +24,7 @@ CLASSES = {
         gemma2.Gemma2Model, gemma2.Gemma2ForCausalLM, gemma2.Gemma2ForSequenceClassification,
         gemma2.Gemma2ForTokenClassification,
         gemma3.Gemma3TextModel, gemma3.Gemma3ForCausalLM, gemma3.Gemma3TextForSequenceClassification,
+        gemma3_vision.Gemma3ForConditionalGeneration, gemma3_vision.Gemma3ForSequenceClassification,
         gemma4.Gemma4TextModel, gemma4.Gemma4ForCausalLM,
         stablelm.StableLmModel, stablelm.StableLmForCausalLM, stablelm.StableLmForSequenceClassification,
         stablelm.StableLmForTokenClassification,
@@ -31,10 +32,13 @@ CLASSES = {
         t5gemma2.T5Gemma2ForSequenceClassification, t5gemma2.T5Gemma2ForTokenClassification,
     )
 }
-# Multimodal Gemma 3 and Gemma 4 architectures: we run their text part.
-CLASSES["Gemma3ForConditionalGeneration"] = gemma3.Gemma3ForCausalLM
-CLASSES["Gemma3ForSequenceClassification"] = gemma3.Gemma3TextForSequenceClassification
+# Multimodal Gemma 4: we run its text part.
 CLASSES["Gemma4ForConditionalGeneration"] = gemma4.Gemma4ForCausalLM
+
+
+def has_vision(model) -> bool:
+    """A decoder-only model that takes images (Gemma 3 with its tower): loads with a processor."""
+    return isinstance(model, gemma3_vision._Gemma3WithImages)
 
 
 def is_encoder_decoder(model) -> bool:
@@ -59,7 +63,11 @@ def config_from_dict(d: dict, source: str = "config.json"):
         what = f"model_type {model_type!r}" if model_type else "no model_type"
         raise MlxGemmaError(f"{source} has {what}; supported: {', '.join(FAMILIES)}")
     config_class, _ = FAMILIES[model_type]
-    if model_type in ("gemma3", "gemma4"):
+    if model_type == "gemma3" and d.get("vision_config") is None:  # an mlx-lm conversion: the text part only
+        return gemma3.Gemma3TextConfig.from_dict(text_config_of(d), source=f"{source} (text_config)", require=False)
+    if model_type == "gemma3":
+        return config_class.from_dict(d, source=source, require=False)
+    if model_type == "gemma4":
         text = text_config_of(d, model_type + "_text")
         return config_class.from_dict(text, source=f"{source} (text_config)", require=False)
     if model_type == "t5gemma2":  # shapes live in the sub-configs, with transformers' defaults
@@ -71,6 +79,8 @@ def model_class_for(d: dict):
     """The class named by config.json's architectures, checked against its model_type."""
     model_type = d.get("model_type")
     default = FAMILIES[model_type][1]
+    if model_type == "gemma3" and d.get("vision_config") is None:
+        return gemma3.Gemma3ForCausalLM
     names = d.get("architectures") or []
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise MlxGemmaError("config.json: architectures must be a list of class names")

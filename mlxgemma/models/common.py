@@ -10,7 +10,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..errors import MlxGemmaError
-from .cache import KVCache, RotatingKVCache, uncached_mask
+from .cache import KVCache, RotatingKVCache, causal_mask, uncached_mask
 from .config import FULL, SLIDING
 
 ACTIVATIONS = {
@@ -176,22 +176,56 @@ def padding_of(attention_mask, L: int) -> Optional[mx.array]:
 
 
 def layer_masks(layer_types, caches, L: int, attention_mask, window: Optional[int],
-                bidirectional: bool = False) -> dict:
+                bidirectional: bool = False, blocks: Optional[mx.array] = None) -> dict:
     """One mask per layer type, computed once from the first cache of that type; every cache then records
-    which new tokens are padding."""
+    which new tokens are padding. blocks (B, L): image blocks among the new tokens (image_blocks)."""
     valid = padding_of(attention_mask, L)
     if caches is None:
-        return {t: uncached_mask(L, valid, window if t == SLIDING else None, bidirectional)
-                for t in set(layer_types)}
-    if bidirectional:
-        raise MlxGemmaError("a bidirectional model (use_bidirectional_attention) takes no cache")
-    masks = {}
-    for t, c in zip(layer_types, caches):
-        if t not in masks:
-            masks[t] = c.mask(L, valid)  # a cache's size is its layer's window
-    for c in caches:
-        c.record_padding(L, valid)
+        masks = {t: uncached_mask(L, valid, window if t == SLIDING else None, bidirectional)
+                 for t in set(layer_types)}
+    else:
+        if bidirectional:
+            raise MlxGemmaError("a bidirectional model (use_bidirectional_attention) takes no cache")
+        masks = {}
+        for t, c in zip(layer_types, caches):
+            if t not in masks:
+                masks[t] = c.mask(L, valid)  # a cache's size is its layer's window
+        for c in caches:
+            c.record_padding(L, valid)
+    if blocks is not None:
+        offset = caches[0].offset if caches else 0
+        masks = {t: with_blocks(m, blocks, offset, window if t == SLIDING else None) for t, m in masks.items()}
     return masks
+
+
+def image_blocks(token_type_ids) -> mx.array:
+    """transformers' block ids for the mask: each run of image tokens (type 1) numbered 0, 1, ... per row,
+    -1 for text (get_block_sequence_ids_for_mask)."""
+    types = mx.array(np.asarray(token_type_ids)) if not isinstance(token_type_ids, mx.array) else token_type_ids
+    is_image = (types if types.ndim == 2 else types[None]) == 1
+    before = mx.pad(is_image, [(0, 0), (1, 0)])[:, :-1]
+    starts = mx.cumsum((is_image & ~before).astype(mx.int32), axis=1) - 1
+    return mx.where(is_image, starts, -1)
+
+
+def with_blocks(mask, blocks: mx.array, offset: int, window: Optional[int]):
+    """A layer's mask, plus attention between the tokens of one image block (future ones included), as
+    transformers' Gemma 3 does: OR(causal, block), and on sliding layers AND(window, OR(causal, block)).
+    The new tokens are the mask's last L keys; a block never spans two forwards (generation prefills
+    whole blocks), so keys already cached need no overlay."""
+    L = blocks.shape[1]
+    if L == 1:
+        return mask
+    same = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)
+    if window is not None:
+        same = same & (mx.arange(L)[None] > mx.arange(L)[:, None] - window)
+    if mask is None:  # bidirectional already
+        return mask
+    if isinstance(mask, str):
+        mask = causal_mask(offset, L, 0, offset + L)
+    mask = mx.broadcast_to(mask if mask.ndim == 4 else mask[None, None], (blocks.shape[0], 1, *mask.shape[-2:]))
+    S = mask.shape[-1]
+    return mx.concatenate([mask[..., : S - L], mask[..., S - L:] | same[:, None]], axis=-1)
 
 
 def make_caches(layer_types, window: Optional[int], max_kv_size: Optional[int] = None) -> list:

@@ -74,12 +74,17 @@ class GemmaModel(nn.Module):
         self.layers = [self.decoder_layer_class(config, i) for i in range(config.num_hidden_layers)]
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def __call__(self, input_ids, attention_mask=None, cache=None) -> mx.array:
+    def __call__(self, input_ids, attention_mask=None, cache=None, inputs_embeds=None, blocks=None) -> mx.array:
+        """inputs_embeds (B, L, D) stand in for the scaled embeddings of input_ids (Gemma 3 with images:
+        image features spliced in); blocks (B, L) let each image block attend within itself (image_blocks)."""
         config = self.config
-        input_ids = as_input_ids(input_ids, config.vocab_size)
-        h = scaled_embedding(self.embed_tokens, input_ids, config.hidden_size)
+        if inputs_embeds is None:
+            input_ids = as_input_ids(input_ids, config.vocab_size)
+            h = scaled_embedding(self.embed_tokens, input_ids, config.hidden_size)
+        else:
+            h = inputs_embeds
         masks = layer_masks(config.layer_types, cache, h.shape[1], attention_mask, config.sliding_window,
-                            bool(getattr(config, "use_bidirectional_attention", False)))
+                            bool(getattr(config, "use_bidirectional_attention", False)), blocks)
         for layer, c in zip(self.layers, cache or [None] * len(self.layers)):
             h = layer(h, masks[layer.attention_type], c)
         return self.norm(h)

@@ -26,6 +26,13 @@ def cross_entropy(logits: mx.array, labels: mx.array, ignore_index: int = -100,
     return total / (num_items_in_batch if num_items_in_batch is not None else keep.sum())
 
 
+def causal_lm_loss(logits: mx.array, labels, num_items_in_batch: Optional[int] = None) -> mx.array:
+    """transformers' causal-LM loss: logits[t] predicts labels[t + 1]; -100 is ignored."""
+    labels = mx.array(labels)
+    shifted = mx.concatenate([labels[:, 1:], mx.full((labels.shape[0], 1), -100, labels.dtype)], 1)
+    return cross_entropy(logits, shifted, num_items_in_batch=num_items_in_batch)
+
+
 def softcap(logits: mx.array, cap: Optional[float]) -> mx.array:
     """Gemma 2's final logit softcap, tanh(x / cap) * cap (none when cap is unset)."""
     return mx.tanh(logits / cap) * cap if cap else logits
@@ -92,8 +99,9 @@ class CausalLM(_Head):
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    def __call__(self, input_ids, attention_mask=None, cache=None) -> mx.array:
-        h = self.model(input_ids, attention_mask=attention_mask, cache=cache)
+    def __call__(self, input_ids, attention_mask=None, cache=None, **inputs) -> mx.array:
+        """inputs: what the base model takes besides ids (Gemma 3 with images: inputs_embeds, blocks)."""
+        h = self.model(input_ids, attention_mask=attention_mask, cache=cache, **inputs)
         if self.config.tie_word_embeddings:
             logits = self.model.embed_tokens.as_linear(h)
         else:
@@ -101,11 +109,7 @@ class CausalLM(_Head):
         return softcap(logits, getattr(self.config, "final_logit_softcapping", None))
 
     def loss(self, input_ids, labels, attention_mask=None, num_items_in_batch=None) -> mx.array:
-        """transformers' causal-LM loss: logits[t] predicts labels[t + 1]; -100 is ignored."""
-        logits = self(input_ids, attention_mask=attention_mask)
-        labels = mx.array(labels)
-        shifted = mx.concatenate([labels[:, 1:], mx.full((labels.shape[0], 1), -100, labels.dtype)], 1)
-        return cross_entropy(logits, shifted, num_items_in_batch=num_items_in_batch)
+        return causal_lm_loss(self(input_ids, attention_mask=attention_mask), labels, num_items_in_batch)
 
     def sanitize(self, weights: dict) -> dict:
         weights = super().sanitize(weights)
@@ -121,9 +125,9 @@ class SequenceClassification(_Head):
         super().__init__(config)
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
 
-    def __call__(self, input_ids, attention_mask=None) -> mx.array:
+    def __call__(self, input_ids, attention_mask=None, **inputs) -> mx.array:
         input_ids = as_input_ids(input_ids, self.config.vocab_size)
-        logits = self.score(self.model(input_ids, attention_mask=attention_mask))
+        logits = self.score(self.model(input_ids, attention_mask=attention_mask, **inputs))
         B, L = input_ids.shape
         pad = self.config.pad_token_id
         if pad is None:

@@ -22,6 +22,7 @@ from .common import (MLP, Attention, RMSNorm, activation, as_input_ids, attentio
                      padding_of, scaled_embedding)
 from .config import SLIDING, BaseConfig
 from .gemma3 import Gemma3TextConfig
+from .gemma3_vision import Gemma3MultiModalProjector, check_mm_tokens, merge_image_features
 from .heads import at_positions, cross_entropy, last_non_pad, sequence_classification_loss, softcap
 from .siglip import SiglipVisionConfig, SiglipVisionModel
 
@@ -48,10 +49,7 @@ class T5Gemma2EncoderConfig(BaseConfig):
                                                         require=False)
         self.vision_config = SiglipVisionConfig.from_dict(self.vision_config or {},
                                                           "config.json encoder.vision_config", require=False)
-        side = int(self.mm_tokens_per_image**0.5)
-        if side * side != self.mm_tokens_per_image or self.vision_config.patches_per_side < side:
-            raise MlxGemmaError(f"config.json: mm_tokens_per_image {self.mm_tokens_per_image} must be a square of at "
-                                f"most {self.vision_config.patches_per_side ** 2} (the vision tower's patch grid)")
+        check_mm_tokens(self.mm_tokens_per_image, self.vision_config)
 
 
 @dataclass
@@ -106,25 +104,6 @@ def embed(table, ids: mx.array, config: T5Gemma2Config) -> mx.array:
     return mx.where((ids == config.eoi_token_index)[..., None], table.eoi_embedding.astype(h.dtype), h)
 
 
-class T5Gemma2MultiModalProjector(nn.Module):
-    def __init__(self, config: T5Gemma2EncoderConfig):
-        super().__init__()
-        vision = config.vision_config
-        self.mm_input_projection_weight = mx.zeros((vision.hidden_size, config.text_config.hidden_size))
-        self.mm_soft_emb_norm = RMSNorm(vision.hidden_size, eps=vision.layer_norm_eps)
-        self.patches_per_side = vision.patches_per_side
-        self.kernel = self.patches_per_side // int(config.mm_tokens_per_image**0.5)
-
-    def __call__(self, vision_outputs: mx.array) -> mx.array:
-        """(N, P*P, Dv) row-major patches -> k x k average pools (row-major) -> norm -> (N, T, D)."""
-        N, _, Dv = vision_outputs.shape
-        P, k = self.patches_per_side, self.kernel
-        t = P // k  # AvgPool2d(k, stride=k) drops a remainder
-        x = vision_outputs.reshape(N, P, P, Dv)[:, : t * k, : t * k]
-        x = x.reshape(N, t, k, t, k, Dv).mean(axis=(2, 4)).reshape(N, t * t, Dv)
-        return (self.mm_soft_emb_norm(x) @ self.mm_input_projection_weight).astype(vision_outputs.dtype)
-
-
 class T5Gemma2EncoderLayer(nn.Module):
     def __init__(self, config: T5Gemma2TextConfig, layer_idx: int):
         super().__init__()
@@ -155,7 +134,7 @@ class T5Gemma2Encoder(nn.Module):
         self.layers = [T5Gemma2EncoderLayer(text, i) for i in range(text.num_hidden_layers)]
         self.norm = RMSNorm(text.hidden_size, eps=text.rms_norm_eps)
         self.vision_tower = SiglipVisionModel(config.encoder.vision_config)
-        self.multi_modal_projector = T5Gemma2MultiModalProjector(config.encoder)
+        self.multi_modal_projector = Gemma3MultiModalProjector(config.encoder)
 
     def get_image_features(self, pixel_values) -> mx.array:
         """(N, 3, S, S) -> (N, mm_tokens_per_image, D)."""
@@ -169,7 +148,7 @@ class T5Gemma2Encoder(nn.Module):
         if pixel_values is not None:
             image_features = self.get_image_features(pixel_values)
         if image_features is not None:
-            h = self._merge_images(input_ids, h, image_features)
+            h = merge_image_features(input_ids, h, image_features, self.config.encoder.image_token_index)
         L = input_ids.shape[1]
         valid = padding_of(attention_mask, L)
         masks = {t: encoder_mask(L, valid, text.sliding_window if t == SLIDING else None)
@@ -177,18 +156,6 @@ class T5Gemma2Encoder(nn.Module):
         for layer in self.layers:
             h = layer(h, masks[layer.attention_type])
         return self.norm(h)
-
-    def _merge_images(self, input_ids, h, features):
-        """Features fill the image-token slots in (batch, sequence) order, as transformers' masked_scatter."""
-        slots = (input_ids == self.config.encoder.image_token_index).reshape(-1)
-        n_slots, (n_images, per_image, D) = slots.sum().item(), features.shape
-        if n_slots != n_images * per_image:
-            raise MlxGemmaError(f"input_ids hold {n_slots} image tokens but {n_images} image(s) give "
-                                f"{n_images * per_image} features ({per_image} each): prepare text and images "
-                                "together with the model's processor")
-        index = mx.maximum(mx.cumsum(slots.astype(mx.int32)) - 1, 0)
-        merged = mx.where(slots[:, None], features.reshape(-1, D).astype(h.dtype)[index], h.reshape(-1, D))
-        return merged.reshape(h.shape)
 
 
 class T5Gemma2MergedAttention(Attention):

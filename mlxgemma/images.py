@@ -1,0 +1,79 @@
+"""Images for decoder-only models (Gemma 3 with its tower): encoding with a per-process feature cache, and the
+prefill that keeps each image block whole.
+
+The block mask lets an image's tokens see each other, future ones included, so a prefill chunk may not end
+inside an image: chunks grow to the end of the block they would cut. Encoded images are kept by the digest
+of their pixel values (so the same bytes under the same preprocessing, crops included, hit), a bounded
+number of them, so a chat turn or a server conversation that sends its photo again is not encoded again."""
+
+import hashlib
+from collections import OrderedDict
+from typing import Callable, List, Optional
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import MlxGemmaError
+
+
+class FeatureCache:
+    """The projector's output per image, least recently used out past `max_images`."""
+
+    def __init__(self, max_images: int = 64):
+        self.max_images = max_images
+        self.entries = OrderedDict()
+        self.hits = self.misses = 0
+
+    def encode(self, model, pixel_values) -> mx.array:
+        """(N, 3, S, S) pixel values -> (N, tokens, hidden) features; only the images not seen are encoded."""
+        pixels = np.ascontiguousarray(np.asarray(pixel_values, dtype=np.float32))
+        keys = [(id(model), hashlib.sha256(p.tobytes()).hexdigest()) for p in pixels]
+        new = [i for i, k in enumerate(keys) if k not in self.entries]
+        self.hits, self.misses = self.hits + len(keys) - len(new), self.misses + len(new)
+        if new:
+            features = model.get_image_features(pixels[new])
+            mx.eval(features)
+            for i, f in zip(new, features):
+                self.entries[keys[i]] = f
+        for k in keys:
+            self.entries.move_to_end(k)
+        while len(self.entries) > self.max_images:
+            self.entries.popitem(last=False)
+        return mx.stack([self.entries[k] for k in keys])
+
+
+FEATURES = FeatureCache()
+
+
+def chunks(ids: List[int], image_token: int, step: int) -> List[tuple]:
+    """[(start, end)] covering ids in steps of at most `step`, except that no chunk ends inside an image."""
+    out, start, n = [], 0, len(ids)
+    while start < n:
+        end = min(start + step, n)
+        while end < n and ids[end - 1] == image_token and ids[end] == image_token:
+            end += 1
+        out.append((start, end))
+        start = end
+    return out
+
+
+def prefill(model, cache, ids: List[int], features: Optional[mx.array] = None, step: int = 2048,
+            progress: Optional[Callable[[int, int], None]] = None) -> mx.array:
+    """Run `ids` (image blocks already expanded) through the model into `cache`, image features spliced in
+    and each image block attending within itself. Returns the last chunk's logits."""
+    image_token = model.config.image_token_index
+    types = np.asarray(ids) == image_token
+    starts = types & ~np.concatenate([[False], types[:-1]])
+    if int(starts.sum()) != (0 if features is None else features.shape[0]):
+        raise MlxGemmaError(f"the prompt holds {int(starts.sum())} image(s) but "
+                            f"{0 if features is None else features.shape[0]} were encoded")
+    image, logits = 0, None
+    for start, end in chunks(ids, image_token, step):
+        k = int(starts[start:end].sum())
+        inputs = dict(image_features=features[image:image + k], token_type_ids=types[None, start:end]) if k else {}
+        logits = model(mx.array([ids[start:end]]), cache=cache, **inputs)
+        mx.eval(logits, [c.state for c in cache])
+        image += k
+        if progress is not None:
+            progress(end, len(ids))
+    return logits
