@@ -18,7 +18,7 @@ from .models.stablelm import (StableLmConfig, StableLmForCausalLM, StableLmForSe
                               StableLmForTokenClassification, StableLmModel)
 from .models.t5gemma2 import (T5Gemma2Config, T5Gemma2ForConditionalGeneration, T5Gemma2ForSequenceClassification,
                               T5Gemma2ForTokenClassification, T5Gemma2Model)
-from .processor import T5Gemma2Processor
+from .processor import Gemma3Processor, T5Gemma2Processor
 
 from .convert import convert  # noqa: E402  (the functions; `python -m mlxgemma.convert` etc. are the CLIs)
 from .generate import generate, stream_generate  # noqa: E402
@@ -33,5 +33,5 @@ __all__ = [
     "StableLmConfig", "StableLmModel", "StableLmForCausalLM",
     "StableLmForSequenceClassification", "StableLmForTokenClassification", "T5Gemma2Config", "T5Gemma2Model",
     "T5Gemma2ForConditionalGeneration", "T5Gemma2ForSequenceClassification", "T5Gemma2ForTokenClassification",
-    "T5Gemma2Processor",
+    "Gemma3Processor", "T5Gemma2Processor",
 ]
