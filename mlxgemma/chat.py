@@ -8,19 +8,25 @@ and prefills only what is new. /reset starts over, /quit or Ctrl-D leaves, Ctrl-
 
 import argparse
 import sys
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Sequence
 
 from .cli import Terminated, add_generation_options, load_for_cli, run, sampling_kwargs
 from .errors import MlxGemmaError
-from .generate import check_options, check_prompt, prompt_ids, stream_generate
-from .models import is_encoder_decoder
+from .generate import _with_system, apply_template, check_options, check_prompt, prompt_ids, stream_generate
+from .images import block_start, encode_prompt, images_from
+from .models import has_vision, is_encoder_decoder
 
 
 class ChatSession:
+    """tokenizer: the model's tokenizer, or its processor (Gemma 3 with images: turns may carry images,
+    which stay in the conversation; an image already encoded is not encoded again)."""
+
     def __init__(self, model, tokenizer, system: Optional[str] = None, **options):
         if is_encoder_decoder(model):
             raise MlxGemmaError("chat keeps a decoder-only cache across turns; for T5Gemma 2 use "
                                 "python -m mlxgemma.generate (with --image for pictures)")
+        self.processor = tokenizer if has_vision(model) else None
+        tokenizer = tokenizer.tokenizer if self.processor else tokenizer
         if not getattr(tokenizer, "chat_template", None):
             raise MlxGemmaError("this model's tokenizer has no chat template (a pretrained model, which continues "
                                 "text): use python -m mlxgemma.generate, or an instruction-tuned checkpoint")
@@ -29,6 +35,7 @@ class ChatSession:
 
     def reset(self) -> None:
         self.messages: List[dict] = []
+        self.images: list = []  # every image of the conversation, in order
         self.cache = self.model.make_cache(max_kv_size=self.options.get("max_kv_size"))
         self.cached: List[int] = []  # the token ids the cache holds, in order
 
@@ -39,6 +46,8 @@ class ChatSession:
             if a != b:
                 break
             common += 1
+        if self.processor is not None:  # a prefill may not start inside an image block
+            common = block_start(ids, common, self.model.config.image_token_index)
         drop = len(self.cached) - common
         if drop and not all(c.trim(drop) == drop for c in self.cache):
             self.cache = self.model.make_cache(max_kv_size=self.options.get("max_kv_size"))
@@ -46,18 +55,27 @@ class ChatSession:
         self.cached = self.cached[:common]
         return common
 
-    def reply(self, text: str) -> Iterator[str]:
-        """Stream the reply to a user message. The turn joins the conversation when it ends or is interrupted
+    def reply(self, text: str, images: Sequence = ()) -> Iterator[str]:
+        """Stream the reply to a user message (and its images, placed before the text unless it holds
+        <start_of_image> placeholders). The turn joins the conversation when it ends or is interrupted
         (Ctrl-C keeps what was said); a turn refused as bad input (longer than the context, say) leaves the
         conversation as it was, so the next turn works."""
+        images = list(images)
+        if images and self.processor is None:
+            raise MlxGemmaError(f"{type(self.model).__name__} is a text-only model: it takes no image")
+        if images and self.processor.boi_token not in text:
+            text = self.processor.boi_token * len(images) + text
         messages = self.messages + [{"role": "user", "content": text}]
-        ids = prompt_ids(self.tokenizer, messages, self.system)
+        ids, features = self._prompt(messages, self.images + images)
         check_prompt(self.model, ids)
         start = self._reuse(ids)
+        extra = {}
+        if self.processor is not None:
+            extra["image_features"] = images_from(ids, features, start, self.model.config.image_token_index)
         generated, pieces = [], []
         try:
-            for chunk in stream_generate(self.model, self.tokenizer, ids[start:], prompt_cache=self.cache,
-                                         **self.options):
+            for chunk in stream_generate(self.model, self.processor or self.tokenizer, ids[start:],
+                                         prompt_cache=self.cache, **extra, **self.options):
                 generated.append(chunk.token)
                 pieces.append(chunk.text)
                 yield chunk.text
@@ -70,10 +88,21 @@ class ChatSession:
             self.cached = (ids + generated)[: self.cache[0].offset]
             if messages is not None:
                 self.messages = messages + [{"role": "assistant", "content": "".join(pieces)}]
+                self.images += images
+
+    def _prompt(self, messages, images):
+        """(ids, the images' features): the conversation through the template (and the processor)."""
+        if self.processor is None:
+            return prompt_ids(self.tokenizer, messages, self.system), None
+        text = apply_template(self.tokenizer, _with_system(self.system, messages), tokenize=False)
+        return encode_prompt(self.model, self.processor, text, images, add_special_tokens=False)
 
 
 def repl(session: ChatSession) -> int:
-    print("[mlxgemma chat] /reset starts over, /quit leaves, Ctrl-C stops a reply", file=sys.stderr)
+    images = session.processor is not None
+    print("[mlxgemma chat] /reset starts over, /quit leaves, Ctrl-C stops a reply"
+          + (", /image PATH adds a photo to your next message" if images else ""), file=sys.stderr)
+    pending: list = []
     while True:
         try:
             line = input("> ")
@@ -88,12 +117,21 @@ def repl(session: ChatSession) -> int:
             return 0
         if line.strip() == "/reset":
             session.reset()
+            pending = []
             print("[conversation reset]", file=sys.stderr)
+            continue
+        if line.startswith("/image"):
+            try:
+                pending.append(_image_command(session, line))
+                print(f"[{len(pending)} image(s) for your next message]", file=sys.stderr)
+            except MlxGemmaError as e:
+                print(f"error: {e}", file=sys.stderr)
             continue
         if not line.strip():
             continue
         try:
-            for text in session.reply(line):
+            turn, pending = pending, []
+            for text in session.reply(line, turn):
                 print(text, end="", flush=True)
         except Terminated:
             raise
@@ -102,6 +140,18 @@ def repl(session: ChatSession) -> int:
         except MlxGemmaError as e:
             print(f"error: {e}", file=sys.stderr)
         print()
+
+
+def _image_command(session: ChatSession, line: str):
+    """/image PATH: the image, read now (so a bad file is reported before the message is typed)."""
+    from .processor import load_image
+
+    if session.processor is None:
+        raise MlxGemmaError(f"{type(session.model).__name__} is a text-only model: it takes no image")
+    path = line[len("/image"):].strip()
+    if not path:
+        raise MlxGemmaError("/image needs a path: /image photo.jpg")
+    return load_image(path)
 
 
 def main(argv=None) -> int:

@@ -19,7 +19,7 @@ import numpy as np
 
 from .cli import PrefillProgress, add_generation_options, load_for_cli, run, sampling_kwargs
 from .errors import MlxGemmaError
-from .models import is_encoder_decoder
+from .models import has_vision, is_encoder_decoder
 
 Prompt = Union[str, Sequence[int], Sequence[dict]]
 
@@ -121,17 +121,20 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, max_tokens: int = 256, 
                     repetition_penalty: Optional[float] = None, seed: Optional[int] = None,
                     stop: Sequence[str] = (), system: Optional[str] = None, chat_template: bool = True,
                     prefill_step_size: int = 2048, max_kv_size: Optional[int] = None, prompt_cache=None,
-                    image=None, prompt_progress_callback=None) -> Iterator[Chunk]:
+                    image=None, prompt_progress_callback=None, image_features=None,
+                    pan_and_scan: Optional[bool] = None) -> Iterator[Chunk]:
     """Yield Chunks as tokens are produced. Stops at any eos id of the checkpoint (config.json and
     generation_config.json, e.g. Gemma's <end_of_turn>), at a stop string (never yielded, not even in
     part), or after max_tokens. A seed makes sampling reproducible. prompt_cache (model.make_cache())
     continues from what it already holds: afterwards it holds the prompt and every yielded token, so the
     next call passes only new tokens.
 
-    Image+text models (T5Gemma 2; `tokenizer` is then the processor from mlxgemma.load): `image` is one
-    image or a list (paths or PIL images); a prompt without placeholders gets one per image in front. The
-    encoder runs once, the decoder starts from the start token; prompt_tokens/prompt_tps describe the
-    encoder (images included). prompt_progress_callback(done, total) is called as the prompt is prefilled
+    Image+text models (T5Gemma 2, Gemma 3 with its tower; `tokenizer` is then the processor from
+    mlxgemma.load): `image` is one image or a list (paths or PIL images); a prompt without placeholders gets
+    one per image in front; pan_and_scan crops wide or tall images as the processor does (Gemma 3). T5Gemma 2
+    runs its encoder once and its decoder from the start token; prompt_tokens/prompt_tps describe the encoder
+    (images included). Gemma 3 takes token ids with image blocks already expanded plus their image_features
+    (get_image_features) too. prompt_progress_callback(done, total) is called as the prompt is prefilled
     (mlx-lm's hook)."""
     from mlx_lm.generate import stream_generate as mlx_lm_stream
     from mlx_lm.sample_utils import make_logits_processors, make_sampler
@@ -141,11 +144,18 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, max_tokens: int = 256, 
                   prefill_step_size=prefill_step_size)
     if seed is not None:
         mx.random.seed(seed)
+    if pan_and_scan and not has_vision(model):
+        raise MlxGemmaError(f"pan-and-scan crops images for Gemma 3; {type(model).__name__} does not take them so")
     if is_encoder_decoder(model):
         if prompt_cache is not None:
             raise MlxGemmaError("prompt_cache is for decoder-only models; T5Gemma 2 encodes each request afresh")
         model, tokenizer, ids, prompt_cache, encoder_stats = _encode_request(
             model, tokenizer, prompt, image, system, max_kv_size)
+    elif has_vision(model):
+        tokenizer, ids, encoder_stats = _image_request(model, tokenizer, prompt, image, system, chat_template,
+                                                       prompt_cache, prefill_step_size, prompt_progress_callback,
+                                                       image_features, pan_and_scan)
+        prompt_cache, prompt_progress_callback = encoder_stats.pop("cache"), None
     else:
         if image is not None:
             raise MlxGemmaError(f"{type(model).__name__} is a text-only model: it takes no image")
@@ -240,6 +250,51 @@ def _encode_request(model, processor, prompt, image, system, max_kv_size):
     return _DecoderView(model), processor.tokenizer, [config.decoder.bos_token_id], cache, stats
 
 
+def _image_request(model, processor, prompt, image, system, chat_template, prompt_cache, step, progress,
+                   features, pan_and_scan):
+    """Gemma 3 with images: the prompt expanded, every token but the last prefilled here (image blocks kept
+    whole, which mlx-lm's fixed chunks would not), the last one left to mlx-lm's loop."""
+    from .images import encode_prompt, prefill
+
+    images = processor.images_per_prompt(image, 1)[0] if image is not None else []
+    options = {} if pan_and_scan is None else {"do_pan_and_scan": pan_and_scan}
+    if isinstance(prompt, str) or (prompt and all(isinstance(m, dict) for m in prompt)):
+        if images and isinstance(prompt, str) and processor.boi_token not in prompt:
+            prompt = processor.boi_token * len(images) + prompt  # one placeholder per image, in front
+        text, templated = prompt_text(processor.tokenizer, prompt, system, chat_template)
+        ids, features = encode_prompt(model, processor, text, images, add_special_tokens=not templated, **options)
+    elif prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        ids = list(prompt)  # expanded already; images as pixels or as features
+        if images:
+            from .images import FEATURES
+
+            features = FEATURES.encode(model, processor.preprocess(images, **options))
+    else:
+        raise MlxGemmaError("a prompt is text, a list of token ids or a list of chat messages")
+    cache = prompt_cache if prompt_cache is not None else model.make_cache()
+    check_prompt(model, ids, cache[0].offset)
+    if ids[-1] == model.config.image_token_index:
+        raise MlxGemmaError("the prompt ends inside an image: an image block ends with its end-of-image token")
+    start = time.perf_counter()
+    if len(ids) > 1:
+        prefill(model, cache, ids[:-1], features, step, progress)
+    seconds = time.perf_counter() - start
+    return processor.tokenizer, ids[-1:], dict(prompt_tokens=len(ids), prompt_tps=len(ids) / max(seconds, 1e-9),
+                                               cache=cache)
+
+
+def prompt_text(tokenizer, prompt, system, chat_template: bool):
+    """(the prompt as text, whether a chat template rendered it: it then begins with <bos>)."""
+    if isinstance(prompt, str):
+        check_text(prompt, "the prompt")
+        if not prompt.strip():
+            raise MlxGemmaError("the prompt is empty: give some text")
+        if not (chat_template and getattr(tokenizer, "chat_template", None)):
+            return _raw_text(system, prompt), False
+        prompt = [{"role": "user", "content": prompt}]
+    return apply_template(tokenizer, _with_system(system, prompt), tokenize=False), True
+
+
 def generate(model, tokenizer, prompt: Prompt, **options) -> str:
     """The whole completion as one string (options as for stream_generate)."""
     return "".join(c.text for c in stream_generate(model, tokenizer, prompt, **options))
@@ -253,8 +308,10 @@ def configure_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--prefill-step-size", type=int, default=2048)
     p.add_argument("--image", action="append", default=None,
-                   help="image file, repeatable (image+text models: T5Gemma 2); the prompt's <start_of_image> "
-                        "placeholders mark where each goes, else they go first")
+                   help="image file, repeatable (image+text models: Gemma 3 4B and up, T5Gemma 2); the prompt's "
+                        "<start_of_image> placeholders mark where each goes, else they go first")
+    p.add_argument("--pan-and-scan", action="store_true", default=None,
+                   help="also show Gemma 3 crops of a wide or tall image (the processor's pan-and-scan)")
     return p
 
 
@@ -284,6 +341,7 @@ def main(argv=None) -> int:
         for last in stream_generate(model, tokenizer, prompt, **options, stop=args.stop, system=args.system,
                                     chat_template=not args.ignore_chat_template,
                                     prefill_step_size=args.prefill_step_size, image=args.image,
+                                    **({"pan_and_scan": True} if args.pan_and_scan else {}),
                                     prompt_progress_callback=PrefillProgress(args.prefill_step_size)):
             print(last.text, end="", flush=True)
         print()

@@ -65,8 +65,8 @@ def prefill(model, cache, ids: List[int], features: Optional[mx.array] = None, s
     types = np.asarray(ids) == image_token
     starts = types & ~np.concatenate([[False], types[:-1]])
     if int(starts.sum()) != (0 if features is None else features.shape[0]):
-        raise MlxGemmaError(f"the prompt holds {int(starts.sum())} image(s) but "
-                            f"{0 if features is None else features.shape[0]} were encoded")
+        raise MlxGemmaError(f"the prompt holds {int(starts.sum())} image block(s) but "
+                            f"{0 if features is None else features.shape[0]} image(s) were given")
     image, logits = 0, None
     for start, end in chunks(ids, image_token, step):
         k = int(starts[start:end].sum())
@@ -77,3 +77,26 @@ def prefill(model, cache, ids: List[int], features: Optional[mx.array] = None, s
         if progress is not None:
             progress(end, len(ids))
     return logits
+
+
+def encode_prompt(model, processor, text: str, images, add_special_tokens: bool = True, **pan_and_scan):
+    """(ids with every image placeholder expanded, the images' features or None) of a text and its images."""
+    inputs = processor(text, images or None, add_special_tokens=add_special_tokens, **pan_and_scan)
+    features = FEATURES.encode(model, inputs["pixel_values"]) if "pixel_values" in inputs else None
+    return inputs["input_ids"][0].tolist(), features
+
+
+def images_from(ids: List[int], features: Optional[mx.array], start: int, image_token: int):
+    """The features of the images whose blocks begin at or after `start` (what a prefill of ids[start:] needs)."""
+    if features is None:
+        return None
+    before = sum(1 for i in range(1, start) if ids[i] == image_token and ids[i - 1] != image_token)
+    before += 1 if start > 0 and ids[0] == image_token else 0
+    return features[before:] if before < features.shape[0] else None
+
+
+def block_start(ids: List[int], n: int, image_token: int) -> int:
+    """n, moved back to the start of the image block it would cut (a reusable cache prefix ends there)."""
+    while 0 < n < len(ids) and ids[n] == image_token and ids[n - 1] == image_token:
+        n -= 1
+    return n

@@ -17,7 +17,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .errors import MlxGemmaError
-from .models import config_from_dict, is_encoder_decoder, model_class_for
+from .models import config_from_dict, has_vision, is_encoder_decoder, model_class_for
 from .models.config import token_ids
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -277,6 +277,10 @@ def _from_gguf(path: Path, dtype: Optional[str]):
 def model_from_weights(config: dict, weights: dict, dtype: Optional[str] = None, source: str = "config.json"):
     model = build_model(config, source)
     weights = model.sanitize(weights)
+    if has_vision(model) and not any(k.startswith("vision_tower.") for k in weights):
+        # A Gemma 3 checkpoint without its tower (mlx-lm's converter drops it): its text model.
+        model = model.language_model
+        weights = {k.removeprefix("language_model."): v for k, v in weights.items()}
     _quantize_like(model, config, weights)
     check_weights(model, weights)
     if dtype is not None:
@@ -319,7 +323,7 @@ def resolve(source: Union[str, Path], revision: Optional[str] = None) -> Path:
 def load(source: Union[str, Path], dtype: Optional[str] = "auto", revision: Optional[str] = None):
     """(model, tokenizer) from any source; the tokenizer is mlx-lm's TokenizerWrapper (streaming detokenizer,
     chat template, every eos id of config.json and generation_config.json). For image+text models
-    (T5Gemma 2): (model, processor), the processor holding that tokenizer. dtype as for load_model."""
+    (T5Gemma 2, Gemma 3 with its tower): (model, processor), the processor holding that tokenizer. dtype as for load_model."""
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
     path = resolve(source, revision)
@@ -328,10 +332,11 @@ def load(source: Union[str, Path], dtype: Optional[str] = "auto", revision: Opti
         return model, TokenizerWrapper(tokenizer, eos_token_ids=eos)
     model = load_model(path, dtype)
     tokenizer = load_tokenizer(path)
-    if is_encoder_decoder(model):
-        from .processor import T5Gemma2Processor
+    if is_encoder_decoder(model) or has_vision(model):
+        from .processor import Gemma3Processor, T5Gemma2Processor
 
-        return model, T5Gemma2Processor.from_pretrained(path, tokenizer, model.config)
+        cls = T5Gemma2Processor if is_encoder_decoder(model) else Gemma3Processor
+        return model, cls.from_pretrained(path, tokenizer, model.config)
     return model, tokenizer
 
 
