@@ -95,7 +95,7 @@ class ChatSession:
         if self.processor is None:
             return prompt_ids(self.tokenizer, messages, self.system), None
         text = apply_template(self.tokenizer, _with_system(self.system, messages), tokenize=False)
-        return encode_prompt(self.model, self.processor, text, images, add_special_tokens=False)
+        return encode_prompt(self.model, self.processor, text, images)
 
 
 def repl(session: ChatSession) -> int:

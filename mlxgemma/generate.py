@@ -261,8 +261,8 @@ def _image_request(model, processor, prompt, image, system, chat_template, promp
     if isinstance(prompt, str) or (prompt and all(isinstance(m, dict) for m in prompt)):
         if images and isinstance(prompt, str) and processor.boi_token not in prompt:
             prompt = processor.boi_token * len(images) + prompt  # one placeholder per image, in front
-        text, templated = prompt_text(processor.tokenizer, prompt, system, chat_template)
-        ids, features = encode_prompt(model, processor, text, images, add_special_tokens=not templated, **options)
+        text = prompt_text(processor.tokenizer, prompt, system, chat_template)
+        ids, features = encode_prompt(model, processor, text, images, **options)
     elif prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         ids = list(prompt)  # expanded already; images as pixels or as features
         if images:
@@ -283,16 +283,16 @@ def _image_request(model, processor, prompt, image, system, chat_template, promp
                                                cache=cache)
 
 
-def prompt_text(tokenizer, prompt, system, chat_template: bool):
-    """(the prompt as text, whether a chat template rendered it: it then begins with <bos>)."""
+def prompt_text(tokenizer, prompt, system, chat_template: bool) -> str:
+    """The prompt as text: through the chat template (when it has one and chat_template) or as written."""
     if isinstance(prompt, str):
         check_text(prompt, "the prompt")
         if not prompt.strip():
             raise MlxGemmaError("the prompt is empty: give some text")
         if not (chat_template and getattr(tokenizer, "chat_template", None)):
-            return _raw_text(system, prompt), False
+            return _raw_text(system, prompt)
         prompt = [{"role": "user", "content": prompt}]
-    return apply_template(tokenizer, _with_system(system, prompt), tokenize=False), True
+    return apply_template(tokenizer, _with_system(system, prompt), tokenize=False)
 
 
 def generate(model, tokenizer, prompt: Prompt, **options) -> str:

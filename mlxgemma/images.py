@@ -47,41 +47,51 @@ FEATURES = FeatureCache()
 
 def chunks(ids: List[int], image_token: int, step: int) -> List[tuple]:
     """[(start, end)] covering ids in steps of at most `step`, except that no chunk ends inside an image."""
-    out, start, n = [], 0, len(ids)
-    while start < n:
-        end = min(start + step, n)
-        while end < n and ids[end - 1] == image_token and ids[end] == image_token:
-            end += 1
+    out, start = [], 0
+    while start < len(ids):
+        end = block_end(ids, min(start + step, len(ids)), image_token)
         out.append((start, end))
         start = end
     return out
 
 
+def block_end(ids: List[int], n: int, image_token: int) -> int:
+    """n, moved on to the end of the image block it would cut."""
+    while 0 < n < len(ids) and ids[n - 1] == image_token and ids[n] == image_token:
+        n += 1
+    return n
+
+
+def count_images(ids: List[int], image_token: int) -> int:
+    """How many image blocks begin in ids."""
+    return sum(1 for i, t in enumerate(ids) if t == image_token and (i == 0 or ids[i - 1] != image_token))
+
+
 def prefill(model, cache, ids: List[int], features: Optional[mx.array] = None, step: int = 2048,
             progress: Optional[Callable[[int, int], None]] = None) -> mx.array:
     """Run `ids` (image blocks already expanded) through the model into `cache`, image features spliced in
-    and each image block attending within itself. Returns the last chunk's logits."""
+    and each image block attending within itself. Returns the last chunk's logits, unevaluated (only the
+    caches are evaluated: a chunk's logits over a 262k vocabulary would be gigabytes nobody reads)."""
     image_token = model.config.image_token_index
+    n_images, given = count_images(ids, image_token), 0 if features is None else features.shape[0]
+    if n_images != given:
+        raise MlxGemmaError(f"the prompt holds {n_images} image block(s) but {given} image(s) were given")
     types = np.asarray(ids) == image_token
-    starts = types & ~np.concatenate([[False], types[:-1]])
-    if int(starts.sum()) != (0 if features is None else features.shape[0]):
-        raise MlxGemmaError(f"the prompt holds {int(starts.sum())} image block(s) but "
-                            f"{0 if features is None else features.shape[0]} image(s) were given")
     image, logits = 0, None
     for start, end in chunks(ids, image_token, step):
-        k = int(starts[start:end].sum())
+        k = count_images(ids[start:end], image_token)
         inputs = dict(image_features=features[image:image + k], token_type_ids=types[None, start:end]) if k else {}
         logits = model(mx.array([ids[start:end]]), cache=cache, **inputs)
-        mx.eval(logits, [c.state for c in cache])
+        mx.eval([c.state for c in cache])
         image += k
         if progress is not None:
             progress(end, len(ids))
     return logits
 
 
-def encode_prompt(model, processor, text: str, images, add_special_tokens: bool = True, **pan_and_scan):
+def encode_prompt(model, processor, text: str, images, **pan_and_scan):
     """(ids with every image placeholder expanded, the images' features or None) of a text and its images."""
-    inputs = processor(text, images or None, add_special_tokens=add_special_tokens, **pan_and_scan)
+    inputs = processor(text, images or None, **pan_and_scan)
     features = FEATURES.encode(model, inputs["pixel_values"]) if "pixel_values" in inputs else None
     return inputs["input_ids"][0].tolist(), features
 
@@ -90,8 +100,7 @@ def images_from(ids: List[int], features: Optional[mx.array], start: int, image_
     """The features of the images whose blocks begin at or after `start` (what a prefill of ids[start:] needs)."""
     if features is None:
         return None
-    before = sum(1 for i in range(1, start) if ids[i] == image_token and ids[i - 1] != image_token)
-    before += 1 if start > 0 and ids[0] == image_token else 0
+    before = count_images(ids[:start], image_token)
     return features[before:] if before < features.shape[0] else None
 
 

@@ -214,11 +214,12 @@ class Gemma3Processor:
         return (f"Here is the original image {self.full_image_sequence} and here are some crops to help you see "
                 "better " + " ".join([self.full_image_sequence] * num_crops))
 
-    def __call__(self, text: Union[str, List[str]], images=None, add_special_tokens: bool = True,
+    def __call__(self, text: Union[str, List[str]], images=None, add_special_tokens: Optional[bool] = None,
                  **pan_and_scan) -> dict:
         """text: one prompt or a batch; images: for one prompt a list of images, for a batch a list of lists
-        (one per prompt, [] for none). Each prompt holds one placeholder (the boi token) per image. Text that
-        a chat template rendered already starts with <bos>: pass add_special_tokens=False."""
+        (one per prompt, [] for none). Each prompt holds one placeholder (the boi token) per image. The
+        tokenizer adds <bos> unless the text starts with it already (a chat template's output), as
+        transformers' apply_chat_template decides; add_special_tokens overrides that."""
         opts = self._pan_and_scan_options(pan_and_scan)
         texts = [text] if isinstance(text, str) else list(text)
         per_prompt = self.images_per_prompt(images, len(texts))
@@ -231,6 +232,9 @@ class Gemma3Processor:
         crops = iter(num_crops)  # placeholders take the images in order, across the batch
         texts = ["".join(part if i == 0 else self.image_sequence(next(crops)) + part
                          for i, part in enumerate(t.split(self.boi_token))) for t in texts]
+        if add_special_tokens is None:
+            bos = self.tokenizer.bos_token
+            add_special_tokens = not (bos and all(t.startswith(bos) for t in texts))
         enc = self.tokenizer._tokenizer(texts, padding=True, return_tensors="np", add_special_tokens=add_special_tokens)
         ids = enc["input_ids"]
         out = {"input_ids": ids, "attention_mask": enc["attention_mask"],

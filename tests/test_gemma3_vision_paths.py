@@ -21,14 +21,20 @@ TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}t
             "t8 {{ m['content'] }} t7 {% endif %}{% endfor %}{% if add_generation_prompt %}t8{% endif %}")
 
 
+def vision_checkpoint(hf, path):
+    """A Gemma 3 with images checkpoint with the tiny processor and a chat template."""
+    path = save_t5_checkpoint(hf, path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps(dict(config, chat_template=TEMPLATE)))
+    return path
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     root = tmp_path_factory.mktemp("g3paths")
     hf = hf_gemma3_vision(seed=4)
     hf.generation_config.eos_token_id = None  # greedy runs to max tokens on both sides
-    path = save_t5_checkpoint(hf, root / "ckpt")
-    config = json.loads((path / "tokenizer_config.json").read_text())
-    (path / "tokenizer_config.json").write_text(json.dumps(dict(config, chat_template=TEMPLATE)))
+    path = vision_checkpoint(hf, root / "ckpt")
     rng = np.random.default_rng(0)
     images = []
     for i, size in enumerate([(40, 40), (30, 90)]):  # the second is wide: pan-and-scan crops it

@@ -4,14 +4,17 @@ images from data URLs or base64), and the scheduler's events as an async stream 
 import asyncio
 import base64
 import binascii
+import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
+import numpy as np
+
 from ..errors import MlxGemmaError
 from ..generate import apply_template, check_prompt, check_text
-from ..models import is_encoder_decoder
+from ..models import has_vision, is_encoder_decoder
 from ..processor import decode_image
 from .scheduler import Request, Scheduler
 from .schemas import RequestError
@@ -35,6 +38,24 @@ class Prompt:
     ids: List[int]  # the decoder's prompt (T5Gemma 2: its start token)
     encoder: Optional[dict] = None  # T5Gemma 2: input_ids, pixel_values
     images: list = field(default_factory=list)
+    pixel_values: Optional[object] = None  # Gemma 3: the images of `ids`' image blocks, in order
+    key: Optional[List[int]] = None  # Gemma 3 with images: what the prompt cache matches (see image_key)
+
+
+def image_key(ids: List[int], pixel_values, image_token: int) -> List[int]:
+    """The prompt cache matches token ids, and every image's tokens are the same id: in the key each image
+    block's tokens become a negative number from the digest of that image's pixels, so a cached prefix is
+    reused only for the same images."""
+    digests = iter(-1 - int(hashlib.sha256(np.ascontiguousarray(p).tobytes()).hexdigest()[:15], 16)
+                   for p in pixel_values)
+    key, current = [], None
+    for i, t in enumerate(ids):
+        if t == image_token:
+            current = next(digests) if i == 0 or ids[i - 1] != image_token else current
+            key.append(current)
+        else:
+            key.append(t)
+    return key
 
 
 def image_bytes(url: str) -> bytes:
@@ -56,14 +77,14 @@ class Engine:
     def __init__(self, model, tokenizer, name: str, scheduler: Scheduler, defaults: Defaults,
                  template_args: Optional[dict] = None, source: str = ""):
         self.model, self.name, self.scheduler, self.defaults = model, name, scheduler, defaults
-        self.encoder_decoder = is_encoder_decoder(model)
-        self.processor = tokenizer if self.encoder_decoder else None
-        self.tokenizer = tokenizer.tokenizer if self.encoder_decoder else tokenizer
+        self.encoder_decoder, self.vision = is_encoder_decoder(model), has_vision(model)
+        self.processor = tokenizer if self.takes_images else None
+        self.tokenizer = tokenizer.tokenizer if self.takes_images else tokenizer
         self.template_args, self.source, self.created = template_args or {}, source, int(time.time())
 
     @property
     def takes_images(self) -> bool:
-        return self.encoder_decoder
+        return self.encoder_decoder or self.vision
 
     @property
     def context(self) -> Optional[int]:
@@ -142,25 +163,35 @@ class Engine:
             if template:
                 for t in turns:
                     check_text(t["content"], "a message")
-                text_or_ids = apply_template(self.tokenizer, turns, tokenize=not self.encoder_decoder,
+                text_or_ids = apply_template(self.tokenizer, turns, tokenize=not self.takes_images,
                                              **self.template_args)
             else:
                 check_text(turns, "the prompt")
                 if not turns.strip() and not images:
                     raise MlxGemmaError("the prompt is empty: give some text")
-                text_or_ids = turns if self.encoder_decoder else list(self.tokenizer.encode(turns))
-            if not self.encoder_decoder:
+                text_or_ids = turns if self.takes_images else list(self.tokenizer.encode(turns))
+            if not self.takes_images:
                 self._check_ids(text_or_ids)
                 return Prompt(text_or_ids)
             inputs = self.processor(text_or_ids, images or None)
         except MlxGemmaError as e:
             raise RequestError(str(e)) from None
+        if self.vision:
+            return self._vision_prompt(inputs, images)
         encoder = {"input_ids": inputs["input_ids"], "pixel_values": inputs.get("pixel_values")}
         limit = self.model.config.encoder.text_config.max_position_embeddings
         if inputs["input_ids"].shape[1] >= limit:
             raise RequestError(f"the prompt has {inputs['input_ids'].shape[1]} tokens but the encoder's context is "
                                f"{limit}: shorten it", code="context_length_exceeded")
         return Prompt([self.model.config.decoder.bos_token_id], encoder, images)
+
+    def _vision_prompt(self, inputs: dict, images: list) -> Prompt:
+        ids, pixels = inputs["input_ids"][0].tolist(), inputs.get("pixel_values")
+        self._check_ids(ids)
+        if pixels is None:
+            return Prompt(ids)
+        return Prompt(ids, images=images, pixel_values=pixels,
+                      key=image_key(ids, pixels, self.model.config.image_token_index))
 
     def _check_ids(self, ids: List[int]) -> None:
         try:
@@ -178,7 +209,7 @@ class Engine:
                         seed=seed)
         return Request(prompt.ids, emit=None, max_tokens=max_tokens or d.max_tokens, sampling=sampling, n=n,
                        stop=list(stop or []), top_logprobs=top_logprobs or 0, encoder=prompt.encoder,
-                       context=self.context)
+                       context=self.context, pixel_values=prompt.pixel_values, key=prompt.key)
 
     async def events(self, request: Request, http_request=None):
         """Submit request and yield its (kind, data) events until it ends. Leaving early (a client gone,

@@ -19,7 +19,9 @@ import mlx.core as mx
 
 from ..batch import Batch, Sampling, fill, prefill, sample
 from ..generate import _held_back
-from ..models import is_encoder_decoder
+from ..images import FEATURES, block_end, count_images, images_from
+from ..images import prefill as images_prefill
+from ..models import has_vision, is_encoder_decoder
 from .prompt_cache import PromptCache, snapshot
 
 log = logging.getLogger("mlxgemma.server")
@@ -41,11 +43,18 @@ class Request:
     top_logprobs: int = 0  # 0: only the chosen token's logprob
     encoder: Optional[dict] = None
     context: Optional[int] = None  # the model's context: a row stops ("length") when it is full
+    pixel_values: Optional[object] = None  # Gemma 3: the images of the prompt's image blocks
+    key: Optional[List[int]] = None  # what the prompt cache matches (the prompt, images told apart)
     cancelled: bool = False
     # the scheduler's own
     started: float = 0.0
     live: int = 0
     snapshots: list = field(default_factory=list)
+    features: Optional[mx.array] = None  # the encoded images still to prefill
+
+    @property
+    def cache_key(self) -> List[int]:
+        return self.key if self.key is not None else self.prompt
 
 
 @dataclass
@@ -83,6 +92,7 @@ class Scheduler:
         self.prompt_cache = prompt_cache if not self.encoder_decoder else None
         self.decode_concurrency, self.prefill_step_size = decode_concurrency, prefill_step_size
         self.eos = set(tokenizer.eos_token_ids)
+        self.image_token = model.config.image_token_index if has_vision(model) else None
         self.inbox: "queue.Queue[Request]" = queue.Queue()
         self.waiting: List[Request] = []
         self.prefilling = None  # (request, cache, ids still to feed)
@@ -174,15 +184,24 @@ class Scheduler:
         request, cache, rest = self.prefilling
         if cache is None:
             request, cache, rest = self.prefilling = self._begin(request)
-        if len(rest) > self.prefill_step_size + 1:  # one chunk now, the rest after the next decode step
-            fill(self.model, cache, rest[: self.prefill_step_size], self.prefill_step_size)
-            self.prefilling = (request, cache, rest[self.prefill_step_size :])
+        end = block_end(rest, self.prefill_step_size, self.image_token)  # never inside an image
+        if end < len(rest) - 1:  # one chunk now, the rest after the next decode step
+            self._fill(request, cache, rest[:end])
+            self.prefilling = (request, cache, rest[end:])
             return
         self.prefilling = None
-        fill(self.model, cache, rest[:-1], self.prefill_step_size)
+        self._fill(request, cache, rest[:-1])
         if self.prompt_cache is not None and len(request.prompt) > 1:  # where a repeat of this prompt restarts
             request.snapshots.append(snapshot(cache, len(request.prompt) - 1))
         self._join(request, cache, prefill(self.model, cache, rest[-1:]))
+
+    def _fill(self, request: Request, cache, ids: List[int]) -> None:
+        if request.features is None:
+            fill(self.model, cache, ids, self.prefill_step_size)
+            return
+        k = count_images(ids, self.image_token)
+        images_prefill(self.model, cache, ids, request.features[:k] if k else None, self.prefill_step_size)
+        request.features = request.features[k:] if k < request.features.shape[0] else None
 
     def _begin(self, request: Request):
         """The request's cache (from the prompt cache where it can be) and the ids it still has to feed."""
@@ -193,8 +212,11 @@ class Scheduler:
         else:
             cached, cache = 0, None
             if self.prompt_cache is not None:
-                cached, cache, request.snapshots = self.prompt_cache.fetch(request.prompt)
+                cached, cache, request.snapshots = self.prompt_cache.fetch(request.cache_key)
             cache = cache if cache is not None else self.model.make_cache()
+            if request.pixel_values is not None:  # encoded here, on the thread that owns the model
+                request.features = images_from(request.prompt, FEATURES.encode(self.model, request.pixel_values),
+                                               cached, self.image_token)
         prompt_tokens = len(request.encoder["input_ids"][0]) if self.encoder_decoder else len(request.prompt)
         request.emit("prompt", {"prompt_tokens": prompt_tokens, "cached_tokens": cached})
         return request, cache, request.prompt[cached:]
@@ -279,7 +301,7 @@ class Scheduler:
         """A row is done; its cache (holding the prompt and its first `fed` tokens) goes to the prompt cache."""
         request = row.request
         if self.prompt_cache is not None and cache is not None:
-            self.prompt_cache.insert(request.prompt + row.generated[:fed], cache, request.snapshots)
+            self.prompt_cache.insert(request.cache_key + row.generated[:fed], cache, request.snapshots)
         request.live -= 1
         if request.live == 0:
             request.emit("end", None)

@@ -1,0 +1,86 @@
+"""The server with Gemma 3 and images: image_url parts and Ollama's images give what the library gives,
+the prompt cache reuses a prefix only for the same image (every image's tokens are the same id), an image
+sent again is not encoded again, and concurrent requests with different images equal each alone."""
+
+import base64
+import io
+import threading
+
+import numpy as np
+import ollama
+import openai
+import pytest
+from PIL import Image
+
+import mlxgemma
+from mlxgemma.images import FEATURES
+from server_util import serve
+from test_gemma3_vision import hf_gemma3_vision
+from test_gemma3_vision_paths import vision_checkpoint
+
+
+@pytest.fixture(scope="module")
+def g3v(tmp_path_factory):
+    server = serve(vision_checkpoint(hf_gemma3_vision(seed=6, eos_token_id=1), tmp_path_factory.mktemp("g3v") / "c"))
+    yield server
+    server.stop()
+
+
+def _png(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (30, 50, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _ask(server, png: bytes, text: str = "t20 t21", max_tokens: int = 6):
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    return client.chat.completions.create(model="m", messages=[{"role": "user", "content": content}],
+                                          max_tokens=max_tokens)
+
+
+def _library(server, png: bytes, text: str = "t20 t21", max_tokens: int = 6) -> str:
+    model, processor = server.engine.model, server.engine.processor
+    return mlxgemma.generate(model, processor, [{"role": "user", "content": "<start_of_image>" + text}],
+                             image=[Image.open(io.BytesIO(png))], max_tokens=max_tokens)
+
+
+def test_image_url_and_ollama_images_equal_the_library(g3v):
+    png = _png(0)
+    ref = _library(g3v, png)
+    assert _ask(g3v, png).choices[0].message.content == ref
+    o = ollama.Client(host=g3v.url).chat(model="m", messages=[{"role": "user", "content": "t20 t21",
+                                                               "images": [base64.b64encode(png).decode()]}],
+                                         options={"num_predict": 6})
+    assert o.message.content == ref
+    assert "vision" in ollama.Client(host=g3v.url).show("m").capabilities
+
+
+def test_prompt_cache_tells_images_apart(g3v):
+    a, b = _png(1), _png(2)
+    first = _ask(g3v, a)
+    misses = FEATURES.misses
+    other = _ask(g3v, b)  # same text, another image: nothing of a's cache may be reused past the image
+    assert other.choices[0].message.content == _library(g3v, b)
+    assert other.usage.prompt_tokens_details.cached_tokens < first.usage.prompt_tokens - 6
+    again = _ask(g3v, a)  # a repeat: its cache and its encoded image are reused
+    assert again.choices[0].message.content == first.choices[0].message.content
+    assert again.usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens - 1
+    assert FEATURES.misses == misses + 1  # b alone was encoded
+
+
+def test_concurrent_requests_with_different_images(g3v):
+    pngs = [_png(10 + i) for i in range(4)]
+    expected = [_library(g3v, p, f"t{30 + i}", 8) for i, p in enumerate(pngs)]
+    out = [None] * 4
+
+    def run(i):
+        out[i] = _ask(g3v, pngs[i], f"t{30 + i}", 8).choices[0].message.content
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert out == expected
