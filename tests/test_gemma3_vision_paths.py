@@ -212,3 +212,39 @@ def test_repl_image_command(ckpt, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "not found" in err and "[1 image(s) for your next message]" in err
     assert replies == [("t20 t21", 1), ("t30", 0)]
+
+
+def test_generate_batch_rows_equal_each_alone(ckpt):
+    from mlxgemma.images import generate_batch
+
+    _, path, images = ckpt
+    model, processor = mlxgemma.load(path)
+    texts = ["t9 <start_of_image> t12", "<start_of_image> t13 <start_of_image>", "t14 t15"]
+    per_row = [[images[0]], [images[1], images[0]], []]
+    out = generate_batch(model, processor, texts, per_row, max_tokens=5)
+    alone = [mlxgemma.generate(model, processor, t, image=i or None, chat_template=False, max_tokens=5)
+             for t, i in zip(texts, per_row)]
+    assert out == alone
+
+
+def test_caption_example_in_batches(ckpt, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, path, images = ckpt
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        shutil.copy(images[i % 2], folder / f"p{i}.png")
+    (folder / "p1b.png").write_bytes(b"broken")
+    script = Path(__file__).parent.parent / "examples" / "caption.py"
+    run = subprocess.run([sys.executable, str(script), "--model", str(path), str(folder), "--max-tokens", "3",
+                          "--batch-size", "2", "--prompt", "t20"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    model, processor = mlxgemma.load(path)
+    expected = [f"p{i}.png: " + " ".join(mlxgemma.generate(model, processor, "t20", image=images[i % 2],
+                                                             max_tokens=3).split()) for i in range(3)]
+    assert run.stdout.strip().splitlines() == expected
+    assert "p1b.png: error" in run.stderr
