@@ -170,7 +170,7 @@ def _write(out: Path, model: nn.Module, config: dict) -> None:
         save_model(out, model)
     if len(dtypes) == 1:
         config = dict(config, torch_dtype=dtypes.pop())
-    save_config(config, out / "config.json")
+    save_config(config, out / "config.json", keep_vision_config=True)  # (mlx-lm drops it by default)
 
 
 def _save_weights(out: Path, weights: dict, model: nn.Module) -> None:
@@ -200,11 +200,15 @@ def _write_readme(out: Path, source, config: dict, dtype) -> None:
     (out / "README.md").write_text(
         f"# {Path(str(source)).name} for MLX\n\nConverted by mlxgemma from `{source}`, {how}.\n"
         f"Weights: {size / 2**20:.1f} MiB. Files: {', '.join(files)}.\n\n"
-        + (_T5_README if config.get("model_type") == "t5gemma2" else _LM_README))
+        + {"t5gemma2": _T5_README, "gemma3": _GEMMA3_README}.get(config.get("model_type")
+                                                                  if config.get("vision_config") else "", _LM_README))
 
 
 _LM_README = ("```python\nimport mlxgemma\nmodel, tokenizer = mlxgemma.load(\"path/to/this/folder\")\n```\n"
               "It also loads with `mlx_lm.load`.\n")
+_GEMMA3_README = ("```python\nimport mlxgemma\nmodel, processor = mlxgemma.load(\"path/to/this/folder\")\n"
+                  "print(mlxgemma.generate(model, processor, \"Describe this photo.\", image=\"photo.jpg\"))\n```\n"
+                  "It also loads with `mlx_vlm.load` (and its text part with `mlx_lm.load`).\n")
 _T5_README = ("```python\nimport mlxgemma\nmodel, processor = mlxgemma.load(\"path/to/this/folder\")\n"
               "print(mlxgemma.generate(model, processor, \" in this image, there is\", image=\"photo.jpg\"))\n```\n")
 

@@ -22,8 +22,8 @@ TEXT = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_lay
             layer_types=["sliding_attention", "full_attention", "sliding_attention"])
 
 
-def hf_gemma3_vision(head="ForConditionalGeneration", seed=0, **overrides):
-    config = transformers.Gemma3Config(text_config=dict(TEXT), vision_config=dict(T5_VISION),
+def hf_gemma3_vision(head="ForConditionalGeneration", seed=0, text=None, vision=None, **overrides):
+    config = transformers.Gemma3Config(text_config=dict(TEXT, **(text or {})), vision_config=dict(T5_VISION, **(vision or {})),
                                        mm_tokens_per_image=T5_TOKENS, boi_token_index=BOI, eoi_token_index=EOI,
                                        image_token_index=IMAGE, attn_implementation="eager", **overrides)
     return randomize(getattr(transformers, "Gemma3" + head)(config), seed)

@@ -19,7 +19,7 @@ import mlx.nn as nn
 
 from ..errors import MlxGemmaError
 from .common import RMSNorm, as_input_ids, image_blocks, scaled_embedding
-from .config import BaseConfig
+from .config import FULL, SLIDING, BaseConfig, pattern_layer_types
 from .gemma3 import Gemma3ForCausalLM, Gemma3TextConfig, Gemma3TextForSequenceClassification
 from .heads import causal_lm_loss, sequence_classification_loss
 from .siglip import SiglipVisionConfig, SiglipVisionModel
@@ -159,6 +159,20 @@ class _Gemma3WithImages(nn.Module):
         if token_type_ids is not None:
             inputs["blocks"] = image_blocks(token_type_ids)
         return ids, inputs
+
+    def checkpoint(self, weights: dict, config: dict):
+        """What the converter writes: our names (mlx-vlm's), and in text_config the keys mlx-vlm's Gemma 3
+        reads there (mm_tokens_per_image, sliding_window_pattern, rope_global/local_base_freq; transformers
+        reads the top-level mm_tokens_per_image, layer_types and rope_parameters, and ignores them)."""
+        text_config = self.config.text_config
+        rope = text_config.rope_parameters
+        text = dict(config.get("text_config") or {}, mm_tokens_per_image=self.config.mm_tokens_per_image,
+                    rope_global_base_freq=rope[FULL]["rope_theta"], rope_local_base_freq=rope[SLIDING]["rope_theta"])
+        n = text_config.num_hidden_layers
+        pattern = next((k for k in range(1, n + 1) if pattern_layer_types(n, k) == text_config.layer_types), None)
+        if pattern:
+            text["sliding_window_pattern"] = pattern
+        return weights, dict(config, text_config=text)
 
     def sanitize(self, weights: dict) -> dict:
         """Either transformers layout, or mlx-vlm's (ours): the tower's convolution to MLX's layout."""

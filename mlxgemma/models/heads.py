@@ -113,8 +113,9 @@ class CausalLM(_Head):
 
     def sanitize(self, weights: dict) -> dict:
         weights = super().sanitize(weights)
-        if self.config.tie_word_embeddings:
-            weights.pop("lm_head.weight", None)
+        if self.config.tie_word_embeddings:  # a stored copy of the table (mlx-vlm quantizes one) goes
+            for part in ("weight", "scales", "biases"):
+                weights.pop(f"lm_head.{part}", None)
         return weights
 
 
