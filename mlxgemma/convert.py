@@ -200,8 +200,13 @@ def _write_readme(out: Path, source, config: dict, dtype) -> None:
     (out / "README.md").write_text(
         f"# {Path(str(source)).name} for MLX\n\nConverted by mlxgemma from `{source}`, {how}.\n"
         f"Weights: {size / 2**20:.1f} MiB. Files: {', '.join(files)}.\n\n"
-        + {"t5gemma2": _T5_README, "gemma3": _GEMMA3_README}.get(config.get("model_type")
-                                                                  if config.get("vision_config") else "", _LM_README))
+        + _readme_usage(config))
+
+
+def _readme_usage(config: dict) -> str:
+    if config.get("model_type") == "t5gemma2":
+        return _T5_README
+    return _GEMMA3_README if config.get("model_type") == "gemma3" and config.get("vision_config") else _LM_README
 
 
 _LM_README = ("```python\nimport mlxgemma\nmodel, tokenizer = mlxgemma.load(\"path/to/this/folder\")\n```\n"
