@@ -7,6 +7,7 @@ of their pixel values (so the same bytes under the same preprocessing, crops inc
 number of them, so a chat turn or a server conversation that sends its photo again is not encoded again."""
 
 import hashlib
+import weakref
 from collections import OrderedDict
 from typing import Callable, List, Optional
 
@@ -28,18 +29,20 @@ class FeatureCache:
         """(N, 3, S, S) pixel values -> (N, tokens, hidden) features; only the images not seen are encoded."""
         pixels = np.ascontiguousarray(np.asarray(pixel_values, dtype=np.float32))
         keys = [(id(model), hashlib.sha256(p.tobytes()).hexdigest()) for p in pixels]
-        new = [i for i, k in enumerate(keys) if k not in self.entries]
+        # (an entry also holds a weak reference to its model: a new model may be given a freed one's id)
+        new = [i for i, k in enumerate(keys) if k not in self.entries or self.entries[k][0]() is not model]
         self.hits, self.misses = self.hits + len(keys) - len(new), self.misses + len(new)
         if new:
             features = model.get_image_features(pixels[new])
             mx.eval(features)
             for i, f in zip(new, features):
-                self.entries[keys[i]] = f
+                self.entries[keys[i]] = (weakref.ref(model), f)
+        out = mx.stack([self.entries[k][1] for k in keys])
         for k in keys:
             self.entries.move_to_end(k)
         while len(self.entries) > self.max_images:
             self.entries.popitem(last=False)
-        return mx.stack([self.entries[k] for k in keys])
+        return out
 
 
 FEATURES = FeatureCache()

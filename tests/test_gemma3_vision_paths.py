@@ -248,3 +248,20 @@ def test_caption_example_in_batches(ckpt, tmp_path):
                                                              max_tokens=3).split()) for i in range(3)]
     assert run.stdout.strip().splitlines() == expected
     assert "p1b.png: error" in run.stderr
+
+
+def test_feature_cache_is_exact_and_bounded(ckpt):
+    from mlxgemma.images import FeatureCache
+    from reference import random_pixels
+
+    _, path, _ = ckpt
+    model = mlxgemma.load_model(path)
+    cache, pixels = FeatureCache(max_images=2), random_pixels(3, seed=11)
+    first = cache.encode(model, pixels)  # more images than it keeps: all come back, two stay
+    assert np.array_equal(np.array(first), np.array(model.get_image_features(pixels)))
+    assert (cache.misses, len(cache.entries)) == (3, 2)
+    again = cache.encode(model, pixels[1:])
+    assert cache.hits == 2 and np.array_equal(np.array(again), np.array(first[1:]))
+    other = mlxgemma.load_model(path)  # another model: its own features, never another model's
+    cache.encode(other, pixels[1:2])
+    assert cache.misses == 4
