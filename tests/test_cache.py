@@ -54,6 +54,32 @@ def test_trim_after_wrap_refuses_more_than_exact():
     assert cache.trim(3) == 1 and cache.offset == 8
 
 
+@pytest.mark.parametrize("back", [1, 2, 4, 6, 7, 9])
+def test_journaled_trim_is_exact_after_the_wrap(back):
+    """Past the wrap, after mark(), a multi-token update and single-token ones roll back to any position
+    since the mark: the ring then holds what a cache fed only up to there holds."""
+    W, rng = 4, np.random.default_rng(back)
+    tokens = [mx.array(rng.standard_normal((1, 1, 1, 2)).astype(np.float32)) for _ in range(20)]
+
+    def feed(cache, start, end, step):
+        for i in range(start, end, step):
+            k = mx.concatenate(tokens[i:min(i + step, end)], axis=2)
+            cache.update_and_fetch(k, k * 2)
+
+    cache = RotatingKVCache(W)
+    feed(cache, 0, 9, 3)
+    cache.mark()
+    feed(cache, 9, 14, 5)  # a verification of 5 tokens
+    feed(cache, 14, 18, 1)  # then drafted ones, one at a time
+    assert cache.trim(back) == back and cache.offset == 18 - back
+    reference = RotatingKVCache(W)
+    feed(reference, 0, 18 - back, 1)
+    for ours, ref in zip((cache.keys, cache.values), (reference.keys, reference.values)):
+        assert np.array_equal(np.array(ours), np.array(ref))
+    cache.trim(100)  # never before the mark
+    assert cache.offset == 9
+
+
 def _tiny_tokenizer():
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 

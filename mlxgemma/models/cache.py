@@ -156,19 +156,36 @@ def _oldest_first(buf: mx.array, offset: int, window: int) -> mx.array:
 
 
 class RotatingKVCache:
-    """Window-bounded cache for sliding-window layers: holds exactly the last `max_size` tokens."""
+    """Window-bounded cache for sliding-window layers: holds exactly the last `max_size` tokens.
+
+    Speculative decoding rolls back tokens the target rejected, after the ring may have wrapped over the
+    tokens it needs back. `mark()` starts a journal: each update since keeps what it replaced (the previous
+    buffers, left untouched because journaled writes are not in place, and the update's own keys), so
+    `trim` can go back to any position since the mark exactly."""
 
     def __init__(self, max_size: int):
         self.max_size = max_size
         self.keys = self.values = None
         self.offset = 0
         self.key_valid = None  # (B, 1, slots, 1) bool in the key slots' layout; None while no padding
+        self.journal = None  # since mark(): [(offset, keys, values, key_valid, new keys, new values)]
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
+        if self.journal is not None:
+            self.journal.append((self.offset, self.keys, self.values, self.key_valid, keys, values))
+            if keys.shape[2] == 1 and self.keys is not None:  # a one-token write would be in place
+                self.keys, self.values = mx.array(self.keys), mx.array(self.values)
         self.keys, k = _ring_update(self.keys, keys, self.offset, self.max_size)
         self.values, v = _ring_update(self.values, values, self.offset, self.max_size)
         self.offset += keys.shape[2]
         return k, v
+
+    def mark(self) -> None:
+        """Start (or restart) the journal that makes trim exact back to this point."""
+        self.journal = []
+
+    def unmark(self) -> None:
+        self.journal = None
 
     def mask(self, L: int, valid: Optional[mx.array] = None):
         W = self.max_size  # the window (smaller under max_kv_size)
@@ -224,10 +241,29 @@ class RotatingKVCache:
 
     def trim(self, n: int) -> int:
         """Drop the newest n tokens, as far as it stays exact: all of them until the buffer has wrapped,
-        after that one (the tokens before it have been overwritten)."""
+        after that one (the tokens before it have been overwritten), or back to the mark when journaled."""
+        if self.journal is not None and self.offset > self.max_size and self.key_valid is None:  # (no padding)
+            return self._rewind(n)
         n = min(n, self.offset if self.offset <= self.max_size else 1)
         self.offset -= n
         return n
+
+    def _rewind(self, n: int) -> int:
+        """Back to position offset - n (not before the mark): the state before the update that wrote it,
+        plus that update's first tokens again."""
+        if not self.journal:
+            return 0
+        target = max(self.offset - n, self.journal[0][0])
+        while self.journal and self.journal[-1][0] > target:
+            self.journal.pop()
+        if not self.journal:
+            return 0
+        offset, keys, values, valid, new_k, new_v = self.journal.pop()
+        done = self.offset - target
+        self.keys, self.values, self.key_valid, self.offset = keys, values, valid, offset
+        if target > offset:  # re-apply the kept part of that update (journaled: it can still be undone)
+            self.update_and_fetch(new_k[..., : target - offset, :], new_v[..., : target - offset, :])
+        return done
 
     @property
     def nbytes(self) -> int:
