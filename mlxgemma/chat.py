@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Iterator, List, Optional, Sequence
 
-from .cli import Terminated, add_generation_options, load_for_cli, run, sampling_kwargs
+from .cli import Terminated, add_generation_options, load_draft, load_for_cli, run, sampling_kwargs
 from .errors import MlxGemmaError
 from .generate import _with_system, apply_template, check_options, check_prompt, prompt_ids, stream_generate
 from .images import block_start, encode_prompt, images_from
@@ -75,7 +75,7 @@ class ChatSession:
         generated, pieces = [], []
         try:
             for chunk in stream_generate(self.model, self.processor or self.tokenizer, ids[start:],
-                                         prompt_cache=self.cache, **extra, **self.options):
+                                         prompt_cache=self.cache, history=ids[:start], **extra, **self.options):
                 generated.append(chunk.token)
                 pieces.append(chunk.text)
                 yield chunk.text
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     def body() -> int:
         check_options(**options)  # before the model loads and the REPL starts
         model, tokenizer = load_for_cli(args)
-        return repl(ChatSession(model, tokenizer, args.system, **options))
+        return repl(ChatSession(model, tokenizer, args.system, draft_model=load_draft(args), **options))
 
     return run(body)
 

@@ -29,11 +29,27 @@ def add_generation_options(p, max_tokens: int = 100) -> None:
                    help="bound every KV cache to this many tokens (full layers then attend to a window)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="compute dtype; auto: float32 on MLX's CPU backend, the checkpoint's own (bf16) on a GPU")
+    p.add_argument("--draft-model", default=None, help="a smaller model of the same tokenizer that proposes "
+                   "tokens for the model to check (speculative decoding; output as without it)")
+    p.add_argument("--num-draft-tokens", type=int, default=3, help="tokens proposed per step (default 3)")
+    p.add_argument("--prompt-lookup-ngram", type=int, default=None, help="speculate without a draft model: "
+                   "propose what followed the last N tokens where they occurred before (prompt lookup)")
 
 
 def sampling_kwargs(args) -> dict:
+    speculation = {"num_draft_tokens": args.num_draft_tokens, "prompt_lookup_ngram": args.prompt_lookup_ngram}
     return dict(max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                repetition_penalty=args.repetition_penalty, seed=args.seed, max_kv_size=args.max_kv_size)
+                repetition_penalty=args.repetition_penalty, seed=args.seed, max_kv_size=args.max_kv_size,
+                **speculation)
+
+
+def load_draft(args):
+    """The --draft-model (None without one), in the --dtype of the model."""
+    if args.draft_model is None:
+        return None
+    from .loading import load_model
+
+    return load_model(args.draft_model, dtype=args.dtype)
 
 
 def load_for_cli(args):

@@ -17,7 +17,7 @@ from typing import Iterator, List, Optional, Sequence, Union
 import mlx.core as mx
 import numpy as np
 
-from .cli import PrefillProgress, add_generation_options, load_for_cli, run, sampling_kwargs
+from .cli import PrefillProgress, add_generation_options, load_draft, load_for_cli, run, sampling_kwargs
 from .errors import MlxGemmaError
 from .models import has_vision, is_encoder_decoder
 
@@ -37,6 +37,8 @@ class Chunk:
     generation_tokens: int = 0
     generation_tps: float = 0.0
     peak_memory: float = 0.0  # GB
+    draft_tokens: int = 0  # speculative decoding: tokens proposed so far, and accepted of them
+    accepted_tokens: int = 0
 
 
 def prompt_ids(tokenizer, prompt: Prompt, system: Optional[str] = None, chat_template: bool = True) -> List[int]:
@@ -93,7 +95,7 @@ def apply_template(tokenizer, messages, tokenize: bool = True, **template_args):
 
 
 def check_options(*, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, max_kv_size, seed=None,
-                  prefill_step_size=2048):
+                  prefill_step_size=2048, num_draft_tokens=3, prompt_lookup_ngram=None):
     """Every generation option in range (the CLIs call it before loading a model)."""
     for ok, message in [
         (seed is None or 0 <= seed < 2**64, f"--seed must be in 0..2^64-1, got {seed}"),
@@ -106,6 +108,9 @@ def check_options(*, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, 
          f"--repetition-penalty must be > 0, got {repetition_penalty}"),
         (prefill_step_size > 0, f"--prefill-step-size must be positive, got {prefill_step_size}"),
         (max_kv_size is None or max_kv_size > 0, f"--max-kv-size must be positive, got {max_kv_size}"),
+        (num_draft_tokens > 0, f"--num-draft-tokens must be positive, got {num_draft_tokens}"),
+        (prompt_lookup_ngram is None or prompt_lookup_ngram > 0,
+         f"--prompt-lookup-ngram must be positive, got {prompt_lookup_ngram}"),
     ]:
         if not ok:
             raise MlxGemmaError(message)
@@ -122,7 +127,8 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, max_tokens: int = 256, 
                     stop: Sequence[str] = (), system: Optional[str] = None, chat_template: bool = True,
                     prefill_step_size: int = 2048, max_kv_size: Optional[int] = None, prompt_cache=None,
                     image=None, prompt_progress_callback=None, image_features=None,
-                    pan_and_scan: Optional[bool] = None) -> Iterator[Chunk]:
+                    pan_and_scan: Optional[bool] = None, draft_model=None, num_draft_tokens: int = 3,
+                    prompt_lookup_ngram: Optional[int] = None, history: Sequence[int] = ()) -> Iterator[Chunk]:
     """Yield Chunks as tokens are produced. Stops at any eos id of the checkpoint (config.json and
     generation_config.json, e.g. Gemma's <end_of_turn>), at a stop string (never yielded, not even in
     part), or after max_tokens. A seed makes sampling reproducible. prompt_cache (model.make_cache())
@@ -141,9 +147,11 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, max_tokens: int = 256, 
 
     check_options(max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
                   repetition_penalty=repetition_penalty, max_kv_size=max_kv_size, seed=seed,
-                  prefill_step_size=prefill_step_size)
+                  prefill_step_size=prefill_step_size,
+                  num_draft_tokens=num_draft_tokens, prompt_lookup_ngram=prompt_lookup_ngram)
     if seed is not None:
         mx.random.seed(seed)
+    request = (prompt, image, system, tokenizer)  # as given (a draft T5Gemma 2 encodes it too)
     if pan_and_scan and not has_vision(model):
         raise MlxGemmaError(f"pan-and-scan crops images for Gemma 3; {type(model).__name__} does not take them so")
     if is_encoder_decoder(model):
@@ -156,18 +164,51 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, max_tokens: int = 256, 
                                                        prompt_cache, prefill_step_size, prompt_progress_callback,
                                                        image_features, pan_and_scan)
         prompt_cache, prompt_progress_callback = encoder_stats.pop("cache"), None
+        history = list(history) + encoder_stats.pop("history")  # in the cache already: for the proposers
     else:
         if image is not None:
             raise MlxGemmaError(f"{type(model).__name__} is a text-only model: it takes no image")
         ids, encoder_stats = _decoder_prompt(model, tokenizer, prompt, system, chat_template, prompt_cache), {}
         if prompt_cache is None and hasattr(model, "make_cache"):
             prompt_cache = model.make_cache(max_kv_size=max_kv_size)
+    if draft_model is not None or prompt_lookup_ngram:
+        steps = _speculative(model, tokenizer, ids, prompt_cache, encoder_stats, request, draft_model,
+                             num_draft_tokens, prompt_lookup_ngram, history,
+                             dict(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p), repetition_penalty,
+                             max_tokens, prefill_step_size, max_kv_size)
+        yield from _chunks(steps, stop, encoder_stats)
+        return
     sampler = make_sampler(temp=temp, top_p=top_p if top_p < 1 else 0.0, min_p=min_p, top_k=top_k)
     processors = make_logits_processors(repetition_penalty=repetition_penalty) if repetition_penalty else None
     steps = mlx_lm_stream(model, tokenizer, ids, max_tokens=max_tokens, sampler=sampler,
                           logits_processors=processors, prefill_step_size=prefill_step_size,
                           prompt_cache=prompt_cache, prompt_progress_callback=prompt_progress_callback)
     yield from _chunks(steps, stop, encoder_stats)
+
+
+def _speculative(model, tokenizer, ids, cache, stats, request, draft_model, num_draft, ngram, history, sampling,
+                 repetition_penalty, max_tokens, step, max_kv_size):
+    """The speculative loop (speculative.py) on what stream_generate prepared: a draft model (its own
+    caches, fresh; T5Gemma 2's encodes the request too) or prompt lookup over the prompt and the output
+    (T5Gemma 2: and the encoder's ids)."""
+    from . import speculative
+
+    if repetition_penalty:
+        raise MlxGemmaError("--repetition-penalty is not supported with speculative decoding")
+    sampler, draft = speculative.Sampler(**sampling), None
+    if draft_model is not None:
+        if has_vision(model) and model.config.image_token_index in list(history) + list(ids):
+            raise MlxGemmaError("a draft model cannot see images: use --prompt-lookup-ngram with image prompts")
+        if is_encoder_decoder(draft_model):
+            prompt, image, system, processor = request
+            draft_view, _, _, draft_cache, _ = _encode_request(draft_model, processor, prompt, image, system,
+                                                               max_kv_size)
+        else:
+            draft_view, draft_cache = draft_model, draft_model.make_cache(max_kv_size=max_kv_size)
+        draft = speculative.Draft(draft_view, draft_cache, sampler)
+    return speculative.stream(model, tokenizer, ids, cache, sampler=sampler, draft=draft, ngram=ngram or 0,
+                              num_draft=num_draft, max_tokens=max_tokens, prefill_step_size=step,
+                              history=history, sources=(getattr(model, "encoder_ids", []),))
 
 
 def _decoder_prompt(model, tokenizer, prompt, system, chat_template, prompt_cache) -> List[int]:
@@ -194,7 +235,8 @@ def _chunks(steps, stop: Sequence[str], override: dict) -> Iterator[Chunk]:
     text = ""
     for r in steps:
         stats = dict(prompt_tokens=r.prompt_tokens, prompt_tps=r.prompt_tps, generation_tokens=r.generation_tokens,
-                     generation_tps=r.generation_tps, peak_memory=r.peak_memory)
+                     generation_tps=r.generation_tps, peak_memory=r.peak_memory,
+                     draft_tokens=getattr(r, "proposed", 0), accepted_tokens=getattr(r, "accepted", 0))
         stats.update(override)
         text += r.text
         logprob = r.logprobs[r.token].item()
@@ -213,8 +255,8 @@ class _DecoderView:
     """What mlx-lm's generate loop drives (model(tokens, cache=...), layers): T5Gemma 2's decoder, with the
     encoder's output held in the cache (its keys and values computed once per request)."""
 
-    def __init__(self, model):
-        self.model, self.layers = model, model.layers
+    def __init__(self, model, encoder_ids=()):
+        self.model, self.layers, self.encoder_ids = model, model.layers, list(encoder_ids)
 
     def __call__(self, inputs, cache=None, **_):
         return self.model.decode_step(inputs, cache=cache)
@@ -247,7 +289,7 @@ def _encode_request(model, processor, prompt, image, system, max_kv_size):
     cache = model.make_cache(encoded, max_kv_size)  # evaluates the encoder and the cross keys/values
     seconds = time.perf_counter() - start
     stats = dict(prompt_tokens=len(ids), prompt_tps=len(ids) / seconds)
-    return _DecoderView(model), processor.tokenizer, [config.decoder.bos_token_id], cache, stats
+    return _DecoderView(model, ids), processor.tokenizer, [config.decoder.bos_token_id], cache, stats
 
 
 def _image_request(model, processor, prompt, image, system, chat_template, prompt_cache, step, progress,
@@ -280,7 +322,7 @@ def _image_request(model, processor, prompt, image, system, chat_template, promp
         prefill(model, cache, ids[:-1], features, step, progress)
     seconds = time.perf_counter() - start
     return processor.tokenizer, ids[-1:], dict(prompt_tokens=len(ids), prompt_tps=len(ids) / max(seconds, 1e-9),
-                                               cache=cache)
+                                               cache=cache, history=ids[:-1])
 
 
 def prompt_text(tokenizer, prompt, system, chat_template: bool) -> str:
@@ -315,6 +357,13 @@ def configure_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _draft_summary(last: Chunk) -> str:
+    if not last.draft_tokens:
+        return ""
+    return (f" | draft: {last.accepted_tokens}/{last.draft_tokens} tokens accepted "
+            f"({100 * last.accepted_tokens / last.draft_tokens:.0f}%)")
+
+
 def read_prompt(arg: Optional[str]) -> str:
     if arg is None:
         raise MlxGemmaError("no prompt: pass --prompt TEXT (or --prompt - to read standard input)")
@@ -337,8 +386,10 @@ def main(argv=None) -> int:
         prompt = read_prompt(args.prompt)
         check_options(**options, prefill_step_size=args.prefill_step_size)
         model, tokenizer = load_for_cli(args)
+        draft = load_draft(args)
         last = None
-        for last in stream_generate(model, tokenizer, prompt, **options, stop=args.stop, system=args.system,
+        for last in stream_generate(model, tokenizer, prompt, **options, draft_model=draft, stop=args.stop,
+                                    system=args.system,
                                     chat_template=not args.ignore_chat_template,
                                     prefill_step_size=args.prefill_step_size, image=args.image,
                                     **({"pan_and_scan": True} if args.pan_and_scan else {}),
@@ -348,7 +399,7 @@ def main(argv=None) -> int:
         if last is not None:
             print(f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s | generation: "
                   f"{last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s | peak memory: "
-                  f"{last.peak_memory:.3f} GB", file=sys.stderr)
+                  f"{last.peak_memory:.3f} GB" + _draft_summary(last), file=sys.stderr)
         return 0
 
     return run(body)
