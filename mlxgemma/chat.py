@@ -21,7 +21,7 @@ class ChatSession:
     """tokenizer: the model's tokenizer, or its processor (Gemma 3 with images: turns may carry images,
     which stay in the conversation; an image already encoded is not encoded again)."""
 
-    def __init__(self, model, tokenizer, system: Optional[str] = None, **options):
+    def __init__(self, model, tokenizer, system: Optional[str] = None, prompt_cache_file=None, **options):
         if is_encoder_decoder(model):
             raise MlxGemmaError("chat keeps a decoder-only cache across turns; for T5Gemma 2 use "
                                 "python -m mlxgemma.generate (with --image for pictures)")
@@ -31,13 +31,23 @@ class ChatSession:
             raise MlxGemmaError("this model's tokenizer has no chat template (a pretrained model, which continues "
                                 "text): use python -m mlxgemma.generate, or an instruction-tuned checkpoint")
         self.model, self.tokenizer, self.system, self.options = model, tokenizer, system, options
+        self.prompt_cache_file = prompt_cache_file
         self.reset()
 
     def reset(self) -> None:
         self.messages: List[dict] = []
         self.images: list = []  # every image of the conversation, in order
-        self.cache = self.model.make_cache(max_kv_size=self.options.get("max_kv_size"))
-        self.cached: List[int] = []  # the token ids the cache holds, in order
+        self.cache, self.cached = self._fresh()  # the cache, and the token ids it holds in order
+        self.prefix = list(self.cached)  # a --prompt-cache-file's tokens: the conversation follows them
+
+    def _fresh(self):
+        """An empty cache, or the --prompt-cache-file's (the prompt it holds is never prefilled again)."""
+        max_kv_size = self.options.get("max_kv_size")
+        if self.prompt_cache_file is None:
+            return self.model.make_cache(max_kv_size=max_kv_size), []
+        from .cache_file import load
+
+        return load(self.prompt_cache_file, self.model, max_kv_size)
 
     def _reuse(self, ids: List[int]) -> int:
         """Keep the cached prefix shared with ids (at least one token must stay new); returns its length."""
@@ -50,8 +60,8 @@ class ChatSession:
             common = block_start(ids, common, self.model.config.image_token_index)
         drop = len(self.cached) - common
         if drop and not all(c.trim(drop) == drop for c in self.cache):
-            self.cache = self.model.make_cache(max_kv_size=self.options.get("max_kv_size"))
-            common = 0
+            self.cache, fresh = self._fresh()
+            common = len(fresh)  # (ids always begin with the file's prompt)
         self.cached = self.cached[:common]
         return common
 
@@ -67,11 +77,14 @@ class ChatSession:
             text = self.processor.boi_token * len(images) + text
         messages = self.messages + [{"role": "user", "content": text}]
         ids, features = self._prompt(messages, self.images + images)
+        if self.prefix:  # the conversation continues the cached prompt: one <bos>, the file's
+            ids = self.prefix + ids[1:] if ids[:1] == [self.tokenizer.bos_token_id] else self.prefix + ids
         check_prompt(self.model, ids)
         start = self._reuse(ids)
         extra = {}
-        if self.processor is not None:
-            extra["image_features"] = images_from(ids, features, start, self.model.config.image_token_index)
+        if self.processor is not None:  # the images after start (those of the file's prompt are in its cache)
+            n = len(self.prefix)
+            extra["image_features"] = images_from(ids[n:], features, start - n, self.model.config.image_token_index)
         generated, pieces = [], []
         try:
             for chunk in stream_generate(self.model, self.processor or self.tokenizer, ids[start:],
@@ -163,7 +176,8 @@ def main(argv=None) -> int:
     def body() -> int:
         check_options(**options)  # before the model loads and the REPL starts
         model, tokenizer = load_for_cli(args)
-        return repl(ChatSession(model, tokenizer, args.system, draft_model=load_draft(args), **options))
+        return repl(ChatSession(model, tokenizer, args.system, prompt_cache_file=args.prompt_cache_file,
+                                draft_model=load_draft(args), **options))
 
     return run(body)
 

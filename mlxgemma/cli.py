@@ -29,6 +29,8 @@ def add_generation_options(p, max_tokens: int = 100) -> None:
                    help="bound every KV cache to this many tokens (full layers then attend to a window)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="compute dtype; auto: float32 on MLX's CPU backend, the checkpoint's own (bf16) on a GPU")
+    p.add_argument("--prompt-cache-file", default=None, help="continue from a prompt cached by "
+                   "python -m mlxgemma.cache_prompt (only the new tokens are prefilled)")
     p.add_argument("--draft-model", default=None, help="a smaller model of the same tokenizer that proposes "
                    "tokens for the model to check (speculative decoding; output as without it)")
     p.add_argument("--num-draft-tokens", type=int, default=3, help="tokens proposed per step (default 3)")

@@ -92,9 +92,10 @@ def prefill(model, cache, ids: List[int], features: Optional[mx.array] = None, s
     return logits
 
 
-def encode_prompt(model, processor, text: str, images, **pan_and_scan):
-    """(ids with every image placeholder expanded, the images' features or None) of a text and its images."""
-    inputs = processor(text, images or None, **pan_and_scan)
+def encode_prompt(model, processor, text: str, images, **options):
+    """(ids with every image placeholder expanded, the images' features or None) of a text and its images;
+    options go to the processor (pan-and-scan, add_special_tokens)."""
+    inputs = processor(text, images or None, **options)
     features = FEATURES.encode(model, inputs["pixel_values"]) if "pixel_values" in inputs else None
     return inputs["input_ids"][0].tolist(), features
 

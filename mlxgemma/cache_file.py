@@ -1,0 +1,119 @@
+"""Prompt-cache files: a prefilled prompt's caches as safetensors, so a long prefix (a document, a system
+prompt) is prefilled once and every later run prefills only what it adds.
+
+One file holds, per layer, the cache's arrays as they are (a rotating cache's ring in its slot layout, a full
+cache up to its offset, the padding record when there is one) and, in the metadata, the cache kinds and
+sizes, the token ids the caches hold, and the model's identity: a digest of its config and of every weight's
+name, shape, dtype and first values, so a file made with another model or a changed checkpoint is refused,
+never continued with wrong output. A file is written atomically; a truncated or edited one is one clear error.
+
+mlx-lm's save/load_prompt_cache are not used: they rebuild mlx-lm's cache classes by name, and ours differ
+(models/cache.py says why).
+"""
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import List, Tuple
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from .errors import MlxGemmaError
+from .models.cache import KVCache, RotatingKVCache
+
+FORMAT = "mlxgemma-prompt-cache/1"
+
+
+def identity(model) -> str:
+    """A digest of the model: its config and, for every weight, name, shape, dtype and first 16 values."""
+    h = hashlib.sha256(repr(getattr(model, "config", None)).encode())
+    for name, w in sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0]):
+        h.update(f"{name}{tuple(w.shape)}{w.dtype}".encode())
+        h.update(np.array(w.reshape(-1)[:16].astype(mx.float32)).tobytes())
+    return h.hexdigest()
+
+
+def save(path, model, cache: list, tokens: List[int]) -> Path:
+    """Write the caches (holding `tokens`) of `model` to path, atomically."""
+    if not all(isinstance(c, (KVCache, RotatingKVCache)) for c in cache):
+        raise MlxGemmaError("a prompt-cache file holds a decoder-only model's caches (T5Gemma 2 encodes each "
+                            "request afresh)")
+    if cache[0].offset != len(tokens):
+        raise MlxGemmaError(f"the caches hold {cache[0].offset} tokens but {len(tokens)} token ids were given")
+    arrays, kinds = {}, []
+    for i, c in enumerate(cache):
+        kind = {"kind": "rotating", "max_size": c.max_size} if isinstance(c, RotatingKVCache) else {"kind": "full"}
+        kinds.append(dict(kind, offset=c.offset))
+        if c.keys is None:
+            continue
+        n = c.offset if kind["kind"] == "full" else c.keys.shape[2]
+        arrays[f"{i}.keys"], arrays[f"{i}.values"] = c.keys[..., :n, :], c.values[..., :n, :]
+        if c.key_valid is not None:
+            arrays[f"{i}.key_valid"] = c.key_valid
+    meta = {"format": FORMAT, "model": identity(model), "tokens": json.dumps(tokens), "caches": json.dumps(kinds)}
+    path = Path(path).expanduser()
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".safetensors", dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise MlxGemmaError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        mx.save_safetensors(tmp, arrays, metadata=meta)
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise MlxGemmaError(f"cannot write {path}: {e.strerror or e}") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load(path, model, max_kv_size=None) -> Tuple[list, List[int]]:
+    """(caches, the token ids they hold) from a file made for this model, or one clear error."""
+    from .loading import check_safetensors
+
+    path = Path(path).expanduser()
+    check_safetensors(path)  # exists, a regular file, a header that matches the file
+    try:
+        arrays, meta = mx.load(str(path), return_metadata=True)
+    except Exception as e:
+        raise MlxGemmaError(f"cannot read the prompt-cache file {path}: {str(e).splitlines()[0]}") from None
+    if meta.get("format") != FORMAT:
+        raise MlxGemmaError(f"{path} is not an mlxgemma prompt-cache file")
+    if meta.get("model") != identity(model):
+        raise MlxGemmaError(f"{path} was made with another model (or another --dtype, or the checkpoint changed "
+                            "since): make it again with this model")
+    try:
+        tokens, kinds = json.loads(meta["tokens"]), json.loads(meta["caches"])
+    except (KeyError, json.JSONDecodeError):
+        raise MlxGemmaError(f"{path}: its metadata is damaged") from None
+    cache = model.make_cache(max_kv_size=max_kv_size)
+    if len(kinds) != len(cache) or not all(isinstance(t, int) for t in tokens):
+        raise MlxGemmaError(f"{path}: its caches do not fit this model's layers")
+    for i, (c, kind) in enumerate(zip(cache, kinds)):
+        _restore(c, kind, arrays, i, len(tokens), path)
+    return cache, tokens
+
+
+def _restore(c, kind: dict, arrays: dict, i: int, n_tokens: int, path: Path) -> None:
+    rotating = isinstance(c, RotatingKVCache)
+    expected = {"kind": "rotating", "max_size": c.max_size} if rotating else {"kind": "full"}
+    if {k: kind.get(k) for k in expected} != expected or kind.get("offset") != n_tokens:
+        raise MlxGemmaError(f"{path}: layer {i}'s cache is {kind}, this model's is {expected} over {n_tokens} "
+                            "tokens (another --max-kv-size, or a damaged file)")
+    c.offset = n_tokens
+    if f"{i}.keys" not in arrays:
+        if n_tokens:
+            raise MlxGemmaError(f"{path}: layer {i}'s keys are missing")
+        return
+    keys, values = arrays[f"{i}.keys"], arrays[f"{i}.values"] if f"{i}.values" in arrays else None
+    held = min(n_tokens, c.max_size) if rotating else n_tokens
+    if values is None or keys.shape != values.shape or keys.ndim != 4 or keys.shape[2] < held:
+        raise MlxGemmaError(f"{path}: layer {i}'s keys and values are misshapen")
+    c.keys, c.values = keys, values
+    c.key_valid = arrays.get(f"{i}.key_valid")
