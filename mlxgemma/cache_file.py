@@ -46,12 +46,13 @@ def save(path, model, cache: list, tokens: List[int]) -> Path:
         raise MlxGemmaError(f"the caches hold {cache[0].offset} tokens but {len(tokens)} token ids were given")
     arrays, kinds = {}, []
     for i, c in enumerate(cache):
-        kind = {"kind": "rotating", "max_size": c.max_size} if isinstance(c, RotatingKVCache) else {"kind": "full"}
-        kinds.append(dict(kind, offset=c.offset))
+        kinds.append(dict(_kind(c), offset=c.offset))
         if c.keys is None:
             continue
-        n = c.offset if kind["kind"] == "full" else c.keys.shape[2]
-        arrays[f"{i}.keys"], arrays[f"{i}.values"] = c.keys[..., :n, :], c.values[..., :n, :]
+        n = _parts(c.keys)[0].shape[2] if isinstance(c, RotatingKVCache) else c.offset
+        for name in ("keys", "values"):
+            for j, part in enumerate(_parts(getattr(c, name))):
+                arrays[f"{i}.{name}.{j}"] = part[..., :n, :]
         if c.key_valid is not None:
             arrays[f"{i}.key_valid"] = c.key_valid
     meta = {"format": FORMAT, "model": identity(model), "tokens": json.dumps(tokens), "caches": json.dumps(kinds)}
@@ -71,6 +72,17 @@ def save(path, model, cache: list, tokens: List[int]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _kind(c) -> dict:
+    kind = {"kind": "rotating", "max_size": c.max_size} if isinstance(c, RotatingKVCache) else {"kind": "full"}
+    if getattr(c, "bits", None):  # a quantized cache (--kv-bits)
+        kind.update(bits=c.bits, group_size=c.group_size)
+    return kind
+
+
+def _parts(x) -> list:
+    return list(x) if isinstance(x, tuple) else [x]
 
 
 def load(path, model, max_kv_size=None) -> Tuple[list, List[int]]:
@@ -95,25 +107,28 @@ def load(path, model, max_kv_size=None) -> Tuple[list, List[int]]:
     cache = model.make_cache(max_kv_size=max_kv_size)
     if len(kinds) != len(cache) or not all(isinstance(t, int) for t in tokens):
         raise MlxGemmaError(f"{path}: its caches do not fit this model's layers")
-    for i, (c, kind) in enumerate(zip(cache, kinds)):
-        _restore(c, kind, arrays, i, len(tokens), path)
+    for i, kind in enumerate(kinds):
+        if isinstance(kind, dict) and kind.get("bits") in (4, 8) and kind.get("group_size") in (32, 64, 128):
+            cache[i] = cache[i].to_quantized(group_size=kind["group_size"], bits=kind["bits"])
+        _restore(cache[i], kind, arrays, i, len(tokens), path)
     return cache, tokens
 
 
-def _restore(c, kind: dict, arrays: dict, i: int, n_tokens: int, path: Path) -> None:
-    rotating = isinstance(c, RotatingKVCache)
-    expected = {"kind": "rotating", "max_size": c.max_size} if rotating else {"kind": "full"}
-    if {k: kind.get(k) for k in expected} != expected or kind.get("offset") != n_tokens:
+def _restore(c, kind, arrays: dict, i: int, n_tokens: int, path: Path) -> None:
+    expected = _kind(c)
+    if not isinstance(kind, dict) or {k: kind.get(k) for k in expected} != expected or kind.get("offset") != n_tokens:
         raise MlxGemmaError(f"{path}: layer {i}'s cache is {kind}, this model's is {expected} over {n_tokens} "
                             "tokens (another --max-kv-size, or a damaged file)")
     c.offset = n_tokens
-    if f"{i}.keys" not in arrays:
+    n_parts = 3 if "bits" in expected else 1
+    parts = {name: [arrays.get(f"{i}.{name}.{j}") for j in range(n_parts)] for name in ("keys", "values")}
+    if all(p is None for p in parts["keys"] + parts["values"]):
         if n_tokens:
             raise MlxGemmaError(f"{path}: layer {i}'s keys are missing")
         return
-    keys, values = arrays[f"{i}.keys"], arrays[f"{i}.values"] if f"{i}.values" in arrays else None
-    held = min(n_tokens, c.max_size) if rotating else n_tokens
-    if values is None or keys.shape != values.shape or keys.ndim != 4 or keys.shape[2] < held:
+    held = min(n_tokens, c.max_size) if isinstance(c, RotatingKVCache) else n_tokens
+    shapes = [tuple(p.shape) if p is not None else None for p in parts["keys"] + parts["values"]]
+    if None in shapes or any(len(s) != 4 or s[2] < held or s[:3] != shapes[0][:3] for s in shapes):
         raise MlxGemmaError(f"{path}: layer {i}'s keys and values are misshapen")
-    c.keys, c.values = keys, values
+    c.keys, c.values = (tuple(parts[n]) if n_parts == 3 else parts[n][0] for n in ("keys", "values"))
     c.key_valid = arrays.get(f"{i}.key_valid")

@@ -29,6 +29,11 @@ def add_generation_options(p, max_tokens: int = 100) -> None:
                    help="bound every KV cache to this many tokens (full layers then attend to a window)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="compute dtype; auto: float32 on MLX's CPU backend, the checkpoint's own (bf16) on a GPU")
+    p.add_argument("--kv-bits", type=int, default=None, choices=[4, 8],
+                   help="store the KV caches quantized to this many bits (default: float)")
+    p.add_argument("--kv-group-size", type=int, default=64, help="group size of the quantized KV caches")
+    p.add_argument("--quantized-kv-start", type=int, default=5000,
+                   help="quantize a cache once it holds this many tokens (with --kv-bits)")
     p.add_argument("--prompt-cache-file", default=None, help="continue from a prompt cached by "
                    "python -m mlxgemma.cache_prompt (only the new tokens are prefilled)")
     p.add_argument("--draft-model", default=None, help="a smaller model of the same tokenizer that proposes "
@@ -39,7 +44,9 @@ def add_generation_options(p, max_tokens: int = 100) -> None:
 
 
 def sampling_kwargs(args) -> dict:
-    speculation = {"num_draft_tokens": args.num_draft_tokens, "prompt_lookup_ngram": args.prompt_lookup_ngram}
+    speculation = {"num_draft_tokens": args.num_draft_tokens, "prompt_lookup_ngram": args.prompt_lookup_ngram,
+                   "kv_bits": args.kv_bits, "kv_group_size": args.kv_group_size,
+                   "quantized_kv_start": args.quantized_kv_start}
     return dict(max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                 repetition_penalty=args.repetition_penalty, seed=args.seed, max_kv_size=args.max_kv_size,
                 **speculation)

@@ -95,8 +95,14 @@ def apply_template(tokenizer, messages, tokenize: bool = True, **template_args):
 
 
 def check_options(*, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, max_kv_size, seed=None,
-                  prefill_step_size=2048, num_draft_tokens=3, prompt_lookup_ngram=None):
+                  prefill_step_size=2048, num_draft_tokens=3, prompt_lookup_ngram=None, kv_bits=None,
+                  kv_group_size=64, quantized_kv_start=5000):
     """Every generation option in range (the CLIs call it before loading a model)."""
+    from .models.quantized_cache import check_kv_options
+
+    check_kv_options(kv_bits, kv_group_size)
+    if quantized_kv_start < 0:
+        raise MlxGemmaError(f"--quantized-kv-start must be >= 0, got {quantized_kv_start}")
     for ok, message in [
         (seed is None or 0 <= seed < 2**64, f"--seed must be in 0..2^64-1, got {seed}"),
         (max_tokens > 0, f"--max-tokens must be positive, got {max_tokens}"),
@@ -128,7 +134,9 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, max_tokens: int = 256, 
                     prefill_step_size: int = 2048, max_kv_size: Optional[int] = None, prompt_cache=None,
                     image=None, prompt_progress_callback=None, image_features=None,
                     pan_and_scan: Optional[bool] = None, draft_model=None, num_draft_tokens: int = 3,
-                    prompt_lookup_ngram: Optional[int] = None, history: Sequence[int] = ()) -> Iterator[Chunk]:
+                    prompt_lookup_ngram: Optional[int] = None, history: Sequence[int] = (),
+                    kv_bits: Optional[int] = None, kv_group_size: int = 64,
+                    quantized_kv_start: int = 5000) -> Iterator[Chunk]:
     """Yield Chunks as tokens are produced. Stops at any eos id of the checkpoint (config.json and
     generation_config.json, e.g. Gemma's <end_of_turn>), at a stop string (never yielded, not even in
     part), or after max_tokens. A seed makes sampling reproducible. prompt_cache (model.make_cache())
@@ -141,14 +149,18 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, max_tokens: int = 256, 
     runs its encoder once and its decoder from the start token; prompt_tokens/prompt_tps describe the encoder
     (images included). Gemma 3 takes token ids with image blocks already expanded plus their image_features
     (get_image_features) too. prompt_progress_callback(done, total) is called as the prompt is prefilled
-    (mlx-lm's hook)."""
+    (mlx-lm's hook). kv_bits (4 or 8) stores every cache quantized in groups of kv_group_size once it
+    holds quantized_kv_start tokens (mlx-lm's options). draft_model or prompt_lookup_ngram decode
+    speculatively (num_draft_tokens per step), with the output of plain decoding; history: the tokens a
+    prompt_cache already holds (for the draft model and prompt lookup)."""
     from mlx_lm.generate import stream_generate as mlx_lm_stream
     from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
     check_options(max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
                   repetition_penalty=repetition_penalty, max_kv_size=max_kv_size, seed=seed,
                   prefill_step_size=prefill_step_size,
-                  num_draft_tokens=num_draft_tokens, prompt_lookup_ngram=prompt_lookup_ngram)
+                  num_draft_tokens=num_draft_tokens, prompt_lookup_ngram=prompt_lookup_ngram, kv_bits=kv_bits,
+                  kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start)
     if seed is not None:
         mx.random.seed(seed)
     request = (prompt, image, system, tokenizer)  # as given (a draft T5Gemma 2 encodes it too)
@@ -175,19 +187,20 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, max_tokens: int = 256, 
         steps = _speculative(model, tokenizer, ids, prompt_cache, encoder_stats, request, draft_model,
                              num_draft_tokens, prompt_lookup_ngram, history,
                              dict(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p), repetition_penalty,
-                             max_tokens, prefill_step_size, max_kv_size)
+                             max_tokens, prefill_step_size, max_kv_size, (kv_bits, kv_group_size, quantized_kv_start))
         yield from _chunks(steps, stop, encoder_stats)
         return
     sampler = make_sampler(temp=temp, top_p=top_p if top_p < 1 else 0.0, min_p=min_p, top_k=top_k)
     processors = make_logits_processors(repetition_penalty=repetition_penalty) if repetition_penalty else None
     steps = mlx_lm_stream(model, tokenizer, ids, max_tokens=max_tokens, sampler=sampler,
                           logits_processors=processors, prefill_step_size=prefill_step_size,
-                          prompt_cache=prompt_cache, prompt_progress_callback=prompt_progress_callback)
+                          prompt_cache=prompt_cache, prompt_progress_callback=prompt_progress_callback,
+                          kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start)
     yield from _chunks(steps, stop, encoder_stats)
 
 
 def _speculative(model, tokenizer, ids, cache, stats, request, draft_model, num_draft, ngram, history, sampling,
-                 repetition_penalty, max_tokens, step, max_kv_size):
+                 repetition_penalty, max_tokens, step, max_kv_size, kv):
     """The speculative loop (speculative.py) on what stream_generate prepared: a draft model (its own
     caches, fresh; T5Gemma 2's encodes the request too) or prompt lookup over the prompt and the output
     (T5Gemma 2: and the encoder's ids)."""
@@ -208,7 +221,7 @@ def _speculative(model, tokenizer, ids, cache, stats, request, draft_model, num_
         draft = speculative.Draft(draft_view, draft_cache, sampler)
     return speculative.stream(model, tokenizer, ids, cache, sampler=sampler, draft=draft, ngram=ngram or 0,
                               num_draft=num_draft, max_tokens=max_tokens, prefill_step_size=step,
-                              history=history, sources=(getattr(model, "encoder_ids", []),))
+                              history=history, sources=(getattr(model, "encoder_ids", []),), kv=kv)
 
 
 def _decoder_prompt(model, tokenizer, prompt, system, chat_template, prompt_cache) -> List[int]:

@@ -20,6 +20,7 @@ import mlx.core as mx
 
 from .batch import cache_state, fill
 from .errors import MlxGemmaError
+from .models.quantized_cache import quantize_cache
 
 
 @dataclass
@@ -128,11 +129,12 @@ def rewind(cache, n: int) -> None:
 
 def steps(model, ids: List[int], cache, *, sampler: Sampler, draft: Optional[Draft] = None,
           ngram: int = 0, num_draft: int = 3, max_tokens: int = 256, prefill_step_size: int = 2048,
-          history: List[int] = (), sources: tuple = ()) -> Iterator[Step]:
+          history: List[int] = (), sources: tuple = (), kv: tuple = (None, 64, 0)) -> Iterator[Step]:
     """Yield the tokens after ids, proposed by `draft` or by prompt lookup over the last `ngram` tokens.
     The cache holds `history` and gets ids but the last prefilled here; the draft's cache, fresh, gets
     both. When the caller stops, the cache is left holding history, ids and the tokens yielded (the last
-    one possibly not yet fed), as mlx-lm's loop leaves it."""
+    one possibly not yet fed), as mlx-lm's loop leaves it. kv: (bits, group size, start) of --kv-bits."""
+    bits, group_size, start = kv
     seq = list(history) + list(ids)
     fill(model, cache, list(ids[:-1]), prefill_step_size)
     if draft is not None:
@@ -147,6 +149,9 @@ def steps(model, ids: List[int], cache, *, sampler: Sampler, draft: Optional[Dra
     extra = 0  # tokens the cache holds beyond those yielded
     try:
         while emitted < max_tokens:
+            quantize_cache(cache, start, group_size, bits)
+            if draft is not None:
+                quantize_cache(draft.cache, start, group_size, bits)
             proposal = propose(seq, min(num_draft, max_tokens - emitted - 1))
             mark(cache)
             logprobs = sampler.logprobs(model(mx.array([[y] + proposal]), cache=cache)[0])

@@ -67,6 +67,7 @@ class KVCache:
         self.key_valid = None  # (B, offset) bool, None while no padding was seen
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
+        keys, values = self.encode(keys), self.encode(values)
         prev, L = self.offset, keys.shape[2]
         if self.keys is None or prev + L > self.keys.shape[2]:
             grow = (self.step + L - 1) // self.step * self.step
@@ -83,6 +84,10 @@ class KVCache:
         if self.offset == self.keys.shape[2]:
             return self.keys, self.values
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    def encode(self, x: mx.array) -> mx.array:
+        """How keys and values are stored (as given; a test's fake quantization overrides this)."""
+        return x
 
     # What mlx-lm's generation and prompt-cache helpers expect of a cache.
     @property
@@ -110,6 +115,12 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+    def to_quantized(self, group_size: int = 64, bits: int = 8):
+        """The same tokens, stored quantized (mlx-lm's generate loop calls this for --kv-bits)."""
+        from .quantized_cache import QuantizedKVCache
+
+        return QuantizedKVCache.from_cache(self, group_size, bits)
 
     def mask(self, L: int, valid: Optional[mx.array] = None):
         if valid is None and self.key_valid is None:
@@ -149,6 +160,10 @@ def _ring_update(buf: Optional[mx.array], x: mx.array, offset: int, window: int,
     return (mx.roll(tail, shift, axis=2) if shift else mx.contiguous(tail)), seen
 
 
+def _tree(fn, x):
+    return tuple(fn(a) for a in x) if isinstance(x, tuple) else fn(x)
+
+
 def _oldest_first(buf: mx.array, offset: int, window: int) -> mx.array:
     if offset <= window:
         return buf[..., :offset, :]
@@ -174,11 +189,23 @@ class RotatingKVCache:
         if self.journal is not None:
             self.journal.append((self.offset, self.keys, self.values, self.key_valid, keys, values))
             if keys.shape[2] == 1 and self.keys is not None:  # a one-token write would be in place
-                self.keys, self.values = mx.array(self.keys), mx.array(self.values)
-        self.keys, k = _ring_update(self.keys, keys, self.offset, self.max_size)
-        self.values, v = _ring_update(self.values, values, self.offset, self.max_size)
+                self.keys, self.values = _tree(mx.array, self.keys), _tree(mx.array, self.values)
+        self.keys, k = self._ring(self.keys, self.encode(keys))
+        self.values, v = self._ring(self.values, self.encode(values))
         self.offset += keys.shape[2]
         return k, v
+
+    def encode(self, x: mx.array):
+        """How keys and values are stored (QuantizedRotatingKVCache quantizes them)."""
+        return x
+
+    def _ring(self, buf, x):
+        """_ring_update on an array or on each array of a quantized triple."""
+        if not isinstance(x, tuple):
+            return _ring_update(buf, x, self.offset, self.max_size)
+        parts = [_ring_update(None if buf is None else b, p, self.offset, self.max_size) for b, p in
+                 zip(buf or (None,) * len(x), x)]
+        return tuple(p[0] for p in parts), tuple(p[1] for p in parts)
 
     def mark(self) -> None:
         """Start (or restart) the journal that makes trim exact back to this point."""
@@ -267,7 +294,17 @@ class RotatingKVCache:
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+        return 0 if self.keys is None else sum(a.nbytes for a in _leaves(self.keys) + _leaves(self.values))
+
+    def to_quantized(self, group_size: int = 64, bits: int = 8):
+        """The same window, stored quantized (mlx-lm's generate loop calls this for --kv-bits)."""
+        from .quantized_cache import QuantizedRotatingKVCache
+
+        return QuantizedRotatingKVCache.from_cache(self, group_size, bits)
+
+
+def _leaves(x) -> list:
+    return list(x) if isinstance(x, tuple) else [x]
 
 
 # T5Gemma 2: the encoder's bidirectional window, the decoder's merged mask, and its cache.
@@ -310,3 +347,13 @@ class EncoderDecoderCache(list):
     def __init__(self, self_caches: list, cross: list, encoder_valid: Optional[mx.array]):
         super().__init__(self_caches)
         self.cross, self.encoder_valid = cross, encoder_valid
+
+    def quantized_cross(self) -> list:
+        """The cross keys and values, quantized once (like the self caches) when those have been (--kv-bits):
+        one softmax reads both, so both are stored alike."""
+        first = self[0] if len(self) else None
+        if getattr(first, "bits", None) and self.cross and not isinstance(self.cross[0][0], tuple):
+            from .quantized_cache import quantize
+
+            self.cross = [tuple(quantize(x, first.group_size, first.bits) for x in kv) for kv in self.cross]
+        return self.cross

@@ -165,14 +165,25 @@ class T5Gemma2MergedAttention(Attention):
         offset = cache.offset if cache is not None else 0
         q, k, v = self.project(x, cache)
         cross_k, cross_v = cross
-        mask = merged_mask(mask, encoder_valid, x.shape[1], k.shape[2], cross_k.shape[2], offset)
-        k, v = mx.concatenate([k, cross_k], axis=2), mx.concatenate([v, cross_v], axis=2)
+        mask = merged_mask(mask, encoder_valid, x.shape[1], _length(k), _length(cross_k), offset)
+        k, v = _joined(k, cross_k), _joined(v, cross_v)
         return self.output(attention(q, k, v, self.scale, mask))
 
     def cross_kv(self, encoder_hidden: mx.array):
         """The encoder's keys (k_norm, no RoPE) and values for this layer."""
         k = heads(self.k_proj(encoder_hidden), self.n_kv_heads)
         return self.k_norm(k), heads(self.v_proj(encoder_hidden), self.n_kv_heads)
+
+
+def _length(keys) -> int:
+    return (keys[0] if isinstance(keys, tuple) else keys).shape[2]
+
+
+def _joined(own, cross):
+    """Self then cross keys (or values): arrays, or quantized triples (both quantized, see EncoderDecoderCache)."""
+    if isinstance(own, tuple):
+        return tuple(mx.concatenate([a, b], axis=2) for a, b in zip(own, cross))
+    return mx.concatenate([own, cross], axis=2)
 
 
 class T5Gemma2DecoderLayer(T5Gemma2EncoderLayer):
@@ -229,7 +240,7 @@ class T5Gemma2Model(nn.Module):
         if cache is None:
             cross, valid = self.decoder.cross_kv(encoder_output.hidden_states), encoder_output.valid
         else:
-            cross, valid = cache.cross, cache.encoder_valid
+            cross, valid = cache.quantized_cross(), cache.encoder_valid
         return self.decoder(embed(table, ids, self.config), cross, valid, decoder_attention_mask, cache)
 
     def __call__(self, input_ids, decoder_input_ids, attention_mask=None, pixel_values=None,
