@@ -130,6 +130,9 @@ class BatchEncoderDecoderCache(list):
         valid = mx.concatenate([mx.pad(v, [(0, 0), (0, size - v.shape[1])]) for _, v in parts], axis=0)
         return cls(merge_caches([list(c) for c in caches]), cross, valid)
 
+    def quantized_cross(self) -> list:
+        return self.cross  # (batches are not quantized: the server keeps float caches)
+
     def keep(self, rows: List[int]) -> None:
         index = mx.array(rows, dtype=mx.int32)
         for c in self:
