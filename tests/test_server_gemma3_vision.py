@@ -1,6 +1,7 @@
 """The server with Gemma 3 and images: image_url parts and Ollama's images give what the library gives,
 the prompt cache reuses a prefix only for the same image (every image's tokens are the same id), an image
-sent again is not encoded again, and concurrent requests with different images equal each alone."""
+sent again is not encoded again, and concurrent requests with different images equal each alone. And a
+prompt-cache file preloaded into the server's prompt cache."""
 
 import base64
 import io
@@ -84,3 +85,27 @@ def test_concurrent_requests_with_different_images(g3v):
     for t in threads:
         t.join(timeout=120)
     assert out == expected
+
+
+def test_prompt_cache_file_preloaded(tmp_path):
+    """A cached prompt given at start-up: a completion that begins with it prefills only the rest, and gives
+    what the library gives for the whole prompt."""
+    from mlxgemma.cache_prompt import cache_prompt
+    from reference import hf_model, save_checkpoint
+
+    path = save_checkpoint(hf_model("gemma2", eos_token_id=1), tmp_path / "g2")
+    model, tok = mlxgemma.load(path)
+    text = " ".join(f"t{10 + i}" for i in range(20))  # past gemma2's window of 6
+    cache_prompt(model, tok, text, tmp_path / "p.safetensors")
+    server = serve(path, "--prompt-cache-file", str(tmp_path / "p.safetensors"))
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        out = client.completions.create(model="m", prompt=text + " t40 t41", max_tokens=6)
+        assert out.usage.prompt_tokens_details.cached_tokens == len(tok.encode(text))
+        assert out.choices[0].text == mlxgemma.generate(model, tok, text + " t40 t41", max_tokens=6, chat_template=False)
+    finally:
+        server.stop()
+    with pytest.raises(mlxgemma.MlxGemmaError, match="not found"):
+        serve(path, "--prompt-cache-file", str(tmp_path / "none.safetensors"))
+    with pytest.raises(mlxgemma.MlxGemmaError, match="needs a prompt cache"):
+        serve(path, "--prompt-cache-file", str(tmp_path / "p.safetensors"), "--prompt-cache-size", "0")

@@ -36,6 +36,9 @@ def configure_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-step-size", type=int, default=2048)
     p.add_argument("--prompt-cache-size", type=int, default=10, help="sequences kept for reuse (0: none)")
     p.add_argument("--prompt-cache-bytes", type=int, default=None, help="bound on the kept caches' bytes")
+    p.add_argument("--prompt-cache-file", action="append", default=[],
+                   help="a prompt cached by python -m mlxgemma.cache_prompt, kept in the prompt cache from the "
+                        "start: a prompt that begins with it prefills only the rest (repeatable)")
     p.add_argument("--max-request-bytes", type=int, default=32 * 1024 * 1024)
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
@@ -52,6 +55,8 @@ def check_args(args) -> None:
         (args.decode_concurrency > 0, "--decode-concurrency must be positive"),
         (args.prefill_step_size > 0, "--prefill-step-size must be positive"),
         (args.prompt_cache_size >= 0, "--prompt-cache-size must be >= 0"),
+        (not args.prompt_cache_file or args.prompt_cache_size > 0, "--prompt-cache-file needs a prompt cache "
+         "(--prompt-cache-size > 0)"),
         (args.prompt_cache_bytes is None or args.prompt_cache_bytes > 0, "--prompt-cache-bytes must be positive"),
         (args.max_request_bytes > 0, "--max-request-bytes must be positive"),
         (isinstance(args.chat_template_args, dict), "--chat-template-args must be a JSON object"),
@@ -68,6 +73,18 @@ def model_name(args) -> str:
     return path.stem if path.suffix == ".gguf" else (path.name if path.exists() else args.model)
 
 
+def preload(prompt_cache, model, path) -> None:
+    """A --prompt-cache-file's caches as the prompt cache's first entry (evaluated here: the scheduler's thread
+    cannot evaluate arrays of this one's stream)."""
+    import mlx.core as mx
+
+    from ..cache_file import load
+
+    caches, tokens = load(path, model)
+    mx.eval([(c.keys, c.values) for c in caches if c.keys is not None])
+    prompt_cache.insert(tokens, caches, [])
+
+
 def build(args):
     """The app for these arguments: model loaded, scheduler started."""
     from .app import create_app
@@ -77,6 +94,8 @@ def build(args):
 
     model, tokenizer = load_for_cli(args)
     cache = PromptCache(args.prompt_cache_size, args.prompt_cache_bytes) if args.prompt_cache_size else None
+    for f in args.prompt_cache_file:
+        preload(cache, model, f)
     scheduler = Scheduler(model, tokenizer.tokenizer if hasattr(tokenizer, "images_per_prompt") else tokenizer,
                           cache, args.decode_concurrency, args.prefill_step_size).start()
     defaults = Defaults(args.max_tokens, args.temp, args.top_p, args.top_k, args.min_p)
