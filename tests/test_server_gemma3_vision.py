@@ -109,3 +109,35 @@ def test_prompt_cache_file_preloaded(tmp_path):
         serve(path, "--prompt-cache-file", str(tmp_path / "none.safetensors"))
     with pytest.raises(mlxgemma.MlxGemmaError, match="needs a prompt cache"):
         serve(path, "--prompt-cache-file", str(tmp_path / "p.safetensors"), "--prompt-cache-size", "0")
+
+
+def test_quantized_kv_caches(tmp_path):
+    """--kv-bits: each request as the library gives it with the same quantized caches (quantized from its
+    prefill on), alone, batched with others, and again from the prompt cache."""
+    from reference import hf_model, save_checkpoint
+
+    path = save_checkpoint(hf_model("gemma2", eos_token_id=1, head_dim=32), tmp_path / "g2")
+    model, tok = mlxgemma.load(path)
+    prompts = [" ".join(f"t{10 + (i * k) % 80}" for i in range(14)) for k in (1, 3, 7)]  # past the window
+    expected = [mlxgemma.generate(model, tok, p, max_tokens=8, chat_template=False, kv_bits=8, kv_group_size=32,
+                                  quantized_kv_start=0) for p in prompts]
+    server = serve(path, "--kv-bits", "8", "--kv-group-size", "32")
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        out = [None] * 3
+
+        def run(i):
+            out[i] = client.completions.create(model="m", prompt=prompts[i], max_tokens=8).choices[0].text
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert out == expected
+        again = client.completions.create(model="m", prompt=prompts[0], max_tokens=8)
+        assert again.choices[0].text == expected[0] and again.usage.prompt_tokens_details.cached_tokens > 0
+    finally:
+        server.stop()
+    with pytest.raises(mlxgemma.MlxGemmaError, match="kv-group-size"):
+        serve(path, "--kv-bits", "8", "--kv-group-size", "48")

@@ -21,23 +21,41 @@ from .cache import EncoderDecoderCache, KVCache, RotatingKVCache
 STEP = 256  # buffers grow in steps, as mlx-lm's
 
 
-def _pad_to(x: mx.array, size: int) -> mx.array:
-    """Zero slots appended along axis 2 up to `size`."""
+def _pad_to(x, size: int):
+    """Zero slots appended along axis 2 up to `size` (of an array, or of each array of a quantized triple)."""
+    if isinstance(x, tuple):
+        return tuple(_pad_to(a, size) for a in x)
     if x.shape[2] >= size:
         return x[..., :size, :]
     return mx.concatenate([x, mx.zeros((*x.shape[:2], size - x.shape[2], x.shape[3]), x.dtype)], axis=2)
 
 
-def _stack(blocks: List[mx.array], size: int) -> mx.array:
+def _stack(blocks: list, size: int):
+    if isinstance(blocks[0], tuple):
+        return tuple(_stack([b[i] for b in blocks], size) for i in range(len(blocks[0])))
     return mx.concatenate([_pad_to(b, size) for b in blocks], axis=0)
+
+
+def _map(fn, x):
+    return tuple(fn(a) for a in x) if isinstance(x, tuple) else fn(x)
+
+
+def _single(window: Optional[int], quantized: Optional[tuple]):
+    """An empty single-sequence cache of a kind: full or rotating, float or quantized (group size, bits)."""
+    if quantized:
+        from .quantized_cache import QuantizedKVCache, QuantizedRotatingKVCache
+
+        return QuantizedKVCache(*quantized) if window is None else QuantizedRotatingKVCache(window, *quantized)
+    return KVCache() if window is None else RotatingKVCache(window)
 
 
 class _BatchCache:
     """Shared by both kinds: per-row offsets (an array for RoPE and masks, a list for sizes) and buffers."""
 
     window: Optional[int] = None
+    quantized: Optional[tuple] = None  # (group size, bits) of quantized rows (--kv-bits)
 
-    def __init__(self, keys: mx.array, values: mx.array, lengths: List[int]):
+    def __init__(self, keys, values, lengths: List[int]):
         self.keys, self.values, self.lengths = keys, values, list(lengths)
         self.offset = mx.array(self.lengths, dtype=mx.int32)
 
@@ -55,6 +73,9 @@ class _BatchCache:
                        if not isinstance(c, KVCache)), None)
         self = cls.__new__(cls)
         self.window = window
+        first = caches[0]
+        self.quantized = first.quantized if isinstance(first, _BatchCache) else (
+            (first.group_size, first.bits) if getattr(first, "bits", None) else None)
         size = self._slots(max(lengths))
         _BatchCache.__init__(self, _stack([c.keys for c in caches], size),
                              _stack([c.values for c in caches], size), lengths)
@@ -63,9 +84,9 @@ class _BatchCache:
     def extract(self, b: int):
         """Row b as a single-sequence cache (its slots copied out, so the batch can change afterwards)."""
         n = self.lengths[b]
-        single = KVCache() if self.window is None else RotatingKVCache(self.window)
-        single.keys = mx.contiguous(self.keys[b : b + 1, :, : self._slots(n)])
-        single.values = mx.contiguous(self.values[b : b + 1, :, : self._slots(n)])
+        single = _single(self.window, self.quantized)
+        single.keys = _map(lambda a: mx.contiguous(a[b : b + 1, :, : self._slots(n)]), self.keys)
+        single.values = _map(lambda a: mx.contiguous(a[b : b + 1, :, : self._slots(n)]), self.values)
         single.offset = n
         return single
 
@@ -74,7 +95,7 @@ class _BatchCache:
         self.lengths = [self.lengths[i] for i in rows]
         index = mx.array(rows, dtype=mx.int32)
         size = self._slots(max(self.lengths))
-        self.keys, self.values = self.keys[index, :, :size], self.values[index, :, :size]
+        self.keys, self.values = (_map(lambda a: a[index, :, :size], x) for x in (self.keys, self.values))
         self.offset = self.offset[index]
 
     def mask(self, L: int, valid=None) -> mx.array:
@@ -90,21 +111,32 @@ class _BatchCache:
         pass
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
+        if self.quantized:
+            from .quantized_cache import quantize
+
+            keys, values = quantize(keys, *self.quantized), quantize(values, *self.quantized)
         size = self._slots(max(self.lengths) + 1)
-        if size > self.keys.shape[2]:
-            grown = self.keys.shape[2] + STEP
+        held = (self.keys[0] if isinstance(self.keys, tuple) else self.keys).shape[2]
+        if size > held:
+            grown = held + STEP
             grown = grown if self.window is None else min(grown, self.window)
             self.keys, self.values = _pad_to(self.keys, grown), _pad_to(self.values, grown)
-        slot = mx.broadcast_to(self._slot()[:, None, None, None], keys.shape)
-        self.keys = mx.put_along_axis(self.keys, slot, keys, axis=2)
-        self.values = mx.put_along_axis(self.values, slot, values, axis=2)
+
+        def put(buf, new):
+            slot = mx.broadcast_to(self._slot()[:, None, None, None], new.shape)
+            return mx.put_along_axis(buf, slot, new, axis=2)
+        if self.quantized:
+            self.keys = tuple(put(b, n) for b, n in zip(self.keys, keys))
+            self.values = tuple(put(b, n) for b, n in zip(self.values, values))
+        else:
+            self.keys, self.values = put(self.keys, keys), put(self.values, values)
         self.offset = self.offset + 1
         self.lengths = [n + 1 for n in self.lengths]
-        return self.keys[..., :size, :], self.values[..., :size, :]
+        return (_map(lambda a: a[..., :size, :], self.keys), _map(lambda a: a[..., :size, :], self.values))
 
     @property
     def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
+        return sum(a.nbytes for x in (self.keys, self.values) for a in (x if isinstance(x, tuple) else (x,)))
 
 
 def merge_caches(rows: list) -> list:

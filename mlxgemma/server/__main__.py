@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..cli import DTYPE_CHOICES, load_for_cli, run
 from ..errors import MlxGemmaError
+from ..models import is_encoder_decoder
 
 
 def configure_parser() -> argparse.ArgumentParser:
@@ -36,6 +37,9 @@ def configure_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-step-size", type=int, default=2048)
     p.add_argument("--prompt-cache-size", type=int, default=10, help="sequences kept for reuse (0: none)")
     p.add_argument("--prompt-cache-bytes", type=int, default=None, help="bound on the kept caches' bytes")
+    p.add_argument("--kv-bits", type=int, default=None, choices=[4, 8],
+                   help="keep every request's KV caches quantized to this many bits, from its prefill on")
+    p.add_argument("--kv-group-size", type=int, default=64, help="group size of the quantized KV caches")
     p.add_argument("--prompt-cache-file", action="append", default=[],
                    help="a prompt cached by python -m mlxgemma.cache_prompt, kept in the prompt cache from the "
                         "start: a prompt that begins with it prefills only the rest (repeatable)")
@@ -63,6 +67,9 @@ def check_args(args) -> None:
     ]:
         if not ok:
             raise MlxGemmaError(message)
+    from ..models.quantized_cache import check_kv_options
+
+    check_kv_options(args.kv_bits, args.kv_group_size)
 
 
 def model_name(args) -> str:
@@ -73,14 +80,17 @@ def model_name(args) -> str:
     return path.stem if path.suffix == ".gguf" else (path.name if path.exists() else args.model)
 
 
-def preload(prompt_cache, model, path) -> None:
+def preload(prompt_cache, model, path, kv_bits=None, kv_group_size=64) -> None:
     """A --prompt-cache-file's caches as the prompt cache's first entry (evaluated here: the scheduler's thread
     cannot evaluate arrays of this one's stream)."""
     import mlx.core as mx
 
     from ..cache_file import load
 
+    from ..models.quantized_cache import quantize_cache
+
     caches, tokens = load(path, model)
+    quantize_cache(caches, 0, kv_group_size, kv_bits)  # (rows of a batch are all quantized, or none)
     mx.eval([(c.keys, c.values) for c in caches if c.keys is not None])
     prompt_cache.insert(tokens, caches, [])
 
@@ -94,10 +104,13 @@ def build(args):
 
     model, tokenizer = load_for_cli(args)
     cache = PromptCache(args.prompt_cache_size, args.prompt_cache_bytes) if args.prompt_cache_size else None
+    if args.kv_bits and is_encoder_decoder(model):
+        raise MlxGemmaError("--kv-bits: the server's T5Gemma 2 batches keep float caches (generate takes --kv-bits)")
     for f in args.prompt_cache_file:
-        preload(cache, model, f)
+        preload(cache, model, f, args.kv_bits, args.kv_group_size)
     scheduler = Scheduler(model, tokenizer.tokenizer if hasattr(tokenizer, "images_per_prompt") else tokenizer,
-                          cache, args.decode_concurrency, args.prefill_step_size).start()
+                          cache, args.decode_concurrency, args.prefill_step_size, args.kv_bits,
+                          args.kv_group_size).start()
     defaults = Defaults(args.max_tokens, args.temp, args.top_p, args.top_k, args.min_p)
     engine = Engine(model, tokenizer, model_name(args), scheduler, defaults, args.chat_template_args, args.model or "")
     origins = [o.strip() for o in args.allowed_origins.split(",") if o.strip()]

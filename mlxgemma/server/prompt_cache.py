@@ -20,6 +20,7 @@ from typing import List, Optional, Tuple
 import mlx.core as mx
 import numpy as np
 
+from ..models.batch_cache import _single
 from ..models.cache import KVCache, RotatingKVCache
 
 MAX_SNAPSHOTS = 4  # per entry: the ends of its last few prompts
@@ -40,7 +41,11 @@ class Entry:
     @property
     def nbytes(self) -> int:
         held = sum(c.nbytes for c in self.caches)
-        return held + sum(k.nbytes + v.nbytes for s in self.snapshots for kv in s.states if kv for k, v in [kv])
+        return held + sum(a.nbytes for s in self.snapshots for kv in s.states if kv for x in kv for a in _leaves(x))
+
+
+def _leaves(x) -> tuple:
+    return x if isinstance(x, tuple) else (x,)
 
 
 def common_prefix(a: List[int], b: List[int]) -> int:
@@ -51,11 +56,16 @@ def common_prefix(a: List[int], b: List[int]) -> int:
     return int(diff[0]) if diff.size else n
 
 
-def _own(a: mx.array) -> mx.array:
-    """A new array object with the same value. MLX arrays are values, but a cache's one-token update assigns
-    into its buffer in place (`buf[..., slot, :] = x`), which changes that Python object for every holder:
-    whoever keeps or restores a buffer takes its own object (no copy is made; the update then copies)."""
-    return a[...]
+def _own(a):
+    """A new array object with the same value (of each array of a quantized triple). MLX arrays are values,
+    but a cache's one-token update assigns into its buffer in place (`buf[..., slot, :] = x`), which changes
+    that Python object for every holder: whoever keeps or restores a buffer takes its own object (no copy is
+    made; the update then copies)."""
+    return tuple(x[...] for x in a) if isinstance(a, tuple) else a[...]
+
+
+def _cut(a, n: int):
+    return tuple(x[..., :n, :] for x in a) if isinstance(a, tuple) else a[..., :n, :]
 
 
 def snapshot(caches: list, position: int) -> Snapshot:
@@ -78,15 +88,15 @@ def restore(entry: Entry, position: int, snap: Optional[Snapshot]) -> list:
     """New caches holding entry's first `position` tokens."""
     caches = []
     for i, c in enumerate(entry.caches):
+        quantized = (c.group_size, c.bits) if getattr(c, "bits", None) else None
+        new = _single(None if isinstance(c, KVCache) else c.max_size, quantized)
         if isinstance(c, KVCache):
-            new = KVCache()
-            new.keys, new.values = c.keys[..., :position, :], c.values[..., :position, :]
+            new.keys, new.values = _cut(c.keys, position), _cut(c.values, position)
         else:
-            new = RotatingKVCache(c.max_size)
             k, v = snap.states[i] if snap is not None else (c.keys, c.values)
             new.keys, new.values = _own(k), _own(v)
             if snap is None and c.offset <= c.max_size:
-                new.keys, new.values = new.keys[..., :position, :], new.values[..., :position, :]
+                new.keys, new.values = _cut(new.keys, position), _cut(new.values, position)
         new.offset = position
         caches.append(new)
     return caches

@@ -22,6 +22,7 @@ from ..generate import _held_back
 from ..images import FEATURES, block_end, count_images, images_from
 from ..images import prefill as images_prefill
 from ..models import has_vision, is_encoder_decoder
+from ..models.quantized_cache import quantize_cache
 from .prompt_cache import PromptCache, snapshot
 
 log = logging.getLogger("mlxgemma.server")
@@ -86,11 +87,12 @@ def materialize(model) -> None:
 
 class Scheduler:
     def __init__(self, model, tokenizer, prompt_cache: Optional[PromptCache] = None, decode_concurrency: int = 32,
-                 prefill_step_size: int = 2048):
+                 prefill_step_size: int = 2048, kv_bits: Optional[int] = None, kv_group_size: int = 64):
         self.model, self.tokenizer = model, tokenizer
         self.encoder_decoder = is_encoder_decoder(model)
         self.prompt_cache = prompt_cache if not self.encoder_decoder else None
         self.decode_concurrency, self.prefill_step_size = decode_concurrency, prefill_step_size
+        self.kv_bits, self.kv_group_size = kv_bits, kv_group_size  # quantized from the start: rows batch alike
         self.eos = set(tokenizer.eos_token_ids)
         self.image_token = model.config.image_token_index if has_vision(model) else None
         self.inbox: "queue.Queue[Request]" = queue.Queue()
@@ -196,12 +198,14 @@ class Scheduler:
         self._join(request, cache, prefill(self.model, cache, rest[-1:]))
 
     def _fill(self, request: Request, cache, ids: List[int]) -> None:
+        """One chunk into the request's cache (then quantized, as mlx-lm's loop does after each chunk)."""
         if request.features is None:
             fill(self.model, cache, ids, self.prefill_step_size)
-            return
-        k = count_images(ids, self.image_token)
-        images_prefill(self.model, cache, ids, request.features[:k] if k else None, self.prefill_step_size)
-        request.features = request.features[k:] if k < request.features.shape[0] else None
+        else:
+            k = count_images(ids, self.image_token)
+            images_prefill(self.model, cache, ids, request.features[:k] if k else None, self.prefill_step_size)
+            request.features = request.features[k:] if k < request.features.shape[0] else None
+        quantize_cache(cache, 0, self.kv_group_size, self.kv_bits)
 
     def _begin(self, request: Request):
         """The request's cache (from the prompt cache where it can be) and the ids it still has to feed."""
