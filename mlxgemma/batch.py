@@ -62,18 +62,24 @@ class Sampling:
             self.key = mx.random.key(self.seed if self.seed is not None else random.getrandbits(63))
 
     def draw(self, logprobs: mx.array) -> mx.array:
-        from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
-
         if self.temp == 0:
             return mx.argmax(logprobs, axis=-1)
-        if 0 < self.top_p < 1:
-            logprobs = apply_top_p(logprobs, self.top_p)
-        if self.min_p > 0:
-            logprobs = apply_min_p(logprobs, self.min_p)
-        if self.top_k > 0:
-            logprobs = apply_top_k(logprobs, self.top_k)
         self.key, sub = mx.random.split(self.key)
-        return mx.random.categorical(logprobs * (1.0 / self.temp), key=sub)
+        return mx.random.categorical(filtered(logprobs, self.top_p, self.min_p, self.top_k) * (1.0 / self.temp),
+                                     key=sub)
+
+
+def filtered(logprobs: mx.array, top_p: float, min_p: float, top_k: int) -> mx.array:
+    """mlx-lm's top-p, min-p and top-k filters, in its order."""
+    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
+    if 0 < top_p < 1:
+        logprobs = apply_top_p(logprobs, top_p)
+    if min_p > 0:
+        logprobs = apply_min_p(logprobs, min_p)
+    if top_k > 0:
+        logprobs = apply_top_k(logprobs, top_k)
+    return logprobs
 
 
 def sample(logprobs: mx.array, samplers: List[Sampling]) -> mx.array:

@@ -18,7 +18,7 @@ from typing import Iterator, List, Optional
 
 import mlx.core as mx
 
-from .batch import cache_state, fill
+from .batch import cache_state, fill, filtered
 from .errors import MlxGemmaError
 from .models.quantized_cache import quantize_cache
 
@@ -48,16 +48,8 @@ class Sampler:
         return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
     def probs(self, logprobs: mx.array) -> mx.array:
-        """The distribution a token is drawn from (temp > 0)."""
-        from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
-
-        if 0 < self.top_p < 1:
-            logprobs = apply_top_p(logprobs, self.top_p)
-        if self.min_p > 0:
-            logprobs = apply_min_p(logprobs, self.min_p)
-        if self.top_k > 0:
-            logprobs = apply_top_k(logprobs, self.top_k)
-        return mx.softmax(logprobs * (1.0 / self.temp), axis=-1)
+        """The distribution a token is drawn from (temp > 0): the batch sampler's filters, then temperature."""
+        return mx.softmax(filtered(logprobs, self.top_p, self.min_p, self.top_k) * (1.0 / self.temp), axis=-1)
 
     def draw(self, logprobs: mx.array) -> int:
         if self.temp == 0:

@@ -73,28 +73,15 @@ def attention(q, k, v, scale: float, mask, softcap: Optional[float] = None) -> m
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     # The fused kernel cannot softcap (Gemma 2): the eager path of transformers, GQA by grouping queries.
     B, H, L, d = q.shape
-    n_kv, S = k.shape[1], k.shape[2]
+    n_kv = k.shape[1]
     q = q.reshape(B, n_kv, H // n_kv, L, d)
-    scores = (q @ k[:, :, None].swapaxes(-1, -2)) * scale
-    scores = mx.tanh(scores / softcap) * softcap
-    if isinstance(mask, str):
-        mask = mx.arange(S - L, S)[:, None] >= mx.arange(S)[None]
-    if mask is not None:
-        mask = mask[:, :, None] if mask.ndim == 4 else mask
-        scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
-    probs = mx.softmax(scores.astype(mx.float32), axis=-1).astype(q.dtype)
+    probs = _probs((q @ k[:, :, None].swapaxes(-1, -2)) * scale, mask, softcap, q.dtype)
     return (probs @ v[:, :, None]).reshape(B, H, L, d)
 
 
-def quantized_attention(q, k: tuple, v: tuple, scale: float, mask, softcap: Optional[float] = None) -> mx.array:
-    """attention on quantized keys and values: the scores and the output by quantized matmuls (the group
-    size and bits follow from the shapes), GQA by grouping queries, the softmax in float32."""
-    B, H, L, d = q.shape
-    n_kv, S = k[0].shape[1], k[0].shape[2]
-    group, bits = d // k[1].shape[-1], k[0].shape[-1] * 32 // d
-    q = (q * scale).reshape(B, n_kv, H // n_kv, L, d)
-    k, v = tuple(x[:, :, None] for x in k), tuple(x[:, :, None] for x in v)
-    scores = mx.quantized_matmul(q, *k, transpose=True, group_size=group, bits=bits)
+def _probs(scores: mx.array, mask, softcap: Optional[float], dtype) -> mx.array:
+    """Grouped scores (B, Hkv, rep, L, S) -> softcapped, masked, softmax in float32 (transformers' eager path)."""
+    L, S = scores.shape[-2:]
     if softcap is not None:
         scores = mx.tanh(scores / softcap) * softcap
     if isinstance(mask, str):
@@ -102,7 +89,18 @@ def quantized_attention(q, k: tuple, v: tuple, scale: float, mask, softcap: Opti
     if mask is not None:
         mask = mask[:, :, None] if mask.ndim == 4 else mask
         scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
-    probs = mx.softmax(scores.astype(mx.float32), axis=-1).astype(q.dtype)
+    return mx.softmax(scores.astype(mx.float32), axis=-1).astype(dtype)
+
+
+def quantized_attention(q, k: tuple, v: tuple, scale: float, mask, softcap: Optional[float] = None) -> mx.array:
+    """attention on quantized keys and values: the scores and the output by quantized matmuls (the group
+    size and bits follow from the shapes), GQA by grouping queries, the softmax in float32."""
+    B, H, L, d = q.shape
+    n_kv = k[0].shape[1]
+    group, bits = d // k[1].shape[-1], k[0].shape[-1] * 32 // d
+    q = (q * scale).reshape(B, n_kv, H // n_kv, L, d)
+    k, v = tuple(x[:, :, None] for x in k), tuple(x[:, :, None] for x in v)
+    probs = _probs(mx.quantized_matmul(q, *k, transpose=True, group_size=group, bits=bits), mask, softcap, q.dtype)
     out = mx.quantized_matmul(probs, *v, transpose=False, group_size=group, bits=bits)  # (one group size)
     return out.reshape(B, H, L, -1)
 
