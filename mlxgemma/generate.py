@@ -17,6 +17,7 @@ from typing import Iterator, List, Optional, Sequence, Union
 import mlx.core as mx
 import numpy as np
 
+from .cache_file import continuation
 from .cli import PrefillProgress, add_generation_options, load_draft, load_for_cli, run, sampling_kwargs
 from .errors import MlxGemmaError
 from .models import has_vision, is_encoder_decoder
@@ -370,30 +371,6 @@ def configure_parser() -> argparse.ArgumentParser:
     return p
 
 
-def continue_cached(model, tokenizer, text: str, args) -> dict:
-    """stream_generate's arguments for a prompt that continues a --prompt-cache-file: its caches, the ids
-    they hold (history), and the new text as ids (no <bos>, no template: it continues the cached text)."""
-    from .cache_file import load
-
-    if args.image and not has_vision(model):
-        raise MlxGemmaError(f"{type(model).__name__} is a text-only model: it takes no image")
-    if not text:
-        raise MlxGemmaError("the prompt is empty: give the text that follows the cached prompt")
-    cache, held = load(args.prompt_cache_file, model, args.max_kv_size)
-    out = dict(prompt_cache=cache, history=held)
-    if has_vision(model):
-        from .images import encode_prompt
-
-        images = tokenizer.images_per_prompt(args.image, 1)[0] if args.image else []
-        if images and tokenizer.boi_token not in text:
-            text = tokenizer.boi_token * len(images) + text
-        out["prompt"], out["image_features"] = encode_prompt(model, tokenizer, text, images, add_special_tokens=False)
-        out["image"] = None  # encoded: the features stand in for the images
-    else:
-        out["prompt"] = list(tokenizer.encode(text, add_special_tokens=False))
-    return out
-
-
 def _draft_summary(last: Chunk) -> str:
     if not last.draft_tokens:
         return ""
@@ -424,7 +401,8 @@ def main(argv=None) -> int:
         check_options(**options, prefill_step_size=args.prefill_step_size)
         model, tokenizer = load_for_cli(args)
         draft = load_draft(args)
-        cached = continue_cached(model, tokenizer, prompt, args) if args.prompt_cache_file else {}
+        cached = continuation(model, tokenizer, prompt, args.prompt_cache_file, args.image, args.max_kv_size) \
+            if args.prompt_cache_file else {}
         prompt, image = cached.pop("prompt", prompt), cached.pop("image", args.image)
         last = None
         for last in stream_generate(model, tokenizer, prompt, **options, **cached, draft_model=draft, stop=args.stop,
