@@ -17,7 +17,6 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
-import mlx.core as mx
 import numpy as np
 
 from ..models.batch_cache import _single
