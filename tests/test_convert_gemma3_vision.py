@@ -69,11 +69,20 @@ def _same_weights(a, b):
     assert all(mx.array_equal(wa[k], wb[k]).item() for k in wa)
 
 
-def test_mlx_vlm_loads_our_float_output(src, tmp_path):
+@pytest.mark.parametrize("scaled", [False, True])
+def test_mlx_vlm_loads_our_float_output(src, tmp_path, scaled):
     """(Not our quantized output: mlx-vlm's Gemma 3 wants a head of its own, quantized beside the quantized
-    table; ours is tied, as in the checkpoint, and a copy would add 335 MiB to a 4-bit 4B.)"""
+    table; ours is tied, as in the checkpoint, and a copy would add 335 MiB to a 4-bit 4B.) With the full
+    layers' linear rope scaling (gemma-3-4b's factor 8), which mlx-vlm reads only from text_config.rope_scaling."""
     load_model = pytest.importorskip("mlx_vlm.utils", reason="mlx-vlm (.ci/run installs it)").load_model
     _, path = src
+    if scaled:
+        hf = hf_gemma3_vision(seed=3, text={"intermediate_size": 64, "rope_parameters": {
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}},
+            vision={"intermediate_size": 64, "hidden_size": 32})
+        path = save_t5_checkpoint(hf, tmp_path / "scaled")
+        assert "rope_scaling" not in json.loads((path / "config.json").read_text())["text_config"]
     dst = convert(path, tmp_path / "mlx")
     theirs = load_model(dst)
     _same_weights(mlxgemma.load_model(dst), theirs)

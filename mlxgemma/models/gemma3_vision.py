@@ -162,12 +162,14 @@ class _Gemma3WithImages(nn.Module):
 
     def checkpoint(self, weights: dict, config: dict):
         """What the converter writes: our names (mlx-vlm's), and in text_config the keys mlx-vlm's Gemma 3
-        reads there (mm_tokens_per_image, sliding_window_pattern, rope_global/local_base_freq; transformers
-        reads the top-level mm_tokens_per_image, layer_types and rope_parameters, and ignores them)."""
+        reads there (mm_tokens_per_image, sliding_window_pattern, rope_global/local_base_freq, rope_scaling;
+        transformers reads the top-level mm_tokens_per_image, layer_types and rope_parameters instead)."""
         text_config = self.config.text_config
         rope = text_config.rope_parameters
         text = dict(config.get("text_config") or {}, mm_tokens_per_image=self.config.mm_tokens_per_image,
                     rope_global_base_freq=rope[FULL]["rope_theta"], rope_local_base_freq=rope[SLIDING]["rope_theta"])
+        if rope[FULL].get("rope_type") == "linear":  # mlx-vlm reads the full layers' scaling only from here
+            text.setdefault("rope_scaling", {"rope_type": "linear", "factor": rope[FULL]["factor"]})
         n = text_config.num_hidden_layers
         pattern = next((k for k in range(1, n + 1) if pattern_layer_types(n, k) == text_config.layer_types), None)
         if pattern:
