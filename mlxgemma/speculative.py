@@ -114,6 +114,13 @@ def mark(cache) -> None:
             c.mark()
 
 
+def unmark(cache) -> None:
+    """End the journals (what they hold is released): for a cache that is kept, not checked again."""
+    for c in cache:
+        if hasattr(c, "unmark"):
+            c.unmark()
+
+
 def rewind(cache, n: int) -> None:
     if n > 0 and not all(c.trim(n) == n for c in cache):
         raise MlxGemmaError(f"a cache could not roll back {n} tokens exactly")  # never happens once marked

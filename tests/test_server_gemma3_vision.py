@@ -141,3 +141,35 @@ def test_quantized_kv_caches(tmp_path):
         server.stop()
     with pytest.raises(mlxgemma.MlxGemmaError, match="kv-group-size"):
         serve(path, "--kv-bits", "8", "--kv-group-size", "48")
+
+
+def test_prompt_lookup_speculation(tmp_path):
+    """--prompt-lookup-ngram: a lone greedy request is checked several tokens a forward, past the window,
+    and answers what plain greedy answers; concurrent requests decode batched as before."""
+    from reference import hf_model, save_checkpoint
+
+    path = save_checkpoint(hf_model("gemma2", eos_token_id=1), tmp_path / "g2")
+    model, tok = mlxgemma.load(path)
+    prompts = [" ".join(f"t{10 + i % 7}" for i in range(16)), " ".join(f"t{30 + i % 5}" for i in range(12))]
+    expected = [mlxgemma.generate(model, tok, p, max_tokens=20, chat_template=False) for p in prompts]
+    server = serve(path, "--prompt-lookup-ngram", "1", "--num-draft-tokens", "4")
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        assert client.completions.create(model="m", prompt=prompts[0], max_tokens=20).choices[0].text == expected[0]
+        stats = server.engine.scheduler.stats
+        assert stats["proposed"] > 0 and stats["accepted"] > 0
+        out = [None] * 2
+
+        def run(i):
+            out[i] = client.completions.create(model="m", prompt=prompts[i], max_tokens=20).choices[0].text
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert out == expected
+        again = client.completions.create(model="m", prompt=prompts[1], max_tokens=20)  # from the prompt cache
+        assert again.choices[0].text == expected[1] and again.usage.prompt_tokens_details.cached_tokens > 0
+    finally:
+        server.stop()

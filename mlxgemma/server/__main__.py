@@ -40,6 +40,9 @@ def configure_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-bits", type=int, default=None, choices=[4, 8],
                    help="keep every request's KV caches quantized to this many bits, from its prefill on")
     p.add_argument("--kv-group-size", type=int, default=64, help="group size of the quantized KV caches")
+    p.add_argument("--prompt-lookup-ngram", type=int, default=None,
+                   help="speculate by prompt lookup while one greedy request decodes alone (output unchanged)")
+    p.add_argument("--num-draft-tokens", type=int, default=3, help="tokens proposed per step (default 3)")
     p.add_argument("--prompt-cache-file", action="append", default=[],
                    help="a prompt cached by python -m mlxgemma.cache_prompt, kept in the prompt cache from the "
                         "start: a prompt that begins with it prefills only the rest (repeatable)")
@@ -63,6 +66,8 @@ def check_args(args) -> None:
          "(--prompt-cache-size > 0)"),
         (args.prompt_cache_bytes is None or args.prompt_cache_bytes > 0, "--prompt-cache-bytes must be positive"),
         (args.max_request_bytes > 0, "--max-request-bytes must be positive"),
+        (args.prompt_lookup_ngram is None or args.prompt_lookup_ngram > 0, "--prompt-lookup-ngram must be positive"),
+        (args.num_draft_tokens > 0, "--num-draft-tokens must be positive"),
         (isinstance(args.chat_template_args, dict), "--chat-template-args must be a JSON object"),
     ]:
         if not ok:
@@ -110,7 +115,7 @@ def build(args):
         preload(cache, model, f, args.kv_bits, args.kv_group_size)
     scheduler = Scheduler(model, tokenizer.tokenizer if hasattr(tokenizer, "images_per_prompt") else tokenizer,
                           cache, args.decode_concurrency, args.prefill_step_size, args.kv_bits,
-                          args.kv_group_size).start()
+                          args.kv_group_size, args.prompt_lookup_ngram, args.num_draft_tokens).start()
     defaults = Defaults(args.max_tokens, args.temp, args.top_p, args.top_k, args.min_p)
     engine = Engine(model, tokenizer, model_name(args), scheduler, defaults, args.chat_template_args, args.model or "")
     origins = [o.strip() for o in args.allowed_origins.split(",") if o.strip()]

@@ -23,6 +23,7 @@ from ..images import FEATURES, block_end, count_images, images_from
 from ..images import prefill as images_prefill
 from ..models import has_vision, is_encoder_decoder
 from ..models.quantized_cache import quantize_cache
+from ..speculative import Sampler, _accept, lookup, mark, rewind, unmark
 from .prompt_cache import PromptCache, snapshot
 
 log = logging.getLogger("mlxgemma.server")
@@ -87,12 +88,14 @@ def materialize(model) -> None:
 
 class Scheduler:
     def __init__(self, model, tokenizer, prompt_cache: Optional[PromptCache] = None, decode_concurrency: int = 32,
-                 prefill_step_size: int = 2048, kv_bits: Optional[int] = None, kv_group_size: int = 64):
+                 prefill_step_size: int = 2048, kv_bits: Optional[int] = None, kv_group_size: int = 64,
+                 prompt_lookup_ngram: Optional[int] = None, num_draft_tokens: int = 3):
         self.model, self.tokenizer = model, tokenizer
         self.encoder_decoder = is_encoder_decoder(model)
         self.prompt_cache = prompt_cache if not self.encoder_decoder else None
         self.decode_concurrency, self.prefill_step_size = decode_concurrency, prefill_step_size
         self.kv_bits, self.kv_group_size = kv_bits, kv_group_size  # quantized from the start: rows batch alike
+        self.lookup = (prompt_lookup_ngram, num_draft_tokens) if prompt_lookup_ngram else None
         self.eos = set(tokenizer.eos_token_ids)
         self.image_token = model.config.image_token_index if has_vision(model) else None
         self.inbox: "queue.Queue[Request]" = queue.Queue()
@@ -100,7 +103,7 @@ class Scheduler:
         self.prefilling = None  # (request, cache, ids still to feed)
         self.batch, self.rows = Batch(model), []
         self.inflight = None  # a queued decode step (see _step)
-        self.stats = {"requests": 0, "cancelled": 0, "peak_rows": 0}
+        self.stats = {"requests": 0, "cancelled": 0, "peak_rows": 0, "proposed": 0, "accepted": 0}
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="mlxgemma-scheduler", daemon=True)
         materialize(model)
@@ -133,7 +136,7 @@ class Scheduler:
                     self._prefill_chunk()
                 if self.rows:
                     self.stats["peak_rows"] = max(self.stats["peak_rows"], len(self.rows))
-                    self._step()
+                    self._speculative_step() if self._speculating() and self.inflight is None else self._step()
             except Exception as e:  # never let one failure stop the server: fail what was running
                 log.exception("scheduler step failed")
                 self._fail_all(f"internal error: {type(e).__name__}: {e}")
@@ -257,7 +260,7 @@ class Scheduler:
         mlx-lm's generation loop does); a row that finishes meanwhile is dropped from that step's output."""
         logprobs, tokens, chosen = self.inflight or self._launch()
         self.batch.tokens = tokens
-        self.inflight = None if (self.waiting or self.prefilling) else self._launch()
+        self.inflight = None if (self.waiting or self.prefilling or self._speculating()) else self._launch()
         done = [i for i, (row, t, lp) in enumerate(zip(self.rows, tokens.tolist(), chosen.tolist()))
                 if self._advance(row, t, lp, logprobs[i])]
         if done:
@@ -266,6 +269,40 @@ class Scheduler:
                 cache = self.batch.extract(i) if self.prompt_cache is not None else None
                 self._finished(self.rows[i], cache, len(self.rows[i].generated) + fed)
             self._remove(done)
+
+    # Speculation (--prompt-lookup-ngram): a lone greedy row checks its proposals in one forward
+
+    def _speculating(self) -> bool:
+        return (self.lookup is not None and len(self.rows) == 1 and not self.waiting and not self.prefilling
+                and self.rows[0].sampler.temp == 0 and not self.encoder_decoder)
+
+    def _speculative_step(self) -> None:
+        """One round of prompt lookup on the only row, on its own caches (speculative.py's rollback), then
+        the row goes back into the batch; with several rows, or sampling, decoding is the batched one."""
+        row = self.rows[0]
+        request, (ngram, n) = row.request, self.lookup
+        y = int(self.batch.tokens[0].item())
+        room = request.max_tokens - len(row.generated) - 1
+        proposal = lookup(request.prompt + row.generated, ngram, min(n, room))
+        if not proposal:
+            return self._step()
+        cache = self.batch.extract(0)
+        mark(cache)
+        logprobs = self.model(mx.array([[y] + proposal]), cache=cache)[0].astype(mx.float32)
+        logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+        kept, final = _accept(Sampler(), logprobs, proposal, None)
+        rewind(cache, len(proposal) - kept)
+        self.stats["proposed"], self.stats["accepted"] = self.stats["proposed"] + len(proposal), self.stats["accepted"] + kept
+        for i, token in enumerate(proposal[:kept] + [final]):
+            if self._advance(row, token, logprobs[i, token].item(), logprobs[i]):
+                rewind(cache, kept - i - 1)  # the cache holds the tokens streamed (the last one maybe not)
+                unmark(cache)
+                self._finished(row, cache if self.prompt_cache is not None else None,
+                               len(row.generated) - (1 if i == kept else 0))
+                self.rows, self.batch = [], Batch(self.model)
+                return
+        self.batch = Batch(self.model)
+        self.batch.add(cache, final)
 
     def _advance(self, row: Row, token: int, logprob: float, logprobs: mx.array) -> bool:
         """Record and stream one new token of a row; True when the row is done (its 'done' is sent)."""
