@@ -27,6 +27,21 @@ def g3v(tmp_path_factory):
     server.stop()
 
 
+def concurrently(request, n: int) -> list:
+    """request(i) for i < n, each from its own thread at once; the answers in order."""
+    out = [None] * n
+
+    def run(i):
+        out[i] = request(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return out
+
+
 def _png(seed: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(seed).integers(0, 256, (30, 50, 3), dtype=np.uint8)).save(buf, "PNG")
@@ -74,16 +89,7 @@ def test_prompt_cache_tells_images_apart(g3v):
 def test_concurrent_requests_with_different_images(g3v):
     pngs = [_png(10 + i) for i in range(4)]
     expected = [_library(g3v, p, f"t{30 + i}", 8) for i, p in enumerate(pngs)]
-    out = [None] * 4
-
-    def run(i):
-        out[i] = _ask(g3v, pngs[i], f"t{30 + i}", 8).choices[0].message.content
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    out = concurrently(lambda i: _ask(g3v, pngs[i], f"t{30 + i}", 8).choices[0].message.content, 4)
     assert out == expected
 
 
@@ -124,16 +130,8 @@ def test_quantized_kv_caches(tmp_path):
     server = serve(path, "--kv-bits", "8", "--kv-group-size", "32")
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
-        out = [None] * 3
-
-        def run(i):
-            out[i] = client.completions.create(model="m", prompt=prompts[i], max_tokens=8).choices[0].text
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
+        out = concurrently(lambda i: client.completions.create(model="m", prompt=prompts[i], max_tokens=8)
+                           .choices[0].text, 3)
         assert out == expected
         again = client.completions.create(model="m", prompt=prompts[0], max_tokens=8)
         assert again.choices[0].text == expected[0] and again.usage.prompt_tokens_details.cached_tokens > 0
@@ -158,16 +156,8 @@ def test_prompt_lookup_speculation(tmp_path):
         assert client.completions.create(model="m", prompt=prompts[0], max_tokens=20).choices[0].text == expected[0]
         stats = server.engine.scheduler.stats
         assert stats["proposed"] > 0 and stats["accepted"] > 0
-        out = [None] * 2
-
-        def run(i):
-            out[i] = client.completions.create(model="m", prompt=prompts[i], max_tokens=20).choices[0].text
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
+        out = concurrently(lambda i: client.completions.create(model="m", prompt=prompts[i], max_tokens=20)
+                           .choices[0].text, 2)
         assert out == expected
         again = client.completions.create(model="m", prompt=prompts[1], max_tokens=20)  # from the prompt cache
         assert again.choices[0].text == expected[1] and again.usage.prompt_tokens_details.cached_tokens > 0
