@@ -17,6 +17,7 @@ from typing import Iterator, List, Optional, Sequence, Union
 import mlx.core as mx
 import numpy as np
 
+from . import constrained
 from .cache_file import continuation
 from .cli import PrefillProgress, add_generation_options, load_draft, load_for_cli, run, sampling_kwargs
 from .errors import MlxGemmaError
@@ -137,7 +138,8 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, max_tokens: int = 256, 
                     pan_and_scan: Optional[bool] = None, draft_model=None, num_draft_tokens: int = 3,
                     prompt_lookup_ngram: Optional[int] = None, history: Sequence[int] = (),
                     kv_bits: Optional[int] = None, kv_group_size: int = 64,
-                    quantized_kv_start: int = 5000) -> Iterator[Chunk]:
+                    quantized_kv_start: int = 5000, json_schema=None, regex: Optional[str] = None,
+                    grammar: Optional[str] = None, choices: Optional[Sequence[str]] = None) -> Iterator[Chunk]:
     """Yield Chunks as tokens are produced. Stops at any eos id of the checkpoint (config.json and
     generation_config.json, e.g. Gemma's <end_of_turn>), at a stop string (never yielded, not even in
     part), or after max_tokens. A seed makes sampling reproducible. prompt_cache (model.make_cache())
@@ -153,7 +155,12 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, max_tokens: int = 256, 
     (mlx-lm's hook). kv_bits (4 or 8) stores every cache quantized in groups of kv_group_size once it
     holds quantized_kv_start tokens (mlx-lm's options). draft_model or prompt_lookup_ngram decode
     speculatively (num_draft_tokens per step), with the output of plain decoding; history: the tokens a
-    prompt_cache already holds (for the draft model and prompt lookup)."""
+    prompt_cache already holds (for the draft model and prompt lookup).
+
+    Structured output (mlxgemma[structured]; constrained.py): json_schema (a dict, its JSON text or a pydantic
+    model class), regex, grammar (Lark or GBNF) or choices (a list of strings), one at a time, keep every token
+    inside the constraint, for greedy and every sampler; a finished output ("stop") is complete, one cut by
+    max_tokens ("length") may not be."""
     from mlx_lm.generate import stream_generate as mlx_lm_stream
     from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
@@ -165,6 +172,12 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, max_tokens: int = 256, 
     if seed is not None:
         mx.random.seed(seed)
     request = (prompt, image, system, tokenizer)  # as given (a draft T5Gemma 2 encodes it too)
+    spec = dict(json_schema=json_schema, regex=regex, grammar=grammar, choices=choices)
+    text_tokenizer = tokenizer.tokenizer if has_vision(model) or is_encoder_decoder(model) else tokenizer
+    constraint = constrained.constraint_for(model, text_tokenizer, **spec)
+    if constraint is not None and (draft_model is not None or prompt_lookup_ngram):
+        raise MlxGemmaError("structured output does not combine with speculative decoding (--draft-model, "
+                            "--prompt-lookup-ngram) yet: use one or the other")
     if pan_and_scan and not has_vision(model):
         raise MlxGemmaError(f"pan-and-scan crops images for Gemma 3; {type(model).__name__} does not take them so")
     if is_encoder_decoder(model):
@@ -192,9 +205,11 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, max_tokens: int = 256, 
         yield from _chunks(steps, stop, encoder_stats)
         return
     sampler = make_sampler(temp=temp, top_p=top_p if top_p < 1 else 0.0, min_p=min_p, top_k=top_k)
-    processors = make_logits_processors(repetition_penalty=repetition_penalty) if repetition_penalty else None
+    processors = make_logits_processors(repetition_penalty=repetition_penalty) if repetition_penalty else []
+    if constraint is not None:  # last: nothing after it may lift its -inf
+        processors.append(constrained.LogitsProcessor(constraint, len(ids)))
     steps = mlx_lm_stream(model, tokenizer, ids, max_tokens=max_tokens, sampler=sampler,
-                          logits_processors=processors, prefill_step_size=prefill_step_size,
+                          logits_processors=processors or None, prefill_step_size=prefill_step_size,
                           prompt_cache=prompt_cache, prompt_progress_callback=prompt_progress_callback,
                           kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start)
     yield from _chunks(steps, stop, encoder_stats)
@@ -351,9 +366,19 @@ def prompt_text(tokenizer, prompt, system, chat_template: bool) -> str:
     return apply_template(tokenizer, _with_system(system, prompt), tokenize=False)
 
 
-def generate(model, tokenizer, prompt: Prompt, **options) -> str:
-    """The whole completion as one string (options as for stream_generate)."""
-    return "".join(c.text for c in stream_generate(model, tokenizer, prompt, **options))
+def generate(model, tokenizer, prompt: Prompt, *, parse: bool = False, **options):
+    """The whole completion as one string (options as for stream_generate). parse=True with json_schema=
+    returns it parsed (a pydantic model instance for a pydantic schema), and one cut by max_tokens is an error."""
+    text, last = "", None
+    for last in stream_generate(model, tokenizer, prompt, **options):
+        text += last.text
+    if not parse:
+        return text
+    if options.get("json_schema") is None:
+        raise MlxGemmaError("parse=True parses a json_schema= generation; none was given")
+    if last is not None and last.finish_reason == "length":
+        raise MlxGemmaError(f"the JSON was cut at max_tokens={options.get('max_tokens', 256)}: raise it")
+    return constrained.parse_json(text, options["json_schema"])
 
 
 def configure_parser() -> argparse.ArgumentParser:
