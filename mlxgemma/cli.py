@@ -52,6 +52,36 @@ def sampling_kwargs(args) -> dict:
                 **speculation)
 
 
+def add_structured_options(p) -> None:
+    """Structured output: at most one constraint on the whole completion (constrained.py)."""
+    p.add_argument("--json-schema", default=None, metavar="FILE|JSON",
+                   help="the output is JSON that matches this schema (a file, or the schema itself)")
+    p.add_argument("--regex", default=None, help="the output matches this regular expression")
+    p.add_argument("--choices", nargs="+", default=None, help="the output is exactly one of these strings")
+    p.add_argument("--grammar", default=None, metavar="FILE|TEXT", help="the output follows this Lark or GBNF grammar")
+
+
+def structured_kwargs(args) -> dict:
+    """The constraint of --json-schema / --regex / --choices / --grammar for stream_generate."""
+    from pathlib import Path
+
+    def text_of(value, what):
+        if value is None or value.lstrip().startswith(("{", "[")) or "\n" in value:
+            return value
+        path = Path(value)
+        if path.is_file():
+            try:
+                return path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise MlxGemmaError(f"cannot read {what} {value}: {e}") from None
+        if what == "--json-schema":
+            raise MlxGemmaError(f"--json-schema {value!r} is neither a file nor JSON")
+        return value
+
+    return dict(json_schema=text_of(args.json_schema, "--json-schema"), regex=args.regex, choices=args.choices,
+                grammar=text_of(args.grammar, "--grammar"))
+
+
 def load_draft(args):
     """The --draft-model (None without one), in the --dtype of the model."""
     if args.draft_model is None:

@@ -88,15 +88,18 @@ def schema_dict(json_schema) -> dict:
 
 
 def _line(e) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+    """An engine's message as one line (its regex errors span several, with a caret under the fault)."""
+    parts = [p.strip() for p in str(e).splitlines() if p.strip() and set(p.strip()) != {"^"}]
+    return " ".join(parts)[:300] or type(e).__name__
 
 
 def ll_tokenizer(tokenizer, vocab_size: int):
     """llguidance's view of a tokenizer (mlx-lm's TokenizerWrapper or a Hugging Face fast tokenizer), its
     eos tokens the checkpoint's, its width the model's logits; built once per tokenizer."""
     ll = _llguidance()
-    hf = getattr(tokenizer, "_tokenizer", tokenizer)
-    eos = sorted(getattr(tokenizer, "eos_token_ids", None) or [hf.eos_token_id])
+    hf = _hf(tokenizer)
+    eos = getattr(tokenizer, "eos_token_ids", None) or hf.eos_token_id
+    eos = sorted({eos} if isinstance(eos, int) else set(eos))
     key = (vocab_size, tuple(eos))
     cached = _TOKENIZERS.get(hf, {})
     if key not in cached:
@@ -151,8 +154,15 @@ class Constraint:
         return self.matcher.is_accepting()
 
 
+def _hf(tokenizer):
+    """The Hugging Face tokenizer inside mlx-lm's TokenizerWrapper (or the one given)."""
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+    return tokenizer._tokenizer if isinstance(tokenizer, TokenizerWrapper) else tokenizer
+
+
 def _width(tokenizer) -> int:
-    return len(getattr(tokenizer, "_tokenizer", tokenizer))
+    return len(_hf(tokenizer))
 
 
 def apply(logits: mx.array, bitmask) -> mx.array:

@@ -19,7 +19,8 @@ import numpy as np
 
 from . import constrained
 from .cache_file import continuation
-from .cli import PrefillProgress, add_generation_options, load_draft, load_for_cli, run, sampling_kwargs
+from .cli import (PrefillProgress, add_generation_options, add_structured_options, load_draft, load_for_cli, run,
+                  sampling_kwargs, structured_kwargs)
 from .errors import MlxGemmaError
 from .models import has_vision, is_encoder_decoder
 
@@ -393,6 +394,7 @@ def configure_parser() -> argparse.ArgumentParser:
                         "<start_of_image> placeholders mark where each goes, else they go first")
     p.add_argument("--pan-and-scan", action="store_true", default=None,
                    help="also show Gemma 3 crops of a wide or tall image (the processor's pan-and-scan)")
+    add_structured_options(p)
     return p
 
 
@@ -422,7 +424,8 @@ def main(argv=None) -> int:
     options = sampling_kwargs(args)
 
     def body() -> int:
-        prompt = read_prompt(args.prompt)
+        prompt, structured = read_prompt(args.prompt), structured_kwargs(args)
+        constrained.grammar_of(**structured)  # a bad constraint fails before the model loads
         check_options(**options, prefill_step_size=args.prefill_step_size)
         model, tokenizer = load_for_cli(args)
         draft = load_draft(args)
@@ -430,7 +433,8 @@ def main(argv=None) -> int:
             if args.prompt_cache_file else {}
         prompt, image = cached.pop("prompt", prompt), cached.pop("image", args.image)
         last = None
-        for last in stream_generate(model, tokenizer, prompt, **options, **cached, draft_model=draft, stop=args.stop,
+        for last in stream_generate(model, tokenizer, prompt, **options, **cached, **structured, draft_model=draft,
+                                    stop=args.stop,
                                     system=args.system,
                                     chat_template=not args.ignore_chat_template,
                                     prefill_step_size=args.prefill_step_size, image=image,
