@@ -12,12 +12,14 @@ from typing import List, Optional
 
 import numpy as np
 
+from ..constrained import Constraint, grammar_of, logits_width
 from ..errors import MlxGemmaError
 from ..generate import apply_template, check_prompt, check_text
 from ..models import has_vision, is_encoder_decoder
 from ..processor import decode_image
 from .scheduler import Request, Scheduler
 from .schemas import RequestError
+from .tools import conversation
 
 MAX_IMAGES = 16
 
@@ -95,17 +97,47 @@ class Engine:
 
     # Prompts
 
-    def chat(self, messages: list) -> Prompt:
+    def chat(self, messages: list, tools=None) -> Prompt:
         """Messages (schemas.Message) through the chat template; image parts become the processor's
-        placeholders (T5Gemma 2) or are refused by a text-only model."""
+        placeholders (T5Gemma 2) or are refused by a text-only model. Past tool calls, tool results and the
+        tools (tools.Tools) go in as tools.py says."""
         turns, images = [], []
         for m in messages:
             text, pictures = self._content(m)
             images += pictures
-            turns.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+            turn = {"role": "system" if m.role == "developer" else m.role, "content": text}
+            if m.tool_calls:
+                turn["tool_calls"] = m.tool_calls
+            if m.role == "tool":
+                turn.update(tool_call_id=m.tool_call_id, name=m.name or m.tool_name)
+            turns.append(turn)
         if len(images) > MAX_IMAGES:
             raise RequestError(f"at most {MAX_IMAGES} images per request", param="messages")
-        return self._prompt(turns, images, template=True)
+        turns, extra = conversation(turns, tools)
+        return self._prompt(turns, images, template=True, extra=extra)
+
+    def constraint(self, grammar: Optional[str]):
+        """A compiled constraint (constrained.Constraint) for a grammar, or None; one that does not compile
+        is a 400."""
+        if grammar is None:
+            return None
+        try:
+            return Constraint(self.tokenizer, grammar, logits_width(self.model))
+        except MlxGemmaError as e:
+            raise RequestError(str(e)) from None
+
+    def structured(self, json_schema, tools) -> Optional[object]:
+        """The constraint of a response format (json_schema) or of the tools' call format."""
+        grammar = tools.grammar() if tools is not None else None
+        if json_schema is not None:
+            if grammar is not None:
+                raise RequestError("a JSON response format and tools cannot be combined here: send one",
+                                   param="response_format")
+            try:
+                grammar = grammar_of(json_schema=json_schema)
+            except MlxGemmaError as e:
+                raise RequestError(str(e), param="response_format") from None
+        return self.constraint(grammar)
 
     def text(self, prompt, images=(), raw: bool = True, system: Optional[str] = None) -> Prompt:
         """A completion prompt: text as written (raw) or in the chat template, or token ids."""
@@ -158,13 +190,13 @@ class Engine:
         except MlxGemmaError as e:
             raise RequestError(str(e), param=param) from None
 
-    def _prompt(self, turns, images, template: bool) -> Prompt:
+    def _prompt(self, turns, images, template: bool, extra=None) -> Prompt:
         try:
             if template:
                 for t in turns:
                     check_text(t["content"], "a message")
                 text_or_ids = apply_template(self.tokenizer, turns, tokenize=not self.takes_images,
-                                             **self.template_args)
+                                             **self.template_args, **(extra or {}))
             else:
                 check_text(turns, "the prompt")
                 if not turns.strip() and not images:
@@ -202,14 +234,14 @@ class Engine:
     # Running
 
     def request(self, prompt: Prompt, *, max_tokens=None, temperature=None, top_p=None, top_k=None, min_p=None,
-                seed=None, stop=(), n=1, top_logprobs=0) -> Request:
+                seed=None, stop=(), n=1, top_logprobs=0, constraint=None) -> Request:
         d = self.defaults
         sampling = dict(temp=d.temp if temperature is None else temperature, top_p=d.top_p if top_p is None else top_p,
                         top_k=d.top_k if top_k is None else top_k, min_p=d.min_p if min_p is None else min_p,
                         seed=seed)
         return Request(prompt.ids, emit=None, max_tokens=max_tokens or d.max_tokens, sampling=sampling, n=n,
                        stop=list(stop or []), top_logprobs=top_logprobs or 0, encoder=prompt.encoder,
-                       context=self.context, pixel_values=prompt.pixel_values, key=prompt.key)
+                       context=self.context, pixel_values=prompt.pixel_values, key=prompt.key, constraint=constraint)
 
     async def events(self, request: Request, http_request=None):
         """Submit request and yield its (kind, data) events until it ends. Leaving early (a client gone,

@@ -10,6 +10,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from .. import __version__
 from .engine import Engine
 from .schemas import OllamaChatRequest, OllamaGenerateRequest, OllamaShowRequest, RequestError, parse
+from .tools import AnswerStream, parse_tools, read_calls
 
 
 def _now() -> str:
@@ -43,7 +44,7 @@ def tags(engine: Engine) -> dict:
 
 def show(engine: Engine, body) -> dict:
     parse(OllamaShowRequest, body)
-    capabilities = ["completion"] + (["vision"] if engine.takes_images else [])
+    capabilities = ["completion", "tools"] + (["vision"] if engine.takes_images else [])
     return {"modelfile": "", "parameters": "", "template": getattr(engine.tokenizer, "chat_template", "") or "",
             "details": _details(engine), "model_info": engine.describe(), "capabilities": capabilities,
             "modified_at": _now()}
@@ -60,8 +61,10 @@ def _options(engine: Engine, opts) -> dict:
 
 async def chat(engine: Engine, http_request, body):
     req = parse(OllamaChatRequest, body)
-    request = engine.request(engine.chat(req.messages), **_options(engine, req.options))
-    return await _respond(engine, http_request, request, req.stream, chat=True)
+    tools = parse_tools(req.tools, None, True, getattr(engine.tokenizer, "chat_template", None) or "")
+    request = engine.request(engine.chat(req.messages, tools), **_options(engine, req.options),
+                             constraint=engine.structured(req.json_schema, tools))
+    return await _respond(engine, http_request, request, req.stream, chat=True, tools=tools)
 
 
 async def generate(engine: Engine, http_request, body):
@@ -70,8 +73,15 @@ async def generate(engine: Engine, http_request, body):
         return JSONResponse({"model": engine.name, "created_at": _now(), "response": "", "done": True,
                              "done_reason": "load"})
     prompt = engine.text(req.prompt, req.images or (), raw=req.raw, system=req.system)
-    request = engine.request(prompt, **_options(engine, req.options))
+    request = engine.request(prompt, **_options(engine, req.options), constraint=engine.structured(req.json_schema, None))
     return await _respond(engine, http_request, request, req.stream, chat=False)
+
+
+def _calls(text: str, stats: dict, tools):
+    """(content, calls) of a finished answer under tools (calls only when it ended by itself)."""
+    if tools is None or tools.choice == "none" or stats.get("finish") != "stop":
+        return text, []
+    return read_calls(text, tools)
 
 
 def _message(engine: Engine, chat: bool, text: str, done: bool) -> dict:
@@ -83,15 +93,18 @@ def _message(engine: Engine, chat: bool, text: str, done: bool) -> dict:
     return dict(body, done=done)
 
 
-def _final(engine, chat, text, stats, start, first) -> dict:
+def _final(engine, chat, text, stats, start, first, calls=()) -> dict:
     end = time.perf_counter_ns()
     first = first or end
-    return dict(_message(engine, chat, text, True), done_reason=stats.get("finish") or "stop",
+    body = _message(engine, chat, text, True)
+    if calls:  # Ollama's tool calls: arguments as an object, no ids
+        body["message"]["tool_calls"] = [{"function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+    return dict(body, done_reason=stats.get("finish") or "stop",
                 total_duration=end - start, load_duration=0, prompt_eval_count=stats.get("prompt_tokens", 0),
                 prompt_eval_duration=first - start, eval_count=stats.get("count", 0), eval_duration=end - first)
 
 
-async def _respond(engine, http_request, request, stream: bool, chat: bool):
+async def _respond(engine, http_request, request, stream: bool, chat: bool, tools=None):
     start = time.perf_counter_ns()
     stats, first = {}, [None]
 
@@ -112,16 +125,25 @@ async def _respond(engine, http_request, request, stream: bool, chat: bool):
             text += data.text if kind == "token" else ""
         if "error" in stats:
             raise RequestError(stats["error"], status=500)
-        return JSONResponse(_final(engine, chat, text, stats, start, first[0]))
+        text, calls = _calls(text, stats, tools)
+        return JSONResponse(_final(engine, chat, text, stats, start, first[0], calls))
 
     async def lines():
+        answer, whole = (AnswerStream(tools) if tools is not None else None), ""
         async for kind, data in engine.events(request):
             note(kind, data)
-            if kind == "token" and data.text:
-                yield json.dumps(_message(engine, chat, data.text, False), ensure_ascii=False) + "\n"
-            elif kind == "error":
+            whole += data.text if kind == "token" else ""
+            pieces = [data.text] if kind == "token" and answer is None else (
+                [d["content"] for d in answer.feed(data.text) if "content" in d] if kind == "token" else [])
+            for piece in filter(None, pieces):
+                yield json.dumps(_message(engine, chat, piece, False), ensure_ascii=False) + "\n"
+            if kind == "error":
                 yield json.dumps({"error": data}) + "\n"
                 return
-        yield json.dumps(_final(engine, chat, "", stats, start, first[0]), ensure_ascii=False) + "\n"
+        text, calls = "", []
+        if answer is not None:
+            text = "".join(d.get("content", "") for d in answer.end(stats.get("finish") or "stop")[0])
+            calls = _calls(whole, stats, tools)[1]
+        yield json.dumps(_final(engine, chat, text, stats, start, first[0], calls), ensure_ascii=False) + "\n"
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")

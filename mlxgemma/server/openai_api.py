@@ -10,6 +10,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 
 from .engine import Engine
 from .schemas import ChatRequest, CompletionRequest, RequestError, parse
+from .tools import AnswerStream, parse_tools, read_calls
 
 
 def models(engine: Engine) -> dict:
@@ -87,11 +88,14 @@ def _sse(obj) -> str:
 
 async def chat_completions(engine: Engine, http_request, body) -> object:
     req = parse(ChatRequest, body)
-    prompt = engine.chat(req.messages)
+    tools = parse_tools(req.tools, req.tool_choice, req.parallel_tool_calls,
+                        getattr(engine.tokenizer, "chat_template", None) or "")
+    prompt = engine.chat(req.messages, tools)
     top = (req.top_logprobs or 0) if req.logprobs else 0
     request = engine.request(prompt, max_tokens=req.max_completion_tokens or req.max_tokens, **_sampling(req),
-                             top_logprobs=top)
-    return await _respond(engine, http_request, request, req, chat=True, logprobs=req.logprobs)
+                             top_logprobs=top, constraint=engine.structured(req.json_schema, tools))
+    tools = tools if tools is not None and tools.choice != "none" else None
+    return await _respond(engine, http_request, request, req, chat=True, logprobs=req.logprobs, tools=tools)
 
 
 async def completions(engine: Engine, http_request, body) -> object:
@@ -106,10 +110,10 @@ def _sampling(req) -> dict:
                 stop=req.stop, n=req.n)
 
 
-async def _respond(engine, http_request, request, req, chat: bool, logprobs: bool):
+async def _respond(engine, http_request, request, req, chat: bool, logprobs: bool, tools=None):
     reply = _Reply(engine, req.n, chat)
     if req.stream:
-        return StreamingResponse(_stream(engine, request, reply, req.include_usage, logprobs),
+        return StreamingResponse(_stream(engine, request, reply, req.include_usage, logprobs, tools),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     async for kind, data in engine.events(request, http_request):
         reply.on(kind, data)
@@ -122,15 +126,21 @@ async def _respond(engine, http_request, request, req, chat: bool, logprobs: boo
         if logprobs:
             lp = chat_logprobs(tok, reply.logprobs[i]) if chat else completion_logprobs(tok, reply.logprobs[i])
         if chat:
-            choices.append({"index": i, "message": {"role": "assistant", "content": reply.text[i]},
-                            "logprobs": lp, "finish_reason": reply.finish[i]})
+            message, finish = {"role": "assistant", "content": reply.text[i]}, reply.finish[i]
+            if tools is not None and finish == "stop":
+                content, calls = read_calls(reply.text[i], tools)
+                if calls:
+                    message = dict(message, content=content or None, tool_calls=[c.openai() for c in calls])
+                    finish = "tool_calls"
+            choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": finish})
         else:
             choices.append({"index": i, "text": reply.text[i], "logprobs": lp, "finish_reason": reply.finish[i]})
     return JSONResponse(dict(reply.head(), choices=choices, usage=reply.usage()))
 
 
-async def _stream(engine, request, reply, include_usage: bool, logprobs: bool):
+async def _stream(engine, request, reply, include_usage: bool, logprobs: bool, tools=None):
     tok, head = engine.tokenizer, dict(reply.head(), object="chat.completion.chunk" if reply.chat else "text_completion")
+    answers = [AnswerStream(tools) for _ in reply.text] if tools is not None else None
     if reply.chat:
         for i in range(len(reply.text)):
             yield _sse(dict(head, choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -138,7 +148,11 @@ async def _stream(engine, request, reply, include_usage: bool, logprobs: bool):
     async for kind, data in engine.events(request):
         offset = len(reply.text[data.index]) if kind == "token" else 0
         reply.on(kind, data)
-        if kind == "token" and (data.text or logprobs):
+        if kind == "token" and answers is not None:
+            for delta in answers[data.index].feed(data.text):
+                yield _sse(dict(head, choices=[{"index": data.index, "delta": delta, "logprobs": None,
+                                                "finish_reason": None}]))
+        elif kind == "token" and (data.text or logprobs):
             if reply.chat:
                 choice = {"index": data.index, "delta": {"content": data.text},
                           "logprobs": chat_logprobs(tok, [data]) if logprobs else None, "finish_reason": None}
@@ -148,6 +162,11 @@ async def _stream(engine, request, reply, include_usage: bool, logprobs: bool):
             yield _sse(dict(head, choices=[choice]))
         elif kind == "done":
             index, finish, _ = data
+            if answers is not None:
+                deltas, finish = answers[index].end(finish)
+                for delta in deltas:
+                    yield _sse(dict(head, choices=[{"index": index, "delta": delta, "logprobs": None,
+                                                    "finish_reason": None}]))
             choice = {"index": index, "delta": {}, "logprobs": None, "finish_reason": finish} if reply.chat else (
                 {"index": index, "text": "", "logprobs": None, "finish_reason": finish})
             yield _sse(dict(head, choices=[choice]))

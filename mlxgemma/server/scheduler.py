@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
 import mlx.core as mx
+import numpy as np
 
 from ..batch import Batch, Sampling, fill, prefill, sample
+from ..constrained import apply as apply_mask
 from ..generate import _held_back
 from ..images import FEATURES, block_end, count_images, images_from
 from ..images import prefill as images_prefill
@@ -47,6 +49,7 @@ class Request:
     context: Optional[int] = None  # the model's context: a row stops ("length") when it is full
     pixel_values: Optional[object] = None  # Gemma 3: the images of the prompt's image blocks
     key: Optional[List[int]] = None  # what the prompt cache matches (the prompt, images told apart)
+    constraint: Optional[object] = None  # constrained.Constraint: structured output, tool calls
     cancelled: bool = False
     # the scheduler's own
     started: float = 0.0
@@ -76,6 +79,7 @@ class Row:
     detokenizer: object
     generated: List[int] = field(default_factory=list)
     pending: str = ""  # text held back while it could still become a stop string
+    constraint: Optional[object] = None  # this row's own grammar state
 
 
 def materialize(model) -> None:
@@ -84,6 +88,22 @@ def materialize(model) -> None:
     mx.eval(model.parameters())
     for _, module in model.named_modules():
         mx.eval([v for v in [*vars(module).values(), *module.values()] if isinstance(v, mx.array)])
+
+
+def masked_logprobs(logprobs: mx.array, rows: List[Row]) -> mx.array:
+    """(B, vocab) log-probabilities with each constrained row's disallowed tokens at -inf and renormalized
+    (so that top-p and min-p see the allowed tokens' distribution). The forward is queued first: the masks
+    are computed while it runs."""
+    if all(row.constraint is None for row in rows):
+        return logprobs
+    mx.async_eval(logprobs)
+    words = next(row.constraint for row in rows if row.constraint is not None).bitmask.shape[1]
+    bitmask = np.full((len(rows), words), -1, dtype=np.int32)
+    for i, row in enumerate(rows):
+        if row.constraint is not None:
+            bitmask[i] = row.constraint.mask()
+    masked = apply_mask(logprobs, bitmask)
+    return masked - mx.logsumexp(masked, axis=-1, keepdims=True)
 
 
 class Scheduler:
@@ -231,13 +251,16 @@ class Scheduler:
     def _join(self, request: Request, cache, logprobs: mx.array) -> None:
         """Each of the request's n choices samples its first token and, unless already done, joins the batch."""
         request.live = request.n
+        c = request.constraint
+        constraints = [c] + [c.copy() for _ in range(request.n - 1)] if c is not None else [None] * request.n
         for index in range(request.n):
             sampling = dict(request.sampling)
             seed = sampling.pop("seed", None)
             sampler = Sampling(**sampling, seed=None if seed is None else seed + index)
-            row = Row(request, index, sampler, self.tokenizer.detokenizer)
-            token = int(sample(logprobs[None], [sampler]).item())
-            if not self._advance(row, token, logprobs[token].item(), logprobs):
+            row = Row(request, index, sampler, self.tokenizer.detokenizer, constraint=constraints[index])
+            row_logprobs = masked_logprobs(logprobs[None], [row])[0]
+            token = int(sample(row_logprobs[None], [sampler]).item())
+            if not self._advance(row, token, row_logprobs[token].item(), row_logprobs):
                 self.batch.add(cache, token)
                 self.rows.append(row)
             else:
@@ -248,7 +271,7 @@ class Scheduler:
     def _launch(self):
         """One decode step of the whole batch, queued (mx.async_eval): its log-probabilities, sampled tokens
         and their log-probabilities."""
-        logprobs = self.batch.step()
+        logprobs = masked_logprobs(self.batch.step(), self.rows)
         tokens = sample(logprobs, [row.sampler for row in self.rows])
         chosen = mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
         mx.async_eval(tokens, chosen)
@@ -260,7 +283,9 @@ class Scheduler:
         mlx-lm's generation loop does); a row that finishes meanwhile is dropped from that step's output."""
         logprobs, tokens, chosen = self.inflight or self._launch()
         self.batch.tokens = tokens
-        self.inflight = None if (self.waiting or self.prefilling or self._speculating()) else self._launch()
+        # A constrained row's next mask needs the token it just sampled: no step is queued ahead for it.
+        ahead = not (self.waiting or self.prefilling or self._speculating() or self._constrained())
+        self.inflight = self._launch() if ahead else None
         done = [i for i, (row, t, lp) in enumerate(zip(self.rows, tokens.tolist(), chosen.tolist()))
                 if self._advance(row, t, lp, logprobs[i])]
         if done:
@@ -274,7 +299,10 @@ class Scheduler:
 
     def _speculating(self) -> bool:
         return (self.lookup is not None and len(self.rows) == 1 and not self.waiting and not self.prefilling
-                and self.rows[0].sampler.temp == 0 and not self.encoder_decoder)
+                and self.rows[0].sampler.temp == 0 and not self.encoder_decoder and self.rows[0].constraint is None)
+
+    def _constrained(self) -> bool:
+        return any(row.constraint is not None for row in self.rows)
 
     def _speculative_step(self) -> None:
         """One round of prompt lookup on the only row, on its own caches (speculative.py's rollback), then
@@ -308,6 +336,8 @@ class Scheduler:
         """Record and stream one new token of a row; True when the row is done (its 'done' is sent)."""
         request = row.request
         row.generated.append(token)
+        if row.constraint is not None:
+            row.constraint.consume(token)
         position = len(request.prompt) + len(row.generated)
         finish = None
         if token in self.eos:

@@ -2,7 +2,7 @@
 
 Fields clients commonly send that change nothing here (user, frequency_penalty 0, ...) are accepted and
 ignored; a field that would change the output in a way this server cannot honour is refused by name
-(tools, response_format other than text, echo, ...), never silently dropped.
+(echo, suffix, penalties, ...), never silently dropped.
 """
 
 from typing import Any, Dict, List, Literal, Optional, Union
@@ -57,9 +57,13 @@ class ImagePart(_Body):
 
 
 class Message(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, List[Union[TextPart, ImagePart]], None] = None
     images: Optional[List[str]] = None  # Ollama: base64 images on the message
+    tool_calls: Optional[List[Dict[str, Any]]] = None  # an assistant's past calls
+    tool_call_id: Optional[str] = None  # a tool message: the call it answers (OpenAI)
+    name: Optional[str] = None
+    tool_name: Optional[str] = None  # Ollama's name of the function a tool message answers
 
 
 def _stops(v):
@@ -69,10 +73,11 @@ def _stops(v):
     return [s for s in stops if s]
 
 
-def _no_tools(cls, v):
-    if v:
-        raise ValueError("tool calls are not supported yet")
-    return v
+def _format(v):
+    """Ollama's format: "json" or a JSON Schema."""
+    if v in (None, "", "json") or isinstance(v, dict):
+        return v or None
+    raise ValueError('format must be "json" or a JSON Schema object')
 
 
 class Sampling(_Body):
@@ -114,18 +119,28 @@ class ChatRequest(Sampling):
     max_completion_tokens: Optional[int] = Field(None, gt=0)
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
-    tools: Optional[list] = None
+    tools: Optional[List[Dict[str, Any]]] = None
     tool_choice: Any = None
+    parallel_tool_calls: Optional[bool] = None
     response_format: Optional[Dict[str, Any]] = None
-
-    _no_tools = field_validator("tools")(_no_tools)
 
     @field_validator("response_format")
     @classmethod
-    def _text_only(cls, v):
-        if v and v.get("type", "text") != "text":
-            raise ValueError("only the text response format is supported yet")
+    def _format(cls, v):
+        kind = (v or {}).get("type", "text")
+        if kind not in ("text", "json_object", "json_schema"):
+            raise ValueError('type must be "text", "json_object" or "json_schema"')
+        if kind == "json_schema" and not isinstance((v.get("json_schema") or {}).get("schema"), dict):
+            raise ValueError('json_schema needs {"name": ..., "schema": {...}}')
         return v
+
+    @property
+    def json_schema(self) -> Optional[dict]:
+        """The schema the answer must match (json_object: any object), or None."""
+        kind = (self.response_format or {}).get("type", "text")
+        if kind == "json_object":
+            return {"type": "object"}
+        return self.response_format["json_schema"]["schema"] if kind == "json_schema" else None
 
 
 class CompletionRequest(Sampling):
@@ -168,19 +183,16 @@ class _Ollama(_Body):
     format: Any = None
     keep_alive: Any = None
 
-    @field_validator("format")
-    @classmethod
-    def _no_format(cls, v):
-        if v:
-            raise ValueError("structured output (format) is not supported yet")
-        return v
+    _format = field_validator("format")(classmethod(lambda cls, v: _format(v)))
+
+    @property
+    def json_schema(self) -> Optional[dict]:
+        return {"type": "object"} if self.format == "json" else self.format
 
 
 class OllamaChatRequest(_Ollama):
     messages: List[Message] = Field(min_length=1)
-    tools: Optional[list] = None
-
-    _no_tools = field_validator("tools")(_no_tools)
+    tools: Optional[List[Dict[str, Any]]] = None
 
 
 class OllamaGenerateRequest(_Ollama):
