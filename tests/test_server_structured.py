@@ -171,15 +171,54 @@ def test_ollama_format_and_tools(server):
                         options={"num_predict": 400}))
     assert parts[-1].done_reason == "stop"
     _valid("".join(p.message.content for p in parts), SCHEMAS[20])
+    for stream in (False, True):  # a random model under "auto" answers in text
+        out = o.chat(model="m", messages=[{"role": "user", "content": "Add 2 and 3"}], tools=[ADD, WEATHER],
+                     options={"temperature": 1.0, "seed": 11, "num_predict": 20}, stream=stream)
+        last = list(out)[-1] if stream else out
+        assert last.done_reason == "length" and not last.message.tool_calls
+
+
+def test_ollama_tool_calls(server, monkeypatch):
+    """Ollama has no tool_choice: with the call forced (as "required" would), its answer's tool_calls carry
+    the arguments as an object, whole and streamed alike. (The ollama client sends a parameter's type, enum
+    and description only: bounds never reach the server, so the arguments are checked against those.)"""
+    from mlxgemma.server import ollama_api, tools
+
+    def forced(*args, **kw):
+        return dataclasses.replace(tools.parse_tools(*args, **kw), choice="required", parallel=False)
+
+    import dataclasses
+
+    monkeypatch.setattr(ollama_api, "parse_tools", forced)
+    o = ollama.Client(host=server.url)
+    got = []
     for stream in (False, True):
         out = o.chat(model="m", messages=[{"role": "user", "content": "Add 2 and 3"}], tools=[ADD, WEATHER],
                      options={"temperature": 1.0, "seed": 11}, stream=stream)
-        last = list(out)[-1] if stream else out
-        if last.message.tool_calls:
-            for call in last.message.tool_calls:
-                jsonschema.validate(dict(call.function.arguments), SCHEMA_OF[call.function.name])
-        else:
-            assert last.done_reason in ("stop", "length")
+        parts = list(out) if stream else [out]
+        assert parts[-1].done_reason == "stop" and parts[-1].message.tool_calls
+        assert all(not p.message.content for p in parts)  # a call is not streamed as text
+        calls = [(c.function.name, dict(c.function.arguments)) for c in parts[-1].message.tool_calls]
+        for name, arguments in calls:
+            props = {k: {f: v[f] for f in ("type", "enum") if f in v} for k, v in SCHEMA_OF[name]["properties"].items()}
+            jsonschema.validate(arguments, dict(SCHEMA_OF[name], properties=props))
+        got.append(calls)
+    assert got[0] == got[1]
+
+
+def test_auto_grammar_takes_text_or_calls(server):
+    """Under "auto" the grammar lets the answer be text (not starting with "{") or calls, one per line."""
+    from mlxgemma.server.tools import parse_tools
+
+    engine = server.engine
+    constraint = engine.constraint(parse_tools(TOOLS, "auto", True, "").grammar())
+    calls = '{"name":"add","parameters":{"a":1,"b":2}}\n{"name":"get_weather","parameters":{"city":"Oslo","unit":"C"}}'
+    for text, ok in (("It is sunny.", True), (calls, True), ("", True), ('{"name":"add","parameters":{"a":1}}', False),
+                     ('{"name":"nope","parameters":{}}', False), ('{"name":"add", "parameters":{"a":1,"b":2}}', False)):
+        c = constraint.copy()
+        ids = engine.tokenizer.encode(text, add_special_tokens=False)
+        done = c.matcher.try_consume_tokens(ids) == len(ids) and c.accepting
+        assert done == ok, text
 
 
 BAD = [
