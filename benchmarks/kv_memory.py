@@ -8,7 +8,7 @@ Then the real Gemma 3 270M (mlxgemma[demo], float32) over --tokens of license te
 CPython's LICENSE.txt, which every CPython install ships: the terms alone are 1,793 tokens; past the window), teacher-forced in chunks of 256 through each cache: perplexity and top-1 agreement with the float
 cache, and decode tokens/s after that context (--decode steps) with each cache.
 
-    python benchmarks/kv_memory.py [--tokens 2048] [--decode 32] [--skip-real]
+    python benchmarks/kv_memory.py [--tokens 2048] [--decode 32] [--skip-real | --skip-bytes]
 """
 
 from pathlib import Path
@@ -113,8 +113,11 @@ def main():
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--decode", type=int, default=32)
     p.add_argument("--skip-real", action="store_true")
+    p.add_argument("--skip-bytes", action="store_true")
     args = p.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    if args.skip_bytes:
+        return real_quality(args.tokens, args.decode)
 
     ours = mlxgemma.build_model(CONFIG)
     ours.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.05, ours.parameters()))

@@ -3,7 +3,6 @@ Gemma's (SentencePiece-style BPE: "▁" for spaces, <0xNN> byte fallback, multi-
 StableLM's (GPT-NeoX byte-level BPE). Both have Gemma's turn tokens and a Gemma-style chat template, and their
 checkpoints' vocab_size is the tokenizer's."""
 
-import json
 from pathlib import Path
 
 from reference import hf_model
@@ -32,7 +31,6 @@ def _merges(vocab: dict, words) -> list:
 
 def gemma_like_tokenizer(images: bool = False):
     from tokenizers import Tokenizer, decoders, models, normalizers
-    from transformers import PreTrainedTokenizerFast
 
     vocab = {s: i for i, s in enumerate(SPECIALS)}
     vocab.update({f"<0x{b:02X}>": len(SPECIALS) + b for b in range(256)})
@@ -47,7 +45,6 @@ def gemma_like_tokenizer(images: bool = False):
 
 def byte_level_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {s: i for i, s in enumerate(SPECIALS)}

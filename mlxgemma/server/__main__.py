@@ -100,6 +100,19 @@ def preload(prompt_cache, model, path, kv_bits=None, kv_group_size=64) -> None:
     prompt_cache.insert(tokens, caches, [])
 
 
+def warm_constraints(engine) -> None:
+    """Build llguidance's view of the tokenizer in the background (seconds for a 262k vocabulary), so that the
+    first structured request does not wait for it; nothing without the [structured] extra."""
+    import importlib.util
+    import threading
+
+    from ..constrained import ll_tokenizer, logits_width
+
+    if importlib.util.find_spec("llguidance") is not None:
+        threading.Thread(target=ll_tokenizer, args=(engine.tokenizer, logits_width(engine.model)), daemon=True,
+                         name="mlxgemma-llguidance").start()
+
+
 def build(args):
     """The app for these arguments: model loaded, scheduler started."""
     from .app import create_app
@@ -118,6 +131,7 @@ def build(args):
                           args.kv_group_size, args.prompt_lookup_ngram, args.num_draft_tokens).start()
     defaults = Defaults(args.max_tokens, args.temp, args.top_p, args.top_k, args.min_p)
     engine = Engine(model, tokenizer, model_name(args), scheduler, defaults, args.chat_template_args, args.model or "")
+    warm_constraints(engine)
     origins = [o.strip() for o in args.allowed_origins.split(",") if o.strip()]
     key = args.api_key or os.environ.get("MLXGEMMA_API_KEY")
     return create_app(engine, key, origins, args.max_request_bytes), engine
