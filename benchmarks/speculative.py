@@ -5,7 +5,7 @@ acceptance, wall tokens/s, and whether the output is plain greedy's token for to
 generation (3 windows of 512) for mlxgemma, and mlx-lm's own speculative loop on the same checkpoints,
 with where its output first leaves its plain greedy output.
 
-    python benchmarks/speculative.py [--tokens 256] [--long 1536] [--work /tmp/mlxgemma-spec]
+    python benchmarks/speculative.py [--tokens 256] [--long 1536] [--work /tmp/mlxgemma-spec] [--only-mlx-lm]
 """
 
 import argparse
@@ -74,12 +74,15 @@ def main():
     p.add_argument("--tokens", type=int, default=256, help="generated tokens per input-grounded prompt")
     p.add_argument("--long", type=int, default=1536, help="tokens of the long free generation (3 windows)")
     p.add_argument("--work", default="/tmp/mlxgemma-spec")
+    p.add_argument("--only-mlx-lm", action="store_true", help="only mlx-lm's divergence after the window")
     args = p.parse_args()
     import mlxgemma
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     target_path, draft_path = real_checkpoint("float32", work), real_checkpoint("4bit", work)
+    if args.only_mlx_lm:
+        return report_mlx_lm(target_path, draft_path, prompts()["free"], args.long)
     model, tok = mlxgemma.load(target_path)
     draft = mlxgemma.load_model(draft_path)
     print(f"Gemma 3 270M (target float32, draft 4-bit), {platform.machine()} {platform.system()}, "
@@ -104,7 +107,11 @@ def main():
         print(f"\nmlxgemma, {args.long} tokens of free generation, {method}: {len(r['tokens'])} tokens, identical to "
               f"plain greedy: {r['tokens'] == plain['tokens']} (first difference: {first}); "
               f"{r['per_forward']:.2f} tokens / forward, {r['tps'] / plain['tps']:.2f}x plain's wall speed", flush=True)
-    first, n = mlx_lm_divergence(target_path, draft_path, prompt, args.long)
+    report_mlx_lm(target_path, draft_path, prompt, args.long)
+
+
+def report_mlx_lm(target_path, draft_path, prompt, long):
+    first, n = mlx_lm_divergence(target_path, draft_path, prompt, long)
     print(f"mlx-lm, the same {n} tokens with its speculative loop (the 4-bit draft, 3 drafts): "
           + ("identical to its plain greedy" if first is None else f"leaves its plain greedy at token {first} "
              "(the window is 512)"))

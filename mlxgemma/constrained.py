@@ -131,11 +131,14 @@ class Constraint:
         """A fresh copy in the same state (each of a request's n choices has its own)."""
         return Constraint(self.tokenizer, self.grammar, self.vocab_size, _matcher=self.matcher.deep_copy())
 
-    def consume(self, token: int) -> None:
+    def consume(self, token: int) -> bool:
+        """Advance by token; False when the constraint has already ended (an eos after the end: the decode
+        loop runs a step past it), and nothing is consumed."""
         if self.matcher.is_stopped() and not self.matcher.is_error():
-            return  # an eos after the end (the decode loop runs a step past it)
+            return False
         if not self.matcher.consume_token(token):
             raise MlxGemmaError(f"token {token} left the constraint: {_line(self.matcher.get_error())}")
+        return True
 
     def mask(self) -> np.ndarray:
         """(words,) int32: bit i of word i // 32 says whether token i may come next."""
@@ -147,6 +150,30 @@ class Constraint:
         if self.matcher.is_error():
             raise MlxGemmaError(f"the constraint failed: {_line(self.matcher.get_error())}")
         return self.bitmask[0]
+
+    def allows(self, token: int, bitmask: Optional[np.ndarray] = None) -> bool:
+        """Whether token may come next (by the last mask, or by bitmask)."""
+        bitmask = self.bitmask[0] if bitmask is None else bitmask
+        return 0 <= token < 32 * bitmask.shape[0] and bool((int(bitmask[token >> 5]) >> (token & 31)) & 1)
+
+    def masks_along(self, tokens: List[int]) -> np.ndarray:
+        """(len(tokens) + 1, words): the mask before each token of a proposal and after the last, the state
+        left unchanged. Past a token the constraint refuses, the masks repeat (nothing there is kept)."""
+        masks, consumed = [], 0
+        for token in tokens:
+            masks.append(self.mask().copy())
+            if self.matcher.is_stopped() or not self.allows(token, masks[-1]) or not self.matcher.consume_token(token):
+                break  # (after the end, an eos: the stream stops there anyway)
+            consumed += 1
+        if consumed == len(tokens):
+            masks.append(self.mask().copy())
+        masks += [masks[-1]] * (len(tokens) + 1 - len(masks))
+        self.rollback(consumed)
+        return np.stack(masks)
+
+    def rollback(self, n: int) -> None:
+        if n > 0 and not self.matcher.rollback(n):
+            raise MlxGemmaError(f"the constraint could not roll back {n} tokens")
 
     @property
     def accepting(self) -> bool:
@@ -163,6 +190,13 @@ def _hf(tokenizer):
 
 def _width(tokenizer) -> int:
     return len(_hf(tokenizer))
+
+
+def masked_logprobs(logprobs: mx.array, bitmask) -> mx.array:
+    """Log-probabilities (..., vocab) restricted to the tokens bitmask allows, renormalized (top-p, min-p and
+    the speculative acceptance rule then see the allowed tokens' distribution)."""
+    masked = apply(logprobs, bitmask)
+    return masked - mx.logsumexp(masked, axis=-1, keepdims=True)
 
 
 def apply(logits: mx.array, bitmask) -> mx.array:

@@ -176,9 +176,6 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, max_tokens: int = 256, 
     spec = dict(json_schema=json_schema, regex=regex, grammar=grammar, choices=choices)
     text_tokenizer = tokenizer.tokenizer if has_vision(model) or is_encoder_decoder(model) else tokenizer
     constraint = constrained.constraint_for(model, text_tokenizer, **spec)
-    if constraint is not None and (draft_model is not None or prompt_lookup_ngram):
-        raise MlxGemmaError("structured output does not combine with speculative decoding (--draft-model, "
-                            "--prompt-lookup-ngram) yet: use one or the other")
     if pan_and_scan and not has_vision(model):
         raise MlxGemmaError(f"pan-and-scan crops images for Gemma 3; {type(model).__name__} does not take them so")
     if is_encoder_decoder(model):
@@ -202,7 +199,8 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, max_tokens: int = 256, 
         steps = _speculative(model, tokenizer, ids, prompt_cache, encoder_stats, request, draft_model,
                              num_draft_tokens, prompt_lookup_ngram, history,
                              dict(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p), repetition_penalty,
-                             max_tokens, prefill_step_size, max_kv_size, (kv_bits, kv_group_size, quantized_kv_start))
+                             max_tokens, prefill_step_size, max_kv_size, (kv_bits, kv_group_size, quantized_kv_start),
+                             constraint)
         yield from _chunks(steps, stop, encoder_stats)
         return
     sampler = make_sampler(temp=temp, top_p=top_p if top_p < 1 else 0.0, min_p=min_p, top_k=top_k)
@@ -217,7 +215,7 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, max_tokens: int = 256, 
 
 
 def _speculative(model, tokenizer, ids, cache, stats, request, draft_model, num_draft, ngram, history, sampling,
-                 repetition_penalty, max_tokens, step, max_kv_size, kv):
+                 repetition_penalty, max_tokens, step, max_kv_size, kv, constraint):
     """The speculative loop (speculative.py) on what stream_generate prepared: a draft model (its own
     caches, fresh; T5Gemma 2's encodes the request too) or prompt lookup over the prompt and the output
     (T5Gemma 2: and the encoder's ids)."""
@@ -238,7 +236,8 @@ def _speculative(model, tokenizer, ids, cache, stats, request, draft_model, num_
         draft = speculative.Draft(draft_view, draft_cache, sampler)
     return speculative.stream(model, tokenizer, ids, cache, sampler=sampler, draft=draft, ngram=ngram or 0,
                               num_draft=num_draft, max_tokens=max_tokens, prefill_step_size=step,
-                              history=history, sources=(getattr(model, "encoder_ids", []),), kv=kv)
+                              history=history, sources=(getattr(model, "encoder_ids", []),), kv=kv,
+                              constraint=constraint)
 
 
 def _decoder_prompt(model, tokenizer, prompt, system, chat_template, prompt_cache) -> List[int]:

@@ -19,6 +19,7 @@ from typing import Iterator, List, Optional
 import mlx.core as mx
 
 from .batch import cache_state, fill, filtered
+from .constrained import masked_logprobs
 from .errors import MlxGemmaError
 from .models.quantized_cache import quantize_cache
 
@@ -80,20 +81,27 @@ class Draft:
     pending: List[int] = field(default_factory=list)
     probs: List[mx.array] = field(default_factory=list)  # q of each proposal (sampling)
 
-    def propose(self, seq: List[int], n: int) -> List[int]:
-        """n tokens, drawn one at a time; the draft feeds all but the last (kept for the next round)."""
+    def propose(self, seq: List[int], n: int, constraint=None) -> List[int]:
+        """n tokens, drawn one at a time (inside the constraint, when there is one: more of them are then
+        accepted); the draft feeds all but the last (kept for the next round)."""
         tokens, self.probs = [], []
         if n == 0:
             return tokens
         mark(self.cache)
-        feed = self.pending
+        feed, consumed = self.pending, 0
         for _ in range(n):
             logprobs = self.sampler.logprobs(self.model(mx.array([feed]), cache=self.cache)[0, -1])
+            if constraint is not None:
+                logprobs = masked_logprobs(logprobs, constraint.mask())
             token = self.sampler.draw(logprobs)
             if self.sampler.temp > 0:
                 self.probs.append(self.sampler.probs(logprobs))
             tokens.append(token)
             feed = [token]
+            if constraint is not None:
+                consumed += constraint.consume(token)
+        if constraint is not None:
+            constraint.rollback(consumed)
         self.pending = []
         return tokens
 
@@ -128,18 +136,22 @@ def rewind(cache, n: int) -> None:
 
 def steps(model, ids: List[int], cache, *, sampler: Sampler, draft: Optional[Draft] = None,
           ngram: int = 0, num_draft: int = 3, max_tokens: int = 256, prefill_step_size: int = 2048,
-          history: List[int] = (), sources: tuple = (), kv: tuple = (None, 64, 0)) -> Iterator[Step]:
+          history: List[int] = (), sources: tuple = (), kv: tuple = (None, 64, 0),
+          constraint=None) -> Iterator[Step]:
     """Yield the tokens after ids, proposed by `draft` or by prompt lookup over the last `ngram` tokens.
     The cache holds `history` and gets ids but the last prefilled here; the draft's cache, fresh, gets
     both. When the caller stops, the cache is left holding history, ids and the tokens yielded (the last
-    one possibly not yet fed), as mlx-lm's loop leaves it. kv: (bits, group size, start) of --kv-bits."""
+    one possibly not yet fed), as mlx-lm's loop leaves it. kv: (bits, group size, start) of --kv-bits.
+    constraint (constrained.Constraint): the target's distributions are masked at every checked position (a
+    proposal the constraint refuses is then rejected by the rule itself) and the draft proposes inside it."""
     bits, group_size, start = kv
     seq = list(history) + list(ids)
     fill(model, cache, list(ids[:-1]), prefill_step_size)
     if draft is not None:
         fill(draft.model, draft.cache, seq[:-1], prefill_step_size)
         draft.pending = [seq[-1]]
-        propose = draft.propose
+        def propose(seq, n):
+            return draft.propose(seq, n, constraint)
     else:
         def propose(seq, n):
             return lookup(seq, ngram, n, sources)
@@ -154,8 +166,13 @@ def steps(model, ids: List[int], cache, *, sampler: Sampler, draft: Optional[Dra
             proposal = propose(seq, min(num_draft, max_tokens - emitted - 1))
             mark(cache)
             logprobs = sampler.logprobs(model(mx.array([[y] + proposal]), cache=cache)[0])
+            if constraint is not None:
+                mx.async_eval(logprobs)  # the masks are computed while the check runs
+                logprobs = masked_logprobs(logprobs, constraint.masks_along(proposal))
             mx.eval(logprobs, cache_state(cache))
             kept, final = _accept(sampler, logprobs, proposal, draft.probs if draft is not None else None)
+            for token in (proposal[:kept] + [final]) if constraint is not None else ():
+                constraint.consume(token)
             rewind(cache, len(proposal) - kept)
             if draft is not None:
                 draft.settle(proposal, kept, final)

@@ -19,7 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..batch import Batch, Sampling, fill, prefill, sample
-from ..constrained import apply as apply_mask
+from ..constrained import masked_logprobs as constrained_logprobs
 from ..generate import _held_back
 from ..images import FEATURES, block_end, count_images, images_from
 from ..images import prefill as images_prefill
@@ -102,8 +102,7 @@ def masked_logprobs(logprobs: mx.array, rows: List[Row]) -> mx.array:
     for i, row in enumerate(rows):
         if row.constraint is not None:
             bitmask[i] = row.constraint.mask()
-    masked = apply_mask(logprobs, bitmask)
-    return masked - mx.logsumexp(masked, axis=-1, keepdims=True)
+    return constrained_logprobs(logprobs, bitmask)
 
 
 class Scheduler:
