@@ -29,14 +29,22 @@ TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def convert(hf_path, mlx_path, *, dtype: Optional[str] = None, quantize: bool = False, q_bits: int = 4,
             q_group_size: int = 64, quant_predicate: Optional[str] = None, dequantize: bool = False,
-            overwrite: bool = False, revision: Optional[str] = None, q_vision_bits: Optional[int] = VISION_BITS) -> Path:
+            overwrite: bool = False, revision: Optional[str] = None, q_vision_bits: Optional[int] = VISION_BITS,
+            calibrate: bool = False, calibration_data: Optional[str] = None,
+            calibration_samples: Optional[int] = None, calibration_seq_len: int = 256,
+            target_bpw: Optional[float] = None) -> Path:
     """Write the MLX checkpoint of hf_path to mlx_path and return mlx_path. quantize=True quantizes with MLX
     affine groups: q_bits of 2/3/4/5/6/8, q_group_size of 32/64/128, and a recipe (quant_predicate:
     "uniform" or mlx-lm's mixed ones; at 4 bits the default is mixed_4_6, chosen by measurement). A vision tower
     (T5Gemma 2) gets q_vision_bits (8 by default, chosen by measurement; None keeps it in float). A .gguf
-    source keeps its own quantized weights (exact repacking) unless dequantize=True or quantize=True is asked for."""
+    source keeps its own quantized weights (exact repacking) unless dequantize=True or quantize=True is asked for.
+    calibrate=True (with quantize) rounds with GPTQ on activations of calibration_data (a UTF-8 file, or the
+    built-in text), calibration_samples rows (default: all the text gives) of calibration_seq_len tokens;
+    target_bpw then chooses per layer between q_bits and q_bits + 2 by sensitivity (calibrate.py)."""
     dst = Path(mlx_path).expanduser()
     _check_options(dst, dtype, quantize, q_bits, q_group_size, quant_predicate, dequantize, overwrite)
+    calibration = _calibration(quantize, calibrate, calibration_data, calibration_samples, calibration_seq_len,
+                               target_bpw)
     if q_vision_bits not in (None, 4, 8):
         raise MlxGemmaError(f"--q-vision-bits {q_vision_bits} is not supported (4, 8, or float)")
     src = resolve(hf_path, revision)
@@ -48,11 +56,15 @@ def convert(hf_path, mlx_path, *, dtype: Optional[str] = None, quantize: bool = 
         raise MlxGemmaError(f"cannot write to {dst.parent}: {e.strerror or e}") from None
     try:
         config, model, tokenizer_writer = _source_model(src, dtype)
+        tokenizer_writer(tmp)
+        if calibration is not None:
+            from .loading import load_tokenizer
+
+            calibration["tokenizer"] = load_tokenizer(tmp)
         if quantize or dequantize:
             model, config = _requantize(model, config, dequantize, q_bits, q_group_size, quant_predicate,
-                                        q_vision_bits)
+                                        q_vision_bits, calibration)
         _write(tmp, model, config)
-        tokenizer_writer(tmp)
         _write_readme(tmp, hf_path, config, dtype)
         _replace(tmp, dst)
     except OSError as e:  # a full disk, a folder made read-only meanwhile: nothing is left behind either
@@ -109,7 +121,23 @@ def _source_model(src: Path, dtype):
     return config, model, copy_tokenizer
 
 
-def _requantize(model, config, dequantize, bits, group_size, recipe, vision_bits=VISION_BITS):
+def _calibration(quantize, calibrate, data, samples, seq_len, target_bpw) -> Optional[dict]:
+    """The calibration options, checked before anything is loaded (None without --calibrate)."""
+    if not calibrate:
+        if target_bpw is not None or data is not None:
+            raise MlxGemmaError("--target-bpw and --calibration-data need --calibrate")
+        return None
+    if not quantize:
+        raise MlxGemmaError("--calibrate calibrates quantization: add -q")
+    if (samples is not None and samples <= 0) or seq_len <= 1:
+        raise MlxGemmaError(f"--calibration-samples must be > 0 and --calibration-seq-len > 1 "
+                            f"(got {samples} and {seq_len})")
+    if data not in (None, "builtin") and not Path(data).expanduser().is_file():
+        raise MlxGemmaError(f"--calibration-data {data}: no such file")
+    return dict(data=data, samples=samples, seq_len=seq_len, target_bpw=target_bpw)
+
+
+def _requantize(model, config, dequantize, bits, group_size, recipe, vision_bits=VISION_BITS, calibration=None):
     if config.get("quantization"):  # a quantized source: back to float first (a second rounding, said so)
         from mlx_lm.utils import dequantize_model
 
@@ -126,6 +154,14 @@ def _requantize(model, config, dequantize, bits, group_size, recipe, vision_bits
                 m.eoi_embedding = kept[name]
         config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
     if dequantize:
+        return model, config
+    if calibration is not None:
+        from .calibrate import calibrate, summary
+
+        options = {k: v for k, v in calibration.items() if k != "tokenizer"}
+        model, config, report = calibrate(model, config, calibration["tokenizer"], bits, group_size, recipe,
+                                          vision_bits, **options)
+        print("\n".join(summary(report)), file=sys.stderr)
         return model, config
     return quantize_weights(model, config, bits, group_size, recipe, vision_bits)
 
@@ -241,6 +277,14 @@ def configure_parser() -> argparse.ArgumentParser:
                    help=f"recipe: {', '.join(RECIPES)} (default: mixed_4_6 at 4 bits, else uniform)")
     p.add_argument("--q-vision-bits", default=str(VISION_BITS), choices=["4", "8", "float"],
                    help=f"bits for a vision tower (T5Gemma 2), or float (default {VISION_BITS}, measured)")
+    p.add_argument("--calibrate", action="store_true", help="with -q: GPTQ rounding on activations of real text")
+    p.add_argument("--calibration-data", default=None, metavar="FILE|builtin",
+                   help="UTF-8 text to calibrate on (default: the built-in text)")
+    p.add_argument("--calibration-samples", type=int, default=None, help="rows of text (default: all there are)")
+    p.add_argument("--calibration-seq-len", type=int, default=256, help="tokens per row (default 256)")
+    p.add_argument("--target-bpw", type=float, default=None,
+                   help="with --calibrate: bits per weight to reach, layers going from --q-bits to --q-bits + 2 "
+                        "by sensitivity")
     p.add_argument("--dtype", default=None, help="float dtype: float32, float16, bfloat16")
     p.add_argument("-d", "--dequantize", action="store_true", help="write float weights from a quantized source")
     p.add_argument("--revision", default=None, help="Hub revision")
@@ -255,7 +299,10 @@ def main(argv=None) -> int:
         dst = convert(args.hf_path, args.mlx_path, dtype=args.dtype, quantize=args.quantize,
                       q_bits=args.q_bits, q_group_size=args.q_group_size, quant_predicate=args.quant_predicate,
                       dequantize=args.dequantize, overwrite=args.overwrite, revision=args.revision,
-                      q_vision_bits=None if args.q_vision_bits == "float" else int(args.q_vision_bits))
+                      q_vision_bits=None if args.q_vision_bits == "float" else int(args.q_vision_bits),
+                      calibrate=args.calibrate, calibration_data=args.calibration_data,
+                      calibration_samples=args.calibration_samples, calibration_seq_len=args.calibration_seq_len,
+                      target_bpw=args.target_bpw)
         print(f"[mlxgemma] wrote {dst}", file=sys.stderr)
         return 0
 

@@ -41,12 +41,13 @@ def gemma4_bits(path: str, bits: int) -> Optional[int]:
 
 
 def quantize(model: nn.Module, config: dict, bits: int, group_size: int, recipe=None,
-             vision_bits: Optional[int] = VISION_BITS):
+             vision_bits: Optional[int] = VISION_BITS, overrides: Optional[dict] = None):
     """Quantize in place; returns (model, config with mlx-lm's "quantization" block). Layers whose input
     width does not divide by the group size stay in float, and we say which. A vision tower (T5Gemma 2) is
     quantized at vision_bits (None: kept in float), whatever the recipe says for the language model; Gemma 4's
     router at ROUTER_BITS. Gemma 4's experts are quantized like linears (each projection of every expert, in
-    groups along its input: mixed recipes give down_proj their extra bits as they do an MLP's)."""
+    groups along its input: mixed recipes give down_proj their extra bits as they do an MLP's). overrides:
+    {path: {"group_size", "bits", "mode"}} that win over the recipe (calibrate.py's choices)."""
     from mlx_lm.convert import mixed_quant_predicate_builder
     from mlx_lm.utils import quantize_model
 
@@ -54,6 +55,8 @@ def quantize(model: nn.Module, config: dict, bits: int, group_size: int, recipe=
     mixed = None if recipe == "uniform" else mixed_quant_predicate_builder(recipe, model, group_size)
 
     def predicate(path: str, module: nn.Module):
+        if overrides and path in overrides:
+            return overrides[path]
         if in_vision_tower(path):
             return False if vision_bits is None else {"group_size": group_size, "bits": vision_bits, "mode": "affine"}
         fixed = gemma4_bits(path, bits)

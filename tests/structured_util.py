@@ -87,14 +87,14 @@ def structured_checkpoint(family: str, path: Path, seed: int = 0) -> Path:
     return path
 
 
-def _t5gemma2(path: Path, seed: int) -> Path:
+def _t5gemma2(path: Path, seed: int, text: dict = None) -> Path:
     import transformers
 
     from reference import T5_IMAGE, T5_TEXT, T5_TOKENS, T5_VISION, randomize
 
     tok = gemma_like_tokenizer(images=True)
     boi, eoi, image = tok.convert_tokens_to_ids(IMAGE_TOKENS)
-    text = dict(T5_TEXT, vocab_size=len(tok))
+    text = dict(T5_TEXT, vocab_size=len(tok), **(text or {}))
     config = transformers.T5Gemma2Config(
         encoder=dict(text_config=text, vision_config=T5_VISION, mm_tokens_per_image=T5_TOKENS, boi_token_index=boi,
                      eoi_token_index=eoi), decoder=dict(text), image_token_index=image, attn_implementation="eager",
