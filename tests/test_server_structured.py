@@ -266,3 +266,27 @@ def test_native_calls_parsed():
     assert [(c.name, c.arguments) for c in calls] == [
         ("get_weather", {"city": "Tokyo, Japan", "days": 3, "opts": {"metric": True, "tags": ["a", 2]}})]
     assert read_calls("no calls here", tools) == ("no calls here", [])
+
+
+def test_native_template_gets_tools_and_history():
+    """A template that takes tools (FunctionGemma's) gets them, the past calls with their arguments as objects
+    and the tool results with the function's name, rendered by the template itself."""
+    from jinja2 import Template
+
+    from mlxgemma.server.tools import conversation, parse_tools
+
+    template = ("{% for t in tools %}<start_function_declaration>declaration:{{ t.function.name }}"
+                "<end_function_declaration>{% endfor %}{% for m in messages %}{% if m.tool_calls %}"
+                "{% for c in m.tool_calls %}<start_function_call>call:{{ c.function.name }}{{ c.function.arguments.a }}"
+                "<end_function_call>{% endfor %}{% elif m.role == 'tool' %}<start_function_response>response:"
+                "{{ m.name }}{{ m.content }}<end_function_response>{% else %}{{ m.content }}{% endif %}{% endfor %}")
+    tools = parse_tools(TOOLS, "auto", True, template)
+    assert tools.native and tools.grammar() is None
+    turns = [{"role": "user", "content": "add"},
+             {"role": "assistant", "content": "", "tool_calls": [
+                 {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]},
+             {"role": "tool", "tool_call_id": "c1", "content": "3"}]
+    out, extra = conversation(turns, tools)
+    text = Template(template).render(messages=out, **extra)
+    assert "declaration:get_weather" in text and "declaration:add" in text
+    assert "call:add1<end_function_call>" in text and "response:add3" in text
