@@ -44,6 +44,7 @@ def add_generation_options(p, max_tokens: int = 100) -> None:
 
 
 def sampling_kwargs(args) -> dict:
+    launched(args)  # under mlx.launch: every rank's seed is rank 0's
     speculation = {"num_draft_tokens": args.num_draft_tokens, "prompt_lookup_ngram": args.prompt_lookup_ngram,
                    "kv_bits": args.kv_bits, "kv_group_size": args.kv_group_size,
                    "quantized_kv_start": args.quantized_kv_start}
@@ -92,11 +93,38 @@ def load_draft(args):
 
 
 def load_for_cli(args):
-    """(model, tokenizer or processor) of --model, or of the embedded default model when none is given."""
+    """(model, tokenizer or processor) of --model, or of the embedded default model when none is given;
+    sharded across the ranks when launched with several (mlx.launch -n N ...: see launched)."""
     from .default_model import default_model_path
     from .loading import load
 
-    return load(args.model if args.model else default_model_path(), dtype=args.dtype)
+    return load(args.model if args.model else default_model_path(), dtype=args.dtype, group=launched(args))
+
+
+def launched(args=None):
+    """The mx.distributed group when this process is one of several ranks (mlx.launch), else None. Then only
+    rank 0 writes to the terminal, and every rank samples with the same seed (rank 0's), so all agree on
+    each token."""
+    import os
+
+    if not any(k in os.environ for k in ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "MLX_HOSTFILE")):
+        return None  # not launched: no distributed backend is even looked for
+    import mlx.core as mx
+
+    try:
+        group = mx.distributed.init()
+    except RuntimeError:  # mlx.launch -n 1 writes a host file its own backend cannot read: one process
+        return None
+    if group.size() == 1:
+        return None
+    if args is not None and getattr(args, "seed", 0) is None:
+        import random
+
+        mine = mx.array(random.getrandbits(62) if group.rank() == 0 else 0, dtype=mx.int64)
+        args.seed = int(mx.distributed.all_sum(mine, group=group, stream=mx.cpu).item())
+    if group.rank() != 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+    return group
 
 
 def run(body, interrupted: str = "[interrupted]") -> int:

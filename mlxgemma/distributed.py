@@ -1,0 +1,140 @@
+"""Tensor parallelism over mlx.distributed (`mlx.launch -n N ... python -m mlxgemma.generate`): every rank
+holds 1/N of each attention's heads and each MLP's intermediate width, and of the token table.
+
+Attention splits by heads: the query heads and, where there are at least as many key/value heads as ranks,
+the key/value heads (each rank keeps its own); with fewer (Gemma 3 270M has one), each rank keeps the one
+key/value head its query heads read. The MLP splits gate/up by rows and down by columns. One all-reduce after
+each attention and each MLP (mlx.nn's sharded linears, quantized ones included). The token table (which
+Gemma ties to the head, two thirds of a small Gemma) splits by vocabulary: a lookup is summed over the ranks,
+the head's logits are gathered. Norms, softcaps, rotary, masks and caches are per head or per token, so
+they work unchanged on every rank; a rank's caches hold its own heads. T5Gemma 2's encoder and decoder shard
+the same way; its vision tower and token table stay whole on every rank.
+"""
+
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.nn.layers.distributed import shard_linear
+
+from .errors import MlxGemmaError
+from .models import is_encoder_decoder
+
+
+def world(group=None):
+    """The distributed group (a single process is a group of one)."""
+    return group or mx.distributed.init()
+
+
+def shard(model: nn.Module, group=None) -> nn.Module:
+    """Shard model in place across group's ranks (nothing to do on one); one clear error where a model's
+    sizes do not split."""
+    group = world(group)
+    if group.size() == 1:
+        return model
+    if type(model).__name__.startswith("Gemma4"):
+        raise MlxGemmaError("sharding Gemma 4 across ranks is not supported yet: run it on one machine")
+    for path, m in list(model.named_modules()):
+        if ".vision_tower." in f".{path}.":
+            continue
+        if all(k in m for k in ("q_proj", "k_proj", "v_proj", "o_proj")) and hasattr(m, "n_heads"):
+            _attention(m, group, path)
+        elif all(k in m for k in ("gate_proj", "up_proj", "down_proj")):
+            _mlp(m, group, path)
+    if not is_encoder_decoder(model):
+        base = model.language_model.model if "language_model" in model else model.model
+        base.embed_tokens = VocabShardedEmbedding(base.embed_tokens, group)
+    return model
+
+
+def _attention(m, group, path: str) -> None:
+    N, r = group.size(), group.rank()
+    H, K = m.n_heads, m.n_kv_heads
+    if H % N:
+        raise MlxGemmaError(f"{path}: {H} attention heads do not split over {N} ranks")
+    _check_columns(m.o_proj, N, f"{path}.o_proj")
+    m.q_proj = shard_linear(m.q_proj, "all-to-sharded", group=group)
+    m.o_proj = shard_linear(m.o_proj, "sharded-to-all", group=group)
+    if K % N == 0:
+        m.k_proj = shard_linear(m.k_proj, "all-to-sharded", group=group)
+        m.v_proj = shard_linear(m.v_proj, "all-to-sharded", group=group)
+        kv = slice(r * K // N, (r + 1) * K // N)
+    elif N % K == 0:  # fewer key/value heads than ranks: each keeps the one its query heads read
+        head = r * K // N
+        for name in ("k_proj", "v_proj"):
+            _keep_rows(m[name], head * m[name].weight.shape[0] // K, (head + 1) * m[name].weight.shape[0] // K)
+        kv = slice(head, head + 1)
+    else:
+        raise MlxGemmaError(f"{path}: {K} key/value heads do not split over {N} ranks (nor {N} over {K})")
+    for name, heads in (("q_layernorm", slice(r * H // N, (r + 1) * H // N)), ("k_layernorm", kv)):
+        if name in m:  # StableLM's per-head LayerNorms: each rank keeps its heads'
+            m[name].norms = m[name].norms[heads]
+    m.n_heads, m.n_kv_heads = H // N, kv.stop - kv.start
+
+
+def _check_columns(linear, N: int, path: str) -> None:
+    """A sharded-to-all linear splits its input: each rank's part must hold whole quantization groups."""
+    width = linear.weight.shape[1] * 32 // linear.bits if "scales" in linear else linear.weight.shape[1]
+    group = getattr(linear, "group_size", 1) if "scales" in linear else 1
+    if width % N or (width // N) % group:
+        raise MlxGemmaError(f"{path}: an input width of {width} does not split over {N} ranks"
+                            + (f" in whole quantization groups of {group}" if group > 1 else ""))
+
+
+def _keep_rows(linear, start: int, stop: int) -> None:
+    """A linear (float or quantized) keeping only output rows start:stop (no communication: its input is whole)."""
+    linear.update({k: v[start:stop] for k, v in linear.parameters().items() if k in ("weight", "scales", "biases",
+                                                                                     "bias")})
+
+
+def _mlp(m, group, path: str) -> None:
+    width = m.gate_proj.weight.shape[0]
+    if width % group.size():
+        raise MlxGemmaError(f"{path}: an intermediate width of {width} does not split over {group.size()} ranks")
+    _check_columns(m.down_proj, group.size(), f"{path}.down_proj")
+    m.gate_proj = shard_linear(m.gate_proj, "all-to-sharded", group=group)
+    m.up_proj = shard_linear(m.up_proj, "all-to-sharded", group=group)
+    m.down_proj = shard_linear(m.down_proj, "sharded-to-all", group=group)
+
+
+class VocabShardedEmbedding(nn.Module):
+    """A token table (float or quantized) split by vocabulary rows over the ranks: a lookup gives the rows
+    a rank holds (zeros elsewhere), summed over the ranks; as_linear gives each rank's logits, gathered."""
+
+    def __init__(self, table, group):
+        super().__init__()
+        N, r = group.size(), group.rank()
+        V = table.weight.shape[0]
+        if V % N:
+            raise MlxGemmaError(f"a vocabulary of {V} does not split over {N} ranks")
+        self.group, self.start, self.rows = group, r * V // N, V // N
+        _keep_rows(table, self.start, self.start + self.rows)
+        self.table = table
+
+    @property
+    def weight(self):
+        return self.table.weight
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        local = ids - self.start
+        here = (local >= 0) & (local < self.rows)
+        h = self.table(mx.where(here, local, 0)) * here[..., None].astype(self.table_dtype)
+        return mx.distributed.all_sum(h, group=self.group)
+
+    @property
+    def table_dtype(self):
+        return self.table.scales.dtype if "scales" in self.table else self.table.weight.dtype
+
+    def as_linear(self, h: mx.array) -> mx.array:
+        logits = self.table.as_linear(h)  # (..., V / N)
+        moved = mx.moveaxis(logits, -1, 0)
+        return mx.moveaxis(mx.distributed.all_gather(moved, group=self.group), 0, -1)
+
+
+def rank0(group=None) -> bool:
+    return world(group).rank() == 0
+
+
+def gather_check(x: mx.array, group=None) -> Optional[mx.array]:
+    """All ranks' copies of x, stacked (tests: every rank must agree)."""
+    return mx.distributed.all_gather(x[None], group=world(group))

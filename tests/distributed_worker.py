@@ -1,0 +1,69 @@
+"""Run by tests/test_distributed.py under `mlx.launch -n N --backend ring`: each checkpoint whole and sharded
+across the ranks (distributed.py) on the same inputs. Rank 0 prints one JSON line per checkpoint: the largest
+logit differences (prefill past the window, a left-padded batch, cached greedy decoding over 3 windows),
+whether greedy generation gave the same tokens, and whether every rank generated the same ones."""
+
+import json
+import sys
+
+import mlx.core as mx
+import numpy as np
+
+import mlxgemma
+from mlxgemma.errors import MlxGemmaError
+from mlxgemma.models import is_encoder_decoder
+
+
+def diff(a, b) -> float:
+    return float(mx.max(mx.abs(a.astype(mx.float32) - b.astype(mx.float32))))
+
+
+def decoder_checks(full, part, steps: int) -> dict:
+    ids = mx.array([[2] + [int(t) for t in np.random.default_rng(0).integers(4, 90, 3 * steps // 4)]])
+    out = {"prefill": diff(full(ids), part(ids))}
+    batch = mx.array([[0, 0, 0] + ids[0, :9].tolist(), ids[0, :12].tolist()])
+    mask = mx.array([[0, 0, 0] + [1] * 9, [1] * 12])
+    out["padded"] = diff(full(batch, attention_mask=mask), part(batch, attention_mask=mask))
+    caches = [full.make_cache(), part.make_cache()]
+    worst, token = 0.0, None
+    la, lb = full(ids, cache=caches[0])[:, -1], part(ids, cache=caches[1])[:, -1]
+    for _ in range(steps):
+        worst = max(worst, diff(la, lb))
+        token = mx.argmax(la, axis=-1)[:, None]
+        la, lb = full(token, cache=caches[0])[:, -1], part(token, cache=caches[1])[:, -1]
+    out["decode"] = worst
+    return out
+
+
+def main():
+    group = mx.distributed.init()
+    steps, paths = int(sys.argv[1]), sys.argv[2:]
+    for path in paths:
+        name = path.rsplit("/", 1)[-1]
+        try:
+            full, tok = mlxgemma.load(path)
+            part = mlxgemma.load_model(path, group=group)
+        except MlxGemmaError as e:
+            if group.rank() == 0:
+                print(json.dumps({"name": name, "error": str(e)}), flush=True)
+            continue
+        if is_encoder_decoder(full):
+            enc = mx.array([[2] + list(range(10, 30))])
+            dec = mx.array([[2] + list(range(40, 52))])
+            out = {"prefill": diff(full(enc, decoder_input_ids=dec), part(enc, decoder_input_ids=dec))}
+            prompt = " ".join(f"t{i}" for i in range(5, 20))
+            tok_part = tok
+        else:
+            out = decoder_checks(full, part, steps)
+            prompt, tok_part = [2] + list(range(10, 22)), tok
+        a = [c.token for c in mlxgemma.stream_generate(full, tok, prompt, max_tokens=steps)]
+        b = [c.token for c in mlxgemma.stream_generate(part, tok_part, prompt, max_tokens=steps)]
+        everyone = mx.distributed.all_gather(mx.array(b)[None], group=group)
+        out.update(name=name, same_greedy=a == b, ranks_agree=bool(mx.all(everyone == everyone[0]).item()),
+                   tokens=len(b))
+        if group.rank() == 0:
+            print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
