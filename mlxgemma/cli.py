@@ -92,13 +92,18 @@ def load_draft(args):
     return load_model(args.draft_model, dtype=args.dtype)
 
 
-def load_for_cli(args):
+def load_for_cli(args, sharded: bool = False):
     """(model, tokenizer or processor) of --model, or of the embedded default model when none is given;
-    sharded across the ranks when launched with several (mlx.launch -n N ...: see launched)."""
+    sharded across the ranks when launched with several (mlx.launch -n N ...: see launched) and the command
+    runs so (sharded; generate does), else refused there."""
     from .default_model import default_model_path
     from .loading import load
 
-    return load(args.model if args.model else default_model_path(), dtype=args.dtype, group=launched(args))
+    group = launched(args)
+    if group is not None and not sharded:
+        raise MlxGemmaError(f"{sys.argv[0].rsplit('/', 1)[-1]} does not run across ranks yet (it would need each "
+                            "input sent to every rank): under mlx.launch, run python -m mlxgemma.generate")
+    return load(args.model if args.model else default_model_path(), dtype=args.dtype, group=group)
 
 
 def launched(args=None):

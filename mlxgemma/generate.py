@@ -426,7 +426,7 @@ def main(argv=None) -> int:
         prompt, structured = read_prompt(args.prompt), structured_kwargs(args)
         constrained.grammar_of(**structured)  # a bad constraint fails before the model loads
         check_options(**options, prefill_step_size=args.prefill_step_size)
-        model, tokenizer = load_for_cli(args)
+        model, tokenizer = load_for_cli(args, sharded=True)
         draft = load_draft(args)
         cached = continuation(model, tokenizer, prompt, args.prompt_cache_file, args.image, args.max_kv_size) \
             if args.prompt_cache_file else {}
