@@ -101,8 +101,12 @@ def load_for_cli(args, sharded: bool = False):
 
     group = launched(args)
     if group is not None and not sharded:
-        raise MlxGemmaError(f"{sys.argv[0].rsplit('/', 1)[-1]} does not run across ranks yet (it would need each "
-                            "input sent to every rank): under mlx.launch, run python -m mlxgemma.generate")
+        from pathlib import Path
+
+        here = Path(sys.argv[0])
+        name = here.parent.name if here.stem == "__main__" else here.stem
+        raise MlxGemmaError(f"python -m mlxgemma.{name} does not run across ranks yet (each input would have to "
+                            "reach every rank): under mlx.launch, run python -m mlxgemma.generate")
     return load(args.model if args.model else default_model_path(), dtype=args.dtype, group=group)
 
 
