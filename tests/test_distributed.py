@@ -80,3 +80,9 @@ def test_generate_cli(checkpoints):
     assert two.returncode == 0, two.stderr
     assert two.stdout.strip() == one.stdout.strip() and two.stdout.count("\n") == one.stdout.count("\n")
     assert two.stderr.count("generation:") == 1  # the summary, from rank 0 only
+
+
+def test_chat_refuses_ranks(checkpoints):
+    out = launch(2, "-m", "mlxgemma.chat", "--model", checkpoints["gemma2"])
+    assert out.returncode != 0 and "does not run across ranks yet" in out.stdout + out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
