@@ -75,14 +75,20 @@ def main():
     p.add_argument("--long", type=int, default=1536, help="tokens of the long free generation (3 windows)")
     p.add_argument("--work", default="/tmp/mlxgemma-spec")
     p.add_argument("--only-mlx-lm", action="store_true", help="only mlx-lm's divergence after the window")
+    p.add_argument("--mlx-lm-draft-bits", type=int, default=4, help="mlx-lm's draft: the 4-bit GGUF import (4), "
+                   "or the float target requantized to 3 bits (mixed_3_6), which is rejected more often")
     args = p.parse_args()
     import mlxgemma
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     target_path, draft_path = real_checkpoint("float32", work), real_checkpoint("4bit", work)
+    if args.mlx_lm_draft_bits == 3:
+        draft_path = work / "gemma3-270m-3bit"
+        if not draft_path.exists():
+            mlxgemma.convert(target_path, draft_path, quantize=True, q_bits=3, quant_predicate="mixed_3_6")
     if args.only_mlx_lm:
-        return report_mlx_lm(target_path, draft_path, prompts()["free"], args.long)
+        return report_mlx_lm(target_path, draft_path, prompts()["free"], args.long, args.mlx_lm_draft_bits)
     model, tok = mlxgemma.load(target_path)
     draft = mlxgemma.load_model(draft_path)
     print(f"Gemma 3 270M (target float32, draft 4-bit), {platform.machine()} {platform.system()}, "
@@ -107,12 +113,12 @@ def main():
         print(f"\nmlxgemma, {args.long} tokens of free generation, {method}: {len(r['tokens'])} tokens, identical to "
               f"plain greedy: {r['tokens'] == plain['tokens']} (first difference: {first}); "
               f"{r['per_forward']:.2f} tokens / forward, {r['tps'] / plain['tps']:.2f}x plain's wall speed", flush=True)
-    report_mlx_lm(target_path, draft_path, prompt, args.long)
+    report_mlx_lm(target_path, draft_path, prompt, args.long, args.mlx_lm_draft_bits)
 
 
-def report_mlx_lm(target_path, draft_path, prompt, long):
+def report_mlx_lm(target_path, draft_path, prompt, long, bits=4):
     first, n = mlx_lm_divergence(target_path, draft_path, prompt, long)
-    print(f"mlx-lm, the same {n} tokens with its speculative loop (the 4-bit draft, 3 drafts): "
+    print(f"mlx-lm, the same {n} tokens with its speculative loop (the {bits}-bit draft, 3 drafts): "
           + ("identical to its plain greedy" if first is None else f"leaves its plain greedy at token {first} "
              "(the window is 512)"))
 
