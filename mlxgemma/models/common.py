@@ -98,10 +98,11 @@ def quantized_attention(q, k: tuple, v: tuple, scale: float, mask, softcap: Opti
     B, H, L, d = q.shape
     n_kv = k[0].shape[1]
     group, bits = d // k[1].shape[-1], k[0].shape[-1] * 32 // d
+    value_bits = v[0].shape[-1] * 32 // (v[1].shape[-1] * group)  # keys and values may differ in bits
     q = (q * scale).reshape(B, n_kv, H // n_kv, L, d)
     k, v = tuple(x[:, :, None] for x in k), tuple(x[:, :, None] for x in v)
     probs = _probs(mx.quantized_matmul(q, *k, transpose=True, group_size=group, bits=bits), mask, softcap, q.dtype)
-    out = mx.quantized_matmul(probs, *v, transpose=False, group_size=group, bits=bits)  # (one group size)
+    out = mx.quantized_matmul(probs, *v, transpose=False, group_size=group, bits=value_bits)  # (one group size)
     return out.reshape(B, H, L, -1)
 
 
