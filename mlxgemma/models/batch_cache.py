@@ -112,9 +112,10 @@ class _BatchCache:
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         if self.quantized:
-            from .quantized_cache import quantize
+            from .quantized_cache import key_bits, quantize
 
-            keys, values = quantize(keys, *self.quantized), quantize(values, *self.quantized)
+            group, bits = self.quantized
+            keys, values = quantize(keys, group, key_bits(bits)), quantize(values, group, bits)
         size = self._slots(max(self.lengths) + 1)
         held = (self.keys[0] if isinstance(self.keys, tuple) else self.keys).shape[2]
         if size > held:

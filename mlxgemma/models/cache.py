@@ -67,7 +67,7 @@ class KVCache:
         self.key_valid = None  # (B, offset) bool, None while no padding was seen
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
-        keys, values = self.encode(keys), self.encode(values)
+        keys, values = self.encode(keys, True), self.encode(values)
         prev, L = self.offset, keys.shape[2]
         if self.keys is None or prev + L > self.keys.shape[2]:
             grow = (self.step + L - 1) // self.step * self.step
@@ -85,7 +85,7 @@ class KVCache:
             return self.keys, self.values
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
 
-    def encode(self, x: mx.array) -> mx.array:
+    def encode(self, x: mx.array, key: bool = False) -> mx.array:
         """How keys and values are stored (as given; a test's fake quantization overrides this)."""
         return x
 
@@ -190,12 +190,12 @@ class RotatingKVCache:
             self.journal.append((self.offset, self.keys, self.values, self.key_valid, keys, values))
             if keys.shape[2] == 1 and self.keys is not None:  # a one-token write would be in place
                 self.keys, self.values = _tree(mx.array, self.keys), _tree(mx.array, self.values)
-        self.keys, k = self._ring(self.keys, self.encode(keys))
+        self.keys, k = self._ring(self.keys, self.encode(keys, True))
         self.values, v = self._ring(self.values, self.encode(values))
         self.offset += keys.shape[2]
         return k, v
 
-    def encode(self, x: mx.array):
+    def encode(self, x: mx.array, key: bool = False):
         """How keys and values are stored (QuantizedRotatingKVCache quantizes them)."""
         return x
 
@@ -353,7 +353,8 @@ class EncoderDecoderCache(list):
         one softmax reads both, so both are stored alike."""
         first = self[0] if len(self) else None
         if getattr(first, "bits", None) and self.cross and not isinstance(self.cross[0][0], tuple):
-            from .quantized_cache import quantize
+            from .quantized_cache import key_bits, quantize
 
-            self.cross = [tuple(quantize(x, first.group_size, first.bits) for x in kv) for kv in self.cross]
+            g, b = first.group_size, first.bits
+            self.cross = [(quantize(k, g, key_bits(b)), quantize(v, g, b)) for k, v in self.cross]
         return self.cross
