@@ -76,7 +76,8 @@ def perplexity(model, ids, chunk: int = 256) -> float:
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, default=1024, help="tokens of text (default 1024: two windows)")
-    p.add_argument("--only", default=None, help="only the variants whose name contains this")
+    p.add_argument("--only", default=None, help="only the variants whose name contains one of these (comma-separated)")
+    p.add_argument("--calibration-samples", type=int, default=None, help="rows of calibration text (default: all)")
     p.add_argument("--text", default=None, help="a text file (default: the Gemma license text)")
     p.add_argument("--work", default="/tmp/mlxgemma-quality")
     args = p.parse_args()
@@ -97,14 +98,16 @@ def main():
     print("| weights | perplexity | size on disk (MiB) | bits per weight |\n|---|---|---|---|")
     bpw = {}
     for i, (name, source, options) in enumerate(VARIANTS):
-        if args.only and args.only not in name:
+        if args.only and not any(part in name for part in args.only.split(",")):
             continue
+        if isinstance(options, dict) and options.get("calibrate"):
+            options = dict(options, calibration_samples=args.calibration_samples)
         out = work / f"v{i}"
         if out.exists():
             shutil.rmtree(out)
         start = time.time()
         if source == "mlx-lm":
-            mlx_lm_variant(options, floats, out, tokenizer)
+            mlx_lm_variant(options, floats, out, tokenizer, args.calibration_samples)
         else:
             if options.get("target_bpw") == "mixed_4_6":
                 options = dict(options, target_bpw=bpw.get("mixed_4_6") or _bpw_of(floats, work))
@@ -133,7 +136,7 @@ def _bpw_of(floats: Path, work: Path) -> float:
     return bits_per_weight(out)
 
 
-def mlx_lm_variant(kind: str, floats: Path, out: Path, tokenizer) -> None:
+def mlx_lm_variant(kind: str, floats: Path, out: Path, tokenizer, samples=None) -> None:
     """mlx-lm's own quantizers on the float checkpoint, loaded as its own model; its calibrated ones get our
     calibration tokens (their default data is a download)."""
     from mlx_lm.utils import load_model, quantize_model, save_config, save_model
@@ -145,7 +148,7 @@ def mlx_lm_variant(kind: str, floats: Path, out: Path, tokenizer) -> None:
         model, qconfig = quantize_model(model, config, 64, 4)
         config = qconfig
     else:
-        data = calibration_tokens(tokenizer, None, None, 256)
+        data = calibration_tokens(tokenizer, None, samples, 256)
         if kind == "gptq":
             from mlx_lm.quant.gptq import gptq_quantize
 
