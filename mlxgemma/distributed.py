@@ -11,8 +11,6 @@ they work unchanged on every rank; a rank's caches hold its own heads. T5Gemma 2
 the same way; its vision tower and token table stay whole on every rank.
 """
 
-from typing import Optional
-
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.nn.layers.distributed import shard_linear
@@ -129,12 +127,3 @@ class VocabShardedEmbedding(nn.Module):
         logits = self.table.as_linear(h)  # (..., V / N)
         moved = mx.moveaxis(logits, -1, 0)
         return mx.moveaxis(mx.distributed.all_gather(moved, group=self.group), 0, -1)
-
-
-def rank0(group=None) -> bool:
-    return world(group).rank() == 0
-
-
-def gather_check(x: mx.array, group=None) -> Optional[mx.array]:
-    """All ranks' copies of x, stacked (tests: every rank must agree)."""
-    return mx.distributed.all_gather(x[None], group=world(group))

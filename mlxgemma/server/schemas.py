@@ -9,6 +9,8 @@ from typing import Any, Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ..constrained import ANY_JSON_OBJECT
+
 MAX_STOPS = 16
 
 
@@ -139,7 +141,7 @@ class ChatRequest(Sampling):
         """The schema the answer must match (json_object: any object), or None."""
         kind = (self.response_format or {}).get("type", "text")
         if kind == "json_object":
-            return {"type": "object"}
+            return ANY_JSON_OBJECT
         return self.response_format["json_schema"]["schema"] if kind == "json_schema" else None
 
 
@@ -187,7 +189,7 @@ class _Ollama(_Body):
 
     @property
     def json_schema(self) -> Optional[dict]:
-        return {"type": "object"} if self.format == "json" else self.format
+        return ANY_JSON_OBJECT if self.format == "json" else self.format
 
 
 class OllamaChatRequest(_Ollama):
