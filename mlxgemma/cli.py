@@ -41,6 +41,8 @@ def add_generation_options(p, max_tokens: int = 100) -> None:
     p.add_argument("--num-draft-tokens", type=int, default=3, help="tokens proposed per step (default 3)")
     p.add_argument("--prompt-lookup-ngram", type=int, default=None, help="speculate without a draft model: "
                    "propose what followed the last N tokens where they occurred before (prompt lookup)")
+    p.add_argument("--pipeline", action="store_true", help="under mlx.launch with several ranks: split the "
+                   "model by runs of layers (pipeline parallelism) instead of by heads (tensor parallelism)")
 
 
 def sampling_kwargs(args) -> dict:
@@ -107,7 +109,8 @@ def load_for_cli(args, sharded: bool = False):
         name = here.parent.name if here.stem == "__main__" else here.stem
         raise MlxGemmaError(f"python -m mlxgemma.{name} does not run across ranks yet (each input would have to "
                             "reach every rank): under mlx.launch, run python -m mlxgemma.generate")
-    return load(args.model if args.model else default_model_path(), dtype=args.dtype, group=group)
+    return load(args.model if args.model else default_model_path(), dtype=args.dtype, group=group,
+                pipeline=getattr(args, "pipeline", False))
 
 
 def launched(args=None):

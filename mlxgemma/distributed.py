@@ -9,6 +9,11 @@ Gemma ties to the head, two thirds of a small Gemma) splits by vocabulary: a loo
 the head's logits are gathered. Norms, softcaps, rotary, masks and caches are per head or per token, so
 they work unchanged on every rank; a rank's caches hold its own heads. T5Gemma 2's encoder and decoder shard
 the same way; its vision tower and token table stay whole on every rank.
+
+Pipeline parallelism (pipeline): rank r holds the r-th contiguous run of decoder layers, and its caches and
+masks follow its own layer types (a rank may hold only sliding layers). Each rank's first layer receives the
+hidden states from the rank before (send/recv), its last sends them on; the last rank's output reaches every
+rank (an all-gather), so each computes the logits of its share of the token table, split as above.
 """
 
 import mlx.core as mx
@@ -45,11 +50,71 @@ def shard(model: nn.Module, group=None) -> nn.Module:
     return model
 
 
+def pipeline(model: nn.Module, group=None) -> nn.Module:
+    """Split a decoder's layers into contiguous runs, one per rank (the first ranks get one more where they
+    do not divide), in place; the token table splits by vocabulary as in shard."""
+    group = world(group)
+    N, r = group.size(), group.rank()
+    if N == 1:
+        return model
+    if type(model).__name__.startswith("Gemma4"):
+        raise MlxGemmaError("sharding Gemma 4 across ranks is not supported yet: run it on one machine")
+    if is_encoder_decoder(model):
+        raise MlxGemmaError(f"{type(model).__name__} runs across ranks by tensor parallelism only: leave out "
+                            "--pipeline")
+    base = model.language_model.model if "language_model" in model else model.model
+    n = len(base.layers)
+    if n < N:
+        raise MlxGemmaError(f"{n} decoder layers do not split over {N} ranks")
+    sizes = [n // N + (k < n % N) for k in range(N)]
+    start = sum(sizes[:r])
+    stop = start + sizes[r]
+    last = stop - start - 1
+    # the others' layers go before their weights, still lazy, are read
+    layers = [_Stage(layer, group, receives=i == 0 and r > 0, ends=i == last) if (i == 0 and r > 0) or i == last
+              else layer
+              for i, layer in enumerate(base.layers[start:stop])]
+    base.layers = layers
+    base.config.layer_types = list(base.config.layer_types[start:stop])  # what masks and caches are made of
+    base.embed_tokens = VocabShardedEmbedding(base.embed_tokens, group)
+    return model
+
+
+class _Stage(nn.Module):
+    """A rank's first (receives) or last (ends) decoder layer in a pipeline. Its point-to-point transfers
+    run here and now (mx.eval), in the order the program builds its forwards, the same on every rank.
+    Left lazy, their order would be the scheduler's: recv has no inputs, so nothing would keep it after the
+    token lookup (a sum over every rank) it must follow, and a forward built but never evaluated (the
+    prefill evaluates only the caches, which do not depend on a rank's send) would leave a send or a recv
+    unmatched: either way the ranks would wait on each other, or read each other's wrong message."""
+
+    def __init__(self, layer, group, receives: bool = False, ends: bool = False):
+        super().__init__()
+        self.layer, self.group, self.receives, self.ends = layer, group, receives, ends
+        self.attention_type = layer.attention_type
+
+    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+        N, r = self.group.size(), self.group.rank()
+        if self.receives:
+            mx.eval(x)  # the token lookup, a sum over every rank, comes before this rank waits for its input
+            x = mx.distributed.recv_like(x, r - 1, group=self.group)
+            mx.eval(x)
+        h = self.layer(x, mask, cache)
+        if not self.ends:
+            return h
+        if r < N - 1:
+            h = mx.distributed.send(h, r + 1, group=self.group)
+            mx.eval(h)
+        B = h.shape[0]
+        return mx.distributed.all_gather(h, group=self.group)[(N - 1) * B:]  # the last rank's, on every rank
+
+
 def _attention(m, group, path: str) -> None:
     N, r = group.size(), group.rank()
     H, K = m.n_heads, m.n_kv_heads
     if H % N:
-        raise MlxGemmaError(f"{path}: {H} attention heads do not split over {N} ranks")
+        raise MlxGemmaError(f"{path}: {H} attention heads do not split over {N} ranks (--pipeline splits by "
+                            "layers instead)")
     _check_columns(m.o_proj, N, f"{path}.o_proj")
     m.q_proj = shard_linear(m.q_proj, "all-to-sharded", group=group)
     m.o_proj = shard_linear(m.o_proj, "sharded-to-all", group=group)

@@ -255,29 +255,32 @@ def compute_dtype(dtype: Optional[str] = None) -> Optional[str]:
     return dtype
 
 
-def load_model(path: Union[str, Path], dtype: Optional[str] = "auto", group=None) -> nn.Module:
+def load_model(path: Union[str, Path], dtype: Optional[str] = "auto", group=None,
+               pipeline: bool = False) -> nn.Module:
     """Build the model class config.json names and load its weights strictly (any source, see resolve).
     dtype ("float32", "float16", "bfloat16") casts the floating-point weights (quantization scales and
     biases included); "auto" chooses by backend (compute_dtype); None keeps them as stored. group (an
     mx.distributed group of several ranks): shard the model across them (distributed.py) before any weight
-    is read, so that each rank holds its part only."""
+    is read, so that each rank holds its part only: by heads and widths (tensor parallelism), or with
+    pipeline=True by runs of layers."""
     path = resolve(path)
     dtype = compute_dtype(dtype) if dtype is not None else None
     if path.suffix == ".gguf":
-        return _from_gguf(path, dtype, group)[0]
-    return model_from_weights(read_config(path), read_weights(path), dtype, str(path / "config.json"), group)
+        return _from_gguf(path, dtype, group, pipeline)[0]
+    return model_from_weights(read_config(path), read_weights(path), dtype, str(path / "config.json"), group,
+                              pipeline)
 
 
-def _from_gguf(path: Path, dtype: Optional[str], group=None):
+def _from_gguf(path: Path, dtype: Optional[str], group=None, pipeline: bool = False):
     """(model, tokenizer, eos ids) of a .gguf file, imported in memory (in bfloat16 unless dtype says)."""
     from .gguf_import import load_gguf
 
     config, weights, tokenizer, eos = load_gguf(path, DTYPES[dtype or "bfloat16"])
-    return model_from_weights(config, weights, dtype, str(path), group), tokenizer, eos
+    return model_from_weights(config, weights, dtype, str(path), group, pipeline), tokenizer, eos
 
 
 def model_from_weights(config: dict, weights: dict, dtype: Optional[str] = None, source: str = "config.json",
-                       group=None):
+                       group=None, pipeline: bool = False):
     model = build_model(config, source)
     weights = model.sanitize(weights)
     if has_vision(model) and not any(k.startswith("vision_tower.") for k in weights):
@@ -294,9 +297,10 @@ def model_from_weights(config: dict, weights: dict, dtype: Optional[str] = None,
     try:
         model.load_weights(list(weights.items()), strict=True)
         if group is not None and group.size() > 1:
-            from .distributed import shard
+            from .distributed import pipeline as by_layers, shard
 
-            shard(model, group)  # while the weights are still lazy: each rank reads only what it keeps
+            # while the weights are still lazy: each rank reads only what it keeps
+            (by_layers if pipeline else shard)(model, group)
         mx.eval(model.parameters())
     except (RuntimeError, ValueError) as e:  # e.g. a tensor of the right size whose bytes cannot be read
         raise MlxGemmaError(f"cannot load the weights of {source}: {str(e).splitlines()[0]}") from None
@@ -327,18 +331,20 @@ def resolve(source: Union[str, Path], revision: Optional[str] = None) -> Path:
         raise MlxGemmaError(f"cannot download {source} from the Hub: {str(e).splitlines()[0]}") from None
 
 
-def load(source: Union[str, Path], dtype: Optional[str] = "auto", revision: Optional[str] = None, group=None):
+def load(source: Union[str, Path], dtype: Optional[str] = "auto", revision: Optional[str] = None, group=None,
+         pipeline: bool = False):
     """(model, tokenizer) from any source; the tokenizer is mlx-lm's TokenizerWrapper (streaming detokenizer,
     chat template, every eos id of config.json and generation_config.json). For image+text models
     (T5Gemma 2, Gemma 3 with its tower): (model, processor), the processor holding that tokenizer. dtype and
-    group as for load_model."""
+    group and pipeline as for load_model."""
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
     path = resolve(source, revision)
     if path.suffix == ".gguf":
-        model, tokenizer, eos = _from_gguf(path, compute_dtype(dtype) if dtype is not None else None, group)
+        model, tokenizer, eos = _from_gguf(path, compute_dtype(dtype) if dtype is not None else None, group,
+                                           pipeline)
         return model, TokenizerWrapper(tokenizer, eos_token_ids=eos)
-    model = load_model(path, dtype, group)
+    model = load_model(path, dtype, group, pipeline)
     tokenizer = load_tokenizer(path)
     if is_encoder_decoder(model) or has_vision(model):
         from .processor import Gemma3Processor, T5Gemma2Processor

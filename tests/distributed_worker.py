@@ -1,17 +1,24 @@
 """Run by tests/test_distributed.py under `mlx.launch -n N --backend ring`: each checkpoint whole and sharded
-across the ranks (distributed.py) on the same inputs. Rank 0 prints one JSON line per checkpoint: the largest
+across the ranks (distributed.py: by heads, or with `pipeline` as the second argument by layers) on the same
+inputs. Rank 0 prints one JSON line per checkpoint: the largest
 logit differences (prefill past the window, a left-padded batch, cached greedy decoding over 3 windows),
-whether greedy generation gave the same tokens, and whether every rank generated the same ones."""
+whether greedy generation gave the same tokens, whether every rank generated the same ones, and rank 0's share
+of the weights' bytes."""
 
 import json
 import sys
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 import mlxgemma
 from mlxgemma.errors import MlxGemmaError
 from mlxgemma.models import is_encoder_decoder
+
+
+def nbytes(model) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
 def diff(a, b) -> float:
@@ -37,12 +44,12 @@ def decoder_checks(full, part, steps: int) -> dict:
 
 def main():
     group = mx.distributed.init()
-    steps, paths = int(sys.argv[1]), sys.argv[2:]
+    steps, pipeline, paths = int(sys.argv[1]), sys.argv[2] == "pipeline", sys.argv[3:]
     for path in paths:
         name = path.rsplit("/", 1)[-1]
         try:
             full, tok = mlxgemma.load(path)
-            part = mlxgemma.load_model(path, group=group)
+            part = mlxgemma.load_model(path, group=group, pipeline=pipeline)
         except MlxGemmaError as e:
             if group.rank() == 0:
                 print(json.dumps({"name": name, "error": str(e)}), flush=True)
@@ -59,7 +66,7 @@ def main():
         a = [c.token for c in mlxgemma.stream_generate(full, tok, prompt, max_tokens=steps)]
         b = [c.token for c in mlxgemma.stream_generate(part, tok_part, prompt, max_tokens=steps)]
         everyone = mx.distributed.all_gather(mx.array(b)[None], group=group)
-        out.update(name=name, same_greedy=a == b, ranks_agree=bool(mx.all(everyone == everyone[0]).item()),
+        out.update(name=name, weights=nbytes(part) / nbytes(full), same_greedy=a == b, ranks_agree=bool(mx.all(everyone == everyone[0]).item()),
                    tokens=len(b))
         if group.rank() == 0:
             print(json.dumps(out), flush=True)

@@ -48,6 +48,7 @@ def checkpoints(tmp_path_factory):
     paths["t5gemma2"] = save_t5_checkpoint(hf_t5gemma2(), root / "t5gemma2")
     paths["odd-heads"] = save_checkpoint(hf_model("gemma", num_attention_heads=3, num_key_value_heads=1, head_dim=8),
                                          root / "odd-heads")
+    paths["three-layers"] = save_checkpoint(hf_model("gemma2", num_hidden_layers=3), root / "three-layers")
     return paths
 
 
@@ -58,25 +59,47 @@ def _check(r):
 
 
 def test_two_ranks(checkpoints):
-    names = [n for n in checkpoints if n != "odd-heads"]
-    out = results(launch(2, WORKER, STEPS, *[checkpoints[n] for n in names], checkpoints["odd-heads"]))
+    names = [n for n in checkpoints if n not in ("odd-heads", "three-layers")]
+    out = results(launch(2, WORKER, STEPS, "tensor", *[checkpoints[n] for n in names], checkpoints["odd-heads"]))
     for name in names:
         _check(out[name])
-    assert "3 attention heads do not split over 2 ranks" in out["odd-heads"]["error"]
+    assert "3 attention heads do not split over 2 ranks (--pipeline splits by layers" in out["odd-heads"]["error"]
+    assert out["gemma3"]["weights"] <= 0.55, out["gemma3"]
+
+
+def test_pipeline_two_ranks(checkpoints):
+    """Runs of layers: 2 + 2, and 2 + 1 for three layers; heads that do not split by ranks are no matter."""
+    names = [n for n in checkpoints if n != "t5gemma2"]
+    out = results(launch(2, WORKER, STEPS, "pipeline", *[checkpoints[n] for n in names], checkpoints["t5gemma2"]))
+    for name in names:
+        _check(out[name])
+    assert out["gemma3"]["weights"] <= 0.55, out["gemma3"]
+    assert "runs across ranks by tensor parallelism only" in out["t5gemma2"]["error"]
+
+
+def test_pipeline_four_ranks(checkpoints):
+    """A layer per rank: Gemma 3's ranks 2 and 3 hold only sliding layers, rank 1 only the full one."""
+    names = ["gemma", "gemma2", "gemma3", "stablelm", "gemma3-4bit"]
+    out = results(launch(4, WORKER, STEPS, "pipeline", *[checkpoints[n] for n in names], checkpoints["three-layers"]))
+    for name in names:
+        _check(out[name])
+    assert "3 decoder layers do not split over 4 ranks" in out["three-layers"]["error"]
 
 
 def test_four_ranks(checkpoints):
     """4 query heads, 2 key/value heads: each rank keeps the key/value head its query head reads."""
-    out = results(launch(4, WORKER, STEPS, checkpoints["gemma2"], checkpoints["gemma3"], checkpoints["stablelm"]))
+    out = results(launch(4, WORKER, STEPS, "tensor", checkpoints["gemma2"], checkpoints["gemma3"],
+                         checkpoints["stablelm"]))
     for name in ("gemma2", "gemma3", "stablelm"):
         _check(out[name])
 
 
-def test_generate_cli(checkpoints):
+@pytest.mark.parametrize("split", [[], ["--pipeline"]], ids=["tensor", "pipeline"])
+def test_generate_cli(checkpoints, split):
     cmd = ["-m", "mlxgemma.generate", "--model", checkpoints["gemma2"], "--prompt", "t5 t6 t7", "--max-tokens",
            "10", "--temp", "1", "--seed", "3"]
     one = subprocess.run([sys.executable, *map(str, cmd)], capture_output=True, text=True, timeout=120)
-    two = launch(2, *cmd)
+    two = launch(2, *cmd, *split)
     assert two.returncode == 0, two.stderr
     assert two.stdout.strip() == one.stdout.strip() and two.stdout.count("\n") == one.stdout.count("\n")
     assert two.stderr.count("generation:") == 1  # the summary, from rank 0 only
