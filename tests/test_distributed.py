@@ -1,9 +1,11 @@
-"""Tensor parallelism (distributed.py) with `mlx.launch --backend ring` on this machine: for every family
-(T5Gemma 2's encoder and decoder included), float and 4-bit, at 2 ranks, and at 4 where a model's heads allow
-(fewer key/value heads than ranks included), the sharded model's logits equal the whole model's within 1e-4
-(prefill past the window, a left-padded batch, cached greedy decoding over 3 windows), greedy generation is
-token-identical and every rank agrees on each token; sizes that do not split are one clear error; and
-`python -m mlxgemma.generate` under mlx.launch prints once, with the tokens of one process."""
+"""Tensor and pipeline parallelism (distributed.py) with `mlx.launch --backend ring` on this machine: for every
+family (T5Gemma 2's encoder and decoder included, by tensor parallelism only), float and 4-bit, at 2 ranks, and
+at 4 where a model's heads allow (fewer key/value heads than ranks included) or a layer per rank (ranks that
+hold only sliding layers included), the sharded model's logits equal the whole model's within 1e-4 (prefill
+past the window, a left-padded batch, cached greedy decoding over 3 windows), greedy generation is
+token-identical, every rank agrees on each token, and a rank holds at most 0.55 of the weights at 2 ranks;
+sizes that do not split are one clear error; `python -m mlxgemma.generate` under mlx.launch prints once, with
+the tokens of one process, either way."""
 
 import json
 import os
