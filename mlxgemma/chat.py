@@ -4,13 +4,16 @@ The conversation goes through the tokenizer's chat template. The KV cache is kep
 holds the tokens of the last prompt and reply, each turn re-renders the conversation, keeps the longest
 common prefix (trimming the rest exactly, or starting over when a window-bounded cache cannot trim that far)
 and prefills only what is new. /reset starts over, /quit or Ctrl-D leaves, Ctrl-C stops a reply.
+Under mlx.launch the model is sharded (distributed.py); rank 0 reads each line and every rank acts on it.
 """
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Iterator, List, Optional, Sequence
 
-from .cli import Terminated, add_generation_options, load_draft, load_for_cli, run, sampling_kwargs
+from .cli import (Terminated, add_generation_options, interrupt_ends_run, launched, load_draft, load_for_cli, run,
+                  sampling_kwargs, share, shared_input)
 from .errors import MlxGemmaError
 from .generate import _with_system, apply_template, check_options, check_prompt, prompt_ids, stream_generate
 from .images import block_start, encode_prompt, images_from
@@ -111,14 +114,15 @@ class ChatSession:
         return encode_prompt(self.model, self.processor, text, images)
 
 
-def repl(session: ChatSession) -> int:
+def repl(session: ChatSession, read=input, group=None) -> int:
+    """read: input, or under mlx.launch shared_input (rank 0's line on every rank, as group's images)."""
     images = session.processor is not None
     print("[mlxgemma chat] /reset starts over, /quit leaves, Ctrl-C stops a reply"
           + (", /image PATH adds a photo to your next message" if images else ""), file=sys.stderr)
     pending: list = []
     while True:
         try:
-            line = input("> ")
+            line = read("> ")
         except EOFError:
             return 0
         except Terminated:
@@ -135,7 +139,7 @@ def repl(session: ChatSession) -> int:
             continue
         if line.startswith("/image"):
             try:
-                pending.append(_image_command(session, line))
+                pending.append(_image_command(session, line, group))
                 print(f"[{len(pending)} image(s) for your next message]", file=sys.stderr)
             except MlxGemmaError as e:
                 print(f"error: {e}", file=sys.stderr)
@@ -155,16 +159,29 @@ def repl(session: ChatSession) -> int:
         print()
 
 
-def _image_command(session: ChatSession, line: str):
-    """/image PATH: the image, read now (so a bad file is reported before the message is typed)."""
-    from .processor import load_image
+def _image_command(session: ChatSession, line: str, group=None):
+    """/image PATH: the image, read now (so a bad file is reported before the message is typed); under
+    mlx.launch rank 0 reads the file and every rank gets its bytes."""
+    from .processor import decode_image, load_image
 
     if session.processor is None:
         raise MlxGemmaError(f"{type(session.model).__name__} is a text-only model: it takes no image")
     path = line[len("/image"):].strip()
     if not path:
         raise MlxGemmaError("/image needs a path: /image photo.jpg")
-    return load_image(path)
+    if group is None:
+        return load_image(path)
+    data, error = None, None
+    if group.rank() == 0:
+        try:
+            load_image(path)
+            data = Path(path).expanduser().read_bytes()
+        except (MlxGemmaError, OSError) as e:
+            error = e
+    data = share(group, data)
+    if error is not None or data is None:
+        raise MlxGemmaError(str(error) if error else f"image {path!r} could not be read by rank 0")
+    return decode_image(data, f"image {path!r}")
 
 
 def main(argv=None) -> int:
@@ -175,9 +192,13 @@ def main(argv=None) -> int:
 
     def body() -> int:
         check_options(**options)  # before the model loads and the REPL starts
-        model, tokenizer = load_for_cli(args)
-        return repl(ChatSession(model, tokenizer, args.system, prompt_cache_file=args.prompt_cache_file,
-                                draft_model=load_draft(args), **options))
+        group = launched(args)
+        model, tokenizer = load_for_cli(args, sharded=True)
+        if group is not None:  # mlx.launch: rank 0 reads, every rank hears it
+            interrupt_ends_run()
+        session = ChatSession(model, tokenizer, args.system, prompt_cache_file=args.prompt_cache_file,
+                              draft_model=load_draft(args), **options)
+        return repl(session, input if group is None else shared_input(group), group)
 
     return run(body)
 

@@ -6,6 +6,7 @@ import signal
 import sys
 import threading
 from contextlib import contextmanager
+from typing import Optional
 
 from .errors import MlxGemmaError
 from .loading import DTYPES
@@ -108,7 +109,10 @@ def load_for_cli(args, sharded: bool = False):
         here = Path(sys.argv[0])
         name = here.parent.name if here.stem == "__main__" else here.stem
         raise MlxGemmaError(f"python -m mlxgemma.{name} does not run across ranks yet (each input would have to "
-                            "reach every rank): under mlx.launch, run python -m mlxgemma.generate")
+                            "reach every rank): under mlx.launch, run python -m mlxgemma.generate or chat")
+    if group is not None and getattr(args, "prompt_cache_file", None):
+        raise MlxGemmaError("--prompt-cache-file holds one process's whole cache: it cannot be split across the "
+                            "ranks of mlx.launch (leave it out there)")
     return load(args.model if args.model else default_model_path(), dtype=args.dtype, group=group,
                 pipeline=getattr(args, "pipeline", False))
 
@@ -139,6 +143,50 @@ def launched(args=None):
     return group
 
 
+def share(group, data: Optional[bytes]) -> Optional[bytes]:
+    """Rank 0's bytes (or None) on every rank of group: under mlx.launch, what one rank reads (a line typed,
+    an image file) must reach every rank, which then act on it alike."""
+    import mlx.core as mx
+    import numpy as np
+
+    mine = group.rank() == 0
+    n = int(mx.distributed.all_sum(mx.array((-1 if data is None else len(data)) if mine else 0), group=group,
+                                   stream=mx.cpu).item())
+    if n <= 0:
+        return None if n < 0 else b""
+    buf = np.frombuffer(data, np.uint8) if mine else np.zeros(n, np.uint8)
+    return bytes(np.array(mx.distributed.all_sum(mx.array(buf), group=group, stream=mx.cpu)))
+
+
+def shared_input(group):
+    """input(prompt) on rank 0, the same line (or EOFError) on every rank of group."""
+
+    def read(prompt: str = "") -> str:
+        data = None
+        if group.rank() == 0:
+            try:
+                data = input(prompt).encode()
+            except EOFError:
+                pass
+        data = share(group, data)
+        if data is None:
+            raise EOFError
+        return data.decode()
+
+    return read
+
+
+def interrupt_ends_run() -> None:
+    """Under mlx.launch Ctrl-C reaches each rank at its own moment: rather than leave the ranks at different
+    tokens, it ends the run everywhere (as SIGTERM does)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _raise_terminated)
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
 def run(body, interrupted: str = "[interrupted]") -> int:
     """body() -> exit code, with bad input as one line on stderr (exit 2) and Ctrl-C or SIGTERM as exit 130."""
     with _sigterm_as_interrupt():
@@ -162,10 +210,7 @@ def _sigterm_as_interrupt():
         yield
         return
 
-    def interrupt(signum, frame):
-        raise Terminated
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         yield
     finally:

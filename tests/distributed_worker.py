@@ -11,10 +11,11 @@ import sys
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
+from PIL import Image
 
 import mlxgemma
 from mlxgemma.errors import MlxGemmaError
-from mlxgemma.models import is_encoder_decoder
+from mlxgemma.models import has_vision, is_encoder_decoder
 
 
 def nbytes(model) -> int:
@@ -54,20 +55,23 @@ def main():
             if group.rank() == 0:
                 print(json.dumps({"name": name, "error": str(e)}), flush=True)
             continue
+        extra = {}
         if is_encoder_decoder(full):
             enc = mx.array([[2] + list(range(10, 30))])
             dec = mx.array([[2] + list(range(40, 52))])
             out = {"prefill": diff(full(enc, decoder_input_ids=dec), part(enc, decoder_input_ids=dec))}
             prompt = " ".join(f"t{i}" for i in range(5, 20))
-            tok_part = tok
         else:
             out = decoder_checks(full, part, steps)
-            prompt, tok_part = [2] + list(range(10, 22)), tok
-        a = [c.token for c in mlxgemma.stream_generate(full, tok, prompt, max_tokens=steps)]
-        b = [c.token for c in mlxgemma.stream_generate(part, tok_part, prompt, max_tokens=steps)]
+            prompt = [2] + list(range(10, 22))
+        if has_vision(full):  # the tower whole on every rank, its features into the sharded language model
+            pixels = np.random.default_rng(1).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+            prompt, extra = "t9 <start_of_image> t12", dict(image=[Image.fromarray(pixels)], chat_template=False)
+        a = [c.token for c in mlxgemma.stream_generate(full, tok, prompt, max_tokens=steps, **extra)]
+        b = [c.token for c in mlxgemma.stream_generate(part, tok, prompt, max_tokens=steps, **extra)]
         everyone = mx.distributed.all_gather(mx.array(b)[None], group=group)
-        out.update(name=name, weights=nbytes(part) / nbytes(full), same_greedy=a == b, ranks_agree=bool(mx.all(everyone == everyone[0]).item()),
-                   tokens=len(b))
+        out.update(name=name, weights=nbytes(part) / nbytes(full), same_greedy=a == b,
+                   ranks_agree=bool(mx.all(everyone == everyone[0]).item()), tokens=len(b))
         if group.rank() == 0:
             print(json.dumps(out), flush=True)
 

@@ -13,21 +13,23 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 import mlxgemma
 from reference import TOL, WINDOW, hf_model, hf_t5gemma2, save_checkpoint, save_t5_checkpoint
+from test_gemma3_vision import hf_gemma3_vision
 
 LAUNCH = shutil.which("mlx.launch") or str(Path(sys.executable).with_name("mlx.launch"))
 WORKER = Path(__file__).with_name("distributed_worker.py")
 STEPS = 3 * WINDOW
 
 
-def launch(n: int, *args, timeout=300) -> subprocess.CompletedProcess:
+def launch(n: int, *args, timeout=300, input=None) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
     return subprocess.run([LAUNCH, "-n", str(n), "--backend", "ring", sys.executable, *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+                          capture_output=True, text=True, timeout=timeout, env=env, input=input)
 
 
 def results(proc) -> dict:
@@ -48,6 +50,9 @@ def checkpoints(tmp_path_factory):
                               root / f"{family}-wide")
         paths[f"{family}-4bit"] = mlxgemma.convert(src, root / f"{family}-4bit", quantize=True, q_group_size=32)
     paths["t5gemma2"] = save_t5_checkpoint(hf_t5gemma2(), root / "t5gemma2")
+    hf = hf_gemma3_vision(seed=4)
+    hf.generation_config.eos_token_id = None
+    paths["gemma3-vision"] = save_t5_checkpoint(hf, root / "gemma3-vision")
     paths["odd-heads"] = save_checkpoint(hf_model("gemma", num_attention_heads=3, num_key_value_heads=1, head_dim=8),
                                          root / "odd-heads")
     paths["three-layers"] = save_checkpoint(hf_model("gemma2", num_hidden_layers=3), root / "three-layers")
@@ -107,8 +112,60 @@ def test_generate_cli(checkpoints, split):
     assert two.stderr.count("generation:") == 1  # the summary, from rank 0 only
 
 
-def test_chat_refuses_ranks(checkpoints):
-    out = launch(2, "-m", "mlxgemma.chat", "--model", checkpoints["gemma2"])
+CHAT = ("{% for m in messages %}{% if m['role'] == 'user' %}t4 {{ m['content'] }} t6 {% else %}"
+        "t8 {{ m['content'] }} t7 {% endif %}{% endfor %}{% if add_generation_prompt %}t8{% endif %}")
+
+
+@pytest.mark.parametrize("split", [[], ["--pipeline"]], ids=["tensor", "pipeline"])
+def test_chat(checkpoints, tmp_path, split):
+    """Rank 0 reads each line and every rank hears it: the replies of one process, printed once; /image on a
+    text model is the same one error on every rank. (mlx.launch never closes the ranks' input: /quit ends.)"""
+    path = tmp_path / "chat"
+    shutil.copytree(checkpoints["gemma2"], path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps(dict(config, chat_template=CHAT)))
+    cmd = ["-m", "mlxgemma.chat", "--model", path, "--max-tokens", "8", "--temp", "1", "--seed", "5"]
+    lines = "t10 t11\n/image nowhere.png\nt12 t13 t14\n/reset\nt15\n/quit\n"
+    one = subprocess.run([sys.executable, *map(str, cmd)], input=lines, capture_output=True, text=True, timeout=120)
+    two = launch(2, *cmd, *split, input=lines)
+    assert one.returncode == 0 and "exited with code" not in two.stderr, two.stderr
+    assert two.stdout == one.stdout and one.stdout.count("\n") == 3, (one.stdout, two.stdout)
+    assert two.stderr.count("text-only model") == 1 and "Traceback" not in two.stderr
+
+
+def test_other_commands_refuse_ranks(checkpoints, tmp_path):
+    out = launch(2, "-m", "mlxgemma.cache_prompt", "--model", checkpoints["gemma2"], "--prompt", "t5 t6",
+                 "--prompt-cache-file", tmp_path / "c.safetensors")
     text = out.stdout + out.stderr  # (mlx.launch itself exits 0; it reports each rank's code)
     assert "does not run across ranks yet" in text and "exited with code 2" in text
     assert "Traceback" not in text
+    out = launch(2, "-m", "mlxgemma.generate", "--model", checkpoints["gemma2"], "--prompt", "t5",
+                 "--prompt-cache-file", tmp_path / "c.safetensors")
+    assert "cannot be split across the ranks" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_shared_input_and_images_in_process(checkpoints, tmp_path):
+    """What chat shares from rank 0 (here a group of one: the same code path, no launch): bytes, the empty
+    line and the end of input; /image's file as rank 0 read it, and its errors."""
+    import mlx.core as mx
+    import numpy as np
+    from PIL import Image
+
+    from mlxgemma.chat import _image_command
+    from mlxgemma.cli import share
+    from mlxgemma.errors import MlxGemmaError
+    from mlxgemma.processor import load_image
+
+    group = mx.distributed.init()
+    assert share(group, b"t5 \xc3\xa9") == b"t5 \xc3\xa9" and share(group, b"") == b"" and share(group, None) is None
+    model, processor = mlxgemma.load(checkpoints["gemma3-vision"])
+    session = SimpleNamespace(model=model, processor=processor)
+    path = tmp_path / "p.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (9, 7, 3), dtype=np.uint8)).save(path)
+    got = _image_command(session, f"/image {path}", group)
+    assert np.array_equal(np.asarray(got), np.asarray(load_image(path)))
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    for line, message in ((f"/image {tmp_path / 'none.png'}", "not found"), (f"/image {tmp_path / 'bad.png'}",
+                          "not an image file"), ("/image", "needs a path")):
+        with pytest.raises(MlxGemmaError, match=message):
+            _image_command(session, line, group)
