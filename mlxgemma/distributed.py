@@ -1,5 +1,7 @@
-"""Tensor parallelism over mlx.distributed (`mlx.launch -n N ... python -m mlxgemma.generate`): every rank
-holds 1/N of each attention's heads and each MLP's intermediate width, and of the token table.
+"""Tensor and pipeline parallelism over mlx.distributed (`mlx.launch -n N ... python -m mlxgemma.generate`).
+
+Tensor parallelism (shard): every rank holds 1/N of each attention's heads and each MLP's intermediate
+width, and of the token table.
 
 Attention splits by heads: the query heads and, where there are at least as many key/value heads as ranks,
 the key/value heads (each rank keeps its own); with fewer (Gemma 3 270M has one), each rank keeps the one
@@ -69,11 +71,10 @@ def pipeline(model: nn.Module, group=None) -> nn.Module:
     sizes = [n // N + (k < n % N) for k in range(N)]
     start = sum(sizes[:r])
     stop = start + sizes[r]
-    last = stop - start - 1
-    # the others' layers go before their weights, still lazy, are read
-    layers = [_Stage(layer, group, receives=i == 0 and r > 0, ends=i == last) if (i == 0 and r > 0) or i == last
-              else layer
-              for i, layer in enumerate(base.layers[start:stop])]
+    layers = list(base.layers[start:stop])  # the others' go before their weights, still lazy, are read
+    layers[-1] = _Stage(layers[-1], group, receives=r > 0 and len(layers) == 1, ends=True)
+    if r > 0 and len(layers) > 1:
+        layers[0] = _Stage(layers[0], group, receives=True)
     base.layers = layers
     base.config.layer_types = list(base.config.layer_types[start:stop])  # what masks and caches are made of
     base.embed_tokens = VocabShardedEmbedding(base.embed_tokens, group)
