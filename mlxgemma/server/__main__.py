@@ -1,7 +1,8 @@
 """python -m mlxgemma.server [--model PATH_OR_REPO_OR_GGUF] [--host 127.0.0.1] [--port 8080]
 
 A local OpenAI- and Ollama-compatible server with continuous batching and a prompt cache; the chat page
-is at http://127.0.0.1:8080/. Options follow mlx_lm.server where they overlap.
+is at http://127.0.0.1:8080/. Options follow mlx_lm.server where they overlap. Under mlx.launch the model is
+sharded across the ranks (--pipeline: by layers); rank 0 serves (ranks.py).
 """
 
 import argparse
@@ -11,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..cli import DTYPE_CHOICES, load_for_cli, run
+from ..cli import DTYPE_CHOICES, launched, load_for_cli, run
 from ..errors import MlxGemmaError
 from ..models import is_encoder_decoder
 
@@ -48,6 +49,8 @@ def configure_parser() -> argparse.ArgumentParser:
                         "start: a prompt that begins with it prefills only the rest (repeatable)")
     p.add_argument("--max-request-bytes", type=int, default=32 * 1024 * 1024)
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
+    p.add_argument("--pipeline", action="store_true", help="under mlx.launch with several ranks: split the "
+                   "model by runs of layers (pipeline parallelism) instead of by heads (tensor parallelism)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
     return p
 
@@ -120,7 +123,13 @@ def build(args):
     from .prompt_cache import PromptCache
     from .scheduler import Scheduler
 
-    model, tokenizer = load_for_cli(args)
+    from .ranks import Ranks
+
+    group = launched(args)
+    if group is not None and args.pipeline and args.prompt_cache_bytes:
+        raise MlxGemmaError("--prompt-cache-bytes with --pipeline: each rank holds caches of its own size, so "
+                            "the ranks would evict different entries; bound the prompt cache by entries")
+    model, tokenizer = load_for_cli(args, sharded=True)
     cache = PromptCache(args.prompt_cache_size, args.prompt_cache_bytes) if args.prompt_cache_size else None
     if args.kv_bits and is_encoder_decoder(model):
         raise MlxGemmaError("--kv-bits: the server's T5Gemma 2 batches keep float caches (generate takes --kv-bits)")
@@ -128,7 +137,10 @@ def build(args):
         preload(cache, model, f, args.kv_bits, args.kv_group_size)
     scheduler = Scheduler(model, tokenizer.tokenizer if hasattr(tokenizer, "images_per_prompt") else tokenizer,
                           cache, args.decode_concurrency, args.prefill_step_size, args.kv_bits,
-                          args.kv_group_size, args.prompt_lookup_ngram, args.num_draft_tokens).start()
+                          args.kv_group_size, args.prompt_lookup_ngram, args.num_draft_tokens,
+                          Ranks(group) if group is not None else None)
+    if group is None or group.rank() == 0:
+        scheduler.start()  # (the other ranks' loop runs on their main thread: main)
     defaults = Defaults(args.max_tokens, args.temp, args.top_p, args.top_k, args.min_p)
     engine = Engine(model, tokenizer, model_name(args), scheduler, defaults, args.chat_template_args, args.model or "")
     warm_constraints(engine)
@@ -148,6 +160,10 @@ def main(argv=None) -> int:
         check_args(args)
         logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         app, engine = build(args)
+        ranks = engine.scheduler.ranks
+        if ranks is not None and not ranks.leader:  # mlx.launch: rank 0 serves, this rank computes alongside
+            engine.scheduler.follow()
+            return 0
         print(f"[mlxgemma] serving {engine.name} on http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
         try:
             uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())

@@ -51,6 +51,7 @@ class Request:
     key: Optional[List[int]] = None  # what the prompt cache matches (the prompt, images told apart)
     constraint: Optional[object] = None  # constrained.Constraint: structured output, tool calls
     cancelled: bool = False
+    uid: Optional[int] = None  # under mlx.launch: its number, the same on every rank (ranks.py)
     # the scheduler's own
     started: float = 0.0
     live: int = 0
@@ -108,7 +109,9 @@ def masked_logprobs(logprobs: mx.array, rows: List[Row]) -> mx.array:
 class Scheduler:
     def __init__(self, model, tokenizer, prompt_cache: Optional[PromptCache] = None, decode_concurrency: int = 32,
                  prefill_step_size: int = 2048, kv_bits: Optional[int] = None, kv_group_size: int = 64,
-                 prompt_lookup_ngram: Optional[int] = None, num_draft_tokens: int = 3):
+                 prompt_lookup_ngram: Optional[int] = None, num_draft_tokens: int = 3, ranks=None):
+        """ranks (ranks.Ranks): under mlx.launch, every rank runs this loop; rank 0 tells the others what
+        arrives (see ranks.py), and their loop runs on their main thread (follow)."""
         self.model, self.tokenizer = model, tokenizer
         self.encoder_decoder = is_encoder_decoder(model)
         self.prompt_cache = prompt_cache if not self.encoder_decoder else None
@@ -123,6 +126,7 @@ class Scheduler:
         self.batch, self.rows = Batch(model), []
         self.inflight = None  # a queued decode step (see _step)
         self.stats = {"requests": 0, "cancelled": 0, "peak_rows": 0, "proposed": 0, "accepted": 0}
+        self.ranks = ranks
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="mlxgemma-scheduler", daemon=True)
         materialize(model)
@@ -136,6 +140,10 @@ class Scheduler:
         self.inbox.put(None)
         self.thread.join(timeout=10)
 
+    def follow(self) -> None:
+        """A rank other than 0: run the loop here, on the requests rank 0 sends, until rank 0 stops."""
+        self._loop()
+
     def submit(self, request: Request) -> None:
         self.inbox.put(request)
 
@@ -145,10 +153,23 @@ class Scheduler:
 
     def _loop(self) -> None:
         mx.set_default_stream(mx.new_stream(mx.default_device()))  # MLX streams belong to one thread
-        while not self._stop.is_set():
+        while True:
             try:
-                self._take(block=not self.busy)
-                self._drop_cancelled()
+                gone = None
+                if self.ranks is None or self.ranks.leader:
+                    self._take(block=not self.busy)
+                if self.ranks is not None:
+                    try:
+                        stop, gone = self.ranks.sync(self, self._stop.is_set())
+                    except RuntimeError as e:  # a rank is gone: nothing can be computed any more
+                        log.error("lost the other ranks (%s): the scheduler stops", e)
+                        self._fail_all("the server lost one of its ranks")
+                        break
+                else:
+                    stop = self._stop.is_set()
+                if stop:
+                    break
+                self._drop_cancelled(gone)
                 if self.prefilling or (self.waiting and len(self.rows) < self.decode_concurrency):
                     if self.inflight is not None:  # stream the queued step before the batch changes
                         self._step()
@@ -172,17 +193,19 @@ class Scheduler:
         except queue.Empty:
             pass
 
-    def _drop_cancelled(self) -> None:
-        """Requests whose client left: out of the queue, the prefill and the batch."""
+    def _drop_cancelled(self, numbers=None) -> None:
+        """Requests whose client left: out of the queue, the prefill and the batch. Under mlx.launch, those
+        rank 0 named (numbers): a client may leave meanwhile, and every rank must drop the same ones."""
+        left = (lambda r: r.cancelled) if numbers is None else (lambda r: r.uid in numbers)
         prefilling = [self.prefilling[0]] if self.prefilling else []
-        gone = {id(r): r for r in self.waiting + prefilling + [row.request for row in self.rows] if r.cancelled}
+        gone = {id(r): r for r in self.waiting + prefilling + [row.request for row in self.rows] if left(r)}
         if not gone:
             return
         self.stats["cancelled"] += len(gone)
-        self.waiting = [r for r in self.waiting if not r.cancelled]
-        if prefilling and prefilling[0].cancelled:
+        self.waiting = [r for r in self.waiting if not left(r)]
+        if prefilling and left(prefilling[0]):
             self.prefilling = None
-        rows = [i for i, row in enumerate(self.rows) if row.request.cancelled]
+        rows = [i for i, row in enumerate(self.rows) if left(row.request)]
         if rows:
             self._remove(rows)
         for r in gone.values():
