@@ -37,18 +37,23 @@ def shard(model: nn.Module, group=None) -> nn.Module:
     group = world(group)
     if group.size() == 1:
         return model
-    if type(model).__name__.startswith("Gemma4"):
-        raise MlxGemmaError("sharding Gemma 4 across ranks is not supported yet: run it on one machine")
     for path, m in list(model.named_modules()):
         if ".vision_tower." in f".{path}.":
             continue
-        if all(k in m for k in ("q_proj", "k_proj", "v_proj", "o_proj")) and hasattr(m, "n_heads"):
+        if all(k in m for k in ("q_proj", "o_proj")) and hasattr(m, "n_heads"):
             _attention(m, group, path)
         elif all(k in m for k in ("gate_proj", "up_proj", "down_proj")):
             _mlp(m, group, path)
+        elif all(k in m for k in ("gate_up_proj", "down_proj")):
+            _experts(m, group, path)
     if not is_encoder_decoder(model):
         base = model.language_model.model if "language_model" in model else model.model
         base.embed_tokens = VocabShardedEmbedding(base.embed_tokens, group)
+        if "embed_tokens_per_layer" in base:  # Gemma 4's per-layer token table, as large as the model at 2B
+            base.embed_tokens_per_layer = VocabShardedEmbedding(base.embed_tokens_per_layer, group)
+    for path, m in list(model.named_modules()):  # (the loop above must not visit its own wrappers)
+        if all(k in m for k in ("router", "experts")):
+            m.experts = _SummedExperts(m.experts, group)
     return model
 
 
@@ -59,8 +64,8 @@ def pipeline(model: nn.Module, group=None) -> nn.Module:
     N, r = group.size(), group.rank()
     if N == 1:
         return model
-    if type(model).__name__.startswith("Gemma4"):
-        raise MlxGemmaError("sharding Gemma 4 across ranks is not supported yet: run it on one machine")
+    if type(model).__name__.startswith("Gemma4"):  # its last layers read earlier layers' keys and values
+        raise MlxGemmaError("Gemma 4 runs across ranks by tensor parallelism only: leave out --pipeline")
     if is_encoder_decoder(model):
         raise MlxGemmaError(f"{type(model).__name__} runs across ranks by tensor parallelism only: leave out "
                             "--pipeline")
@@ -119,13 +124,16 @@ def _attention(m, group, path: str) -> None:
     _check_columns(m.o_proj, N, f"{path}.o_proj")
     m.q_proj = shard_linear(m.q_proj, "all-to-sharded", group=group)
     m.o_proj = shard_linear(m.o_proj, "sharded-to-all", group=group)
+    # (Gemma 4: a KV-shared layer has no k/v of its own and reads its donor's, split the same way; full
+    # layers with attention_k_eq_v have no v_proj)
+    kvs = [name for name in ("k_proj", "v_proj") if name in m]
     if K % N == 0:
-        m.k_proj = shard_linear(m.k_proj, "all-to-sharded", group=group)
-        m.v_proj = shard_linear(m.v_proj, "all-to-sharded", group=group)
+        for name in kvs:
+            m[name] = shard_linear(m[name], "all-to-sharded", group=group)
         kv = slice(r * K // N, (r + 1) * K // N)
     elif N % K == 0:  # fewer key/value heads than ranks: each keeps the one its query heads read
         head = r * K // N
-        for name in ("k_proj", "v_proj"):
+        for name in kvs:
             _keep_rows(m[name], head * m[name].weight.shape[0] // K, (head + 1) * m[name].weight.shape[0] // K)
         kv = slice(head, head + 1)
     else:
@@ -138,7 +146,7 @@ def _attention(m, group, path: str) -> None:
 
 def _check_columns(linear, N: int, path: str) -> None:
     """A sharded-to-all linear splits its input: each rank's part must hold whole quantization groups."""
-    width = linear.weight.shape[1] * 32 // linear.bits if "scales" in linear else linear.weight.shape[1]
+    width = linear.weight.shape[-1] * 32 // linear.bits if "scales" in linear else linear.weight.shape[-1]
     group = getattr(linear, "group_size", 1) if "scales" in linear else 1
     if width % N or (width // N) % group:
         raise MlxGemmaError(f"{path}: an input width of {width} does not split over {N} ranks"
@@ -159,6 +167,43 @@ def _mlp(m, group, path: str) -> None:
     m.gate_proj = shard_linear(m.gate_proj, "all-to-sharded", group=group)
     m.up_proj = shard_linear(m.up_proj, "all-to-sharded", group=group)
     m.down_proj = shard_linear(m.down_proj, "sharded-to-all", group=group)
+
+
+def _experts(m, group, path: str) -> None:
+    """Gemma 4's experts by their intermediate width: each rank keeps its part of every expert's gate and up
+    rows (stored fused, gate then up) and down columns; their outputs are summed over the ranks
+    (_SummedExperts)."""
+    N, r = group.size(), group.rank()
+    width = m.down_proj.weight.shape[-1] * 32 // m.down_proj.bits if "scales" in m.down_proj else \
+        m.down_proj.weight.shape[-1]
+    _check_columns(m.down_proj, N, f"{path}.down_proj")
+    part = slice(r * width // N, (r + 1) * width // N)
+    fused = m.gate_up_proj
+    fused.update({k: mx.concatenate([v[:, part], v[:, width + part.start:width + part.stop]], axis=1)
+                  for k, v in fused.parameters().items() if k in ("weight", "scales", "biases")})
+    _keep_columns(m.down_proj, part.start, part.stop)
+
+
+def _keep_columns(linear, start: int, stop: int) -> None:
+    """A linear or per-expert linear (float or quantized) keeping only input columns start:stop."""
+    if "scales" not in linear:
+        linear.weight = linear.weight[..., start:stop]
+        return
+    bits, group = linear.bits, linear.group_size  # (start and stop are whole groups: whole 32-bit words)
+    parts = {"weight": slice(start * bits // 32, stop * bits // 32), "scales": slice(start // group, stop // group)}
+    parts["biases"] = parts["scales"]
+    linear.update({k: v[..., parts[k]] for k, v in linear.parameters().items() if k in parts})
+
+
+class _SummedExperts(nn.Module):
+    """Experts split by width (_experts): each rank's share of every token's expert outputs, summed."""
+
+    def __init__(self, experts, group):
+        super().__init__()
+        self.experts, self.group = experts, group
+
+    def __call__(self, *args) -> mx.array:
+        return mx.distributed.all_sum(self.experts(*args), group=self.group)
 
 
 class VocabShardedEmbedding(nn.Module):

@@ -20,6 +20,7 @@ import pytest
 import mlxgemma
 from reference import TOL, WINDOW, hf_model, hf_t5gemma2, save_checkpoint, save_t5_checkpoint
 from test_gemma3_vision import hf_gemma3_vision
+from test_gemma4 import VARIANTS, hf_gemma4
 
 LAUNCH = shutil.which("mlx.launch") or str(Path(sys.executable).with_name("mlx.launch"))
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -50,6 +51,13 @@ def checkpoints(tmp_path_factory):
                               root / f"{family}-wide")
         paths[f"{family}-4bit"] = mlxgemma.convert(src, root / f"{family}-4bit", quantize=True, q_group_size=32)
     paths["t5gemma2"] = save_t5_checkpoint(hf_t5gemma2(), root / "t5gemma2")
+    for name in ("E", "moe", "k_eq_v"):  # KV-shared layers and per-layer inputs; experts; one global KV head
+        # (seed 1: its greedy tokens never reach the tokenizer's eos within the test's steps)
+        paths[f"gemma4-{name}"] = save_checkpoint(hf_gemma4(seed=1, **dict(VARIANTS[name], eos_token_id=None)),
+                                                  root / f"gemma4-{name}")
+    src = save_checkpoint(hf_gemma4(**dict(VARIANTS["moe"], eos_token_id=None, moe_intermediate_size=64, **wide)),
+                          root / "gemma4-wide")
+    paths["gemma4-moe-4bit"] = mlxgemma.convert(src, root / "gemma4-moe-4bit", quantize=True, q_group_size=32)
     hf = hf_gemma3_vision(seed=4)
     hf.generation_config.eos_token_id = None
     paths["gemma3-vision"] = save_t5_checkpoint(hf, root / "gemma3-vision")
@@ -66,6 +74,7 @@ def _check(r):
 
 
 def test_two_ranks(checkpoints):
+    """Every family, Gemma 4's variants and 4-bit experts included."""
     names = [n for n in checkpoints if n not in ("odd-heads", "three-layers")]
     out = results(launch(2, WORKER, STEPS, "tensor", *[checkpoints[n] for n in names], checkpoints["odd-heads"]))
     for name in names:
@@ -76,12 +85,14 @@ def test_two_ranks(checkpoints):
 
 def test_pipeline_two_ranks(checkpoints):
     """Runs of layers: 2 + 2, and 2 + 1 for three layers; heads that do not split by ranks are no matter."""
-    names = [n for n in checkpoints if n != "t5gemma2"]
-    out = results(launch(2, WORKER, STEPS, "pipeline", *[checkpoints[n] for n in names], checkpoints["t5gemma2"]))
+    names = [n for n in checkpoints if n != "t5gemma2" and not n.startswith("gemma4")]
+    out = results(launch(2, WORKER, STEPS, "pipeline", *[checkpoints[n] for n in names], checkpoints["t5gemma2"],
+                         checkpoints["gemma4-E"]))
     for name in names:
         _check(out[name])
     assert out["gemma3"]["weights"] <= 0.55, out["gemma3"]
-    assert "runs across ranks by tensor parallelism only" in out["t5gemma2"]["error"]
+    for name in ("t5gemma2", "gemma4-E"):
+        assert "runs across ranks by tensor parallelism only" in out[name]["error"]
 
 
 def test_pipeline_four_ranks(checkpoints):
@@ -95,9 +106,9 @@ def test_pipeline_four_ranks(checkpoints):
 
 def test_four_ranks(checkpoints):
     """4 query heads, 2 key/value heads: each rank keeps the key/value head its query head reads."""
-    out = results(launch(4, WORKER, STEPS, "tensor", checkpoints["gemma2"], checkpoints["gemma3"],
-                         checkpoints["stablelm"]))
-    for name in ("gemma2", "gemma3", "stablelm"):
+    names = ["gemma2", "gemma3", "stablelm", "gemma4-E", "gemma4-moe", "gemma4-k_eq_v"]
+    out = results(launch(4, WORKER, STEPS, "tensor", *[checkpoints[n] for n in names]))
+    for name in names:
         _check(out[name])
 
 
