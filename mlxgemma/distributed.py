@@ -10,7 +10,9 @@ each attention and each MLP (mlx.nn's sharded linears, quantized ones included).
 Gemma ties to the head, two thirds of a small Gemma) splits by vocabulary: a lookup is summed over the ranks,
 the head's logits are gathered. Norms, softcaps, rotary, masks and caches are per head or per token, so
 they work unchanged on every rank; a rank's caches hold its own heads. T5Gemma 2's encoder and decoder shard
-the same way; its vision tower and token table stay whole on every rank.
+the same way; its vision tower and token table stay whole on every rank. Gemma 4's KV-shared layers split their
+query heads as their donors split the keys they read; its experts split by intermediate width, their outputs
+summed over the ranks; its per-layer token table splits by vocabulary.
 
 Pipeline parallelism (pipeline): rank r holds the r-th contiguous run of decoder layers, and its caches and
 masks follow its own layer types (a rank may hold only sliding layers). Each rank's first layer receives the
