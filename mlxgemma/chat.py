@@ -114,8 +114,10 @@ class ChatSession:
         return encode_prompt(self.model, self.processor, text, images)
 
 
-def repl(session: ChatSession, read=input, group=None) -> int:
-    """read: input, or under mlx.launch shared_input (rank 0's line on every rank, as group's images)."""
+def repl(session: ChatSession, read=None, group=None) -> int:
+    """read: input (the default), or under mlx.launch shared_input (rank 0's line on every rank; group: the
+    ranks, which /image files reach too)."""
+    read = read or input
     images = session.processor is not None
     print("[mlxgemma chat] /reset starts over, /quit leaves, Ctrl-C stops a reply"
           + (", /image PATH adds a photo to your next message" if images else ""), file=sys.stderr)
