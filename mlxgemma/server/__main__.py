@@ -111,9 +111,14 @@ def warm_constraints(engine) -> None:
 
     from ..constrained import ll_tokenizer, logits_width
 
+    def warm() -> None:
+        try:
+            ll_tokenizer(engine.tokenizer, logits_width(engine.model))
+        except MlxGemmaError:  # a tokenizer llguidance cannot read: a structured request says so, as a 400
+            pass
+
     if importlib.util.find_spec("llguidance") is not None:
-        threading.Thread(target=ll_tokenizer, args=(engine.tokenizer, logits_width(engine.model)), daemon=True,
-                         name="mlxgemma-llguidance").start()
+        threading.Thread(target=warm, daemon=True, name="mlxgemma-llguidance").start()
 
 
 def build(args):
