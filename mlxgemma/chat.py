@@ -200,7 +200,7 @@ def main(argv=None) -> int:
             interrupt_ends_run()
         session = ChatSession(model, tokenizer, args.system, prompt_cache_file=args.prompt_cache_file,
                               draft_model=load_draft(args), **options)
-        return repl(session, input if group is None else shared_input(group), group)
+        return repl(session, shared_input(group) if group is not None else None, group)
 
     return run(body)
 

@@ -42,6 +42,10 @@ def add_generation_options(p, max_tokens: int = 100) -> None:
     p.add_argument("--num-draft-tokens", type=int, default=3, help="tokens proposed per step (default 3)")
     p.add_argument("--prompt-lookup-ngram", type=int, default=None, help="speculate without a draft model: "
                    "propose what followed the last N tokens where they occurred before (prompt lookup)")
+    add_pipeline_option(p)
+
+
+def add_pipeline_option(p) -> None:
     p.add_argument("--pipeline", action="store_true", help="under mlx.launch with several ranks: split the "
                    "model by runs of layers (pipeline parallelism) instead of by heads (tensor parallelism)")
 

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..cli import DTYPE_CHOICES, launched, load_for_cli, run
+from ..cli import DTYPE_CHOICES, add_pipeline_option, launched, load_for_cli, run
 from ..errors import MlxGemmaError
 from ..models import is_encoder_decoder
 
@@ -49,8 +49,7 @@ def configure_parser() -> argparse.ArgumentParser:
                         "start: a prompt that begins with it prefills only the rest (repeatable)")
     p.add_argument("--max-request-bytes", type=int, default=32 * 1024 * 1024)
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
-    p.add_argument("--pipeline", action="store_true", help="under mlx.launch with several ranks: split the "
-                   "model by runs of layers (pipeline parallelism) instead of by heads (tensor parallelism)")
+    add_pipeline_option(p)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
     return p
 
