@@ -12,7 +12,7 @@ Idle, rank 0 sends an empty update every half second (the scheduler's own wait f
 import base64
 import json
 import random
-from typing import List, Optional, Set, Tuple
+from typing import Optional, Set, Tuple
 
 import numpy as np
 
@@ -40,7 +40,7 @@ class Ranks:
             r.uid, self.numbered = self.numbered, self.numbered + 1
             if r.sampling.get("seed") is None:  # one draw, shared: each rank's own would differ
                 r.sampling["seed"] = random.getrandbits(62)
-        gone = [r.uid for r in present(scheduler) if r.cancelled]
+        gone = [r.uid for r in scheduler.held() if r.cancelled]
         return {"new": [_spec(r) for r in new], "gone": gone, "stop": stop}
 
     @staticmethod
@@ -53,12 +53,6 @@ class Ranks:
         encoder = {k: _array(v) for k, v in encoder.items()} if encoder is not None else None
         pixels = _array(spec.pop("pixel_values"))
         return Request(**spec, emit=_nowhere, encoder=encoder, pixel_values=pixels, constraint=constraint)
-
-
-def present(scheduler) -> List:
-    """The requests the scheduler holds: waiting, prefilling, decoding."""
-    out = list(scheduler.waiting) + ([scheduler.prefilling[0]] if scheduler.prefilling else [])
-    return out + [row.request for row in scheduler.rows]
 
 
 def _spec(r) -> dict:

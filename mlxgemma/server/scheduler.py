@@ -193,17 +193,21 @@ class Scheduler:
         except queue.Empty:
             pass
 
+    def held(self) -> List[Request]:
+        """The requests waiting, prefilling and decoding."""
+        prefilling = [self.prefilling[0]] if self.prefilling else []
+        return self.waiting + prefilling + [row.request for row in self.rows]
+
     def _drop_cancelled(self, numbers=None) -> None:
         """Requests whose client left: out of the queue, the prefill and the batch. Under mlx.launch, those
         rank 0 named (numbers): a client may leave meanwhile, and every rank must drop the same ones."""
         left = (lambda r: r.cancelled) if numbers is None else (lambda r: r.uid in numbers)
-        prefilling = [self.prefilling[0]] if self.prefilling else []
-        gone = {id(r): r for r in self.waiting + prefilling + [row.request for row in self.rows] if left(r)}
+        gone = {id(r): r for r in self.held() if left(r)}
         if not gone:
             return
         self.stats["cancelled"] += len(gone)
         self.waiting = [r for r in self.waiting if not left(r)]
-        if prefilling and left(prefilling[0]):
+        if self.prefilling and left(self.prefilling[0]):
             self.prefilling = None
         rows = [i for i, row in enumerate(self.rows) if left(row.request)]
         if rows:
