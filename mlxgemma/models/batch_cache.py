@@ -112,10 +112,9 @@ class _BatchCache:
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         if self.quantized:
-            from .quantized_cache import key_bits, quantize
+            from .quantized_cache import quantize_kv
 
-            group, bits = self.quantized
-            keys, values = quantize(keys, group, key_bits(bits)), quantize(values, group, bits)
+            keys, values = quantize_kv(keys, values, *self.quantized)
         size = self._slots(max(self.lengths) + 1)
         held = (self.keys[0] if isinstance(self.keys, tuple) else self.keys).shape[2]
         if size > held:

@@ -353,8 +353,7 @@ class EncoderDecoderCache(list):
         one softmax reads both, so both are stored alike."""
         first = self[0] if len(self) else None
         if getattr(first, "bits", None) and self.cross and not isinstance(self.cross[0][0], tuple):
-            from .quantized_cache import key_bits, quantize
+            from .quantized_cache import quantize_kv
 
-            g, b = first.group_size, first.bits
-            self.cross = [(quantize(k, g, key_bits(b)), quantize(v, g, b)) for k, v in self.cross]
+            self.cross = [quantize_kv(k, v, first.group_size, first.bits) for k, v in self.cross]
         return self.cross

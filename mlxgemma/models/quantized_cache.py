@@ -34,6 +34,11 @@ def quantize(x: mx.array, group_size: int, bits: int) -> tuple:
     return tuple(mx.quantize(x, group_size=group_size, bits=bits))
 
 
+def quantize_kv(keys: mx.array, values: mx.array, group_size: int, bits: int) -> tuple:
+    """(keys, values) as stored at --kv-bits `bits`: the keys at key_bits(bits), the values at bits."""
+    return quantize(keys, group_size, key_bits(bits)), quantize(values, group_size, bits)
+
+
 def check_kv_options(bits, group_size) -> None:
     if bits is not None and bits not in (4, 8):
         raise MlxGemmaError(f"--kv-bits must be 4 or 8, got {bits}")
@@ -53,13 +58,12 @@ class QuantizedKVCache(KVCache):
         q = cls(group_size, bits)
         q.offset, q.key_valid = cache.offset, cache.key_valid
         if cache.keys is not None:
-            q.keys = quantize(cache.keys[..., : cache.offset, :], group_size, key_bits(bits))
-            q.values = quantize(cache.values[..., : cache.offset, :], group_size, bits)
+            q.keys, q.values = quantize_kv(cache.keys[..., : cache.offset, :], cache.values[..., : cache.offset, :],
+                                           group_size, bits)
         return q
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
-        new_k = quantize(keys, self.group_size, key_bits(self.bits))
-        new_v = quantize(values, self.group_size, self.bits)
+        new_k, new_v = quantize_kv(keys, values, self.group_size, self.bits)
         prev, L = self.offset, keys.shape[2]
         if self.keys is None or prev + L > self.keys[0].shape[2]:
             grow = (self.step + L - 1) // self.step * self.step
@@ -97,8 +101,7 @@ class QuantizedRotatingKVCache(RotatingKVCache):
         q = cls(cache.max_size, group_size, bits)
         q.offset, q.key_valid = cache.offset, cache.key_valid
         if cache.keys is not None:
-            q.keys = quantize(cache.keys, group_size, key_bits(bits))
-            q.values = quantize(cache.values, group_size, bits)
+            q.keys, q.values = quantize_kv(cache.keys, cache.values, group_size, bits)
         return q
 
     def encode(self, x: mx.array, key: bool = False):
