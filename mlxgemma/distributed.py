@@ -148,11 +148,16 @@ def _attention(m, group, path: str) -> None:
 
 def _check_columns(linear, N: int, path: str) -> None:
     """A sharded-to-all linear splits its input: each rank's part must hold whole quantization groups."""
-    width = linear.weight.shape[-1] * 32 // linear.bits if "scales" in linear else linear.weight.shape[-1]
+    width = _input_width(linear)
     group = getattr(linear, "group_size", 1) if "scales" in linear else 1
     if width % N or (width // N) % group:
         raise MlxGemmaError(f"{path}: an input width of {width} does not split over {N} ranks"
                             + (f" in whole quantization groups of {group}" if group > 1 else ""))
+
+
+def _input_width(linear) -> int:
+    """A linear's (or per-expert linear's) input width, float or quantized (packed in 32-bit words)."""
+    return linear.weight.shape[-1] * 32 // linear.bits if "scales" in linear else linear.weight.shape[-1]
 
 
 def _keep_rows(linear, start: int, stop: int) -> None:
@@ -176,8 +181,7 @@ def _experts(m, group, path: str) -> None:
     rows (stored fused, gate then up) and down columns; their outputs are summed over the ranks
     (_SummedExperts)."""
     N, r = group.size(), group.rank()
-    width = m.down_proj.weight.shape[-1] * 32 // m.down_proj.bits if "scales" in m.down_proj else \
-        m.down_proj.weight.shape[-1]
+    width = _input_width(m.down_proj)
     _check_columns(m.down_proj, N, f"{path}.down_proj")
     part = slice(r * width // N, (r + 1) * width // N)
     fused = m.gate_up_proj
