@@ -113,7 +113,7 @@ def load_for_cli(args, sharded: bool = False):
         here = Path(sys.argv[0])
         name = here.parent.name if here.stem == "__main__" else here.stem
         raise MlxGemmaError(f"python -m mlxgemma.{name} does not run across ranks yet (each input would have to "
-                            "reach every rank): under mlx.launch, run python -m mlxgemma.generate or chat")
+                            "reach every rank): under mlx.launch, run python -m mlxgemma.generate, chat or server")
     if group is not None and getattr(args, "prompt_cache_file", None):
         raise MlxGemmaError("--prompt-cache-file holds one process's whole cache: it cannot be split across the "
                             "ranks of mlx.launch (leave it out there)")
