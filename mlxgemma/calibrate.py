@@ -6,7 +6,9 @@ groups), which mlx-lm and mlxgemma load as any other quantized checkpoint.
 GPTQ (Frantar et al. 2022), as mlx-lm's `mlx_lm.gptq` does it: one float pass over the calibration text
 collects H = sum XᵀX of every linear's inputs; then, group by group, each column is rounded to its group's
 grid and its error, weighted by the inverse Hessian, is pushed onto the columns not rounded yet, so the
-layer's output on those activations moves as little as possible. Ours because mlx-lm's GPTQ takes every
+layer's output on those activations moves as little as possible. Each group's grid (scale and bias) is the
+best of 25 clipped ones by the rounding error weighted with the inputs' energy, diag(H) (best_grid): on the
+real 270M that search matters as much as GPTQ's compensation (README, Quality and size). Ours because mlx-lm's GPTQ takes every
 linear (a vision tower that text never reaches, layers whose width does not divide the group), packs only
 2/4/8 bits, rounds with float32 scales it then saves in another dtype, and leaves the embedding, which Gemma
 ties to the head (two thirds of the 270M's weights), at round-to-nearest; here the tied table gets GPTQ as
@@ -28,6 +30,7 @@ from mlx.utils import tree_unflatten
 
 from .errors import MlxGemmaError
 from .models import is_encoder_decoder
+from .quantize import SHRINK, best_grid, pack
 
 BUILTIN = Path(__file__).parent / "data" / "calibration.txt"  # original text, Apache-2.0 with the package
 DAMP = 0.01  # of the Hessian's mean diagonal, as in the paper and mlx-lm
@@ -85,30 +88,42 @@ def _tied_head(model, path: str) -> bool:
 
 
 class _Catcher(nn.Module):
-    """A linear that adds its inputs' XᵀX (float32) to H, then runs as itself."""
+    """A linear that adds its inputs' XᵀX (float32) to H, then runs as itself; a vocabulary head returns a
+    one-wide stand-in instead (see _cheap)."""
 
-    def __init__(self, module):
+    def __init__(self, module, head: bool = False):
         super().__init__()
-        self.module, self.H = module, mx.zeros((module.weight.shape[1],) * 2)
+        self.module, self.head, self.H = module, head, mx.zeros((module.weight.shape[1],) * 2)
 
     def __call__(self, x):
         xf = x.reshape(-1, x.shape[-1]).astype(mx.float32)
         self.H = self.H + xf.T @ xf
-        return self.module(x)
+        return _cheap(x) if self.head else self.module(x)
+
+
+def _cheap(x):
+    """What the calibration pass takes from a vocabulary head is its input: its logits are never read, and
+    on Gemma's 262k vocabulary they are over half a forward's work, so the head returns a (..., 1) slice
+    (the softcap after it is elementwise)."""
+    return x[..., :1]
+
+
+def _is_head(path: str) -> bool:
+    return path.endswith(("lm_head", "lm_head.out_proj"))
 
 
 def hessians(model, tokens: mx.array, layers: Dict[str, nn.Module], batch_size: int = 4) -> Dict[str, mx.array]:
     """H of every layer in `layers` over the calibration tokens, from one float pass."""
     from tqdm import tqdm
 
-    catchers = {p: _Catcher(m) for p, m in layers.items() if isinstance(m, nn.Linear)}
+    catchers = {p: _Catcher(m, _is_head(p)) for p, m in layers.items() if isinstance(m, nn.Linear)}
     heads = {p: m for p, m in layers.items() if isinstance(m, nn.Embedding)}
     head_h = {p: mx.zeros((m.weight.shape[1],) * 2) for p, m in heads.items()}
     for p, m in heads.items():  # the tied head: catch as_linear's input (the table's lookups are not a matmul)
-        def as_linear(x, m=m, p=p, plain=m.as_linear):
+        def as_linear(x, p=p):
             xf = x.reshape(-1, x.shape[-1]).astype(mx.float32)
             head_h[p] = head_h[p] + xf.T @ xf
-            return plain(x)
+            return _cheap(x)
         m.as_linear = as_linear
     model.update_modules(tree_unflatten(list(catchers.items())))
     try:
@@ -123,15 +138,17 @@ def hessians(model, tokens: mx.array, layers: Dict[str, nn.Module], batch_size: 
     return {**{p: c.H for p, c in catchers.items()}, **head_h}
 
 
-def gptq(weight: np.ndarray, H: np.ndarray, bits: int, group_size: int, dtype=mx.float32):
+def gptq(weight: np.ndarray, H: np.ndarray, bits: int, group_size: int, dtype=mx.float32, shrink=SHRINK):
     """GPTQ of one (out, in) weight: (codes (out, in) uint32, scales, biases (out, in // group_size)) in MLX's
-    affine format (w ≈ scale * code + bias per group). Scales and biases are rounded to `dtype` (the
-    checkpoint's) before the codes are chosen, so the saved grid is the one the errors were computed on.
-    With H the identity it is exactly round-to-nearest (mx.quantize)."""
+    affine format (w ≈ scale * code + bias per group). Each group's grid is chosen by best_grid when GPTQ
+    reaches it (from the weights as earlier groups' errors left them), rounded to `dtype` (the checkpoint's)
+    first, so the saved grid is the one the errors were computed on. With H the identity and shrink (1.0,)
+    it is exactly round-to-nearest (mx.quantize)."""
     W = weight.astype(np.float32).copy()
     H = H.astype(np.float64).copy()
     dead = np.diag(H) == 0
     H[dead, dead], W[:, dead] = 1.0, 0.0
+    importance = np.diag(H).astype(np.float32)
     H[np.diag_indices_from(H)] += DAMP * np.mean(np.diag(H))
     U = np.linalg.cholesky(np.linalg.inv(H)).T.astype(np.float32)  # upper: H⁻¹ = UᵀU
     maxq = 2 ** bits - 1
@@ -141,8 +158,8 @@ def gptq(weight: np.ndarray, H: np.ndarray, bits: int, group_size: int, dtype=mx
     biases = np.zeros_like(scales)
     for g, i in enumerate(range(0, n, group_size)):
         j = i + group_size
-        _, s, b = mx.quantize(mx.array(W[:, i:j]).astype(dtype), group_size=group_size, bits=bits)
-        s, b = (np.array(v.astype(mx.float32))[:, 0] for v in (s, b))
+        grid = best_grid(mx.array(W[:, i:j]), mx.array(importance[i:j]), bits, group_size, dtype, shrink)
+        s, b = (np.array(v.astype(mx.float32))[:, 0] for v in grid)
         scales[:, g], biases[:, g] = s, b
         errors = np.zeros((out, group_size), dtype=np.float32)
         safe = np.where(s == 0, 1.0, s)
@@ -155,14 +172,6 @@ def gptq(weight: np.ndarray, H: np.ndarray, bits: int, group_size: int, dtype=mx
             errors[:, k] = e
         W[:, j:] -= errors @ U[i:j, j:]
     return codes, scales, biases
-
-
-def pack(codes: np.ndarray, bits: int) -> np.ndarray:
-    """(out, in) codes -> MLX's packed (out, in * bits / 32) uint32: each row one little-endian bit stream,
-    code i at bits [i * bits, (i + 1) * bits)."""
-    out = codes.shape[0]
-    stream = ((codes[..., None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8).reshape(out, -1)
-    return np.packbits(stream.reshape(out, -1, 8), axis=-1, bitorder="little").reshape(out, -1).view("<u4")
 
 
 def dequantized(codes, scales, biases, group_size: int) -> np.ndarray:
@@ -203,10 +212,10 @@ def allocate(sizes: Dict[str, int], saving: Dict[str, float], low: int, high: in
 
 def calibrate(model, config: dict, tokenizer, bits: int, group_size: int, recipe: Optional[str],
               vision_bits: Optional[int], data=None, samples: Optional[int] = None, seq_len: int = 256,
-              target_bpw: Optional[float] = None, high_bits: Optional[int] = None):
+              target_bpw: Optional[float] = None, high_bits: Optional[int] = None, search: bool = True):
     """Quantize model in place with GPTQ-rounded layers (bits per layer from the recipe, or from sensitivity
-    for target_bpw); returns (model, config, report) where report maps each layer to (bits, RTN error,
-    GPTQ error) on the calibration activations."""
+    for target_bpw; search False: no grid search, in GPTQ or elsewhere); returns (model, config, report)
+    where report maps each layer to (bits, RTN error, GPTQ error) on the calibration activations."""
     from tqdm import tqdm
 
     from .quantize import quantize
@@ -217,14 +226,14 @@ def calibrate(model, config: dict, tokenizer, bits: int, group_size: int, recipe
     weights = {p: np.array(m.weight.astype(mx.float32)) for p, m in layers.items()}
     dtype = next(iter(layers.values())).weight.dtype  # the checkpoint's: its scales and biases are stored so
     plan = _recipe_bits(model, bits, group_size, recipe, layers)
-    results, report = {}, {}
+    results, report, shrink = {}, {}, SHRINK if search else (1.0,)
     if target_bpw is not None:
         high = high_bits or min(bits + 2, 8)
         sizes = {p: int(np.prod(m.weight.shape)) for p, m in _quantized_layers(model, group_size).items()}
         fixed = {p: plan.get(p, bits) for p in sizes if p not in layers}
         saving = {}
         for p in tqdm(layers, desc="[mlxgemma] sensitivity", file=sys.stderr):
-            lo, hi = (gptq(weights[p], H[p], b, group_size, dtype) for b in (bits, high))
+            lo, hi = (gptq(weights[p], H[p], b, group_size, dtype, shrink) for b in (bits, high))
             results[p, bits], results[p, high] = lo, hi
             saving[p] = output_error(weights[p], dequantized(*lo, group_size), H[p]) - \
                 output_error(weights[p], dequantized(*hi, group_size), H[p])
@@ -233,9 +242,10 @@ def calibrate(model, config: dict, tokenizer, bits: int, group_size: int, recipe
     for p in tqdm(layers, desc="[mlxgemma] GPTQ", file=sys.stderr):
         b = plan.get(p, bits)
         if (p, b) not in results:
-            results[p, b] = gptq(weights[p], H[p], b, group_size, dtype)
+            results[p, b] = gptq(weights[p], H[p], b, group_size, dtype, shrink)
     per_layer = {p: {"group_size": group_size, "bits": plan.get(p, bits), "mode": "affine"} for p in plan}
-    model, config = quantize(model, config, bits, group_size, recipe, vision_bits, overrides=per_layer)
+    model, config = quantize(model, config, bits, group_size, recipe, vision_bits, overrides=per_layer,
+                             search=search)
     quantized = dict(model.named_modules())
     for p in layers:
         b = plan.get(p, bits)

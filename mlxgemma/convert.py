@@ -32,7 +32,7 @@ def convert(hf_path, mlx_path, *, dtype: Optional[str] = None, quantize: bool = 
             overwrite: bool = False, revision: Optional[str] = None, q_vision_bits: Optional[int] = VISION_BITS,
             calibrate: bool = False, calibration_data: Optional[str] = None,
             calibration_samples: Optional[int] = None, calibration_seq_len: int = 256,
-            target_bpw: Optional[float] = None) -> Path:
+            target_bpw: Optional[float] = None, q_search: bool = True) -> Path:
     """Write the MLX checkpoint of hf_path to mlx_path and return mlx_path. quantize=True quantizes with MLX
     affine groups: q_bits of 2/3/4/5/6/8, q_group_size of 32/64/128, and a recipe (quant_predicate:
     "uniform" or mlx-lm's mixed ones; at 4 bits the default is mixed_4_6, chosen by measurement). A vision tower
@@ -40,7 +40,9 @@ def convert(hf_path, mlx_path, *, dtype: Optional[str] = None, quantize: bool = 
     source keeps its own quantized weights (exact repacking) unless dequantize=True or quantize=True is asked for.
     calibrate=True (with quantize) rounds with GPTQ on activations of calibration_data (a UTF-8 file, or the
     built-in text), calibration_samples rows (default: all the text gives) of calibration_seq_len tokens;
-    target_bpw then chooses per layer between q_bits and q_bits + 2 by sensitivity (calibrate.py)."""
+    target_bpw then chooses per layer between q_bits and q_bits + 2 by sensitivity (calibrate.py).
+    q_search=False rounds as mlx-lm does (each group's grid from its min and max) instead of searching each
+    group's clipped grids for the least error (quantize.best_grid: measured better, README)."""
     dst = Path(mlx_path).expanduser()
     _check_options(dst, dtype, quantize, q_bits, q_group_size, quant_predicate, dequantize, overwrite)
     calibration = _calibration(quantize, calibrate, calibration_data, calibration_samples, calibration_seq_len,
@@ -63,7 +65,7 @@ def convert(hf_path, mlx_path, *, dtype: Optional[str] = None, quantize: bool = 
             calibration["tokenizer"] = load_tokenizer(tmp)
         if quantize or dequantize:
             model, config = _requantize(model, config, dequantize, q_bits, q_group_size, quant_predicate,
-                                        q_vision_bits, calibration)
+                                        q_vision_bits, calibration, q_search)
         _write(tmp, model, config)
         _write_readme(tmp, hf_path, config, dtype)
         _replace(tmp, dst)
@@ -137,7 +139,8 @@ def _calibration(quantize, calibrate, data, samples, seq_len, target_bpw) -> Opt
     return dict(data=data, samples=samples, seq_len=seq_len, target_bpw=target_bpw)
 
 
-def _requantize(model, config, dequantize, bits, group_size, recipe, vision_bits=VISION_BITS, calibration=None):
+def _requantize(model, config, dequantize, bits, group_size, recipe, vision_bits=VISION_BITS, calibration=None,
+                search=True):
     if config.get("quantization"):  # a quantized source: back to float first (a second rounding, said so)
         from mlx_lm.utils import dequantize_model
 
@@ -160,10 +163,10 @@ def _requantize(model, config, dequantize, bits, group_size, recipe, vision_bits
 
         options = {k: v for k, v in calibration.items() if k != "tokenizer"}
         model, config, report = calibrate(model, config, calibration["tokenizer"], bits, group_size, recipe,
-                                          vision_bits, **options)
+                                          vision_bits, search=search, **options)
         print("\n".join(summary(report)), file=sys.stderr)
         return model, config
-    return quantize_weights(model, config, bits, group_size, recipe, vision_bits)
+    return quantize_weights(model, config, bits, group_size, recipe, vision_bits, search=search)
 
 
 def legacy_rope_keys(config: dict) -> dict:
@@ -285,6 +288,9 @@ def configure_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-bpw", type=float, default=None,
                    help="with --calibrate: bits per weight to reach, layers going from --q-bits to --q-bits + 2 "
                         "by sensitivity")
+    p.add_argument("--q-search", action=argparse.BooleanOptionalAction, default=True,
+                   help="choose each group's grid by least rounding error among clipped ones (default), or "
+                        "(--no-q-search) from its min and max as mlx-lm does")
     p.add_argument("--dtype", default=None, help="float dtype: float32, float16, bfloat16")
     p.add_argument("-d", "--dequantize", action="store_true", help="write float weights from a quantized source")
     p.add_argument("--revision", default=None, help="Hub revision")
@@ -302,7 +308,7 @@ def main(argv=None) -> int:
                       q_vision_bits=None if args.q_vision_bits == "float" else int(args.q_vision_bits),
                       calibrate=args.calibrate, calibration_data=args.calibration_data,
                       calibration_samples=args.calibration_samples, calibration_seq_len=args.calibration_seq_len,
-                      target_bpw=args.target_bpw)
+                      target_bpw=args.target_bpw, q_search=args.q_search)
         print(f"[mlxgemma] wrote {dst}", file=sys.stderr)
         return 0
 

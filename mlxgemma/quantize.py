@@ -4,9 +4,11 @@ layer, llama.cpp Q4_K_M style). At 4 bits the default is mixed_4_6, chosen by me
 perplexity 25.1 at 147 MiB against 28.1 at 144 MiB for uniform 4-bit (README, benchmarks/quality.py)."""
 
 import sys
-from typing import Optional
+from typing import Dict, Optional
 
+import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 # "uniform" and mlx-lm's QUANT_RECIPES (named here, not imported: mlx-lm is imported only when quantizing,
 # as importing it imports transformers; a test checks the names against mlx-lm's).
@@ -24,6 +26,8 @@ VISION_BITS = 8
 # against 1260 MiB) to a 4-bit E2B of about 2.5 GiB. The router at 8 bits, as mlx-lm's Gemma 4 recipe has
 # it: it is tiny, and a rounding that flips which experts a token goes to is an error of another kind.
 ROUTER_BITS = 8
+# best_grid's fractions of a group's min and of its max: 25 grids tried per group.
+SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8)
 
 
 def default_recipe(bits: int) -> str:
@@ -41,13 +45,15 @@ def gemma4_bits(path: str, bits: int) -> Optional[int]:
 
 
 def quantize(model: nn.Module, config: dict, bits: int, group_size: int, recipe=None,
-             vision_bits: Optional[int] = VISION_BITS, overrides: Optional[dict] = None):
+             vision_bits: Optional[int] = VISION_BITS, overrides: Optional[dict] = None, search: bool = True):
     """Quantize in place; returns (model, config with mlx-lm's "quantization" block). Layers whose input
     width does not divide by the group size stay in float, and we say which. A vision tower (T5Gemma 2) is
     quantized at vision_bits (None: kept in float), whatever the recipe says for the language model; Gemma 4's
     router at ROUTER_BITS. Gemma 4's experts are quantized like linears (each projection of every expert, in
     groups along its input: mixed recipes give down_proj their extra bits as they do an MLP's). overrides:
-    {path: {"group_size", "bits", "mode"}} that win over the recipe (calibrate.py's choices)."""
+    {path: {"group_size", "bits", "mode"}} that win over the recipe (calibrate.py's choices, which it rounds
+    itself). search: each group's grid by best_grid on the weights alone (no calibration), else mlx-lm's
+    round-to-nearest from each group's min and max."""
     from mlx_lm.convert import mixed_quant_predicate_builder
     from mlx_lm.utils import quantize_model
 
@@ -64,7 +70,10 @@ def quantize(model: nn.Module, config: dict, bits: int, group_size: int, recipe=
             return {"group_size": group_size, "bits": fixed, "mode": "affine"}
         return mixed(path, module) if mixed else True
 
+    floats = {p: m.weight for p, m in model.named_modules() if hasattr(m, "to_quantized") and "weight" in m}
     model, config = quantize_model(model, config, group_size, bits, quant_predicate=predicate)
+    if search:
+        search_grids(model, {p: w for p, w in floats.items() if p not in (overrides or {})})
     from .models.gemma4_moe import SwitchLinear
 
     left = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding, SwitchLinear))
@@ -73,3 +82,60 @@ def quantize(model: nn.Module, config: dict, bits: int, group_size: int, recipe=
         print(f"[mlxgemma] note: {len(left)} layer(s) stay in float (input width not a multiple of "
               f"{group_size}): {', '.join(left[:8])}{' ...' if len(left) > 8 else ''}", file=sys.stderr)
     return model, config
+
+
+def best_grid(w: mx.array, importance: mx.array, bits: int, group_size: int, dtype, shrink=SHRINK):
+    """Per group of w (out, in): the affine grid (scales, biases (out, in // group_size), in dtype) with the
+    least importance-weighted squared rounding error among those mx.quantize makes when the group's min and
+    its max are each moved toward zero by a fraction in `shrink`. Clipping a group's outliers buys
+    resolution for the rest of it (AWQ and llama.cpp's k-quants search their grids the same way); on the real
+    270M it is as much of what calibration gains as GPTQ's compensation (README, Quality and size).
+    shrink (1.0,): mx.quantize's own grid."""
+    out, n = w.shape
+    groups = w.astype(mx.float32).reshape(out, n // group_size, group_size)
+    lo, hi = groups.min(-1, keepdims=True), groups.max(-1, keepdims=True)
+    weight = importance.astype(mx.float32).reshape(1, n // group_size, group_size)
+    best = None
+    for a in shrink:
+        for c in shrink:
+            clipped = mx.clip(groups, lo * a, hi * c).reshape(out, n).astype(dtype)
+            _, s, b = mx.quantize(clipped, group_size=group_size, bits=bits)
+            err = (_grid_error(groups, s.astype(mx.float32), b.astype(mx.float32), bits) * weight).sum(-1)
+            if best is not None:
+                better = err < best[0]
+                err, s, b = (mx.where(better, new, old) for new, old in zip((err, s, b), best))
+            best = (err, s, b)
+            mx.eval(best)
+    return best[1], best[2]
+
+
+def _grid_error(groups: mx.array, s: mx.array, b: mx.array, bits: int) -> mx.array:
+    """Squared error of rounding groups (out, n_groups, group_size) to the grids b + s * {0 .. 2^bits - 1}."""
+    s, b = s[..., None], b[..., None]
+    q = mx.clip(mx.round((groups - b) / mx.where(s == 0, 1.0, s)), 0, 2 ** bits - 1)
+    return (q * s + b - groups) ** 2
+
+
+def search_grids(model: nn.Module, floats: Dict[str, mx.array]) -> None:
+    """Re-round each quantized (affine) layer of `floats` {path: its float weight} on best_grid's grids,
+    every weight counting alike."""
+    from tqdm import tqdm
+
+    layers = {p: m for p, m in model.named_modules() if p in floats and getattr(m, "mode", None) == "affine"}
+    for p, m in tqdm(layers.items(), desc="[mlxgemma] choosing grids", file=sys.stderr, disable=len(layers) < 8):
+        w = floats[p].reshape(-1, floats[p].shape[-1])  # experts (E, out, in): rows of every expert
+        s, b = best_grid(w, mx.ones((w.shape[1],)), m.bits, m.group_size, m.scales.dtype)
+        codes = mx.clip(mx.round((w.astype(mx.float32).reshape(*s.shape, -1) - b[..., None].astype(mx.float32))
+                                 / mx.where(s == 0, 1, s)[..., None].astype(mx.float32)), 0, 2 ** m.bits - 1)
+        packed = pack(np.array(codes.reshape(w.shape).astype(mx.uint32)), m.bits)
+        m.weight = mx.array(packed).reshape(m.weight.shape)
+        m.scales, m.biases = s.reshape(m.scales.shape), b.reshape(m.biases.shape)
+        mx.eval(m.weight, m.scales, m.biases)
+
+
+def pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """(out, in) codes -> MLX's packed (out, in * bits / 32) uint32: each row one little-endian bit stream,
+    code i at bits [i * bits, (i + 1) * bits)."""
+    out = codes.shape[0]
+    stream = ((codes[..., None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8).reshape(out, -1)
+    return np.packbits(stream.reshape(out, -1, 8), axis=-1, bitorder="little").reshape(out, -1).view("<u4")

@@ -279,7 +279,8 @@ def test_stream_generate_on_quantized_checkpoint(checkpoints, name):
     ours = [c.token for c in mlxgemma.stream_generate(model, tokenizer, prompt, max_tokens=2 * WINDOW,
                                                       prefill_step_size=4)]
     theirs = [r.token for r in stream_generate(*mlx_lm.load(str(path)), prompt, max_tokens=2 * WINDOW)]
-    assert len(ours) == 2 * WINDOW and ours == theirs
+    # a random model may draw its eos (then both stop there); else both decode 2 windows' worth
+    assert ours == theirs and (len(ours) == 2 * WINDOW or ours[-1] in tokenizer.eos_token_ids), ours
 
 
 def test_split_experts_quantized_differently(checkpoints, tmp_path):
