@@ -5,11 +5,13 @@ calibration text, which shares nothing with the evaluation text), and mlx-lm's o
 checkpoint (mlx_lm.convert -q; its GPTQ and AWQ given the same calibration tokens). Prints a markdown table
 with bits per weight (mlx-lm's compute_bits_per_weight: every parameter's bytes over their count).
 
-    python benchmarks/quality.py [--tokens 1024] [--text FILE] [--work DIR] [--only calibrated]
+    python benchmarks/quality.py [--tokens 1024] [--text FILE] [--work DIR] [--only calibrated] [--engine torch]
 
 Quantized checkpoints are evaluated through their dequantized twins (exactly the weights they hold, in
 float32): on MLX's Linux CPU backend the quantized matmul is a slow reference kernel, and the table compares
-weights, not kernels.
+weights, not kernels. --engine torch computes the same perplexity with transformers' Gemma 3 holding those
+weights (float: 13.831 against MLX's 13.829 on 1024 tokens): on a CPU whose MLX matmul is the reference BLAS
+(0.75 GFLOP/s here, 27x slower than numpy's), that is seconds per row instead of minutes.
 
 The text defaults to the Gemma Terms of Use shipped with the model package (the terms themselves, HTML
 stripped, without the page's navigation and footer). Every model

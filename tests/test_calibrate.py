@@ -145,3 +145,17 @@ def test_cli(tmp_path, capsys):
     assert main(["--hf-path", str(src), "--mlx-path", str(tmp_path / "r"), "--calibrate"]) == 2
     err = capsys.readouterr().err
     assert "add -q" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_head_hessian_is_of_the_final_hidden_states(tied, tmp_path):
+    """The calibration pass never computes logits (the head returns a stand-in), yet the head's H is that of
+    what the head reads: the base model's normed output."""
+    src = _checkpoint("gemma3", tmp_path / "src", tie_word_embeddings=tied)
+    model, tok = mlxgemma.load(src)
+    tokens = calibrate.calibration_tokens(getattr(tok, "tokenizer", tok), None, 3, 64)
+    head = "model.embed_tokens" if tied else "lm_head"
+    H = calibrate.hessians(model, tokens, {head: dict(model.named_modules())[head]}, batch_size=2)
+    h = model.model(tokens).reshape(-1, model.config.hidden_size).astype(mx.float32)
+    np.testing.assert_allclose(np.array(H[head]), np.array(h.T @ h), rtol=1e-4, atol=1e-3)
+    assert model(tokens[:1]).shape[-1] == model.config.vocab_size  # the model is itself again afterwards
