@@ -142,7 +142,7 @@ def gptq(weight: np.ndarray, H: np.ndarray, bits: int, group_size: int, dtype=mx
     """GPTQ of one (out, in) weight: (codes (out, in) uint32, scales, biases (out, in // group_size)) in MLX's
     affine format (w ≈ scale * code + bias per group). Each group's grid is chosen by best_grid when GPTQ
     reaches it (from the weights as earlier groups' errors left them), rounded to `dtype` (the checkpoint's)
-    first, so the saved grid is the one the errors were computed on. With H the identity and shrink (1.0,)
+    first, so the saved grid is the one the errors were computed on. With H the identity and shrink ()
     it is exactly round-to-nearest (mx.quantize)."""
     W = weight.astype(np.float32).copy()
     H = H.astype(np.float64).copy()
@@ -226,7 +226,7 @@ def calibrate(model, config: dict, tokenizer, bits: int, group_size: int, recipe
     weights = {p: np.array(m.weight.astype(mx.float32)) for p, m in layers.items()}
     dtype = next(iter(layers.values())).weight.dtype  # the checkpoint's: its scales and biases are stored so
     plan = _recipe_bits(model, bits, group_size, recipe, layers)
-    results, report, shrink = {}, {}, SHRINK if search else (1.0,)
+    results, report, shrink = {}, {}, SHRINK if search else ()
     if target_bpw is not None:
         high = high_bits or min(bits + 2, 8)
         sizes = {p: int(np.prod(m.weight.shape)) for p, m in _quantized_layers(model, group_size).items()}

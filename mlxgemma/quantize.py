@@ -86,26 +86,28 @@ def quantize(model: nn.Module, config: dict, bits: int, group_size: int, recipe=
 
 def best_grid(w: mx.array, importance: mx.array, bits: int, group_size: int, dtype, shrink=SHRINK):
     """Per group of w (out, in): the affine grid (scales, biases (out, in // group_size), in dtype) with the
-    least importance-weighted squared rounding error among those mx.quantize makes when the group's min and
-    its max are each moved toward zero by a fraction in `shrink`. Clipping a group's outliers buys
-    resolution for the rest of it (AWQ and llama.cpp's k-quants search their grids the same way); on the real
-    270M it is as much of what calibration gains as GPTQ's compensation (README, Quality and size).
-    shrink (1.0,): mx.quantize's own grid."""
+    least importance-weighted squared rounding error among mx.quantize's own and the grids running from the
+    group's min to its max, each end moved toward zero by a fraction in `shrink`. Clipping a group's outliers
+    buys resolution for the rest of it (AWQ and llama.cpp's k-quants search their grids the same way); and
+    mx.quantize's grid, which moves its scale by up to 1/(2^bits - 1) to put zero on a grid point, is often
+    not the best one: on the real 270M this search is most of what calibration gains (README, Quality and
+    size). shrink (): mx.quantize's grid."""
     out, n = w.shape
     groups = w.astype(mx.float32).reshape(out, n // group_size, group_size)
-    lo, hi = groups.min(-1, keepdims=True), groups.max(-1, keepdims=True)
+    lo, hi = groups.min(-1), groups.max(-1)
     weight = importance.astype(mx.float32).reshape(1, n // group_size, group_size)
-    best = None
-    for a in shrink:
-        for c in shrink:
-            clipped = mx.clip(groups, lo * a, hi * c).reshape(out, n).astype(dtype)
-            _, s, b = mx.quantize(clipped, group_size=group_size, bits=bits)
-            err = (_grid_error(groups, s.astype(mx.float32), b.astype(mx.float32), bits) * weight).sum(-1)
-            if best is not None:
-                better = err < best[0]
-                err, s, b = (mx.where(better, new, old) for new, old in zip((err, s, b), best))
-            best = (err, s, b)
-            mx.eval(best)
+    maxq, best = 2 ** bits - 1, None
+    grids = [lambda: mx.quantize(w.astype(dtype), group_size=group_size, bits=bits)[1:]]
+    grids += [lambda a=a, c=c: (((hi * c - lo * a) / maxq).astype(dtype), (lo * a).astype(dtype))
+              for a in shrink for c in shrink]
+    for grid in grids:
+        s, b = grid()
+        err = (_grid_error(groups, s.astype(mx.float32), b.astype(mx.float32), bits) * weight).sum(-1)
+        if best is not None:
+            better = err < best[0]
+            err, s, b = (mx.where(better, new, old) for new, old in zip((err, s, b), best))
+        best = (err, s, b)
+        mx.eval(best)
     return best[1], best[2]
 
 

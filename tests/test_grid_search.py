@@ -17,9 +17,9 @@ CAUSAL = ["gemma", "gemma2", "gemma3", "stablelm"]
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
-def test_without_shrinking_is_mx_quantize(bits):
+def test_with_nothing_to_search_is_mx_quantize(bits):
     w = mx.array(np.random.default_rng(bits).standard_normal((16, 128)).astype(np.float32))
-    s, b = best_grid(w, mx.ones((128,)), bits, 64, mx.float32, shrink=(1.0,))
+    s, b = best_grid(w, mx.ones((128,)), bits, 64, mx.float32, shrink=())
     _, s0, b0 = mx.quantize(w, group_size=64, bits=bits)
     assert mx.array_equal(s, s0) and mx.array_equal(b, b0)
 
@@ -38,9 +38,9 @@ def test_never_worse_than_round_to_nearest(bits):
     s, b = best_grid(w, importance, bits, 32, mx.float32)
     _, s0, b0 = mx.quantize(w, group_size=32, bits=bits)
     ours, plain = _errors(w, s, b, bits, importance, 32), _errors(w, s0, b0, bits, importance, 32)
-    # measured: 0.857x round-to-nearest's error at 3 bits, 0.922x at 4, 1.0x at 8 (its grid is fine enough
-    # that no clipping pays)
-    assert np.all(ours <= plain) and (bits == 8 or ours.sum() < 0.95 * plain.sum()), ours.sum() / plain.sum()
+    # measured: 0.72x round-to-nearest's error at 3 bits, 0.74x at 4, 0.91x at 8
+    bound = 0.95 if bits == 8 else 0.8
+    assert np.all(ours <= plain) and ours.sum() < bound * plain.sum(), ours.sum() / plain.sum()
 
 
 def _float_and_dequantized(path, float_path):
@@ -63,8 +63,8 @@ def test_searched_checkpoint(family, tmp_path):
     searched = convert(tmp_path / "src", tmp_path / "s", **options)
     plain = convert(tmp_path / "src", tmp_path / "p", **options, q_search=False)
     ours, rtn = _float_and_dequantized(searched, float_path), _float_and_dequantized(plain, float_path)
-    # measured 0.942 on every family (random weights have light tails; the real 270M's gain more, README)
-    assert all(ours[p] <= rtn[p] for p in rtn) and sum(ours.values()) < 0.96 * sum(rtn.values())
+    # measured 0.78x round-to-nearest's error on every family, each layer 0.81-0.85x
+    assert all(ours[p] <= rtn[p] for p in rtn) and sum(ours.values()) < 0.85 * sum(rtn.values())
 
 
     reference, config = load_model(float_path)  # --no-q-search: mlx-lm's own rounding of the same weights
