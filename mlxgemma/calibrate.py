@@ -6,9 +6,9 @@ groups), which mlx-lm and mlxgemma load as any other quantized checkpoint.
 GPTQ (Frantar et al. 2022), as mlx-lm's `mlx_lm.gptq` does it: one float pass over the calibration text
 collects H = sum XᵀX of every linear's inputs; then, group by group, each column is rounded to its group's
 grid and its error, weighted by the inverse Hessian, is pushed onto the columns not rounded yet, so the
-layer's output on those activations moves as little as possible. Each group's grid (scale and bias) is the
-best of 25 clipped ones by the rounding error weighted with the inputs' energy, diag(H) (best_grid): on the
-real 270M that search matters as much as GPTQ's compensation (README, Quality and size). Ours because mlx-lm's GPTQ takes every
+layer's output on those activations moves as little as possible. Each group's grid (scale and bias) is
+quantize.best_grid's, the rounding error weighted by the inputs' energy, diag(H), as AWQ weighs its clipping
+search (README, Quality and size, for what each part gains). Ours because mlx-lm's GPTQ takes every
 linear (a vision tower that text never reaches, layers whose width does not divide the group), packs only
 2/4/8 bits, rounds with float32 scales it then saves in another dtype, and leaves the embedding, which Gemma
 ties to the head (two thirds of the 270M's weights), at round-to-nearest; here the tied table gets GPTQ as

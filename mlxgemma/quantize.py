@@ -1,7 +1,9 @@
 """Quantization recipes over mlx-lm's quantize_model (MLX affine groups): "uniform" (every layer at --q-bits)
 and mlx-lm's mixed recipes (more bits for v_proj, down_proj and the head in the first, last and every third
 layer, llama.cpp Q4_K_M style). At 4 bits the default is mixed_4_6, chosen by measurement on Gemma 3 270M:
-perplexity 25.1 at 147 MiB against 28.1 at 144 MiB for uniform 4-bit (README, benchmarks/quality.py)."""
+perplexity 25.1 at 147 MiB against 28.1 at 144 MiB for uniform 4-bit (README, benchmarks/quality.py). Each
+group's grid is then chosen by search (best_grid), not from its min and max: on the 270M, 10% lower
+perplexity at the same size (20.41 against 22.65, uniform 4-bit; README)."""
 
 import sys
 from typing import Dict, Optional
@@ -111,11 +113,14 @@ def best_grid(w: mx.array, importance: mx.array, bits: int, group_size: int, dty
     return best[1], best[2]
 
 
+def _codes(groups: mx.array, s: mx.array, b: mx.array, bits: int) -> mx.array:
+    """The nearest codes of groups (out, n_groups, group_size) on the grids b + s * {0 .. 2^bits - 1}."""
+    return mx.clip(mx.round((groups - b[..., None]) / mx.where(s == 0, 1.0, s)[..., None]), 0, 2 ** bits - 1)
+
+
 def _grid_error(groups: mx.array, s: mx.array, b: mx.array, bits: int) -> mx.array:
-    """Squared error of rounding groups (out, n_groups, group_size) to the grids b + s * {0 .. 2^bits - 1}."""
-    s, b = s[..., None], b[..., None]
-    q = mx.clip(mx.round((groups - b) / mx.where(s == 0, 1.0, s)), 0, 2 ** bits - 1)
-    return (q * s + b - groups) ** 2
+    """Squared error of rounding groups to those grids."""
+    return (_codes(groups, s, b, bits) * s[..., None] + b[..., None] - groups) ** 2
 
 
 def search_grids(model: nn.Module, floats: Dict[str, mx.array]) -> None:
@@ -127,8 +132,7 @@ def search_grids(model: nn.Module, floats: Dict[str, mx.array]) -> None:
     for p, m in tqdm(layers.items(), desc="[mlxgemma] choosing grids", file=sys.stderr, disable=len(layers) < 8):
         w = floats[p].reshape(-1, floats[p].shape[-1])  # experts (E, out, in): rows of every expert
         s, b = best_grid(w, mx.ones((w.shape[1],)), m.bits, m.group_size, m.scales.dtype)
-        codes = mx.clip(mx.round((w.astype(mx.float32).reshape(*s.shape, -1) - b[..., None].astype(mx.float32))
-                                 / mx.where(s == 0, 1, s)[..., None].astype(mx.float32)), 0, 2 ** m.bits - 1)
+        codes = _codes(w.astype(mx.float32).reshape(*s.shape, -1), s.astype(mx.float32), b.astype(mx.float32), m.bits)
         packed = pack(np.array(codes.reshape(w.shape).astype(mx.uint32)), m.bits)
         m.weight = mx.array(packed).reshape(m.weight.shape)
         m.scales, m.biases = s.reshape(m.scales.shape), b.reshape(m.biases.shape)
