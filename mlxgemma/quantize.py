@@ -92,8 +92,8 @@ def best_grid(w: mx.array, importance: mx.array, bits: int, group_size: int, dty
     group's min to its max, each end moved toward zero by a fraction in `shrink`. Clipping a group's outliers
     buys resolution for the rest of it (AWQ and llama.cpp's k-quants search their grids the same way); and
     mx.quantize's grid, which moves its scale by up to 1/(2^bits - 1) to put zero on a grid point, is often
-    not the best one: on the real 270M this search is most of what calibration gains (README, Quality and
-    size). shrink (): mx.quantize's grid."""
+    not the best one (on the real 270M, 10% lower perplexity at the same size with every weight alike; with
+    calibration's importance and GPTQ, 30%: README, Quality and size). shrink (): mx.quantize's grid."""
     out, n = w.shape
     groups = w.astype(mx.float32).reshape(out, n // group_size, group_size)
     lo, hi = groups.min(-1), groups.max(-1)
