@@ -79,7 +79,7 @@ def quantize_rest(model, recipe: str, group_size: int) -> None:
     from mlx_lm.convert import mixed_quant_predicate_builder
 
     from mlxgemma.models.gemma4_moe import SwitchLinear
-    from mlxgemma.quantize import gemma4_bits
+    from mlxgemma.checkpoints.quantize import gemma4_bits
 
     mixed = mixed_quant_predicate_builder(recipe, model, group_size)
     for name, m in model.named_modules():

@@ -175,7 +175,7 @@ def mlx_lm_variant(kind: str, floats: Path, out: Path, tokenizer, samples=None) 
     calibration tokens (their default data is a download)."""
     from mlx_lm.utils import load_model, quantize_model, save_config, save_model
 
-    from mlxgemma.calibrate import calibration_tokens
+    from mlxgemma.checkpoints.calibrate import calibration_tokens
 
     model, config = load_model(floats)
     if kind == "convert":

@@ -301,7 +301,7 @@ def main():
         if args.tiny or not args.real:
             results["tiny"] = bench("tiny", tiny_model(work / "tiny"), args, sides, work)
         if args.real or not args.tiny:
-            from mlxgemma.default_model import default_model_path
+            from mlxgemma.checkpoints.default_model import default_model_path
 
             results["real"] = bench("real", default_model_path(), args, sides, work)
     if args.json:

@@ -64,7 +64,7 @@ def random_checkpoint(config: dict, out: Path, quantize: bool = False) -> Path:
     from mlx.utils import tree_flatten
 
     import mlxgemma
-    from mlxgemma.convert import _write
+    from mlxgemma.checkpoints.convert import _write
     from mlxgemma.models.config import as_dict
 
     model = mlxgemma.build_model(config)
@@ -75,7 +75,7 @@ def random_checkpoint(config: dict, out: Path, quantize: bool = False) -> Path:
     full = {k: v for k, v in as_dict(model.config).items() if k not in ("extra", "quantization") and v is not None}
     full = dict(full, architectures=[type(model).__name__])
     if quantize:
-        from mlxgemma.quantize import quantize as quantize_model
+        from mlxgemma.checkpoints.quantize import quantize as quantize_model
 
         model, full = quantize_model(model, full, 4, 64)
     _write(out, model, full)

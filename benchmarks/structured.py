@@ -19,7 +19,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
 import mlxgemma  # noqa: E402
-from mlxgemma import constrained  # noqa: E402
+from mlxgemma.decode import constrained  # noqa: E402
 from schemas import NESTED, SCHEMAS  # noqa: E402
 
 PROMPT = "Write the order as JSON: order AB1234 for Ada Lovelace (ada@example.com, a VIP), 2 x SKU-1, EUR 40, paid."

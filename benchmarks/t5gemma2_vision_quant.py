@@ -48,7 +48,7 @@ def build(args, path: Path):
 
 def fake_quantize(model, bits: int, group_size: int, vision: bool, text: bool) -> None:
     """Round every weight that quantize() would quantize, in place, through mx.quantize/mx.dequantize."""
-    from mlxgemma.quantize import in_vision_tower
+    from mlxgemma.checkpoints.quantize import in_vision_tower
 
     for name, m in model.named_modules():
         in_vision = in_vision_tower(name)

@@ -48,8 +48,8 @@ def main() -> int:
 
 def caption_in_batches(model, processor, files, args) -> None:
     from mlxgemma.generate import prompt_text
-    from mlxgemma.images import generate_batch
-    from mlxgemma.processor import load_image
+    from mlxgemma.media.images import generate_batch
+    from mlxgemma.media.processor import load_image
 
     prompt = "Describe this image in one sentence." if args.prompt is None else args.prompt
     text = prompt_text(processor.tokenizer, processor.boi_token + prompt, None, chat_template=True)

@@ -8,7 +8,7 @@ import argparse
 
 import mlxgemma
 from mlxgemma.chat import ChatSession
-from mlxgemma.default_model import default_model_path
+from mlxgemma.checkpoints.default_model import default_model_path
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", default=None)

@@ -7,7 +7,7 @@
 import argparse
 
 import mlxgemma
-from mlxgemma.default_model import default_model_path
+from mlxgemma.checkpoints.default_model import default_model_path
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", default=None)

@@ -22,7 +22,7 @@ class City(BaseModel):
 
 
 def library(model_path):
-    from mlxgemma.default_model import default_model_path
+    from mlxgemma.checkpoints.default_model import default_model_path
 
     model, tokenizer = mlxgemma.load(model_path or default_model_path())
     city = mlxgemma.generate(model, tokenizer, "Paris, the capital of France, as JSON:", json_schema=City,

@@ -8,7 +8,7 @@ import warnings
 warnings.filterwarnings("ignore", message=r"'mlxgemma\.\w+' found in sys\.modules", category=RuntimeWarning)
 
 from .errors import MlxGemmaError
-from .loading import build_model, load, load_model
+from .checkpoints.loading import build_model, load, load_model
 from .models.gemma import GemmaConfig, GemmaForCausalLM, GemmaForSequenceClassification, GemmaForTokenClassification, GemmaModel
 from .models.gemma2 import (Gemma2Config, Gemma2ForCausalLM, Gemma2ForSequenceClassification,
                             Gemma2ForTokenClassification, Gemma2Model)
@@ -18,9 +18,9 @@ from .models.stablelm import (StableLmConfig, StableLmForCausalLM, StableLmForSe
                               StableLmForTokenClassification, StableLmModel)
 from .models.t5gemma2 import (T5Gemma2Config, T5Gemma2ForConditionalGeneration, T5Gemma2ForSequenceClassification,
                               T5Gemma2ForTokenClassification, T5Gemma2Model)
-from .processor import Gemma3Processor, T5Gemma2Processor
+from .media.processor import Gemma3Processor, T5Gemma2Processor
 
-from .convert import convert  # noqa: E402  (the functions; `python -m mlxgemma.convert` etc. are the CLIs)
+from .convert import convert  # noqa: E402  (the function; importing mlxgemma.convert here keeps the name bound to it)
 from .generate import generate, stream_generate  # noqa: E402
 
 __version__ = "0.1.0"

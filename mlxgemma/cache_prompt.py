@@ -20,8 +20,8 @@ def cache_prompt(model, tokenizer, prompt: str, path, image=None, max_kv_size=No
                  progress=None) -> int:
     """Prefill `prompt` (text; tokenizer may be Gemma 3's processor, with `image`) and save its caches to
     path (cache_file.save). Returns the number of tokens cached."""
-    from . import cache_file
-    from .batch import fill
+    from .checkpoints import cache_file
+    from .decode.batch import fill
 
     if is_encoder_decoder(model):
         raise MlxGemmaError("T5Gemma 2 encodes each request afresh: a prompt-cache file is for decoder-only models")
@@ -30,7 +30,7 @@ def cache_prompt(model, tokenizer, prompt: str, path, image=None, max_kv_size=No
         raise MlxGemmaError("the prompt is empty: give the text to cache")
     cache = model.make_cache(max_kv_size=max_kv_size)
     if has_vision(model):
-        from .images import encode_prompt, prefill
+        from .media.images import encode_prompt, prefill
 
         images = tokenizer.images_per_prompt(image, 1)[0] if image is not None else []
         if images and tokenizer.boi_token not in prompt:

@@ -16,7 +16,7 @@ from .cli import (Terminated, add_generation_options, interrupt_ends_run, launch
                   sampling_kwargs, share, shared_input)
 from .errors import MlxGemmaError
 from .generate import _with_system, apply_template, check_options, check_prompt, prompt_ids, stream_generate
-from .images import block_start, encode_prompt, images_from
+from .media.images import block_start, encode_prompt, images_from
 from .models import has_vision, is_encoder_decoder
 
 
@@ -48,7 +48,7 @@ class ChatSession:
         max_kv_size = self.options.get("max_kv_size")
         if self.prompt_cache_file is None:
             return self.model.make_cache(max_kv_size=max_kv_size), []
-        from .cache_file import load
+        from .checkpoints.cache_file import load
 
         return load(self.prompt_cache_file, self.model, max_kv_size)
 
@@ -164,7 +164,7 @@ def repl(session: ChatSession, read=None, group=None) -> int:
 def _image_command(session: ChatSession, line: str, group=None):
     """/image PATH: the image, read now (so a bad file is reported before the message is typed); under
     mlx.launch rank 0 reads the file and every rank gets its bytes."""
-    from .processor import decode_image, load_image
+    from .media.processor import decode_image, load_image
 
     if session.processor is None:
         raise MlxGemmaError(f"{type(session.model).__name__} is a text-only model: it takes no image")

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from typing import Optional
 
 from .errors import MlxGemmaError
-from .loading import DTYPES
+from .checkpoints.loading import DTYPES
 
 DTYPE_CHOICES = ["auto"] + list(DTYPES)
 
@@ -94,7 +94,7 @@ def load_draft(args):
     """The --draft-model (None without one), in the --dtype of the model."""
     if args.draft_model is None:
         return None
-    from .loading import load_model
+    from .checkpoints.loading import load_model
 
     return load_model(args.draft_model, dtype=args.dtype)
 
@@ -103,8 +103,8 @@ def load_for_cli(args, sharded: bool = False):
     """(model, tokenizer or processor) of --model, or of the embedded default model when none is given;
     sharded across the ranks when launched with several (mlx.launch -n N ...: see launched) and the command
     runs so (sharded; generate does), else refused there."""
-    from .default_model import default_model_path
-    from .loading import load
+    from .checkpoints.default_model import default_model_path
+    from .checkpoints.loading import load
 
     group = launched(args)
     if group is not None and not sharded:

@@ -17,8 +17,8 @@ from typing import Iterator, List, Optional, Sequence, Union
 import mlx.core as mx
 import numpy as np
 
-from . import constrained
-from .cache_file import continuation
+from .decode import constrained
+from .checkpoints.cache_file import continuation
 from .cli import (PrefillProgress, add_generation_options, add_structured_options, load_draft, load_for_cli, run,
                   sampling_kwargs, structured_kwargs)
 from .errors import MlxGemmaError
@@ -219,7 +219,7 @@ def _speculative(model, tokenizer, ids, cache, stats, request, draft_model, num_
     """The speculative loop (speculative.py) on what stream_generate prepared: a draft model (its own
     caches, fresh; T5Gemma 2's encodes the request too) or prompt lookup over the prompt and the output
     (T5Gemma 2: and the encoder's ids)."""
-    from . import speculative
+    from .decode import speculative
 
     if repetition_penalty:
         raise MlxGemmaError("--repetition-penalty is not supported with speculative decoding")
@@ -325,7 +325,7 @@ def _image_request(model, processor, prompt, image, system, chat_template, promp
                    features, pan_and_scan):
     """Gemma 3 with images: the prompt expanded, every token but the last prefilled here (image blocks kept
     whole, which mlx-lm's fixed chunks would not), the last one left to mlx-lm's loop."""
-    from .images import encode_prompt, prefill
+    from .media.images import encode_prompt, prefill
 
     images = processor.images_per_prompt(image, 1)[0] if image is not None else []
     options = {} if pan_and_scan is None else {"do_pan_and_scan": pan_and_scan}
@@ -337,7 +337,7 @@ def _image_request(model, processor, prompt, image, system, chat_template, promp
     elif prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         ids = list(prompt)  # expanded already; images as pixels or as features
         if images:
-            from .images import FEATURES
+            from .media.images import FEATURES
 
             features = FEATURES.encode(model, processor.preprocess(images, **options))
     else:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import mlxgemma
-from mlxgemma.batch import Batch, Sampling, fill, prefill, sample
+from mlxgemma.decode.batch import Batch, Sampling, fill, prefill, sample
 from mlxgemma.server.prompt_cache import PromptCache, snapshot
 from reference import (TOL, WINDOW, hf_model, hf_t5gemma2, image_prompt, max_diff, random_ids, random_pixels,
                        save_and_load, tiny_tokenizer)

@@ -11,7 +11,7 @@ import pytest
 from safetensors.numpy import save_file
 
 import mlxgemma
-from mlxgemma import cache_file
+from mlxgemma.checkpoints import cache_file
 from mlxgemma.cache_prompt import cache_prompt
 from mlxgemma.cache_prompt import main as cache_main
 from mlxgemma.errors import MlxGemmaError
@@ -92,7 +92,7 @@ def test_chat_continues_the_cached_prompt(ckpts, tmp_path):
 
 
 def _prefilled(model, tok):
-    from mlxgemma.batch import fill
+    from mlxgemma.decode.batch import fill
 
     ids, cache = list(tok.encode(PREFIX)), model.make_cache()
     fill(model, cache, ids)

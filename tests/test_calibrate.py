@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import mlxgemma
-from mlxgemma import calibrate
+from mlxgemma.checkpoints import calibrate
 from mlxgemma.errors import MlxGemmaError
 from reference import hf_model
 from structured_util import END_OF_TURN, gemma_like_tokenizer

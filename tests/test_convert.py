@@ -169,7 +169,7 @@ def test_hub_repo_id(tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
     dst = convert("google/tiny-gemma3", tmp_path / "mlx", revision="main")
-    assert calls == [("google/tiny-gemma3", "main", mlxgemma.loading.HUB_FILES)]
+    assert calls == [("google/tiny-gemma3", "main", mlxgemma.checkpoints.loading.HUB_FILES)]
     assert "*.safetensors" in calls[0][2] and not any("bin" in p for p in calls[0][2])
     ids = random_ids(1, 9)
     assert max_diff(np.array(mlxgemma.load_model(dst)(mx.array(ids))), hf_logits(hf, ids)) <= TOL
@@ -273,7 +273,7 @@ def test_bad_options(src, tmp_path, kw, match):
 
 
 def test_interrupted_conversion_leaves_nothing(src, tmp_path, monkeypatch, capsys):
-    c = sys.modules["mlxgemma.convert"]  # the module (mlxgemma.convert is the function)
+    c = sys.modules["mlxgemma.checkpoints.convert"]
 
     def interrupted(*a, **kw):
         raise KeyboardInterrupt

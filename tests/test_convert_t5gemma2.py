@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 import mlxgemma
 from mlxgemma.convert import convert
-from mlxgemma.processor import T5Gemma2Processor
+from mlxgemma.media.processor import T5Gemma2Processor
 from reference import TOL, hf_t5gemma2, image_prompt, max_diff, random_pixels, save_t5_checkpoint
 
 IDS, DEC, PIXELS = np.array([image_prompt(1)]), np.array([[2, 5, 9, 14, 3]]), random_pixels(1)

@@ -165,7 +165,7 @@ def test_shared_input_and_images_in_process(checkpoints, tmp_path):
     from mlxgemma.chat import _image_command
     from mlxgemma.cli import share
     from mlxgemma.errors import MlxGemmaError
-    from mlxgemma.processor import load_image
+    from mlxgemma.media.processor import load_image
 
     group = mx.distributed.init()
     assert share(group, b"t5 \xc3\xa9") == b"t5 \xc3\xa9" and share(group, b"") == b"" and share(group, None) is None

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import mlxgemma
 from mlxgemma import MlxGemmaError
-from mlxgemma.loading import read_weights, weight_files
+from mlxgemma.checkpoints.loading import read_weights, weight_files
 from mlxgemma.models import config_from_dict
 
 settings.register_profile("ci", max_examples=1000, derandomize=True, deadline=None, database=None,
@@ -164,7 +164,7 @@ VALID = {"{a}.attention.head_count": 4, "{a}.embedding_length": 32, "{a}.block_c
        tokens=st.none() | st.lists(st.text(min_size=1, max_size=5), min_size=1, max_size=8),
        flip=st.none() | st.tuples(st.integers(0, 400), st.integers(0, 255)))
 def test_gguf_metadata(folder, arch, meta, tokens, flip):
-    from mlxgemma.gguf_import import build_tokenizer, eos_ids, open_gguf, read_config
+    from mlxgemma.checkpoints.gguf_import import build_tokenizer, eos_ids, open_gguf, read_config
 
     path = folder / "m.gguf"
     meta = {k.format(a=arch): v for k, v in meta.items()}

@@ -122,7 +122,7 @@ def test_cached_greedy_decoding_equals_generate(pair):
                           token_type_ids=torch.tensor(types_of([ids])), attention_mask=torch.ones(1, len(ids),
                                                                                                   dtype=torch.long),
                           max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
-    from mlxgemma.images import prefill
+    from mlxgemma.media.images import prefill
 
     cache = model.make_cache()
     logits = prefill(model, cache, ids, model.get_image_features(pixels), step=5)

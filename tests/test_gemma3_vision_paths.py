@@ -132,7 +132,7 @@ def test_chat_turns_about_a_photo(ckpt):
     """Turn 2 prefills only its own tokens and encodes no image; its reply equals a fresh run of the whole
     conversation."""
     from mlxgemma.chat import ChatSession
-    from mlxgemma.images import FEATURES
+    from mlxgemma.media.images import FEATURES
 
     _, path, images = ckpt
     model, processor = mlxgemma.load(path)
@@ -215,7 +215,7 @@ def test_repl_image_command(ckpt, monkeypatch, capsys):
 
 
 def test_generate_batch_rows_equal_each_alone(ckpt):
-    from mlxgemma.images import generate_batch
+    from mlxgemma.media.images import generate_batch
 
     _, path, images = ckpt
     model, processor = mlxgemma.load(path)
@@ -251,7 +251,7 @@ def test_caption_example_in_batches(ckpt, tmp_path):
 
 
 def test_feature_cache_is_exact_and_bounded(ckpt):
-    from mlxgemma.images import FeatureCache
+    from mlxgemma.media.images import FeatureCache
     from reference import random_pixels
 
     _, path, _ = ckpt

@@ -18,7 +18,7 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 import mlxgemma
-from mlxgemma.batch import Batch, prefill
+from mlxgemma.decode.batch import Batch, prefill
 from reference import TOL, WINDOW, hf_logits, max_diff, random_ids, randomize, save_checkpoint
 
 S, F = "sliding_attention", "full_attention"

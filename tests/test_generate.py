@@ -203,7 +203,7 @@ def test_default_model_built_once_then_loaded(tmp_path, capsys, monkeypatch):
     for _ in range(2):
         assert main(["--prompt", "hello", "--max-tokens", "3"]) == 0  # no template: the text goes in as written
     assert len(calls) == 1
-    from mlxgemma.default_model import NAME
+    from mlxgemma.checkpoints.default_model import NAME
 
     cached = tmp_path / "cache" / NAME
     assert (cached / "config.json").is_file() and not list((tmp_path / "cache").glob("*.gguf"))
@@ -258,6 +258,6 @@ def test_light_imports():
 def test_recipe_names_are_mlx_lm_s():
     from mlx_lm.convert import QUANT_RECIPES
 
-    from mlxgemma.quantize import RECIPES
+    from mlxgemma.checkpoints.quantize import RECIPES
 
     assert RECIPES == ["uniform"] + list(QUANT_RECIPES)

@@ -15,7 +15,7 @@ from gguf import quants as gq
 import mlxgemma
 from gguf_fixture import TYPES, write_gguf
 from mlxgemma import MlxGemmaError
-from mlxgemma.gguf_import import _hf_name, open_gguf, read_config
+from mlxgemma.checkpoints.gguf_import import _hf_name, open_gguf, read_config
 from reference import TOL, max_diff
 
 EXACT = [t for t in TYPES if t != T.Q6_K]

@@ -19,7 +19,7 @@ from gguf import quants as gq
 import mlxgemma
 from gguf_fixture import _gemma4_metadata, converter_hparams, gemma4_tokenizer, write_gemma4_gguf
 from mlxgemma import MlxGemmaError
-from mlxgemma.gguf_import import _quantized_experts, open_gguf, read_config
+from mlxgemma.checkpoints.gguf_import import _quantized_experts, open_gguf, read_config
 from reference import TOL, WINDOW, hf_logits, max_diff, random_ids
 from test_gemma4 import BASE, hf_gemma4
 

@@ -10,7 +10,7 @@ import pytest
 
 import mlxgemma
 from mlxgemma.convert import convert
-from mlxgemma.quantize import _grid_error, best_grid
+from mlxgemma.checkpoints.quantize import _grid_error, best_grid
 from reference import hf_model, save_checkpoint
 
 CAUSAL = ["gemma", "gemma2", "gemma3", "stablelm"]

@@ -228,7 +228,7 @@ def test_bad_tokenizer_files(copy, damage, match):
     ('{"do_normalize": "yes"}', "do_normalize is 'yes'"),
 ])
 def test_bad_preprocessor_config(tmp_path, content, match):
-    from mlxgemma.processor import T5Gemma2Processor
+    from mlxgemma.media.processor import T5Gemma2Processor
 
     (tmp_path / "preprocessor_config.json").write_text(content)
     one_line(lambda: T5Gemma2Processor.from_pretrained(tmp_path, tokenizer=None, config=None), match)
@@ -250,7 +250,7 @@ def _png(width: int, height: int) -> bytes:
     (lambda p: 42, "an image is a file path or a PIL image, not int"),
 ])
 def test_bad_images(tmp_path, make, match):
-    from mlxgemma.processor import load_image
+    from mlxgemma.media.processor import load_image
 
     one_line(lambda: load_image(make(tmp_path)), match)
 
@@ -402,7 +402,7 @@ def test_convert_sigterm_leaves_nothing(copy, tmp_path, capsys, monkeypatch):
     """SIGTERM half-way through is handled like Ctrl-C: exit 130, no destination, no hidden .partial folder."""
     import time
 
-    c = sys.modules["mlxgemma.convert"]
+    c = sys.modules["mlxgemma.checkpoints.convert"]
     real = c._write_readme
 
     def slow(*a, **kw):
@@ -411,7 +411,7 @@ def test_convert_sigterm_leaves_nothing(copy, tmp_path, capsys, monkeypatch):
         time.sleep(30)
 
     monkeypatch.setattr(c, "_write_readme", slow)
-    assert c.main(["--hf-path", str(copy), "--mlx-path", str(tmp_path / "out")]) == 130
+    assert sys.modules["mlxgemma.convert"].main(["--hf-path", str(copy), "--mlx-path", str(tmp_path / "out")]) == 130
     assert "interrupted: nothing was written" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))

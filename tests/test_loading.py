@@ -57,7 +57,7 @@ def test_sharded_checkpoint(tmp_path):
 def test_compute_dtype_by_backend(ckpt, tmp_path):
     """auto: float32 on MLX's CPU backend (a bf16 checkpoint is upcast, quantization scales included), the
     stored dtype on a GPU; None keeps what is stored; a name forces it."""
-    from mlxgemma.loading import compute_dtype
+    from mlxgemma.checkpoints.loading import compute_dtype
 
     path = tmp_path / "bf16"
     mlxgemma.convert(ckpt[1], path, dtype="bfloat16")

@@ -13,7 +13,7 @@ from PIL import Image
 
 from mlxgemma import Gemma3Processor, T5Gemma2Processor
 from mlxgemma.errors import MlxGemmaError
-from mlxgemma.processor import PAN_AND_SCAN
+from mlxgemma.media.processor import PAN_AND_SCAN
 
 SIZE, TOKENS = 28, 4
 WORDS = list(dict.fromkeys("Here is the original image and here are some crops to help you see better".split()))

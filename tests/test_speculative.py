@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import mlxgemma
-from mlxgemma import speculative
+from mlxgemma.decode import speculative
 from mlxgemma.errors import MlxGemmaError
 from reference import WINDOW, hf_model, hf_t5gemma2, image_prompt, random_pixels, save_checkpoint, save_t5_checkpoint
 

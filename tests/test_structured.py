@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import mlxgemma
-from mlxgemma import constrained
+from mlxgemma.decode import constrained
 from mlxgemma.errors import MlxGemmaError
 from schemas import NESTED, SCHEMAS
 from structured_util import structured_checkpoint

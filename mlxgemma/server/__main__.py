@@ -81,7 +81,7 @@ def check_args(args) -> None:
 
 def model_name(args) -> str:
     if not args.model:
-        from ..default_model import NAME
+        from ..checkpoints.default_model import NAME
         return NAME
     path = Path(args.model)
     return path.stem if path.suffix == ".gguf" else (path.name if path.exists() else args.model)
@@ -92,7 +92,7 @@ def preload(prompt_cache, model, path, kv_bits=None, kv_group_size=64) -> None:
     cannot evaluate arrays of this one's stream)."""
     import mlx.core as mx
 
-    from ..cache_file import load
+    from ..checkpoints.cache_file import load
 
     from ..models.quantized_cache import quantize_cache
 
@@ -108,7 +108,7 @@ def warm_constraints(engine) -> None:
     import importlib.util
     import threading
 
-    from ..constrained import ll_tokenizer, logits_width
+    from ..decode.constrained import ll_tokenizer, logits_width
 
     def warm() -> None:
         try:

@@ -18,7 +18,9 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 
-from . import ollama_api, openai_api
+from ..server import ollama_api
+
+from ..server import openai_api
 from .engine import Engine
 from .schemas import RequestError
 

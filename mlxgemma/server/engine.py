@@ -12,11 +12,11 @@ from typing import List, Optional
 
 import numpy as np
 
-from ..constrained import Constraint, grammar_of, logits_width
+from ..decode.constrained import Constraint, grammar_of, logits_width
 from ..errors import MlxGemmaError
 from ..generate import apply_template, check_prompt, check_text
 from ..models import has_vision, is_encoder_decoder
-from ..processor import decode_image
+from ..media.processor import decode_image
 from .scheduler import Request, Scheduler
 from .schemas import RequestError
 from .tools import conversation

@@ -17,7 +17,7 @@ from typing import Optional, Set, Tuple
 import numpy as np
 
 from ..cli import share
-from ..constrained import Constraint
+from ..decode.constrained import Constraint
 
 
 class Ranks:

@@ -18,14 +18,14 @@ from typing import Callable, List, Optional
 import mlx.core as mx
 import numpy as np
 
-from ..batch import Batch, Sampling, fill, prefill, sample
-from ..constrained import masked_logprobs as constrained_logprobs
+from ..decode.batch import Batch, Sampling, fill, prefill, sample
+from ..decode.constrained import masked_logprobs as constrained_logprobs
 from ..generate import _held_back
-from ..images import FEATURES, block_end, count_images, images_from
-from ..images import prefill as images_prefill
+from ..media.images import FEATURES, block_end, count_images, images_from
+from ..media.images import prefill as images_prefill
 from ..models import has_vision, is_encoder_decoder
 from ..models.quantized_cache import quantize_cache
-from ..speculative import Sampler, _accept, lookup, mark, rewind, unmark
+from ..decode.speculative import Sampler, _accept, lookup, mark, rewind, unmark
 from .prompt_cache import PromptCache, snapshot
 
 log = logging.getLogger("mlxgemma.server")

@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..constrained import ANY_JSON_OBJECT
+from ..decode.constrained import ANY_JSON_OBJECT
 
 MAX_STOPS = 16
 

@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
-from .. import constrained
+from ..decode import constrained
 from ..errors import MlxGemmaError
 from .schemas import RequestError
 

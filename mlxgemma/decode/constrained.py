@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .errors import MlxGemmaError
+from ..errors import MlxGemmaError
 
 COMPACT = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
 ANY_JSON_OBJECT = {"type": "object"}  # OpenAI's response_format {"type": "json_object"}, Ollama's "json"

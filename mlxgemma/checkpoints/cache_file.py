@@ -22,8 +22,8 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .errors import MlxGemmaError
-from .models.cache import KVCache, RotatingKVCache
+from ..errors import MlxGemmaError
+from ..models.cache import KVCache, RotatingKVCache
 
 FORMAT = "mlxgemma-prompt-cache/1"
 
@@ -137,7 +137,7 @@ def _restore(c, kind, arrays: dict, i: int, n_tokens: int, path: Path) -> None:
 def continuation(model, tokenizer, text: str, path, image=None, max_kv_size=None) -> dict:
     """stream_generate's arguments for a prompt that continues a prompt-cache file: its caches, the ids
     they hold (history), and the new text as ids (no <bos>, no template: it continues the cached text)."""
-    from .models import has_vision
+    from ..models import has_vision
 
     if image and not has_vision(model):
         raise MlxGemmaError(f"{type(model).__name__} is a text-only model: it takes no image")
@@ -146,7 +146,7 @@ def continuation(model, tokenizer, text: str, path, image=None, max_kv_size=None
     cache, held = load(path, model, max_kv_size)
     out = dict(prompt_cache=cache, history=held)
     if has_vision(model):
-        from .images import encode_prompt
+        from ..media.images import encode_prompt
 
         images = tokenizer.images_per_prompt(image, 1)[0] if image else []
         if images and tokenizer.boi_token not in text:

@@ -16,8 +16,8 @@ from typing import List, Optional
 
 import mlx.core as mx
 
-from .models import is_encoder_decoder
-from .models.batch_cache import BatchEncoderDecoderCache, merge_caches
+from ..models import is_encoder_decoder
+from ..models.batch_cache import BatchEncoderDecoderCache, merge_caches
 
 
 def forward(model, tokens: mx.array, cache) -> mx.array:

@@ -24,8 +24,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.nn.layers.distributed import shard_linear
 
-from .errors import MlxGemmaError
-from .models import is_encoder_decoder
+from ..errors import MlxGemmaError
+from ..models import is_encoder_decoder
 
 
 def world(group=None):

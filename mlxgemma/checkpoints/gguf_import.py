@@ -18,8 +18,8 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader
 from gguf import quants as gq
 
-from .errors import MlxGemmaError
-from .models.config import FULL, MAX_LAYERS, SLIDING, of_type, pattern_layer_types
+from ..errors import MlxGemmaError
+from ..models.config import FULL, MAX_LAYERS, SLIDING, of_type, pattern_layer_types
 
 GROUP = 32
 EXACT_BITS = {T.Q4_0: 4, T.Q4_1: 4, T.Q5_0: 5, T.Q5_1: 5, T.Q8_0: 8, T.Q4_K: 4, T.Q5_K: 5}
@@ -135,7 +135,7 @@ def _quantized_experts() -> bool:
     """Whether mlxgemma's Gemma 4 experts can run quantized (gemma4_moe.QuantizedSwitchLinear, gather_qmm):
     then a GGUF's block-quantized experts are repacked as they are, else dequantized to float."""
     try:
-        from .models.gemma4_moe import QuantizedSwitchLinear  # noqa: F401
+        from ..models.gemma4_moe import QuantizedSwitchLinear  # noqa: F401
     except ImportError:
         return False
     return True

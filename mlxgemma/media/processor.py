@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import MlxGemmaError
+from ..errors import MlxGemmaError
 
 ImageInput = Union[str, Path, Image.Image]
 
@@ -135,7 +135,7 @@ class Gemma3Processor:
 
     @classmethod
     def from_pretrained(cls, path: Path, tokenizer, config) -> "Gemma3Processor":
-        from .loading import read_json
+        from ..checkpoints.loading import read_json
 
         options = {}
         for name, key in (("processor_config.json", "image_processor"), ("preprocessor_config.json", None)):

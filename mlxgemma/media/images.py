@@ -14,7 +14,7 @@ from typing import Callable, List, Optional
 import mlx.core as mx
 import numpy as np
 
-from .errors import MlxGemmaError
+from ..errors import MlxGemmaError
 
 
 class FeatureCache:
@@ -119,7 +119,7 @@ def generate_batch(model, processor, texts: List[str], images: List[list], max_t
     """Greedy completions of several image prompts at once (captioning a folder): every row's images go
     through the tower in one forward, each row is prefilled alone (its image blocks whole), then all rows
     decode together in one batched forward per token (mlxgemma.batch), each leaving at its eos."""
-    from .batch import Batch
+    from ..decode.batch import Batch
 
     if len(texts) != len(images):
         raise MlxGemmaError(f"{len(texts)} prompts but {len(images)} image lists")

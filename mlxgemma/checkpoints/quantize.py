@@ -76,7 +76,7 @@ def quantize(model: nn.Module, config: dict, bits: int, group_size: int, recipe=
     model, config = quantize_model(model, config, group_size, bits, quant_predicate=predicate)
     if search:
         search_grids(model, {p: w for p, w in floats.items() if p not in (overrides or {})})
-    from .models.gemma4_moe import SwitchLinear
+    from ..models.gemma4_moe import SwitchLinear
 
     left = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding, SwitchLinear))
             and not hasattr(m, "scales") and (vision_bits is not None or not in_vision_tower(name))]

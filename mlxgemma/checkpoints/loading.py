@@ -16,9 +16,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .errors import MlxGemmaError
-from .models import config_from_dict, has_vision, is_encoder_decoder, model_class_for
-from .models.config import token_ids
+from ..errors import MlxGemmaError
+from ..models import config_from_dict, has_vision, is_encoder_decoder, model_class_for
+from ..models.config import token_ids
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 MAX_JSON_BYTES = 100 * 2**20  # a config, index or tokenizer file larger than this is not one
@@ -297,7 +297,7 @@ def model_from_weights(config: dict, weights: dict, dtype: Optional[str] = None,
     try:
         model.load_weights(list(weights.items()), strict=True)
         if group is not None and group.size() > 1:
-            from .distributed import pipeline as by_layers, shard
+            from ..models.distributed import pipeline as by_layers, shard
 
             # while the weights are still lazy: each rank reads only what it keeps
             (by_layers if pipeline else shard)(model, group)
@@ -347,7 +347,7 @@ def load(source: Union[str, Path], dtype: Optional[str] = "auto", revision: Opti
     model = load_model(path, dtype, group, pipeline)
     tokenizer = load_tokenizer(path)
     if is_encoder_decoder(model) or has_vision(model):
-        from .processor import Gemma3Processor, T5Gemma2Processor
+        from ..media.processor import Gemma3Processor, T5Gemma2Processor
 
         cls = T5Gemma2Processor if is_encoder_decoder(model) else Gemma3Processor
         return model, cls.from_pretrained(path, tokenizer, model.config)

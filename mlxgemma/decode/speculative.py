@@ -20,8 +20,8 @@ import mlx.core as mx
 
 from .batch import cache_state, fill, filtered
 from .constrained import masked_logprobs
-from .errors import MlxGemmaError
-from .models.quantized_cache import quantize_cache
+from ..errors import MlxGemmaError
+from ..models.quantized_cache import quantize_cache
 
 
 @dataclass

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import MlxGemmaError
+from ..errors import MlxGemmaError
 
 # Bumped whenever the conversion changes what a user gets (v2: no invented chat template; the v1 folder
 # wrapped prompts in one and is removed on first use of v2).

@@ -28,8 +28,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_unflatten
 
-from .errors import MlxGemmaError
-from .models import is_encoder_decoder
+from ..errors import MlxGemmaError
+from ..models import is_encoder_decoder
 from .quantize import SHRINK, best_grid, pack
 
 BUILTIN = Path(__file__).parent / "data" / "calibration.txt"  # original text, Apache-2.0 with the package
