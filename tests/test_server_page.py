@@ -1,6 +1,7 @@
 """The chat page (GET /) in a real headless Chromium against a live server: replies stream in and equal the
 API's, Stop keeps the partial reply and frees the server, New conversation clears it, the image button only
-for models that take images, errors shown in the conversation, and the API key asked for on a 401.
+for models that take images, errors shown in the conversation, the API key asked for on a 401, and a base model
+(no chat template, like the default model) continuing text through /v1/completions.
 
 MLXGEMMA_SCREENSHOT=1 also saves docs/chat-page.png (the README's picture of the page)."""
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from reference import hf_model, save_checkpoint
 from server_util import chat_checkpoint, serve
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -78,6 +80,12 @@ def api_reply(server, messages) -> str:
     r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30)
     r.raise_for_status()
     return r.json()["choices"][0]["message"]["content"]
+
+
+def api_continuation(server, prompt) -> str:
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": prompt, "temperature": 0}, timeout=30)
+    r.raise_for_status()
+    return r.json()["choices"][0]["text"]
 
 
 def idle(server, timeout: float = 10) -> bool:
@@ -182,3 +190,36 @@ def test_api_key_asked_for_and_sent(checkpoint, page):
         expect(page.locator("#messages .message.assistant")).not_to_have_text("")
     finally:
         served.stop()
+
+
+def test_a_base_model_continues_text(tmp_path, page):
+    served = serve(save_checkpoint(hf_model("gemma3", eos_token_id=1), tmp_path / "base"), "--max-tokens", str(SHORT))
+    try:
+        page.goto(served.url)
+        expect(page.locator("#model-name")).to_have_text("base")
+        expect(page.locator("#complete")).to_be_checked()  # the only mode there is, and the page says why
+        expect(page.locator("#complete")).to_be_disabled()
+        expect(page.locator("#status")).to_contain_text("no chat template")
+        say(page, "t10 t11")
+        settled(page)
+        text = page.locator("#messages .message.completion")
+        expect(text.locator(".prompt")).to_have_text("t10 t11")
+        assert text.locator(".continuation").text_content() == api_continuation(served, "t10 t11")
+        assert int(text.get_attribute("data-chunks")) >= 2  # streamed
+        expect(page.locator("#messages .message.error")).to_have_count(0)
+        assert "bad" not in (page.locator("#status").get_attribute("class") or "")
+    finally:
+        served.stop()
+
+
+def test_a_chat_model_can_complete_text_too(server, page):
+    page.goto(server.url)
+    expect(page.locator("#model-name")).to_have_text(NAME)
+    expect(page.locator("#complete")).not_to_be_checked()
+    page.check("#complete")
+    say(page, "t20 t21")
+    settled(page)
+    continuation = page.locator("#messages .message.completion .continuation").text_content()
+    assert continuation and continuation == api_continuation(server, "t20 t21")
+    page.uncheck("#complete")  # back to chat: a new conversation
+    expect(page.locator("#messages .message")).to_have_count(0)

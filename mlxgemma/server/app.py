@@ -1,8 +1,8 @@
-"""The routes: OpenAI (/v1/...), Ollama (/api/...), /health and the chat page (/), on Starlette.
+"""The routes: OpenAI (/v1/...), Ollama (/api/...), /health, the chat page (/) and its icon, on Starlette.
 
 Every bad request is a 4xx with one clear message (an OpenAI error object, or Ollama's {"error": ...} under
 /api/), never a traceback and never anything that touches other clients. With an API key every route but
-the page itself (static, no data: it asks for the key) needs `Authorization: Bearer KEY`.
+the page itself and its icon (static, no data: the page asks for the key) needs `Authorization: Bearer KEY`.
 """
 
 import hmac
@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from ..server import ollama_api
@@ -26,6 +26,12 @@ from .schemas import RequestError
 
 log = logging.getLogger("mlxgemma.server")
 MAX_BODY = 32 * 1024 * 1024
+# Browsers ask for /favicon.ico on every page load; a 404 there is noise in the log and the console.
+# SVG is accepted as a favicon by current browsers, whatever the .ico name says.
+ICON = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32"><rect width="32" height="32" rx="7" '
+        'fill="#2f6fed"/><path d="M8 22V10l8 7 8-7v12" fill="none" stroke="#fff" stroke-width="3" '
+        'stroke-linecap="round" stroke-linejoin="round"/></svg>')
+PUBLIC = ("/", "/favicon.ico")  # GET without the API key: static, no model data
 
 
 async def read_json(request: Request, limit: int):
@@ -67,8 +73,12 @@ def create_app(engine: Engine, api_key=None, allowed_origins=(), max_body: int =
     async def page(request: Request):
         return HTMLResponse(resources.files(__package__).joinpath("static/index.html").read_text("utf-8"))
 
+    async def icon(request: Request):
+        return Response(ICON, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
+
     routes = [
         Route("/", page),
+        Route("/favicon.ico", icon),
         Route("/health", get(lambda: {"status": "ok"})),
         Route("/v1/models", get(lambda: openai_api.models(engine))),
         Route("/v1/chat/completions", post(openai_api.chat_completions), methods=["POST"]),
@@ -102,13 +112,13 @@ def create_app(engine: Engine, api_key=None, allowed_origins=(), max_body: int =
 
 
 class _KeyCheck:
-    """Pure ASGI (so streamed responses pass untouched): every HTTP request but GET / needs the bearer key."""
+    """Pure ASGI (so streamed responses pass untouched): every HTTP request but GET of PUBLIC needs the key."""
 
     def __init__(self, app, key: str):
         self.app, self.key = app, key.encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and not (scope["path"] == "/" and scope["method"] == "GET"):
+        if scope["type"] == "http" and not (scope["path"] in PUBLIC and scope["method"] == "GET"):
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not (given.startswith(b"Bearer ") and hmac.compare_digest(given[7:].strip(), self.key)):
                 if scope["method"] == "OPTIONS":  # a CORS preflight carries no credentials

@@ -9,6 +9,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 
 from .. import __version__
 from .engine import Engine
+from .openai_api import has_chat_template, require_chat_template
 from .schemas import OllamaChatRequest, OllamaGenerateRequest, OllamaShowRequest, RequestError, parse
 from .tools import AnswerStream, parse_tools, read_calls
 
@@ -22,15 +23,34 @@ def _details(engine: Engine) -> dict:
     quant = getattr(config, "quantization", None) or {}
     return {"format": "mlx", "family": getattr(config, "model_type", ""),
             "families": [getattr(config, "model_type", "")],
-            "parameter_size": _parameter_size(engine.model),
+            "parameter_size": _parameter_size(parameter_count(engine.model)),
             "quantization_level": f"Q{quant['bits']}" if quant.get("bits") else "F32"}
 
 
-def _parameter_size(model) -> str:
+def parameter_count(model) -> int:
+    """The model's parameters as its float twin has them. A quantized layer (anything with `bits` and
+    `scales`: nn.QuantizedLinear, nn.QuantizedEmbedding, Gemma 4's QuantizedSwitchLinear) stores its weight
+    packed, 32 // bits codes to a uint32 word, plus per-group scales and biases: its logical weight is the
+    packed width * 32 / bits, and the scales and biases (the grid, not the model) are not parameters. Its
+    `bias`, when it has one, is."""
     from mlx.utils import tree_flatten
 
-    n = sum(v.size for _, v in tree_flatten(model.parameters()))
-    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
+    quantized = {name: m.bits for name, m in model.named_modules() if hasattr(m, "bits") and "scales" in m}
+    n = 0
+    for path, v in tree_flatten(model.parameters()):
+        owner, _, leaf = path.rpartition(".")
+        bits = quantized.get(owner)
+        if bits is None:
+            n += v.size
+        elif leaf == "weight":
+            n += v.size * 32 // bits
+        elif leaf not in ("scales", "biases"):
+            n += v.size
+    return n
+
+
+def _parameter_size(n: int) -> str:
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
 
 
 def version() -> dict:
@@ -44,10 +64,13 @@ def tags(engine: Engine) -> dict:
 
 def show(engine: Engine, body) -> dict:
     parse(OllamaShowRequest, body)
-    capabilities = ["completion", "tools"] + (["vision"] if engine.takes_images else [])
+    # Tools go through the chat template: a base model (no template) has none, as Ollama reports it.
+    capabilities = (["completion"] + (["tools"] if has_chat_template(engine) else [])
+                    + (["vision"] if engine.takes_images else []))
+    # model_info's general.parameter_count is Ollama's key for the exact count (details has it rounded).
+    info = dict(engine.describe(), **{"general.parameter_count": parameter_count(engine.model)})
     return {"modelfile": "", "parameters": "", "template": getattr(engine.tokenizer, "chat_template", "") or "",
-            "details": _details(engine), "model_info": engine.describe(), "capabilities": capabilities,
-            "modified_at": _now()}
+            "details": _details(engine), "model_info": info, "capabilities": capabilities, "modified_at": _now()}
 
 
 def _options(engine: Engine, opts) -> dict:
@@ -61,6 +84,7 @@ def _options(engine: Engine, opts) -> dict:
 
 async def chat(engine: Engine, http_request, body):
     req = parse(OllamaChatRequest, body)
+    require_chat_template(engine, "/api/generate")
     tools = parse_tools(req.tools, None, True, getattr(engine.tokenizer, "chat_template", None) or "")
     request = engine.request(engine.chat(req.messages, tools), **_options(engine, req.options),
                              constraint=engine.structured(req.json_schema, tools))

@@ -18,6 +18,19 @@ def models(engine: Engine) -> dict:
                                          "owned_by": "mlxgemma"}]}
 
 
+def has_chat_template(engine: Engine) -> bool:
+    return bool(getattr(engine.tokenizer, "chat_template", None))
+
+
+def require_chat_template(engine: Engine, instead: str) -> None:
+    """A chat request to a base model (the default model is one) is refused before anything else, with the
+    way forward: the generic "no chat template" of the library would leave a new user stuck."""
+    if not has_chat_template(engine):
+        raise RequestError(f"this model has no chat template (a base model, which continues text): use {instead} "
+                           "with the text to continue, or serve an instruction-tuned checkpoint", param="messages",
+                           code="no_chat_template")
+
+
 def error_body(e: RequestError) -> dict:
     return {"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}}
 
@@ -88,6 +101,7 @@ def _sse(obj) -> str:
 
 async def chat_completions(engine: Engine, http_request, body) -> object:
     req = parse(ChatRequest, body)
+    require_chat_template(engine, "/v1/completions")
     tools = parse_tools(req.tools, req.tool_choice, req.parallel_tool_calls,
                         getattr(engine.tokenizer, "chat_template", None) or "")
     prompt = engine.chat(req.messages, tools)
