@@ -48,7 +48,7 @@ def main() -> int:
 
 def caption_in_batches(model, processor, files, args) -> None:
     from mlxgemma.generate import prompt_text
-    from mlxgemma.media.images import generate_batch
+    from mlxgemma.decode.batch import generate_batch
     from mlxgemma.media.processor import load_image
 
     prompt = "Describe this image in one sentence." if args.prompt is None else args.prompt

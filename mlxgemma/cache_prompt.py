@@ -12,7 +12,8 @@ import sys
 
 from .cli import DTYPE_CHOICES, load_for_cli, run
 from .errors import MlxGemmaError
-from .generate import check_text, read_prompt
+from .decode.prompt import check_text
+from .generate import read_prompt
 from .models import has_vision, is_encoder_decoder
 
 
@@ -21,7 +22,7 @@ def cache_prompt(model, tokenizer, prompt: str, path, image=None, max_kv_size=No
     """Prefill `prompt` (text; tokenizer may be Gemma 3's processor, with `image`) and save its caches to
     path (cache_file.save). Returns the number of tokens cached."""
     from .checkpoints import cache_file
-    from .decode.batch import fill
+    from .decode.decoder import fill
 
     if is_encoder_decoder(model):
         raise MlxGemmaError("T5Gemma 2 encodes each request afresh: a prompt-cache file is for decoder-only models")

@@ -15,7 +15,8 @@ from typing import Iterator, List, Optional, Sequence
 from .cli import (Terminated, add_generation_options, interrupt_ends_run, launched, load_draft, load_for_cli, run,
                   sampling_kwargs, share, shared_input)
 from .errors import MlxGemmaError
-from .generate import _with_system, apply_template, check_options, check_prompt, prompt_ids, stream_generate
+from .decode.prompt import apply_template, check_prompt, prompt_ids, with_system
+from .generate import check_options, stream_generate
 from .media.images import block_start, encode_prompt, images_from
 from .models import has_vision, is_encoder_decoder
 
@@ -110,7 +111,7 @@ class ChatSession:
         """(ids, the images' features): the conversation through the template (and the processor)."""
         if self.processor is None:
             return prompt_ids(self.tokenizer, messages, self.system), None
-        text = apply_template(self.tokenizer, _with_system(self.system, messages), tokenize=False)
+        text = apply_template(self.tokenizer, with_system(self.system, messages), tokenize=False)
         return encode_prompt(self.model, self.processor, text, images)
 
 

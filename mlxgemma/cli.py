@@ -18,13 +18,19 @@ def add_generation_options(p, max_tokens: int = 100) -> None:
     """mlx_lm.generate's sampling and cache options (and its --max-tokens default of 100)."""
     p.add_argument("--model", default=None, help="MLX/HF directory, Hub repo id or .gguf (default: the embedded "
                    "Gemma 3 270M of mlxgemma[demo])")
-    p.add_argument("--max-tokens", "-m", type=int, default=max_tokens)
-    p.add_argument("--temp", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-tokens", "-m", type=int, default=max_tokens,
+                   help="tokens to generate at most (default: %(default)s)")
+    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the most likely tokens up to "
+                   "this probability mass; 1 keeps all (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 is off "
+                   "(default: %(default)s)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens less likely than this fraction of the "
+                   "most likely one; 0 is off (default: %(default)s)")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="penalize the last 20 tokens (mlx-lm's); e.g. 1.1 (default: off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same tokens "
+                   "(default: random)")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--max-kv-size", type=int, default=None,
                    help="bound every KV cache to this many tokens (full layers then attend to a window)")
@@ -43,6 +49,17 @@ def add_generation_options(p, max_tokens: int = 100) -> None:
     p.add_argument("--prompt-lookup-ngram", type=int, default=None, help="speculate without a draft model: "
                    "propose what followed the last N tokens where they occurred before (prompt lookup)")
     add_pipeline_option(p)
+
+
+def unescape(text: str) -> str:
+    """A command-line string with its backslash escapes made real (--stop "\\n\\n" is two newlines, as a user
+    typing it means); text that is not a valid escape sequence stays as typed."""
+    if "\\" not in text:
+        return text
+    try:
+        return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError:
+        return text
 
 
 def add_pipeline_option(p) -> None:

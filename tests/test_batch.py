@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 import mlxgemma
-from mlxgemma.decode.batch import Batch, Sampling, fill, prefill, sample
+from decode_util import GreedyBatch
+from mlxgemma.decode.decoder import fill, prefill
+from mlxgemma.decode.sampling import SamplingOptions, sample
 from mlxgemma.server.prompt_cache import PromptCache, snapshot
 from reference import (TOL, WINDOW, hf_model, hf_t5gemma2, image_prompt, max_diff, random_ids, random_pixels,
                        save_and_load, tiny_tokenizer)
@@ -35,23 +37,19 @@ def _batched(model, prompts, steps, make_cache=None, first_inputs=None):
     """Rows join two steps apart and leave when done; returns each row's tokens and chosen logprobs, and the
     largest difference of a row's full log-probabilities from its own prefill path run alone."""
     make_cache = make_cache or (lambda i: model.make_cache())
-    batch, rows, waiting, turn = Batch(model), [], list(range(len(prompts))), 0
+    batch, rows, waiting, turn = GreedyBatch(model), [], list(range(len(prompts))), 0
     results = {}
     while waiting or rows:
         if waiting and turn % 2 == 0:
             i = waiting.pop(0)
-            cache = make_cache(i)
-            lp = prefill(model, cache, prompts[i])
+            lp = batch.add(make_cache(i), prompts[i])
             tok = int(mx.argmax(lp))
             rows.append([i, [tok], [lp[tok].item()]])
-            batch.add(cache, tok)
         turn += 1
         if not rows:
             continue
         lps = batch.step()
-        toks = sample(lps, [Sampling() for _ in rows])
-        batch.tokens = toks
-        for r, (row, t) in enumerate(zip(rows, toks.tolist())):
+        for r, (row, t) in enumerate(zip(rows, batch.last)):
             row[1].append(t)
             row[2].append(lps[r, t].item())
         done = [r for r, row in enumerate(rows) if len(row[1]) >= steps]
@@ -85,16 +83,13 @@ def test_batch_full_logits_equal_alone(tmp_path):
             tok = int(mx.argmax(out[-1]))
             out.append(prefill(model, cache, [tok]))
         alone.append(mx.stack(out))
-    batch = Batch(model)
+    batch = GreedyBatch(model)
     for p in prompts:
-        cache = model.make_cache()
-        first = prefill(model, cache, p)
-        batch.add(cache, int(mx.argmax(first)))
+        batch.add(model.make_cache(), p)
     worst = 0.0
     for step in range(1, STEPS):
         lps = batch.step()
         worst = max(worst, max_diff(lps, mx.stack([a[step] for a in alone])))
-        batch.tokens = mx.argmax(lps, axis=-1)
     assert worst <= TOL
 
 
@@ -121,9 +116,10 @@ def test_t5gemma2_decoder_rows_batched(tmp_path):
 
 def test_seeded_sampling_is_per_row():
     logprobs = mx.log(mx.softmax(mx.random.normal((3, 50), key=mx.random.key(0)), axis=-1))
-    draw = lambda seeds: [sample(logprobs, [Sampling(temp=1.0, seed=s) for s in seeds]).tolist() for _ in range(1)]
+    draw = lambda seeds: [sample(logprobs, [SamplingOptions(temp=1.0, seed=s).sampler() for s in seeds]).tolist()
+                          for _ in range(1)]
     assert draw([1, 2, 3]) == draw([1, 2, 3])
-    alone = sample(logprobs[1:2], [Sampling(temp=1.0, seed=2)]).tolist()
+    alone = sample(logprobs[1:2], [SamplingOptions(temp=1.0, seed=2).sampler()]).tolist()
     assert draw([1, 2, 3])[0][1] == alone[0]
 
 

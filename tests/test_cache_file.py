@@ -92,7 +92,7 @@ def test_chat_continues_the_cached_prompt(ckpts, tmp_path):
 
 
 def _prefilled(model, tok):
-    from mlxgemma.decode.batch import fill
+    from mlxgemma.decode.decoder import fill
 
     ids, cache = list(tok.encode(PREFIX)), model.make_cache()
     fill(model, cache, ids)

@@ -215,7 +215,7 @@ def test_repl_image_command(ckpt, monkeypatch, capsys):
 
 
 def test_generate_batch_rows_equal_each_alone(ckpt):
-    from mlxgemma.media.images import generate_batch
+    from mlxgemma.decode.batch import generate_batch
 
     _, path, images = ckpt
     model, processor = mlxgemma.load(path)

@@ -18,7 +18,8 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 import mlxgemma
-from mlxgemma.decode.batch import Batch, prefill
+from decode_util import GreedyBatch
+from mlxgemma.decode.decoder import prefill
 from reference import TOL, WINDOW, hf_logits, max_diff, random_ids, randomize, save_checkpoint
 
 S, F = "sliding_attention", "full_attention"
@@ -194,15 +195,11 @@ def test_batch_rows_equal_alone(variant):
     past the window, decode together as each does alone."""
     _, model, _, _ = variant("E")
     prompts = [random_ids(1, n, seed=n)[0].tolist() for n in (1, WINDOW + 1, 2 * WINDOW + 3)]
-    batch, firsts = Batch(model), []
+    batch, firsts = GreedyBatch(model), []
     for p in prompts:
-        cache = model.make_cache()
-        lp = prefill(model, cache, p, step=4)
-        firsts.append(int(mx.argmax(lp)))
-        batch.add(cache, firsts[-1])
+        firsts.append(int(mx.argmax(batch.add(model.make_cache(), p, step=4))))
     steps = [batch.step()]
     for _ in range(WINDOW + 2):
-        batch.tokens = mx.argmax(steps[-1], axis=-1)
         steps.append(batch.step())
     for b, p in enumerate(prompts):
         tokens = [firsts[b]] + [int(mx.argmax(s[b])) for s in steps[:-1]]

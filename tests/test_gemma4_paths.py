@@ -7,7 +7,7 @@ import mlx.core as mx
 import pytest
 
 import mlxgemma
-from mlxgemma.decode.batch import prefill
+from mlxgemma.decode.decoder import prefill
 from mlxgemma.chat import ChatSession
 from reference import TOL, WINDOW, max_diff, random_ids
 from server_util import chat_checkpoint

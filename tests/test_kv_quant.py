@@ -150,7 +150,7 @@ def test_with_speculation_and_cache_files(ckpts, tmp_path):
     plain = _run(model, tok, PROMPT, **options)
     spec = _run(model, tok, PROMPT, prompt_lookup_ngram=1, **options)
     assert spec[0] == plain[0] and np.max(np.abs(spec[1] - plain[1])) <= 1e-4
-    from mlxgemma.decode.batch import fill
+    from mlxgemma.decode.decoder import fill
     from mlxgemma.models.quantized_cache import quantize_cache
 
     cache = model.make_cache()

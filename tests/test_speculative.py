@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import mlxgemma
-from mlxgemma.decode import speculative
+from mlxgemma.decode import proposers as speculative
 from mlxgemma.errors import MlxGemmaError
 from reference import WINDOW, hf_model, hf_t5gemma2, image_prompt, random_pixels, save_checkpoint, save_t5_checkpoint
 
@@ -104,13 +104,16 @@ def test_sampling_keeps_the_target_distribution(with_draft):
     draft (prompt lookup) the proposal is certain and always the same token."""
     p = np.array([0.4, 0.3, 0.1, 0.1, 0.05, 0.05])
     q = np.array([0.05, 0.05, 0.1, 0.2, 0.3, 0.3])
-    sampler, rng = speculative.Sampler(temp=1.0), np.random.default_rng(0)
-    mx.random.seed(0)
+    from mlxgemma.decode.decoder import Decoder, Row
+    from mlxgemma.decode.sampling import SamplingOptions
+
+    sampler, rng = SamplingOptions(temp=1.0, seed=0).sampler(), np.random.default_rng(0)
     logprobs = mx.log(mx.array(np.stack([p, p]), dtype=mx.float32))
     first = []
     for _ in range(4000):
         d = int(rng.choice(6, p=q)) if with_draft else 4
-        kept, final = speculative._accept(sampler, logprobs, [d], [mx.array(q, dtype=mx.float32)] if with_draft else None)
+        row = Row(sampler, [0], 2, probs=[mx.array(q, dtype=mx.float32)] if with_draft else [])
+        kept, final = Decoder._accept(row, logprobs, [d])
         first.append(d if kept else final)
     freq = np.bincount(first, minlength=6) / len(first)
     assert 0.5 * np.abs(freq - p).sum() < 0.05

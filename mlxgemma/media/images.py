@@ -113,37 +113,3 @@ def block_start(ids: List[int], n: int, image_token: int) -> int:
     while 0 < n < len(ids) and ids[n] == image_token and ids[n - 1] == image_token:
         n -= 1
     return n
-
-
-def generate_batch(model, processor, texts: List[str], images: List[list], max_tokens: int = 32) -> List[str]:
-    """Greedy completions of several image prompts at once (captioning a folder): every row's images go
-    through the tower in one forward, each row is prefilled alone (its image blocks whole), then all rows
-    decode together in one batched forward per token (mlxgemma.batch), each leaving at its eos."""
-    from ..decode.batch import Batch
-
-    if len(texts) != len(images):
-        raise MlxGemmaError(f"{len(texts)} prompts but {len(images)} image lists")
-    rows = [processor(t, list(im) or None) for t, im in zip(texts, images)]
-    pixels = [r["pixel_values"] for r in rows if "pixel_values" in r]
-    features = FEATURES.encode(model, np.concatenate(pixels)) if pixels else None
-    batch, outputs, image, eos = Batch(model), [[] for _ in rows], 0, set(processor.tokenizer.eos_token_ids)
-    for r in rows:
-        ids = r["input_ids"][0].tolist()
-        k = count_images(ids, model.config.image_token_index)
-        cache = model.make_cache()
-        prefill(model, cache, ids[:-1], features[image:image + k] if k else None)
-        image += k
-        batch.add(cache, int(mx.argmax(model(mx.array([ids[-1:]]), cache=cache)[0, -1]).item()))
-    alive = list(range(len(rows)))
-    for _ in range(max_tokens):
-        tokens = batch.tokens.tolist()
-        for i, t in zip(alive, tokens):
-            outputs[i].append(t)
-        keep = [j for j, t in enumerate(tokens) if t not in eos and len(outputs[alive[j]]) < max_tokens]
-        if not keep:
-            break
-        if len(keep) < len(alive):
-            batch.keep(keep)
-            alive = [alive[j] for j in keep]
-        batch.tokens = mx.argmax(batch.step(), axis=-1)
-    return [processor.tokenizer.decode([t for t in out if t not in eos]) for out in outputs]

@@ -40,6 +40,16 @@ def _map(fn, x):
     return tuple(fn(a) for a in x) if isinstance(x, tuple) else fn(x)
 
 
+def _map2(fn, x, y):
+    return tuple(fn(a, b) for a, b in zip(x, y)) if isinstance(x, tuple) else fn(x, y)
+
+
+def _rolled(slot: int, new: int, old: int, window: int) -> bool:
+    """Whether a ring slot was written by a position in [new, old) (what a rollback to `new` undoes)."""
+    first = new + (slot - new) % window  # the first position >= new that lives in this slot
+    return first < old
+
+
 def _single(window: Optional[int], quantized: Optional[tuple]):
     """An empty single-sequence cache of a kind: full or rotating, float or quantized (group size, bits)."""
     if quantized:
@@ -54,6 +64,7 @@ class _BatchCache:
 
     window: Optional[int] = None
     quantized: Optional[tuple] = None  # (group size, bits) of quantized rows (--kv-bits)
+    journal: Optional[tuple] = None  # the buffers at mark(), for rollback
 
     def __init__(self, keys, values, lengths: List[int]):
         self.keys, self.values, self.lengths = keys, values, list(lengths)
@@ -92,6 +103,7 @@ class _BatchCache:
 
     def keep(self, rows: List[int]) -> None:
         """Only these rows stay, in this order; buffers shrink to what the longest remaining row needs."""
+        self.journal = None
         self.lengths = [self.lengths[i] for i in rows]
         index = mx.array(rows, dtype=mx.int32)
         size = self._slots(max(self.lengths))
@@ -99,40 +111,93 @@ class _BatchCache:
         self.offset = self.offset[index]
 
     def mask(self, L: int, valid=None) -> mx.array:
-        """Which slots each row's query (at position offset[b]) sees, once this step's key is written: a full
-        layer the positions 0..offset[b]; a sliding layer every filled slot (all lie inside the window)."""
-        if L != 1 or valid is not None:
-            raise ValueError("a batch cache takes one unpadded token per row and step")
-        filled = self.offset + 1 if self.window is None else mx.minimum(self.offset + 1, self.window)
-        size = self._slots(max(self.lengths) + 1)
-        return (mx.arange(size)[None] < filled[:, None])[:, None, None, :]
+        """Which keys each row's queries (at positions offset[b] + i) see. One token: a full layer the slots
+        0..offset[b]; a sliding layer every filled slot (all lie inside the window). Several (speculative
+        verification): a full layer the slots up to each query's position; a sliding layer the ring as it was
+        before this step, by the position each slot holds, followed by the new keys causally."""
+        if valid is not None:
+            raise ValueError("a batch cache takes unpadded tokens")
+        if L == 1:
+            filled = self.offset + 1 if self.window is None else mx.minimum(self.offset + 1, self.window)
+            size = self._slots(max(self.lengths) + 1)
+            return (mx.arange(size)[None] < filled[:, None])[:, None, None, :]
+        query = self.offset[:, None] + mx.arange(L)[None]  # (B, L)
+        if self.window is None:
+            size = max(self.lengths) + L
+            return (mx.arange(size)[None, None] <= query[:, :, None])[:, None]
+        W, held = self.window, self._slots(max(self.lengths))
+        before = self.offset[:, None] - 1
+        position = before - (before - mx.arange(held)[None]) % W  # (B, held): what each slot holds
+        old = (position[:, None] >= 0) & (position[:, None] > query[:, :, None] - W)
+        new = mx.broadcast_to(mx.tril(mx.ones((L, L), dtype=mx.bool_))[None], (old.shape[0], L, L))
+        return mx.concatenate([old, new], axis=2)[:, None]
 
     def record_padding(self, L: int, valid=None) -> None:
         pass
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
+        """Write each row's L new tokens at its own slots; returns what attention reads (see mask)."""
         if self.quantized:
             from .quantized_cache import quantize_kv
 
             keys, values = quantize_kv(keys, values, *self.quantized)
-        size = self._slots(max(self.lengths) + 1)
+        L = (keys[0] if isinstance(keys, tuple) else keys).shape[2]
+        if self.window is not None and L > self.window:
+            raise ValueError(f"a batch cache takes at most its window ({self.window}) tokens a step")
+        longest = max(self.lengths)
+        before = (_map(lambda a: a[..., : self._slots(longest), :], self.keys),
+                  _map(lambda a: a[..., : self._slots(longest), :], self.values))
+        size = self._slots(longest + L)
         held = (self.keys[0] if isinstance(self.keys, tuple) else self.keys).shape[2]
         if size > held:
-            grown = held + STEP
+            grown = max(held + STEP, size)
             grown = grown if self.window is None else min(grown, self.window)
             self.keys, self.values = _pad_to(self.keys, grown), _pad_to(self.values, grown)
+        slots = self.offset[:, None] + mx.arange(L)[None]
+        slots = slots if self.window is None else slots % self.window
 
         def put(buf, new):
-            slot = mx.broadcast_to(self._slot()[:, None, None, None], new.shape)
-            return mx.put_along_axis(buf, slot, new, axis=2)
+            return mx.put_along_axis(buf, mx.broadcast_to(slots[:, None, :, None], new.shape), new, axis=2)
         if self.quantized:
             self.keys = tuple(put(b, n) for b, n in zip(self.keys, keys))
             self.values = tuple(put(b, n) for b, n in zip(self.values, values))
         else:
             self.keys, self.values = put(self.keys, keys), put(self.values, values)
-        self.offset = self.offset + 1
-        self.lengths = [n + 1 for n in self.lengths]
+        self.offset = self.offset + L
+        self.lengths = [n + L for n in self.lengths]
+        if L > 1 and self.window is not None:  # the ring before this step, then the new keys
+            join = lambda old, new: _map2(lambda o, n: mx.concatenate([o, n], axis=2), old, new)  # noqa: E731
+            return join(before[0], keys), join(before[1], values)
         return (_map(lambda a: a[..., :size, :], self.keys), _map(lambda a: a[..., :size, :], self.values))
+
+    # Speculative verification: mark before a step of several tokens, then roll each row back by its own count.
+
+    def mark(self) -> None:
+        """Remember the buffers (updates are not in place, so they stay as they are) for rollback."""
+        self.journal = (self.keys, self.values)
+
+    def unmark(self) -> None:
+        self.journal = None
+
+    def rollback(self, counts) -> None:
+        """Drop the newest counts[b] tokens of each row b (not before the mark): offsets go back and, on a
+        sliding layer, the ring slots those tokens overwrote get back what they held."""
+        counts = [int(c) for c in counts]
+        if not any(counts):
+            return
+        lengths = [n - c for n, c in zip(self.lengths, counts)]
+        # Without a mark only the last token can go: its slot is written again before anything reads it.
+        if self.window is not None and self.journal is None and max(counts) > 1:
+            raise ValueError("a sliding batch cache rolls back more than one token only to a mark")
+        if self.window is not None and self.journal is not None:
+            keys, values = self.journal[:2]
+            size = (self.keys[0] if isinstance(self.keys, tuple) else self.keys).shape[2]
+            restore = mx.array([[_rolled(s, n, old, self.window) for s in range(size)]
+                                for n, old in zip(lengths, self.lengths)])[:, None, :, None]
+            self.keys = _map2(lambda cur, prev: mx.where(restore, _pad_to(prev, size), cur), self.keys, keys)
+            self.values = _map2(lambda cur, prev: mx.where(restore, _pad_to(prev, size), cur), self.values, values)
+        self.lengths = lengths
+        self.offset = mx.array(lengths, dtype=mx.int32)
 
     @property
     def nbytes(self) -> int:

@@ -112,6 +112,18 @@ class KVCache:
         self.offset -= n
         return n
 
+    # Speculative verification (the decoder's interface, shared with the batch caches): mark before a step
+    # of several tokens, roll back the rejected ones. A full cache is cut back at any time.
+    def mark(self) -> None:
+        pass
+
+    def unmark(self) -> None:
+        pass
+
+    def rollback(self, counts) -> None:
+        """Drop the newest counts[0] tokens (one row: a list, as for a batch), exactly, or fail."""
+        _rollback(self, counts)
+
     @property
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
@@ -158,6 +170,14 @@ def _ring_update(buf: Optional[mx.array], x: mx.array, offset: int, window: int,
     shift = end % window if end > window else 0  # slot of the oldest kept token
     # A slice shares its parent's buffer: copy it, or a long prefill's keys all stay allocated.
     return (mx.roll(tail, shift, axis=2) if shift else mx.contiguous(tail)), seen
+
+
+def _rollback(cache, counts) -> None:
+    n = int(counts[0]) if isinstance(counts, (list, tuple)) else int(counts)
+    if n > 0 and cache.trim(n) != n:
+        from ..errors import MlxGemmaError
+
+        raise MlxGemmaError(f"a cache could not roll back {n} tokens exactly")  # never happens once marked
 
 
 def _tree(fn, x):
@@ -265,6 +285,10 @@ class RotatingKVCache:
 
     def is_trimmable(self) -> bool:
         return True
+
+    def rollback(self, counts) -> None:
+        """Drop the newest counts[0] tokens exactly (back to the mark, past the window too), or fail."""
+        _rollback(self, counts)
 
     def trim(self, n: int) -> int:
         """Drop the newest n tokens, as far as it stays exact: all of them until the buffer has wrapped,

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..cli import DTYPE_CHOICES, add_pipeline_option, launched, load_for_cli, run
+from ..cli import DTYPE_CHOICES, add_pipeline_option, launched, load_draft, load_for_cli, run
 from ..errors import MlxGemmaError
 from ..models import is_encoder_decoder
 
@@ -27,11 +27,12 @@ def configure_parser() -> argparse.ArgumentParser:
                    "(default: $MLXGEMMA_API_KEY when set)")
     p.add_argument("--allowed-origins", default="", help="comma-separated origins that get CORS headers "
                    "(default: none)")
-    p.add_argument("--temp", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--temp", type=float, default=0.0, help="default temperature of requests that send none; 0 is "
+                   "greedy (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=1.0, help="default top-p (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=0, help="default top-k; 0 is off (default: %(default)s)")
+    p.add_argument("--min-p", type=float, default=0.0, help="default min-p; 0 is off (default: %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=512, help="default max tokens (default: %(default)s)")
     p.add_argument("--chat-template-args", type=json.loads, default={},
                    help='JSON arguments for the chat template, e.g. \'{"enable_thinking": false}\'')
     p.add_argument("--decode-concurrency", type=int, default=32, help="rows decoded together at most")
@@ -41,9 +42,11 @@ def configure_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-bits", type=int, default=None, choices=[4, 8],
                    help="keep every request's KV caches quantized to this many bits, from its prefill on")
     p.add_argument("--kv-group-size", type=int, default=64, help="group size of the quantized KV caches")
-    p.add_argument("--prompt-lookup-ngram", type=int, default=None,
-                   help="speculate by prompt lookup while one greedy request decodes alone (output unchanged)")
-    p.add_argument("--num-draft-tokens", type=int, default=3, help="tokens proposed per step (default 3)")
+    p.add_argument("--draft-model", default=None, help="a smaller model of the same tokenizer that proposes tokens "
+                   "for every request to check (speculative decoding; each output as without it)")
+    p.add_argument("--prompt-lookup-ngram", type=int, default=None, help="speculate without a draft model: "
+                   "propose what followed the last N tokens where they occurred before (output unchanged)")
+    p.add_argument("--num-draft-tokens", type=int, default=3, help="tokens proposed per step (default: %(default)s)")
     p.add_argument("--prompt-cache-file", action="append", default=[],
                    help="a prompt cached by python -m mlxgemma.cache_prompt, kept in the prompt cache from the "
                         "start: a prompt that begins with it prefills only the rest (repeatable)")
@@ -58,9 +61,6 @@ def check_args(args) -> None:
     for ok, message in [
         (0 < args.port < 65536, f"--port must be in 1..65535, got {args.port}"),
         (args.max_tokens > 0, f"--max-tokens must be positive, got {args.max_tokens}"),
-        (args.temp >= 0, f"--temp must be >= 0, got {args.temp}"),
-        (0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
-        (args.top_k >= 0 and 0 <= args.min_p <= 1, "--top-k must be >= 0 and --min-p in [0, 1]"),
         (args.decode_concurrency > 0, "--decode-concurrency must be positive"),
         (args.prefill_step_size > 0, "--prefill-step-size must be positive"),
         (args.prompt_cache_size >= 0, "--prompt-cache-size must be >= 0"),
@@ -71,11 +71,14 @@ def check_args(args) -> None:
         (args.prompt_lookup_ngram is None or args.prompt_lookup_ngram > 0, "--prompt-lookup-ngram must be positive"),
         (args.num_draft_tokens > 0, "--num-draft-tokens must be positive"),
         (isinstance(args.chat_template_args, dict), "--chat-template-args must be a JSON object"),
+        (not (args.draft_model and args.prompt_lookup_ngram), "give --draft-model or --prompt-lookup-ngram, not both"),
     ]:
         if not ok:
             raise MlxGemmaError(message)
+    from ..decode.sampling import SamplingOptions
     from ..models.quantized_cache import check_kv_options
 
+    SamplingOptions(args.temp, args.top_p, args.top_k, args.min_p)  # the same check as every request's
     check_kv_options(args.kv_bits, args.kv_group_size)
 
 
@@ -139,9 +142,13 @@ def build(args):
         raise MlxGemmaError("--kv-bits: the server's T5Gemma 2 batches keep float caches (generate takes --kv-bits)")
     for f in args.prompt_cache_file:
         preload(cache, model, f, args.kv_bits, args.kv_group_size)
+    draft = load_draft(args)
+    if draft is not None and is_encoder_decoder(draft):
+        raise MlxGemmaError("--draft-model: the server's draft must be a decoder-only model (a T5Gemma 2 draft "
+                            "would encode every request again); generate takes one")
     scheduler = Scheduler(model, tokenizer.tokenizer if hasattr(tokenizer, "images_per_prompt") else tokenizer,
                           cache, args.decode_concurrency, args.prefill_step_size, args.kv_bits,
-                          args.kv_group_size, args.prompt_lookup_ngram, args.num_draft_tokens,
+                          args.kv_group_size, args.prompt_lookup_ngram, args.num_draft_tokens, draft,
                           Ranks(group) if group is not None else None)
     if group is None or group.rank() == 0:
         scheduler.start()  # (the other ranks' loop runs on their main thread: main)

@@ -14,7 +14,8 @@ import numpy as np
 
 from ..decode.constrained import Constraint, grammar_of, logits_width
 from ..errors import MlxGemmaError
-from ..generate import apply_template, check_prompt, check_text
+from ..decode.prompt import apply_template, check_prompt, check_text
+from ..decode.sampling import SamplingOptions
 from ..models import has_vision, is_encoder_decoder
 from ..media.processor import decode_image
 from .scheduler import Request, Scheduler
@@ -236,9 +237,13 @@ class Engine:
     def request(self, prompt: Prompt, *, max_tokens=None, temperature=None, top_p=None, top_k=None, min_p=None,
                 seed=None, stop=(), n=1, top_logprobs=0, constraint=None) -> Request:
         d = self.defaults
-        sampling = dict(temp=d.temp if temperature is None else temperature, top_p=d.top_p if top_p is None else top_p,
-                        top_k=d.top_k if top_k is None else top_k, min_p=d.min_p if min_p is None else min_p,
-                        seed=seed)
+        try:  # (the schemas bound each field as the APIs do; this is the decode core's own check)
+            sampling = SamplingOptions(temp=d.temp if temperature is None else temperature,
+                                       top_p=d.top_p if top_p is None else top_p,
+                                       top_k=d.top_k if top_k is None else top_k,
+                                       min_p=d.min_p if min_p is None else min_p, seed=seed)
+        except MlxGemmaError as e:
+            raise RequestError(str(e)) from None
         return Request(prompt.ids, emit=None, max_tokens=max_tokens or d.max_tokens, sampling=sampling, n=n,
                        stop=list(stop or []), top_logprobs=top_logprobs or 0, encoder=prompt.encoder,
                        context=self.context, pixel_values=prompt.pixel_values, key=prompt.key, constraint=constraint)

@@ -10,6 +10,7 @@ Idle, rank 0 sends an empty update every half second (the scheduler's own wait f
 """
 
 import base64
+import dataclasses
 import json
 import random
 from typing import Optional, Set, Tuple
@@ -18,6 +19,7 @@ import numpy as np
 
 from ..cli import share
 from ..decode.constrained import Constraint
+from ..decode.sampling import SamplingOptions
 
 
 class Ranks:
@@ -38,8 +40,8 @@ class Ranks:
         new = [r for r in scheduler.waiting if r.uid is None]
         for r in new:
             r.uid, self.numbered = self.numbered, self.numbered + 1
-            if r.sampling.get("seed") is None:  # one draw, shared: each rank's own would differ
-                r.sampling["seed"] = random.getrandbits(62)
+            if r.sampling.seed is None:  # one draw, shared: each rank's own would differ
+                r.sampling = dataclasses.replace(r.sampling, seed=random.getrandbits(62))
         gone = [r.uid for r in scheduler.held() if r.cancelled]
         return {"new": [_spec(r) for r in new], "gone": gone, "stop": stop}
 
@@ -52,12 +54,13 @@ class Ranks:
         encoder = spec.pop("encoder")
         encoder = {k: _array(v) for k, v in encoder.items()} if encoder is not None else None
         pixels = _array(spec.pop("pixel_values"))
+        spec["sampling"] = SamplingOptions(**spec["sampling"])
         return Request(**spec, emit=_nowhere, encoder=encoder, pixel_values=pixels, constraint=constraint)
 
 
 def _spec(r) -> dict:
     c = r.constraint
-    return dict(uid=r.uid, prompt=list(r.prompt), max_tokens=r.max_tokens, sampling=r.sampling, n=r.n,
+    return dict(uid=r.uid, prompt=list(r.prompt), max_tokens=r.max_tokens, sampling=dataclasses.asdict(r.sampling), n=r.n,
                 stop=list(r.stop), top_logprobs=r.top_logprobs, context=r.context, key=r.key,
                 encoder={k: _bytes(v) for k, v in r.encoder.items()} if r.encoder is not None else None,
                 pixel_values=_bytes(r.pixel_values), grammar=[c.grammar, c.vocab_size] if c is not None else None)

@@ -16,16 +16,16 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
 import mlx.core as mx
-import numpy as np
 
-from ..decode.batch import Batch, Sampling, fill, prefill, sample
-from ..decode.constrained import masked_logprobs as constrained_logprobs
-from ..generate import _held_back
+from ..decode.decoder import Decoder, Emitted, Row, fill, forward
+from ..decode.proposers import DraftModel, PromptLookup
+from ..decode.sampling import SamplingOptions
+from ..decode.stream import TextStream
 from ..media.images import FEATURES, block_end, count_images, images_from
 from ..media.images import prefill as images_prefill
 from ..models import has_vision, is_encoder_decoder
+from ..models.batch_cache import BatchEncoderDecoderCache, merge_caches
 from ..models.quantized_cache import quantize_cache
-from ..decode.speculative import Sampler, _accept, lookup, mark, rewind, unmark
 from .prompt_cache import PromptCache, snapshot
 
 log = logging.getLogger("mlxgemma.server")
@@ -41,7 +41,7 @@ class Request:
     prompt: List[int]
     emit: Callable
     max_tokens: int = 256
-    sampling: dict = field(default_factory=dict)  # temp, top_p, top_k, min_p, seed
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
     n: int = 1
     stop: List[str] = field(default_factory=list)
     top_logprobs: int = 0  # 0: only the chosen token's logprob
@@ -73,14 +73,12 @@ class Token:
 
 
 @dataclass
-class Row:
+class Slot:
+    """A decoder row's place in a request: which of its n choices, and that choice's text stream."""
+
     request: Request
     index: int
-    sampler: Sampling
-    detokenizer: object
-    generated: List[int] = field(default_factory=list)
-    pending: str = ""  # text held back while it could still become a stop string
-    constraint: Optional[object] = None  # this row's own grammar state
+    stream: TextStream
 
 
 def materialize(model) -> None:
@@ -91,45 +89,41 @@ def materialize(model) -> None:
         mx.eval([v for v in [*vars(module).values(), *module.values()] if isinstance(v, mx.array)])
 
 
-def masked_logprobs(logprobs: mx.array, rows: List[Row]) -> mx.array:
-    """(B, vocab) log-probabilities with each constrained row's disallowed tokens at -inf and renormalized
-    (so that top-p and min-p see the allowed tokens' distribution). The forward is queued first: the masks
-    are computed while it runs."""
-    if all(row.constraint is None for row in rows):
-        return logprobs
-    mx.async_eval(logprobs)
-    words = next(row.constraint for row in rows if row.constraint is not None).bitmask.shape[1]
-    bitmask = np.full((len(rows), words), -1, dtype=np.int32)
-    for i, row in enumerate(rows):
-        if row.constraint is not None:
-            bitmask[i] = row.constraint.mask()
-    return constrained_logprobs(logprobs, bitmask)
-
-
 class Scheduler:
     def __init__(self, model, tokenizer, prompt_cache: Optional[PromptCache] = None, decode_concurrency: int = 32,
                  prefill_step_size: int = 2048, kv_bits: Optional[int] = None, kv_group_size: int = 64,
-                 prompt_lookup_ngram: Optional[int] = None, num_draft_tokens: int = 3, ranks=None):
-        """ranks (ranks.Ranks): under mlx.launch, every rank runs this loop; rank 0 tells the others what
-        arrives (see ranks.py), and their loop runs on their main thread (follow)."""
+                 prompt_lookup_ngram: Optional[int] = None, num_draft_tokens: int = 3, draft_model=None, ranks=None):
+        """draft_model or prompt_lookup_ngram: every row decodes speculatively (decode/decoder.py), each with
+        the output it would have alone without speculation. ranks (ranks.Ranks): under mlx.launch, every rank
+        runs this loop; rank 0 tells the others what arrives (see ranks.py), and their loop runs on their main
+        thread (follow)."""
         self.model, self.tokenizer = model, tokenizer
         self.encoder_decoder = is_encoder_decoder(model)
         self.prompt_cache = prompt_cache if not self.encoder_decoder else None
         self.decode_concurrency, self.prefill_step_size = decode_concurrency, prefill_step_size
         self.kv_bits, self.kv_group_size = kv_bits, kv_group_size  # quantized from the start: rows batch alike
-        self.lookup = (prompt_lookup_ngram, num_draft_tokens) if prompt_lookup_ngram else None
-        self.eos = set(tokenizer.eos_token_ids)
+        self.draft_model, self.lookup, self.num_draft = draft_model, prompt_lookup_ngram, num_draft_tokens
         self.image_token = model.config.image_token_index if has_vision(model) else None
         self.inbox: "queue.Queue[Request]" = queue.Queue()
         self.waiting: List[Request] = []
         self.prefilling = None  # (request, cache, ids still to feed)
-        self.batch, self.rows = Batch(model), []
-        self.inflight = None  # a queued decode step (see _step)
+        self.decoder = self._decoder()
         self.stats = {"requests": 0, "cancelled": 0, "peak_rows": 0, "proposed": 0, "accepted": 0}
         self.ranks = ranks
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="mlxgemma-scheduler", daemon=True)
         materialize(model)
+        if draft_model is not None:
+            materialize(draft_model)
+
+    def _decoder(self) -> Decoder:
+        proposer = (DraftModel(self.draft_model) if self.draft_model is not None else
+                    PromptLookup(self.lookup) if self.lookup else None)
+        return Decoder(self.model, proposer, self.num_draft)
+
+    @property
+    def rows(self) -> List[Row]:
+        return self.decoder.rows
 
     def start(self) -> "Scheduler":
         self.thread.start()
@@ -171,12 +165,12 @@ class Scheduler:
                     break
                 self._drop_cancelled(gone)
                 if self.prefilling or (self.waiting and len(self.rows) < self.decode_concurrency):
-                    if self.inflight is not None:  # stream the queued step before the batch changes
+                    if self.decoder.inflight is not None:  # stream the queued step before the batch changes
                         self._step()
                     self._prefill_chunk()
                 if self.rows:
                     self.stats["peak_rows"] = max(self.stats["peak_rows"], len(self.rows))
-                    self._speculative_step() if self._speculating() and self.inflight is None else self._step()
+                    self._step()
             except Exception as e:  # never let one failure stop the server: fail what was running
                 log.exception("scheduler step failed")
                 self._fail_all(f"internal error: {type(e).__name__}: {e}")
@@ -196,7 +190,7 @@ class Scheduler:
     def held(self) -> List[Request]:
         """The requests waiting, prefilling and decoding."""
         prefilling = [self.prefilling[0]] if self.prefilling else []
-        return self.waiting + prefilling + [row.request for row in self.rows]
+        return self.waiting + prefilling + [row.tag.request for row in self.rows]
 
     def _drop_cancelled(self, numbers=None) -> None:
         """Requests whose client left: out of the queue, the prefill and the batch. Under mlx.launch, those
@@ -209,9 +203,10 @@ class Scheduler:
         self.waiting = [r for r in self.waiting if not left(r)]
         if self.prefilling and left(self.prefilling[0]):
             self.prefilling = None
-        rows = [i for i, row in enumerate(self.rows) if left(row.request)]
+        rows = [i for i, row in enumerate(self.rows) if left(row.tag.request)]
         if rows:
-            self._remove(rows)
+            self._count(rows)
+            self.decoder.keep([i for i in range(len(self.rows)) if i not in rows])
         for r in gone.values():
             r.emit("end", None)
 
@@ -244,7 +239,7 @@ class Scheduler:
         self._fill(request, cache, rest[:-1])
         if self.prompt_cache is not None and len(request.prompt) > 1:  # where a repeat of this prompt restarts
             request.snapshots.append(snapshot(cache, len(request.prompt) - 1))
-        self._join(request, cache, prefill(self.model, cache, rest[-1:]))
+        self._join(request, cache, forward(self.model, mx.array([rest[-1:]]), cache)[0, -1])
 
     def _fill(self, request: Request, cache, ids: List[int]) -> None:
         """One chunk into the request's cache (then quantized, as mlx-lm's loop does after each chunk)."""
@@ -274,117 +269,60 @@ class Scheduler:
         request.emit("prompt", {"prompt_tokens": prompt_tokens, "cached_tokens": cached})
         return request, cache, request.prompt[cached:]
 
-    def _join(self, request: Request, cache, logprobs: mx.array) -> None:
-        """Each of the request's n choices samples its first token and, unless already done, joins the batch."""
+    def _join(self, request: Request, cache, logits: mx.array) -> None:
+        """Each of the request's n choices draws its first token and, unless already done, joins the batch
+        (a copy of the cache each: merged into the batch's caches)."""
         request.live = request.n
         c = request.constraint
         constraints = [c] + [c.copy() for _ in range(request.n - 1)] if c is not None else [None] * request.n
+        draft = self._draft_cache(request)
         for index in range(request.n):
-            sampling = dict(request.sampling)
-            seed = sampling.pop("seed", None)
-            sampler = Sampling(**sampling, seed=None if seed is None else seed + index)
-            row = Row(request, index, sampler, self.tokenizer.detokenizer, constraint=constraints[index])
-            row_logprobs = masked_logprobs(logprobs[None], [row])[0]
-            token = int(sample(row_logprobs[None], [sampler]).item())
-            if not self._advance(row, token, row_logprobs[token].item(), row_logprobs):
-                self.batch.add(cache, token)
-                self.rows.append(row)
-            else:
-                self._finished(row, cache, 0)
+            stream = TextStream(self.tokenizer, max_tokens=request.max_tokens, stop=request.stop,
+                                context=request.context, position=len(request.prompt))
+            row = Row(request.sampling.sampler(index), list(request.prompt), request.max_tokens, constraints[index],
+                      tag=Slot(request, index, stream), prompt=len(request.prompt))
+            if self._emit(row, self.decoder.start(row, logits)):
+                self._finished(row, cache, len(request.prompt))
+                continue
+            merge = BatchEncoderDecoderCache.merge if self.encoder_decoder else merge_caches
+            self.decoder.add(row, merge([cache]),
+                             None if draft is None else merge_caches([draft]))
+
+    def _draft_cache(self, request: Request):
+        """The draft model's cache for a request: its prompt but the last token (decode/proposers.py)."""
+        if self.draft_model is None:
+            return None
+        return self.decoder.proposer.prepare(request.prompt, step=self.prefill_step_size)
 
     # Decode
 
-    def _launch(self):
-        """One decode step of the whole batch, queued (mx.async_eval): its log-probabilities, sampled tokens
-        and their log-probabilities."""
-        logprobs = masked_logprobs(self.batch.step(), self.rows)
-        tokens = sample(logprobs, [row.sampler for row in self.rows])
-        chosen = mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
-        mx.async_eval(tokens, chosen)
-        return logprobs, tokens, chosen
-
     def _step(self) -> None:
-        """Stream one step's tokens. While no request waits to join, the next step is queued first, on the
-        tokens just sampled, so that the model computes it while this thread detokenizes and streams (as
+        """One step of every row, its tokens streamed. While no request waits to join, the next plain step
+        is queued first, so that the model computes it while this thread detokenizes and streams (as
         mlx-lm's generation loop does); a row that finishes meanwhile is dropped from that step's output."""
-        logprobs, tokens, chosen = self.inflight or self._launch()
-        self.batch.tokens = tokens
-        # A constrained row's next mask needs the token it just sampled: no step is queued ahead for it.
-        ahead = not (self.waiting or self.prefilling or self._speculating() or self._constrained())
-        self.inflight = self._launch() if ahead else None
-        done = [i for i, (row, t, lp) in enumerate(zip(self.rows, tokens.tolist(), chosen.tolist()))
-                if self._advance(row, t, lp, logprobs[i])]
+        ahead = not (self.waiting or self.prefilling)
+        results = self.decoder.step(ahead=ahead)
+        done = [b for b, (row, emitted) in enumerate(zip(self.rows, results)) if self._emit_all(row, emitted)]
         if done:
-            fed = 0 if self.inflight else -1  # the queued step has fed every row its last token
-            for i in done:
-                cache = self.batch.extract(i) if self.prompt_cache is not None else None
-                self._finished(self.rows[i], cache, len(self.rows[i].generated) + fed)
-            self._remove(done)
+            for b in done:
+                row = self.rows[b]
+                cache = self.decoder.extract(b) if self.prompt_cache is not None else None
+                self._finished(row, cache, self.decoder.held(b))
+            self._count(done)
+            self.decoder.keep([b for b in range(len(self.rows)) if b not in done])
 
-    # Speculation (--prompt-lookup-ngram): a lone greedy row checks its proposals in one forward
+    def _emit_all(self, row: Row, emitted: List[Emitted]) -> bool:
+        return any(self._emit(row, e) for e in emitted)  # (stops at the first token that ends the row)
 
-    def _speculating(self) -> bool:
-        return (self.lookup is not None and len(self.rows) == 1 and not self.waiting and not self.prefilling
-                and self.rows[0].sampler.temp == 0 and not self.encoder_decoder and self.rows[0].constraint is None)
-
-    def _constrained(self) -> bool:
-        return any(row.constraint is not None for row in self.rows)
-
-    def _speculative_step(self) -> None:
-        """One round of prompt lookup on the only row, on its own caches (speculative.py's rollback), then
-        the row goes back into the batch; with several rows, or sampling, decoding is the batched one."""
-        row = self.rows[0]
-        request, (ngram, n) = row.request, self.lookup
-        y = int(self.batch.tokens[0].item())
-        room = request.max_tokens - len(row.generated) - 1
-        proposal = lookup(request.prompt + row.generated, ngram, min(n, room))
-        if not proposal:
-            return self._step()
-        cache = self.batch.extract(0)
-        mark(cache)
-        logprobs = self.model(mx.array([[y] + proposal]), cache=cache)[0].astype(mx.float32)
-        logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
-        kept, final = _accept(Sampler(), logprobs, proposal, None)
-        rewind(cache, len(proposal) - kept)
-        self.stats["proposed"], self.stats["accepted"] = self.stats["proposed"] + len(proposal), self.stats["accepted"] + kept
-        for i, token in enumerate(proposal[:kept] + [final]):
-            if self._advance(row, token, logprobs[i, token].item(), logprobs[i]):
-                rewind(cache, kept - i - 1)  # the cache holds the tokens streamed (the last one maybe not)
-                unmark(cache)
-                self._finished(row, cache if self.prompt_cache is not None else None,
-                               len(row.generated) - (1 if i == kept else 0))
-                self.rows, self.batch = [], Batch(self.model)
-                return
-        self.batch = Batch(self.model)
-        self.batch.add(cache, final)
-
-    def _advance(self, row: Row, token: int, logprob: float, logprobs: mx.array) -> bool:
-        """Record and stream one new token of a row; True when the row is done (its 'done' is sent)."""
-        request = row.request
-        row.generated.append(token)
-        if row.constraint is not None:
-            row.constraint.consume(token)
-        position = len(request.prompt) + len(row.generated)
-        finish = None
-        if token in self.eos:
-            finish = "stop"
-        else:
-            row.detokenizer.add_token(token)
-        if finish is None and (len(row.generated) >= request.max_tokens or
-                               (request.context and position >= request.context)):
-            finish = "length"
-        if finish is not None:
-            row.detokenizer.finalize()
-        text = row.pending + row.detokenizer.last_segment
-        hits = [text.find(s) for s in request.stop if s in text]
-        if hits:
-            text, finish = text[: min(hits)], "stop"
-        shown = len(text) if finish else len(text) - _held_back(text, request.stop)
-        row.pending = text[shown:]
-        top = self._top(logprobs, request.top_logprobs) if request.top_logprobs else []
-        request.emit("token", Token(row.index, text[:shown], token, logprob, top))
+    def _emit(self, row: Row, e: Emitted) -> bool:
+        """Stream one new token of a row; True when the row is done (its 'done' is sent)."""
+        slot = row.tag
+        request = slot.request
+        text, finish = slot.stream.add(e.token)
+        top = self._top(e.logprobs, request.top_logprobs) if request.top_logprobs else []
+        request.emit("token", Token(slot.index, text, e.token, e.logprob, top))
         if finish:
-            request.emit("done", (row.index, finish, len(row.generated)))
+            request.emit("done", (slot.index, finish, len(slot.stream.tokens)))
         return finish is not None
 
     @staticmethod
@@ -394,30 +332,26 @@ class Scheduler:
         pairs = zip(ids.tolist(), logprobs[ids].tolist())
         return sorted(pairs, key=lambda p: -p[1])
 
-    def _finished(self, row: Row, cache, fed: int) -> None:
-        """A row is done; its cache (holding the prompt and its first `fed` tokens) goes to the prompt cache."""
-        request = row.request
+    def _count(self, rows: List[int]) -> None:
+        for b in rows:
+            self.stats["proposed"] += self.rows[b].proposed
+            self.stats["accepted"] += self.rows[b].accepted
+
+    def _finished(self, row: Row, cache, held: int) -> None:
+        """A row is done; its cache (holding its first `held` tokens) goes to the prompt cache."""
+        request = row.tag.request
         if self.prompt_cache is not None and cache is not None:
-            self.prompt_cache.insert(request.cache_key + row.generated[:fed], cache, request.snapshots)
+            self.prompt_cache.insert(request.cache_key + row.seq[row.prompt:held], cache, request.snapshots)
         request.live -= 1
         if request.live == 0:
             request.emit("end", None)
 
-    def _remove(self, indices: List[int]) -> None:
-        drop = set(indices)
-        keep = [i for i in range(len(self.rows)) if i not in drop]
-        self.rows = [self.rows[i] for i in keep]
-        self.batch.keep(keep)
-        if self.inflight is not None:
-            index = mx.array(keep, dtype=mx.int32)
-            self.inflight = tuple(x[index] for x in self.inflight) if keep else None
-
     def _fail_all(self, message: str) -> None:
-        requests = {id(r.request): r.request for r in self.rows}
+        requests = {id(r.tag.request): r.tag.request for r in self.rows}
         if self.prefilling:
             requests[id(self.prefilling[0])] = self.prefilling[0]
         for r in requests.values():
             r.emit("error", message)
             r.emit("end", None)
-        self.rows, self.prefilling, self.inflight = [], None, None
-        self.batch = Batch(self.model)
+        self.prefilling = None
+        self.decoder = self._decoder()

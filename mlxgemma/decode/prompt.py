@@ -1,0 +1,164 @@
+"""Requests into token ids and caches: text, token ids or chat messages through the tokenizer's chat template,
+checked against the model's context and vocabulary; T5Gemma 2's encoder run once; Gemma 3's image prompts
+expanded and prefilled with their image blocks whole."""
+
+import time
+from typing import List, Optional, Sequence, Union
+
+import mlx.core as mx
+import numpy as np
+
+from ..errors import MlxGemmaError
+
+Prompt = Union[str, Sequence[int], Sequence[dict]]
+
+
+def context_of(model) -> Optional[int]:
+    """The decoder's context (max_position_embeddings), or None when the config states none."""
+    config = getattr(model, "config", None)
+    decoder = getattr(config, "decoder", None)  # T5Gemma 2
+    return getattr(decoder if decoder is not None else config, "max_position_embeddings", None)
+
+
+def prompt_ids(tokenizer, prompt: Prompt, system: Optional[str] = None, chat_template: bool = True) -> List[int]:
+    """Token ids for a prompt: text (wrapped in the chat template when the tokenizer has one and
+    chat_template is True), chat messages [{"role", "content"}], or token ids as they are."""
+    if isinstance(prompt, str):
+        check_text(prompt, "the prompt")
+        if not prompt.strip():
+            raise MlxGemmaError("the prompt is empty: give some text")
+        if chat_template and getattr(tokenizer, "chat_template", None):
+            return apply_template(tokenizer, with_system(system, [{"role": "user", "content": prompt}]))
+        return list(tokenizer.encode(raw_text(system, prompt)))
+    prompt = list(prompt)
+    if not prompt:
+        raise MlxGemmaError("the prompt is empty: give some text, token ids or messages")
+    if all(isinstance(m, dict) for m in prompt):
+        for m in prompt:
+            if isinstance(m.get("content"), str):
+                check_text(m["content"], "a message")
+        return apply_template(tokenizer, with_system(system, prompt))
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        raise MlxGemmaError("a prompt is text, a list of token ids or a list of chat messages")
+    return prompt
+
+
+def check_text(text: str, what: str) -> None:
+    """Text that cannot be UTF-8 (lone surrogates: how Python decodes invalid bytes in a command line) is
+    refused here, before a tokenizer or template fails on it with a misleading error."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise MlxGemmaError(f"{what} is not valid UTF-8 text (at character {e.start})") from None
+
+
+def with_system(system: Optional[str], messages) -> list:
+    return ([{"role": "system", "content": system}] if system else []) + list(messages)
+
+
+def raw_text(system: Optional[str], prompt: str) -> str:
+    return f"{system}\n\n{prompt}" if system else prompt
+
+
+def apply_template(tokenizer, messages, tokenize: bool = True, **template_args):
+    """The chat template on messages, with the generation prompt; template_args go to the template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise MlxGemmaError("chat messages need a tokenizer with a chat template; this one has none (a base model, which "
+                            "continues text): give the text to continue as the prompt, or load an instruction-tuned "
+                            "checkpoint")
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=tokenize, **template_args)
+    except Exception as e:  # jinja raises its own errors (e.g. roles out of order)
+        raise MlxGemmaError(f"the chat template rejected the messages: {str(e).splitlines()[0]}") from None
+    if not tokenize:
+        return ids
+    return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+
+def prompt_text(tokenizer, prompt, system, chat_template: bool) -> str:
+    """The prompt as text: through the chat template (when it has one and chat_template) or as written."""
+    if isinstance(prompt, str):
+        check_text(prompt, "the prompt")
+        if not prompt.strip():
+            raise MlxGemmaError("the prompt is empty: give some text")
+        if not (chat_template and getattr(tokenizer, "chat_template", None)):
+            return raw_text(system, prompt)
+        prompt = [{"role": "user", "content": prompt}]
+    return apply_template(tokenizer, with_system(system, prompt), tokenize=False)
+
+
+def check_prompt(model, ids: List[int], seen: int = 0) -> None:
+    """Token ids that fit a decoder-only model's context (after `seen` cached tokens) and vocabulary."""
+    config = getattr(model, "config", None)
+    check_ids(ids, getattr(config, "max_position_embeddings", None), getattr(config, "vocab_size", None), seen)
+
+
+def check_ids(ids, context, vocab, seen: int = 0) -> None:
+    if context and seen + len(ids) >= context:
+        raise MlxGemmaError(f"the prompt has {seen + len(ids)} tokens but the model's context is {context}: shorten it")
+    if vocab and (min(ids) < 0 or max(ids) >= vocab):
+        raise MlxGemmaError(f"token id {min(ids) if min(ids) < 0 else max(ids)} is outside the vocabulary (0..{vocab - 1})")
+
+
+def encode_request(model, processor, prompt, image, system, max_kv_size):
+    """(the encoder's ids, the text tokenizer, the decoder's first ids, its cache, the encoder's stats): the
+    encoder inputs from text (+ images), the encoder run once (timed)."""
+    images = processor.images_per_prompt(image, 1)[0]  # one image or a list; an empty list is refused
+    if isinstance(prompt, str) or (prompt and all(isinstance(m, dict) for m in prompt)):
+        if isinstance(prompt, str):
+            if not prompt.strip() and not images:
+                raise MlxGemmaError("the prompt is empty: give some text or an image")
+            text = raw_text(system, prompt)
+        else:
+            text = apply_template(processor.tokenizer, with_system(system, prompt), tokenize=False)
+        if images and processor.boi_token not in text:
+            text = processor.boi_token * len(images) + text  # one placeholder per image, in front
+        inputs = processor(text, images or None)
+    elif prompt and all(isinstance(t, int) for t in prompt):  # encoder ids, already expanded
+        inputs = {"input_ids": np.array([list(prompt)])}
+        if images:
+            inputs["pixel_values"] = processor.preprocess(images)
+    else:
+        raise MlxGemmaError("a prompt is text, a list of token ids or a list of chat messages")
+    ids = inputs["input_ids"][0].tolist()
+    config = model.config
+    check_ids(ids, config.encoder.text_config.max_position_embeddings, config.vocab_size)
+    start = time.perf_counter()
+    encoded = model.encode(mx.array(inputs["input_ids"]), pixel_values=inputs.get("pixel_values"))
+    cache = model.make_cache(encoded, max_kv_size)  # evaluates the encoder and the cross keys/values
+    seconds = time.perf_counter() - start
+    stats = dict(prompt_tokens=len(ids), prompt_tps=len(ids) / seconds)
+    return ids, processor.tokenizer, [config.decoder.bos_token_id], cache, stats
+
+
+def image_request(model, processor, prompt, image, system, chat_template, prompt_cache, step, progress,
+                   features, pan_and_scan):
+    """Gemma 3 with images: the prompt expanded, every token but the last prefilled here (image blocks kept
+    whole, which fixed chunks would not), the last one left to the decoding loop."""
+    from ..media.images import encode_prompt, prefill
+
+    images = processor.images_per_prompt(image, 1)[0] if image is not None else []
+    options = {} if pan_and_scan is None else {"do_pan_and_scan": pan_and_scan}
+    if isinstance(prompt, str) or (prompt and all(isinstance(m, dict) for m in prompt)):
+        if images and isinstance(prompt, str) and processor.boi_token not in prompt:
+            prompt = processor.boi_token * len(images) + prompt  # one placeholder per image, in front
+        text = prompt_text(processor.tokenizer, prompt, system, chat_template)
+        ids, features = encode_prompt(model, processor, text, images, **options)
+    elif prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        ids = list(prompt)  # expanded already; images as pixels or as features
+        if images:
+            from ..media.images import FEATURES
+
+            features = FEATURES.encode(model, processor.preprocess(images, **options))
+    else:
+        raise MlxGemmaError("a prompt is text, a list of token ids or a list of chat messages")
+    cache = prompt_cache if prompt_cache is not None else model.make_cache()
+    check_prompt(model, ids, cache[0].offset)
+    if ids[-1] == model.config.image_token_index:
+        raise MlxGemmaError("the prompt ends inside an image: an image block ends with its end-of-image token")
+    start = time.perf_counter()
+    if len(ids) > 1:
+        prefill(model, cache, ids[:-1], features, step, progress)
+    seconds = time.perf_counter() - start
+    return processor.tokenizer, ids[-1:], dict(prompt_tokens=len(ids), prompt_tps=len(ids) / max(seconds, 1e-9),
+                                               cache=cache, history=ids[:-1])
