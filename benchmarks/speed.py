@@ -15,6 +15,7 @@ mlxgemma / mlx-lm are printed, with the range of the per-trial ratios.
     python benchmarks/speed.py --tiny gemma --tanh-gelu-for-mlx-lm # the same activation on both sides
     python benchmarks/speed.py --real float32|4bit                 # Gemma 3 270M from mlxgemma[demo]
     python benchmarks/speed.py --tiny gemma4_e|gemma4_moe          # tiny random Gemma 4 (E-style, MoE)
+    python benchmarks/speed.py --real float32 --loops              # each library's own generation loop
     python benchmarks/speed.py --e2b 4 [--quantize]                # E2B's widths, 4 layers (random weights)
                                      # (2 own their KV, sliding and full; 2 share them, double-wide MLPs)
 
@@ -166,6 +167,48 @@ def timing_trial(models: dict, order: list, prompt: mx.array, gen: int) -> dict:
     return {k: (prompt.size / prompt_s[k], gen / decode_s[k]) for k in order}
 
 
+def loop_tokens(name: str, model, prompt: mx.array):
+    """The library's own greedy generation loop as a token generator: mlxgemma's decode core (a batch of one,
+    the next step queued while the current token is handed out), or mlx-lm's generate_step."""
+    if name == "mlx-lm":
+        from mlx_lm.generate import generate_step
+
+        for token, _ in generate_step(prompt, model, max_tokens=10**9):
+            yield token
+        return
+    from mlxgemma.decode.decoder import Decoder, Row, prefill_logits
+    from mlxgemma.decode.sampling import SamplingOptions
+
+    cache, decoder = model.make_cache(), Decoder(model)
+    row = Row(SamplingOptions().sampler(), prompt.tolist(), 10**9)
+    first = decoder.start(row, prefill_logits(model, cache, prompt.tolist()))
+    decoder.add(row, cache)
+    yield first.token
+    while True:
+        for e in decoder.step(ahead=True)[0]:
+            yield e.token
+
+
+def loop_trial(models: dict, order: list, prompt: mx.array, gen: int, block: int = 16) -> dict:
+    """{name: (prompt tok/s, decode tok/s)} of the whole loops: time to the first token (A B B A), then
+    blocks of `block` tokens taken from each in turn; both must give the same tokens."""
+    loops, prompt_s, decode_s, tokens = {}, dict.fromkeys(order, 0.0), dict.fromkeys(order, 0.0), {}
+    for k in order + order[::-1]:
+        mx.synchronize()
+        start = time.perf_counter()
+        loops[k] = loop_tokens(k, models[k], prompt)
+        tokens[k] = [next(loops[k])]
+        prompt_s[k] += (time.perf_counter() - start) / 2
+    for i in range(0, gen, block):
+        for k in order if (i // block) % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            tokens[k] += [next(loops[k]) for _ in range(min(block, gen - i))]
+            decode_s[k] += time.perf_counter() - start
+    if len({tuple(t) for t in tokens.values()}) != 1:
+        print("note: the two loops gave different tokens (random weights; float differences)")
+    return {k: (prompt.size / prompt_s[k], gen / decode_s[k]) for k in order}
+
+
 def kv_bytes(model, tokens: int, vocab: int, chunk: int = 512) -> tuple:
     """(bytes, caches) the model's prompt cache holds after `tokens` prompt tokens and 3 decode steps."""
     from mlx_lm.models.cache import make_prompt_cache
@@ -220,6 +263,8 @@ def main():
     p.add_argument("--tanh-gelu-for-mlx-lm", action="store_true",
                    help="mlx-lm's gemma.py applies the exact (erf) GELU where transformers applies the tanh "
                         "approximation; give it the tanh one, so that both libraries compute the same function")
+    p.add_argument("--loops", action="store_true", help="time each library's whole generation loop (mlxgemma's "
+                   "decode core, mlx-lm's generate_step) instead of one shared harness over both models")
     p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "mlxgemma-speed"))
     args = p.parse_args()
     work = Path(args.work)
@@ -246,9 +291,12 @@ def main():
     vocab = models["mlxgemma"].config.vocab_size
     prompt = mx.random.randint(3, vocab, (args.prompt_tokens,), key=mx.random.key(0))
     order = list(models)
-    timing_trial(models, order, prompt[:32], 4)  # warm-up
-    speed = [timing_trial(models, order if t % 2 == 0 else order[::-1], prompt, args.gen_tokens)
+    trial = loop_trial if args.loops else timing_trial
+    trial(models, order, prompt[:32], 4)  # warm-up
+    speed = [trial(models, order if t % 2 == 0 else order[::-1], prompt, args.gen_tokens)
              for t in range(args.trials)]
+    if args.loops:
+        name += ", whole loops"
     memory = {k: [] for k in order}
     for t in range(args.memory_trials or args.trials):
         for k in order if t % 2 == 0 else order[::-1]:

@@ -1,9 +1,8 @@
 """Prompt-cache files: a prefilled prompt's caches as safetensors, so a long prefix (a document, a system
 prompt) is prefilled once and every later run prefills only what it adds.
 
-One file holds, per layer, the cache's arrays as they are (a rotating cache's ring in its slot layout, a full
-cache up to its offset, the padding record when there is one) and, in the metadata, the cache kinds and
-sizes, the token ids the caches hold, and the model's identity: a digest of its config and of every weight's
+One file holds, per layer, the cache's state (its arrays, as the cache gives them: models/cache.py) and, in
+the metadata, each cache's description (meta_state), the token ids the caches hold, and the model's identity: a digest of its config and of every weight's
 name, shape, dtype and first values, so a file made with another model or a changed checkpoint is refused,
 never continued with wrong output. A file is written atomically; a truncated or edited one is one clear error.
 
@@ -23,9 +22,9 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ..errors import MlxGemmaError
-from ..models.cache import KVCache, RotatingKVCache
+from ..models.cache import KVCache, RotatingKVCache, from_state
 
-FORMAT = "mlxgemma-prompt-cache/1"
+FORMAT = "mlxgemma-prompt-cache/2"  # /1 (before the caches described themselves) is refused: made again
 
 
 def identity(model) -> str:
@@ -44,17 +43,8 @@ def save(path, model, cache: list, tokens: List[int]) -> Path:
                             "request afresh)")
     if cache[0].offset != len(tokens):
         raise MlxGemmaError(f"the caches hold {cache[0].offset} tokens but {len(tokens)} token ids were given")
-    arrays, kinds = {}, []
-    for i, c in enumerate(cache):
-        kinds.append(dict(_kind(c), offset=c.offset))
-        if c.keys is None:
-            continue
-        n = _parts(c.keys)[0].shape[2] if isinstance(c, RotatingKVCache) else c.offset
-        for name in ("keys", "values"):
-            for j, part in enumerate(_parts(getattr(c, name))):
-                arrays[f"{i}.{name}.{j}"] = part[..., :n, :]
-        if c.key_valid is not None:
-            arrays[f"{i}.key_valid"] = c.key_valid
+    arrays = {f"{i}.{j}": a for i, c in enumerate(cache) for j, a in enumerate(c.state)}
+    kinds = [c.meta_state for c in cache]
     meta = {"format": FORMAT, "model": identity(model), "tokens": json.dumps(tokens), "caches": json.dumps(kinds)}
     path = Path(path).expanduser()
     try:
@@ -74,17 +64,6 @@ def save(path, model, cache: list, tokens: List[int]) -> Path:
     return path
 
 
-def _kind(c) -> dict:
-    kind = {"kind": "rotating", "max_size": c.max_size} if isinstance(c, RotatingKVCache) else {"kind": "full"}
-    if getattr(c, "bits", None):  # a quantized cache (--kv-bits)
-        kind.update(bits=c.bits, group_size=c.group_size)
-    return kind
-
-
-def _parts(x) -> list:
-    return list(x) if isinstance(x, tuple) else [x]
-
-
 def load(path, model, max_kv_size=None) -> Tuple[list, List[int]]:
     """(caches, the token ids they hold) from a file made for this model, or one clear error."""
     from .loading import check_safetensors
@@ -96,7 +75,9 @@ def load(path, model, max_kv_size=None) -> Tuple[list, List[int]]:
     except Exception as e:
         raise MlxGemmaError(f"cannot read the prompt-cache file {path}: {str(e).splitlines()[0]}") from None
     if meta.get("format") != FORMAT:
-        raise MlxGemmaError(f"{path} is not an mlxgemma prompt-cache file")
+        old = str(meta.get("format", "")).startswith("mlxgemma-prompt-cache/")
+        raise MlxGemmaError(f"{path} was made by an older mlxgemma: make it again with python -m mlxgemma.cache_prompt"
+                            if old else f"{path} is not an mlxgemma prompt-cache file")
     if meta.get("model") != identity(model):
         raise MlxGemmaError(f"{path} was made with another model (or another --dtype, or the checkpoint changed "
                             "since): make it again with this model")
@@ -104,34 +85,27 @@ def load(path, model, max_kv_size=None) -> Tuple[list, List[int]]:
         tokens, kinds = json.loads(meta["tokens"]), json.loads(meta["caches"])
     except (KeyError, json.JSONDecodeError):
         raise MlxGemmaError(f"{path}: its metadata is damaged") from None
-    cache = model.make_cache(max_kv_size=max_kv_size)
-    if len(kinds) != len(cache) or not all(isinstance(t, int) for t in tokens):
+    fresh = model.make_cache(max_kv_size=max_kv_size)
+    if len(kinds) != len(fresh) or not all(isinstance(t, int) for t in tokens):
         raise MlxGemmaError(f"{path}: its caches do not fit this model's layers")
-    for i, kind in enumerate(kinds):
-        if isinstance(kind, dict) and kind.get("bits") in (4, 8) and kind.get("group_size") in (32, 64, 128):
-            cache[i] = cache[i].to_quantized(group_size=kind["group_size"], bits=kind["bits"])
-        _restore(cache[i], kind, arrays, i, len(tokens), path)
-    return cache, tokens
+    return [_restore(c, kind, arrays, i, len(tokens), path) for i, (c, kind) in enumerate(zip(fresh, kinds))], tokens
 
 
-def _restore(c, kind, arrays: dict, i: int, n_tokens: int, path: Path) -> None:
-    expected = _kind(c)
-    if not isinstance(kind, dict) or {k: kind.get(k) for k in expected} != expected or kind.get("offset") != n_tokens:
+def _restore(fresh, kind, arrays: dict, i: int, n_tokens: int, path: Path):
+    """Layer i's cache from the file, if it is of the kind this model makes (the window, --max-kv-size)."""
+    expected = {k: v for k, v in fresh.meta_state.items() if k in ("kind", "max_size")}
+    if (not isinstance(kind, dict) or {k: kind.get(k) for k in expected} != expected
+            or kind.get("offset") != n_tokens):
         raise MlxGemmaError(f"{path}: layer {i}'s cache is {kind}, this model's is {expected} over {n_tokens} "
                             "tokens (another --max-kv-size, or a damaged file)")
-    c.offset = n_tokens
-    n_parts = 3 if "bits" in expected else 1
-    parts = {name: [arrays.get(f"{i}.{name}.{j}") for j in range(n_parts)] for name in ("keys", "values")}
-    if all(p is None for p in parts["keys"] + parts["values"]):
-        if n_tokens:
-            raise MlxGemmaError(f"{path}: layer {i}'s keys are missing")
-        return
-    held = min(n_tokens, c.max_size) if isinstance(c, RotatingKVCache) else n_tokens
-    shapes = [tuple(p.shape) if p is not None else None for p in parts["keys"] + parts["values"]]
-    if None in shapes or any(len(s) != 4 or s[2] < held or s[:3] != shapes[0][:3] for s in shapes):
-        raise MlxGemmaError(f"{path}: layer {i}'s keys and values are misshapen")
-    c.keys, c.values = (tuple(parts[n]) if n_parts == 3 else parts[n][0] for n in ("keys", "values"))
-    c.key_valid = arrays.get(f"{i}.key_valid")
+    state, j = [], 0
+    while f"{i}.{j}" in arrays:
+        state.append(arrays[f"{i}.{j}"])
+        j += 1
+    try:
+        return from_state(state, kind)
+    except ValueError as e:
+        raise MlxGemmaError(f"{path}: layer {i}: {e}") from None
 
 
 def continuation(model, tokenizer, text: str, path, image=None, max_kv_size=None) -> dict:

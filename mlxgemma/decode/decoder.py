@@ -170,26 +170,31 @@ class Decoder:
             ahead = False  # the next step may check proposals: nothing is queued ahead of it
         return self._plain(ahead)
 
-    def _launch(self):
+    def _launch(self, inputs: Optional[mx.array] = None):
+        """One plain step of every row, queued (mx.async_eval): log-probabilities, tokens, their logprobs.
+        inputs: each row's next token as a lazy array (the step before's, not yet on the host)."""
         rows = self.rows
-        tokens = mx.array([row.seq[-1] for row in rows], dtype=mx.int32)[:, None]
-        logits = forward(self.model, tokens, self.cache)
+        if inputs is None:
+            inputs = mx.array([row.seq[-1] for row in rows], dtype=mx.int32)
+        logits = forward(self.model, inputs[:, None], self.cache)
         self._quantize()
         logprobs = self._processed(logits, [[] for _ in rows], rows)[:, 0]
-        chosen_tokens = sample(logprobs, [row.sampler for row in rows])
-        chosen = mx.take_along_axis(logprobs, chosen_tokens[:, None], axis=-1)[:, 0]
-        mx.async_eval(chosen_tokens, chosen)
-        return logprobs, chosen_tokens, chosen
+        tokens = sample(logprobs, [row.sampler for row in rows])
+        chosen = mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+        mx.async_eval(tokens, chosen)
+        return logprobs, tokens, chosen
 
     def _plain(self, ahead: bool) -> List[List[Emitted]]:
         logprobs, tokens, chosen = self.inflight or self._launch()
         self.inflight = None
-        tokens, chosen = tokens.tolist(), chosen.tolist()
+        # The next step is queued on these tokens before they reach the host (as mlx-lm's loop does), unless a
+        # row's mask or penalty needs them there first.
+        if ahead and all(row.constraint is None and not row.sampler.options.repetition_penalty for row in self.rows):
+            self.inflight = self._launch(tokens)
+        tokens, chosen_list = tokens.tolist(), chosen.tolist()
         for row, token in zip(self.rows, tokens):
             self._advance(row, [token])
-        if ahead and all(row.constraint is None for row in self.rows):  # a mask needs the token just drawn
-            self.inflight = self._launch()
-        return [[Emitted(t, lp, logprobs[b])] for b, (t, lp) in enumerate(zip(tokens, chosen))]
+        return [[Emitted(t, lp, logprobs[b])] for b, (t, lp) in enumerate(zip(tokens, chosen_list))]
 
     def _quantize(self) -> None:
         from ..models.quantized_cache import quantize_cache

@@ -16,7 +16,7 @@ from typing import List, Optional
 
 import mlx.core as mx
 
-from .cache import EncoderDecoderCache, KVCache, RotatingKVCache
+from .cache import EncoderDecoderCache, KVCache, from_state
 
 STEP = 256  # buffers grow in steps, as mlx-lm's
 
@@ -40,6 +40,10 @@ def _map(fn, x):
     return tuple(fn(a) for a in x) if isinstance(x, tuple) else fn(x)
 
 
+def _leaves(x) -> list:
+    return list(x) if isinstance(x, tuple) else [x]
+
+
 def _map2(fn, x, y):
     return tuple(fn(a, b) for a, b in zip(x, y)) if isinstance(x, tuple) else fn(x, y)
 
@@ -48,15 +52,6 @@ def _rolled(slot: int, new: int, old: int, window: int) -> bool:
     """Whether a ring slot was written by a position in [new, old) (what a rollback to `new` undoes)."""
     first = new + (slot - new) % window  # the first position >= new that lives in this slot
     return first < old
-
-
-def _single(window: Optional[int], quantized: Optional[tuple]):
-    """An empty single-sequence cache of a kind: full or rotating, float or quantized (group size, bits)."""
-    if quantized:
-        from .quantized_cache import QuantizedKVCache, QuantizedRotatingKVCache
-
-        return QuantizedKVCache(*quantized) if window is None else QuantizedRotatingKVCache(window, *quantized)
-    return KVCache() if window is None else RotatingKVCache(window)
 
 
 class _BatchCache:
@@ -95,11 +90,12 @@ class _BatchCache:
     def extract(self, b: int):
         """Row b as a single-sequence cache (its slots copied out, so the batch can change afterwards)."""
         n = self.lengths[b]
-        single = _single(self.window, self.quantized)
-        single.keys = _map(lambda a: mx.contiguous(a[b : b + 1, :, : self._slots(n)]), self.keys)
-        single.values = _map(lambda a: mx.contiguous(a[b : b + 1, :, : self._slots(n)]), self.values)
-        single.offset = n
-        return single
+        take = lambda a: mx.contiguous(a[b : b + 1, :, : self._slots(n)])  # noqa: E731
+        meta = {"kind": "full", "offset": n} if self.window is None else {"kind": "rotating", "offset": n,
+                                                                          "max_size": self.window}
+        if self.quantized:
+            meta.update(group_size=self.quantized[0], bits=self.quantized[1])
+        return from_state([take(a) for x in (self.keys, self.values) for a in _leaves(x)], meta)
 
     def keep(self, rows: List[int]) -> None:
         """Only these rows stay, in this order; buffers shrink to what the longest remaining row needs."""

@@ -89,14 +89,40 @@ class KVCache:
         """How keys and values are stored (as given; a test's fake quantization overrides this)."""
         return x
 
-    # What mlx-lm's generation and prompt-cache helpers expect of a cache.
+    # The cache's state (cache files, the prompt cache and batches use only this): the arrays it holds, what
+    # they mean, and a cache rebuilt from them.
     @property
-    def state(self):
-        return self.keys, self.values, self.offset
+    def state(self) -> list:
+        """The arrays held: keys then values (one array each, or a quantized triple each) up to the offset,
+        then the padding record when there is one."""
+        if self.keys is None:
+            return []
+        cut = [a[..., : self.offset, :] for a in _leaves(self.keys) + _leaves(self.values)]
+        return cut + ([self.key_valid] if self.key_valid is not None else [])
 
-    @state.setter
-    def state(self, v):
-        self.keys, self.values, self.offset = v
+    @property
+    def meta_state(self) -> dict:
+        """What the arrays are: the kind, the tokens held, and the quantization (JSON-ready)."""
+        meta = {"kind": "full", "offset": self.offset}
+        if getattr(self, "bits", None):
+            meta.update(bits=self.bits, group_size=self.group_size)
+        return meta
+
+    def copy(self):
+        """The same state in a new cache (no array is copied: updates write new buffers or in place into
+        this one's, never into the copy's)."""
+        return from_state([a[...] for a in self.state], self.meta_state)
+
+    windowed = False  # holds only the last tokens (a sliding window): going back needs a snapshot
+
+    def can_cut(self, position: int) -> bool:
+        return position <= self.offset
+
+    def cut(self, position: int):
+        """A new cache holding the first `position` tokens of this one."""
+        new = self.copy()
+        new.trim(self.offset - position)
+        return new
 
     def size(self) -> int:
         return self.offset
@@ -268,14 +294,35 @@ class RotatingKVCache:
         held = min(self.offset, self.max_size)
         return mx.ones((valid.shape[0], 1, held, 1), dtype=mx.bool_)
 
-    # What mlx-lm's generation and prompt-cache helpers expect of a cache.
+    # The cache's state, as KVCache's: the ring in its slot layout.
     @property
-    def state(self):
-        return [] if self.keys is None else [self.keys, self.values]
+    def state(self) -> list:
+        if self.keys is None:
+            return []
+        return _leaves(self.keys) + _leaves(self.values) + ([self.key_valid] if self.key_valid is not None else [])
 
-    @state.setter
-    def state(self, v):
-        self.keys, self.values = v
+    @property
+    def meta_state(self) -> dict:
+        meta = {"kind": "rotating", "max_size": self.max_size, "offset": self.offset}
+        if getattr(self, "bits", None):
+            meta.update(bits=self.bits, group_size=self.group_size)
+        return meta
+
+    def copy(self):
+        return from_state([a[...] for a in self.state], self.meta_state)
+
+    windowed = True
+
+    def can_cut(self, position: int) -> bool:
+        """Exactly back to `position`: anywhere until the ring has wrapped, after that one token back."""
+        return position <= self.offset and (self.offset <= self.max_size or position >= self.offset - 1)
+
+    def cut(self, position: int):
+        if not self.can_cut(position):
+            raise ValueError(f"a window of {self.max_size} that holds {self.offset} tokens cannot go back to {position}")
+        new = self.copy()
+        new.trim(self.offset - position)
+        return new
 
     def size(self) -> int:
         return min(self.offset, self.max_size)
@@ -329,6 +376,40 @@ class RotatingKVCache:
 
 def _leaves(x) -> list:
     return list(x) if isinstance(x, tuple) else [x]
+
+
+def from_state(state: list, meta: dict):
+    """The cache a state and meta_state describe (a full or rotating cache, float or quantized); a state
+    that does not fit its description is a ValueError saying what is wrong."""
+    kind, offset = meta.get("kind"), meta.get("offset")
+    if kind not in ("full", "rotating") or not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"not a cache description: {meta}")
+    quantized = meta.get("bits") is not None
+    if quantized:
+        from .quantized_cache import QuantizedKVCache, QuantizedRotatingKVCache
+
+        bits, group = meta.get("bits"), meta.get("group_size")
+        if bits not in (4, 8) or group not in (32, 64, 128):
+            raise ValueError(f"not a quantized cache: bits {bits}, group size {group}")
+        cache = QuantizedKVCache(group, bits) if kind == "full" else QuantizedRotatingKVCache(meta["max_size"], group, bits)
+    else:
+        cache = KVCache() if kind == "full" else RotatingKVCache(meta["max_size"])
+    cache.offset = offset
+    parts = 3 if quantized else 1
+    if not state:
+        if offset:
+            raise ValueError(f"a cache of {offset} tokens holds no keys")
+        return cache
+    if len(state) not in (2 * parts, 2 * parts + 1):
+        raise ValueError(f"a cache state has {len(state)} arrays, expected {2 * parts} (+1 for padding)")
+    held = offset if kind == "full" else min(offset, cache.max_size)
+    shapes = [tuple(a.shape) for a in state[: 2 * parts]]
+    if any(len(s) != 4 or s[2] < held or s[:3] != shapes[0][:3] for s in shapes):
+        raise ValueError(f"a cache's keys and values are misshapen: {shapes}")
+    keys, values = state[:parts], state[parts:2 * parts]
+    cache.keys, cache.values = (tuple(keys), tuple(values)) if quantized else (keys[0], values[0])
+    cache.key_valid = state[2 * parts] if len(state) > 2 * parts else None
+    return cache
 
 
 # T5Gemma 2: the encoder's bidirectional window, the decoder's merged mask, and its cache.

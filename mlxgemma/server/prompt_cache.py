@@ -19,8 +19,6 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from ..models.batch_cache import _single
-from ..models.cache import KVCache, RotatingKVCache
 
 MAX_SNAPSHOTS = 4  # per entry: the ends of its last few prompts
 
@@ -28,7 +26,7 @@ MAX_SNAPSHOTS = 4  # per entry: the ends of its last few prompts
 @dataclass
 class Snapshot:
     position: int
-    states: list  # per layer: (keys, values) of a sliding layer, None for a full one (it is cut instead)
+    states: list  # per layer: a copy of a sliding layer's cache there, None for a full one (it is cut instead)
 
 
 @dataclass
@@ -39,12 +37,7 @@ class Entry:
 
     @property
     def nbytes(self) -> int:
-        held = sum(c.nbytes for c in self.caches)
-        return held + sum(a.nbytes for s in self.snapshots for kv in s.states if kv for x in kv for a in _leaves(x))
-
-
-def _leaves(x) -> tuple:
-    return x if isinstance(x, tuple) else (x,)
+        return sum(c.nbytes for c in self.caches) + sum(c.nbytes for s in self.snapshots for c in s.states if c)
 
 
 def common_prefix(a: List[int], b: List[int]) -> int:
@@ -55,50 +48,24 @@ def common_prefix(a: List[int], b: List[int]) -> int:
     return int(diff[0]) if diff.size else n
 
 
-def _own(a):
-    """A new array object with the same value (of each array of a quantized triple). MLX arrays are values,
-    but a cache's one-token update assigns into its buffer in place (`buf[..., slot, :] = x`), which changes
-    that Python object for every holder: whoever keeps or restores a buffer takes its own object (no copy is
-    made; the update then copies)."""
-    return tuple(x[...] for x in a) if isinstance(a, tuple) else a[...]
-
-
-def _cut(a, n: int):
-    return tuple(x[..., :n, :] for x in a) if isinstance(a, tuple) else a[..., :n, :]
-
-
 def snapshot(caches: list, position: int) -> Snapshot:
-    """The sliding layers' state at `position`."""
-    return Snapshot(position, [(_own(c.keys), _own(c.values)) if isinstance(c, RotatingKVCache) else None
-                               for c in caches])
+    """The sliding layers' state at `position` (copies: the caches go on changing)."""
+    return Snapshot(position, [c.copy() if c.windowed else None for c in caches])
 
 
 def _reach(entry: Entry, c: int) -> Tuple[int, Optional[Snapshot]]:
     """How far (<= c tokens) entry can be restored to exactly, and the snapshot that takes (None: its end)."""
-    n = len(entry.tokens)
-    wrapped = any(isinstance(x, RotatingKVCache) and x.offset > x.max_size for x in entry.caches)
-    if not wrapped or c >= n - 1:
+    if all(x.can_cut(c) for x in entry.caches):
         return c, None
     best = max((s for s in entry.snapshots if s.position <= c), key=lambda s: s.position, default=None)
     return (best.position, best) if best else (0, None)
 
 
 def restore(entry: Entry, position: int, snap: Optional[Snapshot]) -> list:
-    """New caches holding entry's first `position` tokens."""
-    caches = []
-    for i, c in enumerate(entry.caches):
-        quantized = (c.group_size, c.bits) if getattr(c, "bits", None) else None
-        new = _single(None if isinstance(c, KVCache) else c.max_size, quantized)
-        if isinstance(c, KVCache):
-            new.keys, new.values = _cut(c.keys, position), _cut(c.values, position)
-        else:
-            k, v = snap.states[i] if snap is not None else (c.keys, c.values)
-            new.keys, new.values = _own(k), _own(v)
-            if snap is None and c.offset <= c.max_size:
-                new.keys, new.values = _cut(new.keys, position), _cut(new.values, position)
-        new.offset = position
-        caches.append(new)
-    return caches
+    """New caches holding entry's first `position` tokens: a sliding layer from the snapshot there (when one
+    is used), every other layer cut back."""
+    return [snap.states[i].copy() if snap is not None and snap.states[i] is not None else c.cut(position)
+            for i, c in enumerate(entry.caches)]
 
 
 class PromptCache:
