@@ -103,10 +103,10 @@ def test_server_speculates_for_every_row(root, family, speculation):
     path = _checkpoint(root, family)
     option = ["--draft-model", str(_checkpoint(root, family, seed=7))] if speculation == "draft" else [
         "--prompt-lookup-ngram", "1"]
-    server = serve(path, "--num-draft-tokens", "3", "--prefill-step-size", "5", *option)
+    server = serve(path, "--num-draft-tokens", "3", *option)
     model, tok = server.engine.model, server.engine.tokenizer
     prompts = [[int(t) for t in random_ids(1, n, seed=n, low=4)[0]] * 2 for n in LENGTHS]  # each said twice
-    max_tokens = [2 * WINDOW + i for i in range(8)]
+    max_tokens = [3 * WINDOW + i for i in range(8)]
 
     def ask(i, seed=None):
         sampled = dict(temperature=1.0, seed=seed) if i % 2 else dict(temperature=0)

@@ -12,7 +12,7 @@ import mlx.core as mx
 from ..models import is_encoder_decoder
 from ..models.batch_cache import BatchEncoderDecoderCache, merge_caches
 from .decoder import fill, forward
-from .sampling import normalize, sample
+from .sampling import normalize
 
 
 def lookup(seq: List[int], ngram: int, n: int, sources=()) -> List[int]:
@@ -89,16 +89,24 @@ class DraftModel:
         for c in self.cache:
             c.mark()
         feed = mx.array([row.seq[-2:] for row in rows], dtype=mx.int32)
+        # A row draws only its own proposals (its room), whatever the others need: its random stream must
+        # not depend on what else is in the batch. Past its room it follows the argmax, which is discarded.
+        limits = [min(n, row.room - 1) for row in rows]
         drawn, consumed = [], [0] * len(rows)
-        for _ in range(n):
+        for i in range(n):
             logprobs = normalize(forward(self.model, feed, self.cache)[:, -1])
             if any(row.constraint is not None for row in rows):
                 from .constrained import masked_logprobs
 
-                logprobs = mx.stack([lp if row.constraint is None else masked_logprobs(lp, row.constraint.mask())
-                                     for lp, row in zip(logprobs, rows)])
-            tokens = sample(logprobs, [row.sampler for row in rows]).tolist()
+                logprobs = mx.stack([lp if row.constraint is None or i >= limits[b] else
+                                     masked_logprobs(lp, row.constraint.mask()) for b, (lp, row) in
+                                     enumerate(zip(logprobs, rows))])
+            best = mx.argmax(logprobs, axis=-1)
+            tokens = mx.stack([row.sampler.draw(logprobs[b]) if i < limits[b] and not row.sampler.greedy else best[b]
+                               for b, row in enumerate(rows)]).tolist()
             for b, row in enumerate(rows):
+                if i >= limits[b]:
+                    continue
                 if not row.sampler.greedy:
                     row.probs.append(row.sampler.probs(logprobs[b]))
                 if row.constraint is not None:
@@ -108,7 +116,7 @@ class DraftModel:
         for row, c in zip(rows, consumed):
             if row.constraint is not None:
                 row.constraint.rollback(c)
-        return [[drawn[i][b] for i in range(min(n, row.room - 1))] for b, row in enumerate(rows)]
+        return [[drawn[i][b] for i in range(limits[b])] for b in range(len(rows))]
 
     def settle(self, kept, proposed: int) -> None:
         """The draft fed the last two tokens and proposed - 1 proposals: keep those the target kept."""
