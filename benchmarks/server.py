@@ -22,6 +22,7 @@ tiny checkpoint takes about 5 minutes for both servers, the real one about 40: f
     python benchmarks/server.py                          # both checkpoints: tiny random, then Gemma 3 270M
     python benchmarks/server.py --tiny --concurrency 1,4 --max-tokens 16 --only mlx_lm
     python benchmarks/server.py --real --json out.json   # the default model, from mlxgemma[demo]
+    python benchmarks/server.py --tiny --before ../old-checkout   # against an earlier mlxgemma instead
 """
 
 import argparse
@@ -42,6 +43,7 @@ from pathlib import Path
 import httpx
 
 COMMANDS = {"mlxgemma": [sys.executable, "-m", "mlxgemma.server"], "mlx_lm": [sys.executable, "-m", "mlx_lm", "server"]}
+BEFORE = {}  # --before PATH: "mlxgemma-before" is mlxgemma's server run from a checkout of an earlier commit
 TIMEOUT = httpx.Timeout(10.0, read=300.0)  # read: between two chunks (a 16-client prefill can be slow)
 # Per checkpoint: tokens per request, words in each concurrency prompt, bursts per level, words before turn 1
 # and added each turn (one token a word on both tokenizers; turn 6 = 1 + 900 + 5 * (40 + 16) = 1181 tokens).
@@ -62,9 +64,10 @@ class Server:
         self.name, self.url = name, f"http://127.0.0.1:{self.port}"
         self.log = log_dir / f"{name}-{self.port}.log"
         cmd = COMMANDS[name] + ["--model", str(model), "--host", "127.0.0.1", "--port", str(self.port), *extra]
+        env = dict(os.environ, PYTHONPATH=BEFORE["path"]) if name == "mlxgemma-before" else None
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+                                         start_new_session=True, env=env)
 
     def wait_ready(self, timeout: float = 600.0):
         """Polls /health (or /v1/models where /health is missing), then one short request: mlx_lm answers
@@ -242,7 +245,7 @@ def report(name: str, conc: dict, conv: dict, sides: list):
     last = {lb: conv[lb][-1]["ttft"] for lb in labels}
     notes = [f"{s} no cache / cache {last[s + ' no cache'] / last[s + ' cache']:.2f}" for s in sides]
     if len(sides) == 2:
-        notes += [f"mlxgemma / mlx_lm {c} {last['mlxgemma ' + c] / last['mlx_lm ' + c]:.2f}"
+        notes += [f"{sides[0]} / {sides[1]} {c} {last[sides[0] + ' ' + c] / last[sides[1] + ' ' + c]:.2f}"
                   for c in ("cache", "no cache")]
     print("\nTurn-6 TTFT ratios: " + "; ".join(notes))
 
@@ -287,6 +290,8 @@ def main():
     p.add_argument("--rounds", type=int, help="bursts per concurrency level (default 2 tiny, 1 real)")
     p.add_argument("--first-words", type=int, help="words before the conversation's turn 1 (default 900)")
     p.add_argument("--only", choices=list(COMMANDS))
+    p.add_argument("--before", type=Path, help="a checkout of an earlier mlxgemma: compare mlxgemma with it "
+                   "(sides mlxgemma and mlxgemma-before) instead of with mlx_lm")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # through the finally clauses that stop the servers
@@ -294,6 +299,10 @@ def main():
     import mlx_lm
 
     sides = [args.only] if args.only else list(COMMANDS)
+    if args.before:
+        COMMANDS["mlxgemma-before"] = COMMANDS["mlxgemma"]
+        BEFORE["path"] = str(args.before.resolve())
+        sides = ["mlxgemma", "mlxgemma-before"]
     print(f"{platform.platform()}, {os.cpu_count()} CPUs, mlx {mx.__version__}, mlx_lm {mlx_lm.__version__}")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

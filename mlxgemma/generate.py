@@ -17,7 +17,7 @@ from typing import Iterator, Optional, Sequence
 
 import mlx.core as mx
 
-from .checkpoints.cache_file import continuation
+from .checkpoints.cache_file import load as load_cache_file
 from .cli import (PrefillProgress, add_generation_options, add_structured_options, load_draft, load_for_cli, run,
                   sampling_kwargs, structured_kwargs, unescape)
 from .decode import constrained
@@ -225,6 +225,28 @@ def generate(model, tokenizer, prompt: Prompt, *, parse: bool = False, **options
     if last is not None and last.finish_reason == "length":
         raise MlxGemmaError(f"the JSON was cut at max_tokens={options.get('max_tokens', 256)}: raise it")
     return constrained.parse_json(text, options["json_schema"])
+
+
+def continuation(model, tokenizer, text: str, path, image=None, max_kv_size=None) -> dict:
+    """stream_generate's arguments for a prompt that continues a prompt-cache file: its caches, the ids
+    they hold (history), and the new text as ids (no <bos>, no template: it continues the cached text)."""
+    if image and not has_vision(model):
+        raise MlxGemmaError(f"{type(model).__name__} is a text-only model: it takes no image")
+    if not text:
+        raise MlxGemmaError("the prompt is empty: give the text that follows the cached prompt")
+    cache, held = load_cache_file(path, model, max_kv_size)
+    out = dict(prompt_cache=cache, history=held)
+    if has_vision(model):
+        from .media.images import encode_prompt
+
+        images = tokenizer.images_per_prompt(image, 1)[0] if image else []
+        if images and tokenizer.boi_token not in text:
+            text = tokenizer.boi_token * len(images) + text
+        out["prompt"], out["image_features"] = encode_prompt(model, tokenizer, text, images, add_special_tokens=False)
+        out["image"] = None  # encoded: the features stand in for the images
+    else:
+        out["prompt"] = list(tokenizer.encode(text, add_special_tokens=False))
+    return out
 
 
 def configure_parser() -> argparse.ArgumentParser:

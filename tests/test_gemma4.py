@@ -19,7 +19,6 @@ from safetensors.numpy import load_file, save_file
 
 import mlxgemma
 from decode_util import GreedyBatch
-from mlxgemma.decode.decoder import prefill
 from reference import TOL, WINDOW, hf_logits, max_diff, random_ids, randomize, save_checkpoint
 
 S, F = "sliding_attention", "full_attention"

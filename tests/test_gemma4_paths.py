@@ -1,9 +1,7 @@
 """Gemma 4 through the library's other paths: the chat REPL's cache carried over turns, and max_kv_size
 (every owned cache bounded; the KV-shared layers read their donors' bounded caches)."""
 
-import json
 
-import mlx.core as mx
 import pytest
 
 import mlxgemma

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 import mlxgemma
-from reference import TOL, WINDOW, hf_processor, hf_t5gemma2, max_diff, random_ids, save_t5_checkpoint
+from reference import TOL, WINDOW, hf_t5gemma2, max_diff, random_ids, save_t5_checkpoint
 from server_util import TEMPLATE, chat_checkpoint, serve
 
 CONTEXT = 96

@@ -106,27 +106,3 @@ def _restore(fresh, kind, arrays: dict, i: int, n_tokens: int, path: Path):
         return from_state(state, kind)
     except ValueError as e:
         raise MlxGemmaError(f"{path}: layer {i}: {e}") from None
-
-
-def continuation(model, tokenizer, text: str, path, image=None, max_kv_size=None) -> dict:
-    """stream_generate's arguments for a prompt that continues a prompt-cache file: its caches, the ids
-    they hold (history), and the new text as ids (no <bos>, no template: it continues the cached text)."""
-    from ..models import has_vision
-
-    if image and not has_vision(model):
-        raise MlxGemmaError(f"{type(model).__name__} is a text-only model: it takes no image")
-    if not text:
-        raise MlxGemmaError("the prompt is empty: give the text that follows the cached prompt")
-    cache, held = load(path, model, max_kv_size)
-    out = dict(prompt_cache=cache, history=held)
-    if has_vision(model):
-        from ..media.images import encode_prompt
-
-        images = tokenizer.images_per_prompt(image, 1)[0] if image else []
-        if images and tokenizer.boi_token not in text:
-            text = tokenizer.boi_token * len(images) + text
-        out["prompt"], out["image_features"] = encode_prompt(model, tokenizer, text, images, add_special_tokens=False)
-        out["image"] = None  # encoded: the features stand in for the images
-    else:
-        out["prompt"] = list(tokenizer.encode(text, add_special_tokens=False))
-    return out

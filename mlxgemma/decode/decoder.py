@@ -59,6 +59,25 @@ def prefill(model, cache, ids: List[int], step: int = 2048) -> mx.array:
     return normalize(prefill_logits(model, cache, ids, step))
 
 
+def with_row(model, batch, cache):
+    """The caches of a batch (None: empty) with one more row's caches after its rows. A batch of one keeps the
+    single-sequence caches as they are."""
+    if batch is None:
+        return cache
+    if is_encoder_decoder(model):
+        return BatchEncoderDecoderCache.merge([batch, cache])
+    return merge_caches([batch, cache])
+
+
+def keep_rows(batch, indices: List[int]) -> None:
+    """Only these rows of a batch's caches stay, in this order (a batch of one on its own caches: as it is)."""
+    if isinstance(batch, BatchEncoderDecoderCache):
+        batch.keep(indices)
+    elif hasattr(batch[0], "keep"):
+        for c in batch:
+            c.keep(indices)
+
+
 @dataclass
 class Row:
     """One sequence being decoded. `seq`: every token of it (prompt and output; the last one is the next
@@ -104,12 +123,7 @@ class Decoder:
         two). A batch of one keeps the single-sequence caches as they are. A queued step must have been
         taken first (its tokens were sampled: dropping it would change the rows' random streams)."""
         assert self.inflight is None, "take the queued step before adding a row"
-        if self.cache is None:
-            self.cache = cache
-        elif is_encoder_decoder(self.model):
-            self.cache = BatchEncoderDecoderCache.merge([self.cache, cache])
-        else:
-            self.cache = merge_caches([self.cache, cache])
+        self.cache = with_row(self.model, self.cache, cache)
         self.rows.append(row)
         if self.proposer is not None:
             self.proposer.add(draft_cache)
@@ -125,11 +139,7 @@ class Decoder:
         if self.inflight is not None:
             index = mx.array(indices, dtype=mx.int32)
             self.inflight = tuple(x[index] for x in self.inflight)
-        if isinstance(self.cache, BatchEncoderDecoderCache):
-            self.cache.keep(indices)
-        elif hasattr(self.cache[0], "keep"):
-            for c in self.cache:
-                c.keep(indices)
+        keep_rows(self.cache, indices)
 
     def extract(self, b: int):
         """Row b's cache as single-sequence caches (copied: the batch may change afterwards). It holds the

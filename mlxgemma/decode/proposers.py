@@ -9,9 +9,7 @@ from typing import List
 
 import mlx.core as mx
 
-from ..models import is_encoder_decoder
-from ..models.batch_cache import BatchEncoderDecoderCache, merge_caches
-from .decoder import fill, forward
+from .decoder import fill, forward, keep_rows, with_row
 from .sampling import normalize
 
 
@@ -66,21 +64,13 @@ class DraftModel:
         return cache
 
     def add(self, cache) -> None:
-        if self.cache is None:
-            self.cache = cache
-        elif is_encoder_decoder(self.model):
-            self.cache = BatchEncoderDecoderCache.merge([self.cache, cache])
-        else:
-            self.cache = merge_caches([self.cache, cache])
+        self.cache = with_row(self.model, self.cache, cache)
 
     def keep(self, indices) -> None:
         if not indices:
             self.cache = None
-        elif isinstance(self.cache, BatchEncoderDecoderCache):
-            self.cache.keep(indices)
-        elif hasattr(self.cache[0], "keep"):
-            for c in self.cache:
-                c.keep(indices)
+        else:
+            keep_rows(self.cache, indices)
 
     def propose(self, rows, n: int) -> List[List[int]]:
         n = min(n, max(row.room - 1 for row in rows))
