@@ -32,7 +32,7 @@ from ..errors import MlxGemmaError
 from ..models import is_encoder_decoder
 from .quantize import SHRINK, best_grid, pack
 
-BUILTIN = Path(__file__).parent / "data" / "calibration.txt"  # original text, Apache-2.0 with the package
+BUILTIN = Path(__file__).parents[1] / "data" / "calibration.txt"  # original text, Apache-2.0 with the package
 DAMP = 0.01  # of the Hessian's mean diagonal, as in the paper and mlx-lm
 
 
