@@ -15,7 +15,7 @@ from gguf import quants as gq
 import mlxgemma
 from gguf_fixture import TYPES, write_gguf
 from mlxgemma import MlxGemmaError
-from mlxgemma.checkpoints.gguf_import import _hf_name, open_gguf, read_config
+from mlxgemma.checkpoints.gguf_import import gguf_family, open_gguf, read_config
 from reference import TOL, max_diff
 
 EXACT = [t for t in TYPES if t != T.Q6_K]
@@ -27,10 +27,11 @@ def _gguf_reference(path):
     config = read_config(reader)
     model = mlxgemma.build_model(config)
     weights = {}
+    family, _ = gguf_family(reader)
     for t in reader.tensors:
         shape = tuple(int(s) for s in reversed(t.shape.tolist()))
         value = gq.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32)
-        weights[_hf_name(t.name, reader.fields["general.architecture"].contents())] = mx.array(
+        weights[family.gguf_weight_name(t.name)] = mx.array(
             value - 1.0 if t.name.endswith("norm.weight") else value)
     model.load_weights(list(model.sanitize(weights).items()))
     return model
@@ -70,7 +71,7 @@ def test_requantized_types_lose_less_than_their_format(tmp_path):
     model = mlxgemma.load_model(path, dtype="float32")
     reader = open_gguf(path)
     t = next(t for t in reader.tensors if t.tensor_type == T.Q6_K)
-    layer = dict(model.named_modules())[_hf_name(t.name, "gemma3").rsplit(".", 1)[0]]
+    layer = dict(model.named_modules())[gguf_family(reader)[0].gguf_weight_name(t.name).rsplit(".", 1)[0]]
     assert layer.bits == 8 and layer.group_size == 32
     ours = np.array(mx.dequantize(layer.weight, layer.scales, layer.biases, group_size=32, bits=8))
     exact = gq.dequantize(t.data, t.tensor_type).reshape(ours.shape)

@@ -46,6 +46,12 @@ def is_encoder_decoder(model) -> bool:
     return getattr(getattr(model, "config", None), "model_type", None) == "t5gemma2"
 
 
+def gguf_families() -> dict:
+    """llama.cpp's general.architecture -> (config class, model class) of each family whose GGUF files load."""
+    return {config.gguf_architecture: (config, FAMILIES[config.model_type][1])
+            for config, _ in FAMILIES.values() if config.gguf_architecture}
+
+
 # model_types of configs that were replaced on the Hub: what to do instead.
 SUPERSEDED = {"stablelm_epoch": "the remote-code StableLM config of 2023; the checkpoint's current revision on the "
                                 "Hub (model_type stablelm) loads"}

@@ -1,11 +1,13 @@
 """Gemma 4's text configuration (transformers' Gemma4TextConfig): its fields with transformers' defaults, resolved
-to one rope, head size and KV head count per layer type and to the layers that share keys and values."""
+to one rope, head size and KV head count per layer type and to the layers that share keys and values; and
+what its llama.cpp files (GGUF) say, read in gemma4_checkpoint.py."""
 
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..errors import MlxGemmaError
 from .config import FULL, MAX_SIZE, SLIDING, BaseConfig, check_layer_types, check_rope, pattern_layer_types
+from .gemma4_checkpoint import ROPE_FREQS, config_from_gguf, weight_name_from_gguf
 
 ROPE_TYPES = ("default", "linear", "proportional")
 DEFAULT_ROPE = {SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
@@ -51,6 +53,26 @@ class Gemma4TextConfig(BaseConfig):
     global_head_dim: Optional[int] = 512
     num_global_key_value_heads: Optional[int] = None
     per_layer_config: Optional[dict] = None
+
+    gguf_architecture = "gemma4"
+    gguf_config_tensors = (ROPE_FREQS,)  # the full layers' proportional rope, read into rope_parameters
+    gguf_experts = True
+    # As transformers reads these files: Gemma 4's tokenizer adds no BOS (its chat template writes <bos>),
+    # though llama.cpp's converter sets the flag (ggml-org/llama.cpp#21500).
+    gguf_add_bos = False
+
+    @classmethod
+    def from_gguf(cls, gguf) -> dict:
+        return config_from_gguf(gguf)
+
+    @classmethod
+    def gguf_weight_name(cls, name: str) -> Optional[str]:
+        return weight_name_from_gguf(name)
+
+    @classmethod
+    def gguf_stop_tokens(cls, has_eot: bool) -> tuple:
+        """Gemma 4 ends turns with <turn|> and stops at <|tool_response>, as its generation_config says."""
+        return (b"<turn|>", b"<|tool_response>")
 
     def resolve(self, legacy: dict) -> None:
         if self.use_bidirectional_attention not in (None, "all", "vision"):
