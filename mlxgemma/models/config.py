@@ -43,7 +43,10 @@ class BaseConfig:
     # config.json keys that are not fields (legacy rope keys, sliding_window_pattern, ...), as read.
     extra: dict = field(default_factory=dict, repr=False)
 
-    # What the checkpoint readers ask of a family's config class (class attributes, not fields).
+    # What the checkpoint readers and writers ask of a family's config class (class attributes, not fields).
+    # The converter writes the pre-transformers-5 top-level rope keys beside rope_parameters, for readers that
+    # know only those (mlx-lm's StableLM, its Gemma 3); a nested config keeps its rope keys nested.
+    writes_legacy_rope_keys = True
     # GGUF import (gguf_import.py). A family whose llama.cpp files mlxgemma reads names their
     # general.architecture and defines from_gguf(gguf) -> its config.json and gguf_weight_name(name) -> the
     # transformers name of a tensor (None: none in this family).

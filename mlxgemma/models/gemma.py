@@ -9,7 +9,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import MlxGemmaError
-from .common import MLP, Attention, RMSNorm, activation, as_input_ids, layer_masks, make_caches, scaled_embedding
+from .common import (MLP, Attention, PreTrainedModel, RMSNorm, activation, as_input_ids, layer_masks, make_caches,
+                     scaled_embedding)
 from .config import FULL, BaseConfig, single_rope
 from .heads import CausalLM, SequenceClassification, TokenClassification
 
@@ -122,7 +123,7 @@ class GemmaDecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class GemmaModel(nn.Module):
+class GemmaModel(PreTrainedModel):
     """Embeddings, decoder layers, final norm. Gemma 2 and Gemma 3 reuse this forward with their own layers."""
 
     decoder_layer_class = GemmaDecoderLayer

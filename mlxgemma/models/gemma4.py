@@ -8,22 +8,64 @@ MLP (gemma4_moe.py). Also the text part of multimodal `gemma4` checkpoints.
 Reference: transformers/models/gemma4 (Gemma4TextConfig, Gemma4TextModel, Gemma4ForCausalLM)."""
 
 import math
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import MlxGemmaError
-from .common import MLP, activation, as_input_ids, attention, heads, layer_masks, make_caches, scaled_embedding
+from .common import (MLP, PreTrainedModel, activation, as_input_ids, attention, heads, layer_masks, make_caches,
+                     scaled_embedding)
 from .config import FULL
+from .distributed import world
 from .gemma3 import language_model_part
 from .gemma4_checkpoint import checkpoint_of, experts_from_checkpoint
 from .gemma4_config import Gemma4TextConfig
-from .gemma4_moe import Gemma4TextExperts, Gemma4TextRouter
+from .gemma4_moe import Gemma4TextExperts, Gemma4TextRouter, SummedExperts, dequantize_experts, router_bits
 from .heads import CausalLM
 
 _NON_TEXT = tuple(p + part for p in ("model.", "") for part in ("vision_tower.", "audio_tower.", "embed_vision.",
                                                                   "embed_audio.", "multi_modal_projector.",
                                                                   "vision_embedder."))
+
+
+class Gemma4PreTrainedModel(PreTrainedModel):
+    """What Gemma 4 answers differently (Gemma4TextModel and Gemma4ForCausalLM)."""
+
+    supports_pipeline = False  # its last layers read earlier layers' keys and values: split by heads only
+    # The E models' per-layer token table, as large as the rest of the model at 2B, splits by vocabulary too.
+    vocab_sharded_tables = ("embed_tokens", "embed_tokens_per_layer")
+
+    def layer_bits(self, path: str, bits: int) -> Optional[int]:
+        """The router at ROUTER_BITS (gemma4_moe.py). The per-layer token table of the E models
+        (vocab_size_per_layer_input x layers x hidden_size_per_layer_input: 262144 x 8960 in E2B, 2.35 G
+        weights, more than the rest of the model) gets what the recipe gives it (4 bits at the default;
+        mlx-lm's converter does the same), not more: measured on a random-weight model of E2B's widths
+        (benchmarks/gemma4_quant.py), 4 bits put 4.0% of error into the per-layer inputs (8 bits: 0.24%), but
+        with the rest of the model at mixed_4_6 the next-token KL goes from 0.2020 (table in float) to 0.2025
+        (table at 4 bits) -- 0.3% more -- while 8 bits would add 1.1 GiB (2380 against 1260 MiB) to a 4-bit
+        E2B of about 2.5 GiB."""
+        return router_bits(path, bits)
+
+    def dequantize(self) -> nn.Module:
+        """mlx-lm's dequantize_model knows only its own expert layers: ours are dequantized here."""
+        return dequantize_experts(super().dequantize())
+
+    def shard(self, group=None) -> nn.Module:
+        """By heads and widths as every family; then each expert block by its intermediate width, its
+        outputs summed over the ranks."""
+        group = world(group)
+        super().shard(group)
+        if group.size() > 1:
+            for path, m in list(self.named_modules()):
+                if "router" in m and "experts" in m:
+                    m.experts.shard_width(group, f"{path}.experts")
+                    m.experts = SummedExperts(m.experts, group)
+        return self
+
+    def checkpoint(self, weights: dict, config: dict) -> tuple:
+        """(weights, config.json) as mlxgemma.convert writes them; see checkpoint_of."""
+        return checkpoint_of(self, weights, config)
 
 
 class Gemma4RMSNorm(nn.Module):
@@ -144,7 +186,7 @@ class Gemma4TextDecoderLayer(nn.Module):
         return h * self.layer_scalar, kv
 
 
-class Gemma4TextModel(nn.Module):
+class Gemma4TextModel(Gemma4PreTrainedModel):
     """Embeddings (and per-layer inputs), decoder layers, final norm. The cache holds one entry per layer that
     computes keys and values: layers 0..first_kv_shared_layer_idx - 1, so cache[i] is layer i's; the shared
     layers at the end read what their donor's attention got back from its cache (whatever kind of cache
@@ -208,10 +250,6 @@ class Gemma4TextModel(nn.Module):
                    if "rotary_emb.inv_freq" not in k and not _shared_kv_weight(k, first)}
         return experts_from_checkpoint(weights) if self.config.enable_moe_block else weights
 
-    def checkpoint(self, weights: dict, config: dict) -> tuple:
-        """(weights, config.json) as mlxgemma.convert writes them; see checkpoint_of."""
-        return checkpoint_of(self, weights, config)
-
 
 def _shared_kv_weight(key: str, first_shared: int) -> bool:
     parts = key.split(".")
@@ -222,8 +260,5 @@ def _shared_kv_weight(key: str, first_shared: int) -> bool:
             and parts[i + 2] == "self_attn" and parts[i + 3] in ("k_proj", "v_proj", "k_norm", "v_norm"))
 
 
-class Gemma4ForCausalLM(CausalLM):
+class Gemma4ForCausalLM(Gemma4PreTrainedModel, CausalLM):
     base_model_class = Gemma4TextModel
-
-    def checkpoint(self, weights: dict, config: dict) -> tuple:
-        return checkpoint_of(self, weights, config)

@@ -54,6 +54,7 @@ class Gemma4TextConfig(BaseConfig):
     num_global_key_value_heads: Optional[int] = None
     per_layer_config: Optional[dict] = None
 
+    writes_legacy_rope_keys = False  # Gemma 4's readers, mlx-lm's too, read only rope_parameters
     gguf_architecture = "gemma4"
     gguf_config_tensors = (ROPE_FREQS,)  # the full layers' proportional rope, read into rope_parameters
     gguf_experts = True

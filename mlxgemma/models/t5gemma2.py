@@ -16,8 +16,8 @@ import mlx.nn as nn
 import numpy as np
 
 from .cache import EncoderDecoderCache, encoder_mask, merged_mask
-from .common import (MLP, Attention, RMSNorm, activation, as_input_ids, attention, heads, layer_masks, make_caches,
-                     padding_of, scaled_embedding)
+from .common import (MLP, Attention, PreTrainedModel, RMSNorm, activation, as_input_ids, attention, heads,
+                     layer_masks, make_caches, padding_of, scaled_embedding)
 from .config import SLIDING
 from .gemma3_vision import Gemma3MultiModalProjector, merge_image_features
 from .heads import at_positions, cross_entropy, last_non_pad, sequence_classification_loss, softcap
@@ -157,7 +157,40 @@ class T5Gemma2Decoder(nn.Module):
         return self.norm(h)
 
 
-class T5Gemma2Model(nn.Module):
+class T5Gemma2PreTrainedModel(PreTrainedModel):
+    """What T5Gemma 2 answers differently (its model and every head)."""
+
+    is_encoder_decoder = True
+    vision_tower_name = "vision_tower"
+    lm_head_name = "lm_head.out_proj"
+    vocab_sharded_tables = ()  # its one token table (encoder, decoder and tied head) stays whole on every rank
+    supports_pipeline = False  # two stacks, the encoder's and the decoder's: split by heads only
+    readme_usage = ("```python\nimport mlxgemma\nmodel, processor = mlxgemma.load(\"path/to/this/folder\")\n"
+                    "print(mlxgemma.generate(model, processor, \" in this image, there is\", image=\"photo.jpg\"))\n"
+                    "```\n")
+
+    def is_tied_head(self, path: str) -> bool:
+        return path.endswith("encoder.embed_tokens") and "lm_head" not in self
+
+    def calibration_forward(self, input_ids: mx.array) -> mx.array:
+        return self(input_ids, decoder_input_ids=input_ids)
+
+    def load_processor(self, path, tokenizer):
+        from ..media.processor import T5Gemma2Processor
+
+        return T5Gemma2Processor.from_pretrained(path, tokenizer, self.config)
+
+    def dequantize(self) -> nn.Module:
+        """mlx-lm rebuilds plain embeddings: the eoi token's embedding is put back."""
+        kept = {name: m.eoi_embedding for name, m in self.named_modules() if "eoi_embedding" in m}
+        model = super().dequantize()
+        for name, m in model.named_modules():
+            if name in kept:
+                m.eoi_embedding = kept[name]
+        return model
+
+
+class T5Gemma2Model(T5Gemma2PreTrainedModel):
     def __init__(self, config: T5Gemma2Config):
         super().__init__()
         self.config = config
@@ -215,7 +248,7 @@ def shift_right(ids: mx.array, start: int, pad: int) -> mx.array:
     return mx.where(shifted == -100, pad, shifted)
 
 
-class _T5Gemma2Head(nn.Module):
+class _T5Gemma2Head(T5Gemma2PreTrainedModel):
     def __init__(self, config: T5Gemma2Config):
         super().__init__()
         self.config = config

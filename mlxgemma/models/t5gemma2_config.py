@@ -51,6 +51,8 @@ class T5Gemma2Config(BaseConfig):
     bos_token_id: Optional[int] = None
     eos_token_id: Any = None
 
+    writes_legacy_rope_keys = False  # its rope parameters are nested in the encoder's and decoder's configs
+
     def resolve(self, legacy: dict) -> None:
         self.encoder = T5Gemma2EncoderConfig.from_dict(self.encoder or {}, "config.json encoder", require=False)
         self.decoder = T5Gemma2TextConfig.from_dict(self.decoder or {}, "config.json decoder", require=False)
