@@ -11,6 +11,7 @@ multi_modal_projector.*), which is also the older transformers layout; the curre
 loads too. So our converted checkpoints load in mlx-vlm, mlx-lm (text part) and transformers alike.
 Reference: transformers/models/gemma3 (Gemma3Model, Gemma3ForConditionalGeneration)."""
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -230,6 +231,15 @@ class Gemma3ForConditionalGeneration(_Gemma3WithImages):
     Gemma 3's text model (mlx-lm's interface: __call__(inputs, cache=None), layers, make_cache)."""
 
     text_head_class = Gemma3ForCausalLM
+
+    def __init__(self, config: Gemma3Config):
+        super().__init__(config)
+        # As transformers' Gemma3ForConditionalGeneration (5.23): no final logit softcap, whatever text_config
+        # says (only its text-only Gemma3ForCausalLM applies one). attn_logit_softcapping is applied by no Gemma 3
+        # attention, there or here. The text head reads its own copy of the text config, without the cap.
+        text = copy.copy(config.text_config)
+        text.final_logit_softcapping = None
+        self.language_model.config = text
 
     def __call__(self, input_ids, attention_mask=None, cache=None, pixel_values=None, image_features=None,
                  token_type_ids=None) -> mx.array:
