@@ -7,6 +7,7 @@ cache), or a .gguf file (imported in memory, see gguf_import)."""
 
 import json
 import math
+import os
 import re
 import stat
 from pathlib import Path, PurePosixPath
@@ -313,6 +314,8 @@ def resolve(source: Union[str, Path], revision: Optional[str] = None) -> Path:
     path = Path(source).expanduser()
     if path.exists():
         return path
+    if looks_local(source):  # (a typo, not a Hub repo id: "./x" even matches org/name's pattern)
+        raise MlxGemmaError(f"no such file or directory: {source}")
     if not _REPO_ID.match(str(source)):
         raise MlxGemmaError(f"{str(source)!r} is neither a local directory, a .gguf file nor a Hub repo id (org/name)")
     from huggingface_hub import snapshot_download
@@ -325,6 +328,15 @@ def resolve(source: Union[str, Path], revision: Optional[str] = None) -> Path:
                             "network): download it once online, or pass a local path") from None
     except (HfHubHTTPError, OSError) as e:
         raise MlxGemmaError(f"cannot download {source} from the Hub: {str(e).splitlines()[0]}") from None
+
+
+def looks_local(source: Union[str, Path]) -> bool:
+    """Whether a source names a file or folder here rather than a Hub repo id (org/name): a Path, or text that
+    starts with ./, ../, / or ~, ends with .gguf or .safetensors, or holds a path separator a repo id has not."""
+    text = str(source)
+    if isinstance(source, Path) or text.startswith(("./", "../", "/", "~")) or text.endswith((".gguf", ".safetensors")):
+        return True
+    return any(sep in text for sep in (os.sep, os.altsep) if sep) and not _REPO_ID.match(text)
 
 
 def load(source: Union[str, Path], dtype: Optional[str] = "auto", revision: Optional[str] = None, group=None,
