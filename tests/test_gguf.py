@@ -154,3 +154,32 @@ def test_no_chat_template_is_invented(tmp_path):
     assert tokenizer.decode(prompt_ids(tokenizer, "hi there")) == "<bos>hi there"
     with pytest.raises(MlxGemmaError, match="need a tokenizer with a chat template"):
         prompt_ids(tokenizer, [{"role": "user", "content": "hi"}])
+
+
+NO_TORCH = "import sys; sys.modules['torch'] = None\n"  # as where torch is not installed
+TORCH_NOTICE = "PyTorch was not found"
+
+
+def _without_torch(code: str) -> str:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).parents[1])  # this checkout's mlxgemma, not an installed one
+    # (mlx-lm, once imported here, sets TRANSFORMERS_NO_ADVISORY_WARNINGS, which would hide the notice there)
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
+    proc = subprocess.run([sys.executable, "-c", NO_TORCH + f"sys.path.insert(0, {root!r})\n" + code],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stderr
+
+
+def test_tokenizer_import_without_torch_notice(tmp_path):
+    """transformers logs "PyTorch was not found" when first imported without torch; the GGUF tokenizer (the
+    default model's first run) imports it without that notice, which landed inside the progress bar."""
+    assert TORCH_NOTICE in _without_torch("import transformers")  # (what a plain import says here)
+    path = write_gguf(tmp_path / "m.gguf", "gemma3", types=[T.Q8_0])
+    err = _without_torch("from mlxgemma.checkpoints.gguf_import import build_tokenizer, open_gguf\n"
+                         f"assert build_tokenizer(open_gguf({str(path)!r})).encode('hi')\n")
+    assert TORCH_NOTICE not in err, err

@@ -14,6 +14,8 @@ gguf_families): the config.json its metadata describes (from_gguf, reading throu
 (gguf_weight_name), how its norms are stored, its experts, its tokenizer's <bos> and stop tokens.
 """
 
+import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -213,12 +215,32 @@ def read_config(reader: GGUFReader) -> dict:
     return {"model_type": family.model_type, "architectures": [model_class.__name__], **config}
 
 
+@contextmanager
+def without_torch_notice():
+    """Import transformers without the "PyTorch was not found" notice it logs on its first import: its
+    tokenizers need no torch, and the notice landed inside the default model's first-run progress bar. (mlx-lm,
+    where it imports transformers first, silences that notice too, by TRANSFORMERS_NO_ADVISORY_WARNINGS.) Only
+    that message is dropped, and torch is never imported."""
+    logger = logging.getLogger("transformers")
+
+    def no_torch_notice(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("PyTorch was not found")
+
+    logger.addFilter(no_torch_notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(no_torch_notice)
+
+
 def build_tokenizer(reader: GGUFReader):
     """transformers' GGUF tokenizer builder (Gemma's respelled spaces, merges rebuilt in file order, control
     tokens kept whole), fed from the gguf package's reader so that no torch is needed."""
     from tokenizers import processors
-    from transformers import PreTrainedTokenizerFast
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
+
+    with without_torch_notice():
+        from transformers import PreTrainedTokenizerFast
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
 
     family, _ = gguf_family(reader)
     tokens = required(reader, "tokenizer.ggml.tokens", list)
