@@ -48,10 +48,8 @@ def build(args, path: Path):
 
 def fake_quantize(model, bits: int, group_size: int, vision: bool, text: bool) -> None:
     """Round every weight that quantize() would quantize, in place, through mx.quantize/mx.dequantize."""
-    from mlxgemma.checkpoints.quantize import in_vision_tower
-
     for name, m in model.named_modules():
-        in_vision = in_vision_tower(name)
+        in_vision = model.in_vision_tower(name)
         if not isinstance(m, (nn.Linear, nn.Embedding)) or (vision, text)[0 if in_vision else 1] is False:
             continue
         if m.weight.shape[-1] % group_size:

@@ -3,7 +3,10 @@ across the ranks (distributed.py: by heads, or with `pipeline` as the second arg
 inputs. Rank 0 prints one JSON line per checkpoint: the largest
 logit differences (prefill past the window, a left-padded batch, cached greedy decoding over 3 windows),
 whether greedy generation gave the same tokens, whether every rank generated the same ones, and rank 0's share
-of the weights' bytes."""
+of the weights' bytes. With `tensor-methods` or `pipeline-methods`, each whole model is split afterwards, as
+mlx-lm's loaders do, by its method (model.shard / model.pipeline) and by distributed.py's function: the
+differences of their logits from each other and from the loader's split, and of the method's from the whole
+model's (method_checks)."""
 
 import json
 import sys
@@ -15,7 +18,7 @@ from PIL import Image
 
 import mlxgemma
 from mlxgemma.errors import MlxGemmaError
-from mlxgemma.models import has_vision, is_encoder_decoder
+from mlxgemma.models import distributed, has_vision, is_encoder_decoder
 
 
 def nbytes(model) -> int:
@@ -43,9 +46,38 @@ def decoder_checks(full, part, steps: int) -> dict:
     return out
 
 
+def logits(model, ids) -> mx.array:
+    return model(ids, decoder_input_ids=ids[:, :12]) if is_encoder_decoder(model) else model(ids)
+
+
+def method_checks(path: str, group, pipeline: bool, steps: int) -> dict:
+    """The same model split by its method, by the function and by the loader: the same logits, exactly."""
+    split = "pipeline" if pipeline else "shard"
+    by_method = getattr(mlxgemma.load_model(path), split)(group)
+    by_function = getattr(distributed, split)(mlxgemma.load_model(path), group)
+    by_loader = mlxgemma.load_model(path, group=group, pipeline=pipeline)
+    whole = mlxgemma.load_model(path)
+    ids = mx.array([[2] + list(range(10, 30))])
+    ours = logits(by_method, ids)
+    out = {"function": diff(ours, logits(by_function, ids)), "loader": diff(ours, logits(by_loader, ids)),
+           "weights": nbytes(by_method) / nbytes(whole)}
+    if is_encoder_decoder(whole):
+        out["prefill"] = diff(logits(whole, ids), ours)
+    else:
+        out.update(decoder_checks(whole, by_method, steps))
+    return out
+
+
 def main():
     group = mx.distributed.init()
-    steps, pipeline, paths = int(sys.argv[1]), sys.argv[2] == "pipeline", sys.argv[3:]
+    steps, mode, paths = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+    pipeline = mode.startswith("pipeline")
+    if mode.endswith("-methods"):
+        for path in paths:
+            out = method_checks(path, group, pipeline, steps)
+            if group.rank() == 0:
+                print(json.dumps(dict(out, name=path.rsplit("/", 1)[-1])), flush=True)
+        return
     for path in paths:
         name = path.rsplit("/", 1)[-1]
         try:

@@ -112,6 +112,21 @@ def test_four_ranks(checkpoints):
         _check(out[name])
 
 
+def test_shard_and_pipeline_methods(checkpoints, tmp_path):
+    """model.shard(group) and model.pipeline(group), mlx-lm's convention, on a whole loaded model: the same
+    logits, exactly, as distributed.py's functions and as the loader's split, and the whole model's within
+    TOL; Gemma 4's experts, a vision tower, T5Gemma 2, and StableLM's per-head q/k norms (keep_heads)."""
+    qk = save_checkpoint(hf_model("stablelm", qk_layernorm=True), tmp_path / "stablelm-qk")
+    names = ["gemma3", "gemma4-moe", "gemma3-vision", "t5gemma2"]
+    out = results(launch(2, WORKER, STEPS, "tensor-methods", *[checkpoints[n] for n in names], qk))
+    out.update(results(launch(2, WORKER, STEPS, "pipeline-methods", checkpoints["gemma2"])))
+    for name in names + ["stablelm-qk", "gemma2"]:
+        r = out[name]
+        assert r["function"] == 0 and r["loader"] == 0, r
+        assert r["prefill"] <= TOL and r.get("padded", 0) <= TOL and r.get("decode", 0) <= TOL, r
+        assert r["weights"] <= 0.75, r  # (each rank holds its part; T5Gemma 2's table and tower stay whole)
+
+
 @pytest.mark.parametrize("split", [[], ["--pipeline"]], ids=["tensor", "pipeline"])
 def test_generate_cli(checkpoints, split):
     cmd = ["-m", "mlxgemma.generate", "--model", checkpoints["gemma2"], "--prompt", "t5 t6 t7", "--max-tokens",

@@ -180,5 +180,5 @@ def test_gguf_metadata(folder, arch, meta, tokens, flip):
         config = read_config(reader)
         assert isinstance(config["vocab_size"], int)
         eos_ids(reader)
-        build_tokenizer(reader, arch)
+        build_tokenizer(reader)
 

@@ -189,3 +189,16 @@ def test_bad_inputs(pair):
     with pytest.raises(MlxGemmaError, match="pixel_values has shape"):
         ours(model, ids, np.zeros((2, 3, T5_IMAGE // 2, T5_IMAGE // 2), np.float32))
     assert isinstance(model, Gemma3ForConditionalGeneration)
+
+
+def test_softcaps_of_text_config_are_not_applied(tmp_path):
+    """transformers' Gemma3ForConditionalGeneration (5.23) applies neither attn_logit_softcapping nor
+    final_logit_softcapping of its text_config (only its text-only Gemma3ForCausalLM applies the final one),
+    and so neither does ours: caps small enough that applying either would move the logits far past TOL."""
+    hf = hf_gemma3_vision(text=dict(final_logit_softcapping=0.5, attn_logit_softcapping=0.5))
+    model, _ = save_and_load(hf, tmp_path)
+    assert model.config.text_config.final_logit_softcapping == 0.5  # read, as transformers reads it
+    ids, pixels = [prompt(1)], random_pixels(1, seed=5)
+    ref = hf_logits(hf, ids, pixels)
+    assert max_diff(np.tanh(ref / 0.5) * 0.5, ref) > 100 * TOL
+    assert max_diff(ours(model, ids, pixels), ref) <= TOL

@@ -19,8 +19,7 @@ from safetensors.numpy import load_file, save_file
 
 import mlxgemma
 from mlxgemma.convert import convert
-from mlxgemma.models.gemma4_moe import QuantizedSwitchLinear
-from mlxgemma.checkpoints.quantize import ROUTER_BITS
+from mlxgemma.models.gemma4_moe import ROUTER_BITS, QuantizedSwitchLinear
 from reference import TOL, WINDOW, hf_logits, max_diff, random_ids, randomize, save_checkpoint
 from test_gemma4 import BASE, F, S, hf_gemma4, randomize_scalars
 

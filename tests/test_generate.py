@@ -170,6 +170,8 @@ def test_cli_bad_input(ckpt, tmp_path, capsys, args, match):
 
 def test_cli_missing_model(tmp_path, capsys):
     assert main(["--model", str(tmp_path / "nope"), "--prompt", "hi"]) == 2
+    assert f"no such file or directory: {tmp_path / 'nope'}" in capsys.readouterr().err
+    assert main(["--model", "nope", "--prompt", "hi"]) == 2
     assert "is neither a local directory" in capsys.readouterr().err
 
 

@@ -15,7 +15,7 @@ from gguf import quants as gq
 import mlxgemma
 from gguf_fixture import TYPES, write_gguf
 from mlxgemma import MlxGemmaError
-from mlxgemma.checkpoints.gguf_import import _hf_name, open_gguf, read_config
+from mlxgemma.checkpoints.gguf_import import gguf_family, open_gguf, read_config
 from reference import TOL, max_diff
 
 EXACT = [t for t in TYPES if t != T.Q6_K]
@@ -27,10 +27,11 @@ def _gguf_reference(path):
     config = read_config(reader)
     model = mlxgemma.build_model(config)
     weights = {}
+    family, _ = gguf_family(reader)
     for t in reader.tensors:
         shape = tuple(int(s) for s in reversed(t.shape.tolist()))
         value = gq.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32)
-        weights[_hf_name(t.name, reader.fields["general.architecture"].contents())] = mx.array(
+        weights[family.gguf_weight_name(t.name)] = mx.array(
             value - 1.0 if t.name.endswith("norm.weight") else value)
     model.load_weights(list(model.sanitize(weights).items()))
     return model
@@ -70,7 +71,7 @@ def test_requantized_types_lose_less_than_their_format(tmp_path):
     model = mlxgemma.load_model(path, dtype="float32")
     reader = open_gguf(path)
     t = next(t for t in reader.tensors if t.tensor_type == T.Q6_K)
-    layer = dict(model.named_modules())[_hf_name(t.name, "gemma3").rsplit(".", 1)[0]]
+    layer = dict(model.named_modules())[gguf_family(reader)[0].gguf_weight_name(t.name).rsplit(".", 1)[0]]
     assert layer.bits == 8 and layer.group_size == 32
     ours = np.array(mx.dequantize(layer.weight, layer.scales, layer.biases, group_size=32, bits=8))
     exact = gq.dequantize(t.data, t.tensor_type).reshape(ours.shape)
@@ -153,3 +154,32 @@ def test_no_chat_template_is_invented(tmp_path):
     assert tokenizer.decode(prompt_ids(tokenizer, "hi there")) == "<bos>hi there"
     with pytest.raises(MlxGemmaError, match="need a tokenizer with a chat template"):
         prompt_ids(tokenizer, [{"role": "user", "content": "hi"}])
+
+
+NO_TORCH = "import sys; sys.modules['torch'] = None\n"  # as where torch is not installed
+TORCH_NOTICE = "PyTorch was not found"
+
+
+def _without_torch(code: str) -> str:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).parents[1])  # this checkout's mlxgemma, not an installed one
+    # (mlx-lm, once imported here, sets TRANSFORMERS_NO_ADVISORY_WARNINGS, which would hide the notice there)
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
+    proc = subprocess.run([sys.executable, "-c", NO_TORCH + f"sys.path.insert(0, {root!r})\n" + code],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stderr
+
+
+def test_tokenizer_import_without_torch_notice(tmp_path):
+    """transformers logs "PyTorch was not found" when first imported without torch; the GGUF tokenizer (the
+    default model's first run) imports it without that notice, which landed inside the progress bar."""
+    assert TORCH_NOTICE in _without_torch("import transformers")  # (what a plain import says here)
+    path = write_gguf(tmp_path / "m.gguf", "gemma3", types=[T.Q8_0])
+    err = _without_torch("from mlxgemma.checkpoints.gguf_import import build_tokenizer, open_gguf\n"
+                         f"assert build_tokenizer(open_gguf({str(path)!r})).encode('hi')\n")
+    assert TORCH_NOTICE not in err, err

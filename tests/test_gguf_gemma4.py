@@ -19,7 +19,7 @@ from gguf import quants as gq
 import mlxgemma
 from gguf_fixture import _gemma4_metadata, converter_hparams, gemma4_tokenizer, write_gemma4_gguf
 from mlxgemma import MlxGemmaError
-from mlxgemma.checkpoints.gguf_import import _quantized_experts, open_gguf, read_config
+from mlxgemma.checkpoints.gguf_import import open_gguf, read_config
 from reference import TOL, WINDOW, hf_logits, max_diff, random_ids
 from test_gemma4 import BASE, hf_gemma4
 
@@ -101,8 +101,7 @@ def test_config_as_read(tmp_path, tokenizer_dir):
                          ids=["q8_0", "mixed"])
 def test_quantized_is_the_gguf_weights(types, tmp_path, tokenizer_dir):
     """Block tensors are repacked into MLX affine groups as they are: 2-D ones (embeddings included) and the
-    3-D experts where mlxgemma runs experts quantized (else those are dequantized to float). Both give
-    transformers run on the GGUF's dequantized weights."""
+    3-D experts, which mlxgemma runs quantized. Both give transformers run on the GGUF's dequantized weights."""
     hf, path, names = _write(tmp_path, tokenizer_dir, QUANTIZABLE, types=types)
     model = mlxgemma.load_model(path, dtype="float32")
     bits = {name: m.bits for name, m in model.named_modules() if hasattr(m, "scales")}
@@ -110,7 +109,7 @@ def test_quantized_is_the_gguf_weights(types, tmp_path, tokenizer_dir):
     assert "model.embed_tokens_per_layer" in bits and "model.layers.0.self_attn.q_proj" in bits
     assert "model.layers.0.router.proj" not in bits  # the converter keeps the router in F32
     experts = ("model.layers.0.experts.gate_up_proj", "model.layers.6.experts.down_proj")
-    assert all((e in bits) == _quantized_experts() for e in experts)
+    assert all(e in bits for e in experts)
     reader = GGUFReader(str(path))
     assert {t.tensor_type for t in reader.tensors if t.name.endswith("_exps.weight")} <= set(types)
     ref = copy.deepcopy(hf)

@@ -341,6 +341,15 @@ def test_generate_cli_bad_options(ckpt, capsys, args, match):
     assert re.search(match, _cli(main, args, capsys))
 
 
+@pytest.mark.parametrize("model", ["./typo.gguf", "./nothing-here"])
+def test_generate_cli_missing_local_model(capsys, tmp_path, monkeypatch, model):
+    """A mistyped local path is one line and exit 2, not a huggingface_hub traceback (exit 1)."""
+    from mlxgemma.generate import main
+
+    monkeypatch.chdir(tmp_path)
+    assert _cli(main, ["--model", model, "--prompt", "hi"], capsys) == f"error: no such file or directory: {model}"
+
+
 def test_generate_cli_stdin_not_utf8(ckpt, capsys, monkeypatch):
     from mlxgemma.generate import main
 

@@ -152,10 +152,28 @@ def test_pickle_weights_refused(ckpt, tmp_path):
 
 
 def test_missing_path_and_config(tmp_path):
-    _error(lambda: mlxgemma.load_model(tmp_path / "nope"), "nope. is neither a local directory, a .gguf file nor a Hub repo id")
+    missing = tmp_path / "nope"
+    assert _error(lambda: mlxgemma.load_model(missing), "no such") == f"no such file or directory: {missing}"
+    _error(lambda: mlxgemma.load_model("nope"), "'nope' is neither a local directory, a .gguf file nor a Hub repo id")
     _error(lambda: mlxgemma.load_model(tmp_path), "config.json not found")
     (tmp_path / "config.json").write_text("{not json")
     _error(lambda: mlxgemma.load_model(tmp_path), "is not valid JSON")
+
+
+@pytest.mark.parametrize("source", ["./nothing-here", "./typo.gguf", "../nothing/here", "/no/such/model",
+                                    "~/no-such-model", "typo.gguf", "model.safetensors", "no/such/model"])
+def test_missing_local_path_is_one_line(source, tmp_path, monkeypatch):
+    """A source that looks local (./, ../, /, ~, .gguf, .safetensors, more than org/name's one slash) and is
+    not there: one line, not a Hub download of a repo id "./x" would pass for, ending in a traceback."""
+    import huggingface_hub
+
+    from mlxgemma.checkpoints.loading import looks_local
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("went to the Hub"))
+    assert looks_local(source) and not looks_local("google/gemma-3-270m") and not looks_local("gemma")
+    for load in (mlxgemma.load, mlxgemma.load_model):
+        assert _error(lambda: load(source), "no such file") == f"no such file or directory: {source}"
 
 
 def test_bad_token_ids(ckpt):

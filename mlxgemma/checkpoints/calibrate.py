@@ -29,10 +29,9 @@ import numpy as np
 from mlx.utils import tree_unflatten
 
 from ..errors import MlxGemmaError
-from ..models import is_encoder_decoder
 from .quantize import SHRINK, best_grid, pack
 
-BUILTIN = Path(__file__).parent.parent / "data" / "calibration.txt"  # original text, Apache-2.0 with the package
+BUILTIN = Path(__file__).parents[1] / "data" / "calibration.txt"  # original text, Apache-2.0 with the package
 DAMP = 0.01  # of the Hessian's mean diagonal, as in the paper and mlx-lm
 
 
@@ -66,25 +65,16 @@ def calibration_tokens(tokenizer, data: Optional[str] = None, samples: Optional[
 def targets(model, group_size: int) -> Dict[str, nn.Module]:
     """The layers GPTQ rounds: every float linear of the language model whose input width divides by the
     group size, and a tied embedding (rounded as the head); not a vision tower (text never reaches it)."""
-    from .quantize import in_vision_tower
-
     found = {}
     for path, m in model.named_modules():
-        if in_vision_tower(path) or not isinstance(m, (nn.Linear, nn.Embedding)) or hasattr(m, "scales"):
+        if model.in_vision_tower(path) or not isinstance(m, (nn.Linear, nn.Embedding)) or hasattr(m, "scales"):
             continue
         if m.weight.shape[1] % group_size:
             continue
-        if isinstance(m, nn.Embedding) and not _tied_head(model, path):
+        if isinstance(m, nn.Embedding) and not model.is_tied_head(path):
             continue
         found[path] = m
     return found
-
-
-def _tied_head(model, path: str) -> bool:
-    config = getattr(model, "config", None)
-    if is_encoder_decoder(model):
-        return path.endswith("encoder.embed_tokens") and "lm_head" not in model
-    return path.endswith("model.embed_tokens") and bool(getattr(config, "tie_word_embeddings", False))
 
 
 class _Catcher(nn.Module):
@@ -108,15 +98,11 @@ def _cheap(x):
     return x[..., :1]
 
 
-def _is_head(path: str) -> bool:
-    return path.endswith(("lm_head", "lm_head.out_proj"))
-
-
 def hessians(model, tokens: mx.array, layers: Dict[str, nn.Module], batch_size: int = 4) -> Dict[str, mx.array]:
     """H of every layer in `layers` over the calibration tokens, from one float pass."""
     from tqdm import tqdm
 
-    catchers = {p: _Catcher(m, _is_head(p)) for p, m in layers.items() if isinstance(m, nn.Linear)}
+    catchers = {p: _Catcher(m, p.endswith(model.lm_head_name)) for p, m in layers.items() if isinstance(m, nn.Linear)}
     heads = {p: m for p, m in layers.items() if isinstance(m, nn.Embedding)}
     head_h = {p: mx.zeros((m.weight.shape[1],) * 2) for p, m in heads.items()}
     for p, m in heads.items():  # the tied head: catch as_linear's input (the table's lookups are not a matmul)
@@ -129,7 +115,7 @@ def hessians(model, tokens: mx.array, layers: Dict[str, nn.Module], batch_size: 
     try:
         for start in tqdm(range(0, tokens.shape[0], batch_size), desc="[mlxgemma] calibration pass", file=sys.stderr):
             batch = tokens[start:start + batch_size]
-            out = model(batch, decoder_input_ids=batch) if is_encoder_decoder(model) else model(batch)
+            out = model.calibration_forward(batch)
             mx.eval(out, [c.H for c in catchers.values()], list(head_h.values()))
     finally:
         model.update_modules(tree_unflatten([(p, c.module) for p, c in catchers.items()]))
@@ -279,10 +265,8 @@ def _recipe_bits(model, bits: int, group_size: int, recipe: Optional[str], layer
 
 def _quantized_layers(model, group_size: int) -> Dict[str, nn.Module]:
     """Every layer the recipe quantizes (for bits per weight): linears and embeddings whose width divides."""
-    from .quantize import in_vision_tower
-
     return {p: m for p, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))
-            and not in_vision_tower(p) and m.weight.shape[1] % group_size == 0}
+            and not model.in_vision_tower(p) and m.weight.shape[1] % group_size == 0}
 
 
 def summary(report: Dict[str, tuple]) -> List[str]:

@@ -16,6 +16,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..errors import MlxGemmaError
+from ..models import config_class_for, model_class_for
 from .loading import DTYPES, model_from_weights, read_config, read_weights, resolve
 from .quantize import RECIPES, VISION_BITS, quantize as quantize_weights
 
@@ -139,19 +140,10 @@ def _calibration(quantize, calibrate, data, samples, seq_len, target_bpw) -> Opt
 def _requantize(model, config, dequantize, bits, group_size, recipe, vision_bits=VISION_BITS, calibration=None,
                 search=True):
     if config.get("quantization"):  # a quantized source: back to float first (a second rounding, said so)
-        from mlx_lm.utils import dequantize_model
-
         if not dequantize:
             print("[mlxgemma] note: the source is already quantized; requantizing rounds its weights a "
                   "second time", file=sys.stderr)
-        from ..models.gemma4_moe import dequantize_experts
-
-        kept = {name: m.eoi_embedding for name, m in model.named_modules() if "eoi_embedding" in m}
-        model = dequantize_experts(dequantize_model(model))  # (rebuilds plain layers: T5Gemma 2's eoi embedding
-        # is put back; Gemma 4's quantized experts are ours, not mlx-lm's, and dequantized by us)
-        for name, m in model.named_modules():
-            if name in kept:
-                m.eoi_embedding = kept[name]
+        model = model.dequantize()
         config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
     if dequantize:
         return model, config
@@ -193,8 +185,7 @@ def legacy_rope_keys(config: dict) -> dict:
 def _write(out: Path, model: nn.Module, config: dict) -> None:
     from mlx_lm.utils import save_config, save_model
 
-    # Nested configs keep their rope keys nested (Gemma 4 readers, mlx-lm's too, read only rope_parameters).
-    if config.get("model_type") not in ("gemma3", "gemma4", "gemma4_text", "t5gemma2"):
+    if config_class_for(config).writes_legacy_rope_keys:
         config = legacy_rope_keys(config)
     weights = dict(tree_flatten(model.parameters()))
     dtypes = {str(v.dtype).split(".")[-1] for k, v in weights.items()
@@ -236,22 +227,7 @@ def _write_readme(out: Path, source, config: dict, dtype) -> None:
     (out / "README.md").write_text(
         f"# {Path(str(source)).name} for MLX\n\nConverted by mlxgemma from `{source}`, {how}.\n"
         f"Weights: {size / 2**20:.1f} MiB. Files: {', '.join(files)}.\n\n"
-        + _readme_usage(config))
-
-
-def _readme_usage(config: dict) -> str:
-    if config.get("model_type") == "t5gemma2":
-        return _T5_README
-    return _GEMMA3_README if config.get("model_type") == "gemma3" and config.get("vision_config") else _LM_README
-
-
-_LM_README = ("```python\nimport mlxgemma\nmodel, tokenizer = mlxgemma.load(\"path/to/this/folder\")\n```\n"
-              "It also loads with `mlx_lm.load`.\n")
-_GEMMA3_README = ("```python\nimport mlxgemma\nmodel, processor = mlxgemma.load(\"path/to/this/folder\")\n"
-                  "print(mlxgemma.generate(model, processor, \"Describe this photo.\", image=\"photo.jpg\"))\n```\n"
-                  "It also loads with `mlx_vlm.load` (and its text part with `mlx_lm.load`).\n")
-_T5_README = ("```python\nimport mlxgemma\nmodel, processor = mlxgemma.load(\"path/to/this/folder\")\n"
-              "print(mlxgemma.generate(model, processor, \" in this image, there is\", image=\"photo.jpg\"))\n```\n")
+        + model_class_for(config).readme_usage)
 
 
 def _replace(tmp: Path, dst: Path) -> None:

@@ -7,6 +7,7 @@ cache), or a .gguf file (imported in memory, see gguf_import)."""
 
 import json
 import math
+import os
 import re
 import stat
 from pathlib import Path, PurePosixPath
@@ -17,7 +18,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..errors import MlxGemmaError
-from ..models import config_from_dict, has_vision, is_encoder_decoder, model_class_for
+from ..models import config_from_dict, model_class_for
 from ..models.config import token_ids
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -282,11 +283,7 @@ def _from_gguf(path: Path, dtype: Optional[str], group=None, pipeline: bool = Fa
 def model_from_weights(config: dict, weights: dict, dtype: Optional[str] = None, source: str = "config.json",
                        group=None, pipeline: bool = False):
     model = build_model(config, source)
-    weights = model.sanitize(weights)
-    if has_vision(model) and not any(k.startswith("vision_tower.") for k in weights):
-        # A Gemma 3 checkpoint without its tower (mlx-lm's converter drops it): its text model.
-        model = model.language_model
-        weights = {k.removeprefix("language_model."): v for k, v in weights.items()}
+    model, weights = model.part_for(model.sanitize(weights))  # (a Gemma 3 checkpoint without its tower: the text)
     _quantize_like(model, config, weights)
     check_weights(model, weights)
     if dtype is not None:
@@ -296,11 +293,11 @@ def model_from_weights(config: dict, weights: dict, dtype: Optional[str] = None,
         weights = {k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     try:
         model.load_weights(list(weights.items()), strict=True)
-        if group is not None and group.size() > 1:
-            from ..models.distributed import pipeline as by_layers, shard
-
-            # while the weights are still lazy: each rank reads only what it keeps
-            (by_layers if pipeline else shard)(model, group)
+        if group is not None and group.size() > 1:  # while the weights are still lazy: each rank reads its part
+            if pipeline:
+                model.pipeline(group)
+            else:
+                model.shard(group)
         mx.eval(model.parameters())
     except (RuntimeError, ValueError) as e:  # e.g. a tensor of the right size whose bytes cannot be read
         raise MlxGemmaError(f"cannot load the weights of {source}: {str(e).splitlines()[0]}") from None
@@ -317,6 +314,8 @@ def resolve(source: Union[str, Path], revision: Optional[str] = None) -> Path:
     path = Path(source).expanduser()
     if path.exists():
         return path
+    if looks_local(source):  # (a typo, not a Hub repo id: "./x" even matches org/name's pattern)
+        raise MlxGemmaError(f"no such file or directory: {source}")
     if not _REPO_ID.match(str(source)):
         raise MlxGemmaError(f"{str(source)!r} is neither a local directory, a .gguf file nor a Hub repo id (org/name)")
     from huggingface_hub import snapshot_download
@@ -329,6 +328,15 @@ def resolve(source: Union[str, Path], revision: Optional[str] = None) -> Path:
                             "network): download it once online, or pass a local path") from None
     except (HfHubHTTPError, OSError) as e:
         raise MlxGemmaError(f"cannot download {source} from the Hub: {str(e).splitlines()[0]}") from None
+
+
+def looks_local(source: Union[str, Path]) -> bool:
+    """Whether a source names a file or folder here rather than a Hub repo id (org/name): a Path, or text that
+    starts with ./, ../, / or ~, ends with .gguf or .safetensors, or holds a path separator a repo id has not."""
+    text = str(source)
+    if isinstance(source, Path) or text.startswith(("./", "../", "/", "~")) or text.endswith((".gguf", ".safetensors")):
+        return True
+    return any(sep in text for sep in (os.sep, os.altsep) if sep) and not _REPO_ID.match(text)
 
 
 def load(source: Union[str, Path], dtype: Optional[str] = "auto", revision: Optional[str] = None, group=None,
@@ -345,13 +353,7 @@ def load(source: Union[str, Path], dtype: Optional[str] = "auto", revision: Opti
                                            pipeline)
         return model, TokenizerWrapper(tokenizer, eos_token_ids=eos)
     model = load_model(path, dtype, group, pipeline)
-    tokenizer = load_tokenizer(path)
-    if is_encoder_decoder(model) or has_vision(model):
-        from ..media.processor import Gemma3Processor, T5Gemma2Processor
-
-        cls = T5Gemma2Processor if is_encoder_decoder(model) else Gemma3Processor
-        return model, cls.from_pretrained(path, tokenizer, model.config)
-    return model, tokenizer
+    return model, model.load_processor(path, load_tokenizer(path))
 
 
 # The small JSON files a tokenizer reads, checked first so that a broken one is named in the error.

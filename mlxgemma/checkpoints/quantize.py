@@ -19,15 +19,6 @@ RECIPES = ["uniform", "mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6"]
 # the real widths (benchmarks/t5gemma2_vision_quant.py, README), 4 bits put 3.3% of error into the image
 # features (8 bits: 0.2%) for about 1.5 times the tower's 8-bit saving; 8 bits cost nothing measurable.
 VISION_BITS = 8
-# Gemma 4. The per-layer embedding table of the E models (vocab_size_per_layer_input x layers x
-# hidden_size_per_layer_input: 262144 x 8960 in E2B, 2.35 G weights, more than the rest of the model) gets
-# what the recipe gives it (4 bits at the default; mlx-lm's converter does the same), not more: measured on a
-# random-weight model of E2B's widths (benchmarks/gemma4_quant.py), 4 bits put 4.0% of error into the
-# per-layer inputs (8 bits: 0.24%), but with the rest of the model at mixed_4_6 the next-token KL goes from
-# 0.2020 (table in float) to 0.2025 (table at 4 bits) -- 0.3% more -- while 8 bits would add 1.1 GiB (2380
-# against 1260 MiB) to a 4-bit E2B of about 2.5 GiB. The router at 8 bits, as mlx-lm's Gemma 4 recipe has
-# it: it is tiny, and a rounding that flips which experts a token goes to is an error of another kind.
-ROUTER_BITS = 8
 # best_grid's fractions of a group's min and of its max: 25 grids tried per group.
 SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8)
 
@@ -36,26 +27,16 @@ def default_recipe(bits: int) -> str:
     return "mixed_4_6" if bits == 4 else "uniform"
 
 
-def in_vision_tower(path: str) -> bool:
-    return ".vision_tower." in f".{path}"
-
-
-def gemma4_bits(path: str, bits: int) -> Optional[int]:
-    """The bits Gemma 4's router gets whatever the recipe (never fewer than asked for); None for every other
-    layer (the recipe decides)."""
-    return max(bits, ROUTER_BITS) if path.endswith(".router.proj") else None
-
-
 def quantize(model: nn.Module, config: dict, bits: int, group_size: int, recipe=None,
              vision_bits: Optional[int] = VISION_BITS, overrides: Optional[dict] = None, search: bool = True):
     """Quantize in place; returns (model, config with mlx-lm's "quantization" block). Layers whose input
-    width does not divide by the group size stay in float, and we say which. A vision tower (T5Gemma 2) is
-    quantized at vision_bits (None: kept in float), whatever the recipe says for the language model; Gemma 4's
-    router at ROUTER_BITS. Gemma 4's experts are quantized like linears (each projection of every expert, in
-    groups along its input: mixed recipes give down_proj their extra bits as they do an MLP's). overrides:
-    {path: {"group_size", "bits", "mode"}} that win over the recipe (calibrate.py's choices, which it rounds
-    itself). search: each group's grid by best_grid on the weights alone (no calibration), else mlx-lm's
-    round-to-nearest from each group's min and max."""
+    width does not divide by the group size stay in float, and we say which. A vision tower (T5Gemma 2, Gemma 3)
+    is quantized at vision_bits (None: kept in float), whatever the recipe says for the language model; a
+    layer the family fixes (model.layer_bits: Gemma 4's router) at its bits. Gemma 4's experts are quantized
+    like linears (each projection of every expert, in groups along its input: mixed recipes give down_proj
+    their extra bits as they do an MLP's). overrides: {path: {"group_size", "bits", "mode"}} that win over the
+    recipe (calibrate.py's choices, which it rounds itself). search: each group's grid by best_grid on the
+    weights alone (no calibration), else mlx-lm's round-to-nearest from each group's min and max."""
     from mlx_lm.convert import mixed_quant_predicate_builder
     from mlx_lm.utils import quantize_model
 
@@ -65,9 +46,9 @@ def quantize(model: nn.Module, config: dict, bits: int, group_size: int, recipe=
     def predicate(path: str, module: nn.Module):
         if overrides and path in overrides:
             return overrides[path]
-        if in_vision_tower(path):
+        if model.in_vision_tower(path):
             return False if vision_bits is None else {"group_size": group_size, "bits": vision_bits, "mode": "affine"}
-        fixed = gemma4_bits(path, bits)
+        fixed = model.layer_bits(path, bits)
         if fixed is not None:
             return {"group_size": group_size, "bits": fixed, "mode": "affine"}
         return mixed(path, module) if mixed else True
@@ -76,10 +57,8 @@ def quantize(model: nn.Module, config: dict, bits: int, group_size: int, recipe=
     model, config = quantize_model(model, config, group_size, bits, quant_predicate=predicate)
     if search:
         search_grids(model, {p: w for p, w in floats.items() if p not in (overrides or {})})
-    from ..models.gemma4_moe import SwitchLinear
-
-    left = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding, SwitchLinear))
-            and not hasattr(m, "scales") and (vision_bits is not None or not in_vision_tower(name))]
+    left = [name for name, m in model.named_modules() if hasattr(m, "to_quantized") and not hasattr(m, "scales")
+            and (vision_bits is not None or not model.in_vision_tower(name))]
     if left:
         print(f"[mlxgemma] note: {len(left)} layer(s) stay in float (input width not a multiple of "
               f"{group_size}): {', '.join(left[:8])}{' ...' if len(left) > 8 else ''}", file=sys.stderr)

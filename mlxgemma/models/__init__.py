@@ -38,12 +38,23 @@ CLASSES["Gemma4ForConditionalGeneration"] = gemma4.Gemma4ForCausalLM
 
 def has_vision(model) -> bool:
     """A decoder-only model that takes images (Gemma 3 with its tower): loads with a processor."""
-    return isinstance(model, gemma3_vision._Gemma3WithImages)
+    return bool(getattr(model, "has_vision", False))
 
 
 def is_encoder_decoder(model) -> bool:
     """T5Gemma 2: loads with a processor, generates per request (encoder once), has no chat cache."""
-    return getattr(getattr(model, "config", None), "model_type", None) == "t5gemma2"
+    return bool(getattr(model, "is_encoder_decoder", False))
+
+
+def config_class_for(d: dict):
+    """The config class of config.json's model_type (checked by config_from_dict)."""
+    return FAMILIES[d.get("model_type")][0]
+
+
+def gguf_families() -> dict:
+    """llama.cpp's general.architecture -> (config class, model class) of each family whose GGUF files load."""
+    return {config.gguf_architecture: (config, FAMILIES[config.model_type][1])
+            for config, _ in FAMILIES.values() if config.gguf_architecture}
 
 
 # model_types of configs that were replaced on the Hub: what to do instead.

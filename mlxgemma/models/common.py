@@ -1,5 +1,6 @@
 """The blocks every family here shares: the Gemma RMSNorm, RoPE per layer type, the attention core (scale,
-softcap, GQA, masks), the gated MLP, and the per-forward mask and cache bookkeeping."""
+softcap, GQA, masks), the gated MLP, the per-forward mask and cache bookkeeping, and PreTrainedModel, the base
+of every model class: what convert, quantize, calibrate, the loaders and distributed.py ask of a family."""
 
 import math
 from functools import partial
@@ -10,6 +11,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..errors import MlxGemmaError
+from . import distributed
 from .cache import KVCache, RotatingKVCache, causal_mask, uncached_mask
 from .config import FULL, SLIDING
 
@@ -283,6 +285,75 @@ def as_input_ids(input_ids, vocab_size: int) -> mx.array:
                 "was the prompt tokenized with this model's tokenizer?"
             )
     return input_ids
+
+
+LM_USAGE = ("```python\nimport mlxgemma\nmodel, tokenizer = mlxgemma.load(\"path/to/this/folder\")\n```\n"
+            "It also loads with `mlx_lm.load`.\n")
+
+
+class PreTrainedModel(nn.Module):
+    """The base of every model class (transformers' name): what the rest of mlxgemma asks of a family, with the
+    answers of the common case, a text decoder. A family overrides what differs, once for all its classes."""
+
+    is_encoder_decoder = False  # T5Gemma 2: encodes once per request, has no chat cache
+    has_vision = False  # a decoder whose prompts hold images (Gemma 3 with its tower): loads with a processor
+    vision_tower_name = None  # its image encoder's module: quantized at --q-vision-bits, whole on every rank
+    lm_head_name = "lm_head"  # the vocabulary head's linear (calibration takes its input only)
+    vocab_sharded_tables = ("embed_tokens",)  # get_decoder()'s token tables that shard and pipeline split
+    supports_pipeline = True  # pipeline() can give each rank a run of decoder layers
+    readme_usage = LM_USAGE  # how the README of a converted checkpoint says to load it
+
+    def get_decoder(self):
+        """The decoder stack (embed_tokens, layers, config): a base model itself; its heads return theirs."""
+        return self
+
+    def in_vision_tower(self, path: str) -> bool:
+        return self.vision_tower_name is not None and f".{self.vision_tower_name}." in f".{path}"
+
+    def layer_bits(self, path: str, bits: int) -> Optional[int]:
+        """The bits the layer at path gets whatever the quantization recipe; None: the recipe decides."""
+        return None
+
+    def is_tied_head(self, path: str) -> bool:
+        """Whether the token table at path is also the vocabulary head (calibration rounds it as the head)."""
+        return path.endswith("model.embed_tokens") and bool(getattr(self.config, "tie_word_embeddings", False))
+
+    def calibration_forward(self, input_ids: mx.array) -> mx.array:
+        """A forward over text alone: calibration's pass."""
+        return self(input_ids)
+
+    def part_for(self, weights: dict):
+        """(the model that sanitized weights fill, the weights in its names): this one, with all of them."""
+        return self, weights
+
+    def load_processor(self, path, tokenizer):
+        """What load() returns beside the model: the tokenizer, or a family's processor holding it."""
+        return tokenizer
+
+    def dequantize(self) -> nn.Module:
+        """Every quantized layer back to float, in place (mlx-lm's dequantize_model, which imports transformers)."""
+        from mlx_lm.utils import dequantize_model
+
+        return dequantize_model(self)
+
+    def shard(self, group=None) -> nn.Module:
+        """Tensor parallelism across group's ranks, in place (mlx-lm's Model.shard): attention by heads, MLPs
+        by width, the token tables by vocabulary (distributed.py). Nothing to do on one rank."""
+        group = distributed.world(group)
+        if group.size() > 1:
+            distributed.shard_modules(self, group)
+        return self
+
+    def pipeline(self, group=None) -> nn.Module:
+        """Pipeline parallelism across group's ranks, in place: rank r keeps the r-th run of decoder layers
+        (distributed.py). Nothing to do on one rank."""
+        group = distributed.world(group)
+        if group.size() > 1:
+            if not self.supports_pipeline:
+                raise MlxGemmaError(f"{type(self).__name__} runs across ranks by tensor parallelism only: leave out "
+                                    "--pipeline")
+            distributed.split_layers(self, group)
+        return self
 
 
 __all__ = ["FULL", "SLIDING"]

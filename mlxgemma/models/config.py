@@ -43,6 +43,24 @@ class BaseConfig:
     # config.json keys that are not fields (legacy rope keys, sliding_window_pattern, ...), as read.
     extra: dict = field(default_factory=dict, repr=False)
 
+    # What the checkpoint readers and writers ask of a family's config class (class attributes, not fields).
+    # The converter writes the pre-transformers-5 top-level rope keys beside rope_parameters, for readers that
+    # know only those (mlx-lm's StableLM, its Gemma 3); a nested config keeps its rope keys nested.
+    writes_legacy_rope_keys = True
+    # GGUF import (gguf_import.py). A family whose llama.cpp files mlxgemma reads names their
+    # general.architecture and defines from_gguf(gguf) -> its config.json and gguf_weight_name(name) -> the
+    # transformers name of a tensor (None: none in this family).
+    gguf_architecture = None
+    gguf_norm_offset = 0.0  # what llama.cpp adds to the RMSNorm weights it stores
+    gguf_config_tensors = ()  # tensors that from_gguf reads into the config: not weights
+    gguf_experts = False  # its 3-D tensors are experts (rows of blocks), kept quantized as stored
+    gguf_add_bos = None  # whether its tokenizer adds <bos> (None: as the file's add_bos_token says)
+
+    @classmethod
+    def gguf_stop_tokens(cls, has_eot: bool) -> tuple:
+        """The tokens (bytes) that also end generation, beside the file's eos and eot ids."""
+        return ()
+
     def __post_init__(self):
         self.resolve(self.extra)
 

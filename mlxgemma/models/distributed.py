@@ -18,6 +18,11 @@ Pipeline parallelism (pipeline): rank r holds the r-th contiguous run of decoder
 masks follow its own layer types (a rank may hold only sliding layers). Each rank's first layer receives the
 hidden states from the rank before (send/recv), its last sends them on; the last rank's output reaches every
 rank (an all-gather), so each computes the logits of its share of the token table, split as above.
+
+The model classes drive both, as mlx-lm's do: model.shard(group) and model.pipeline(group) (PreTrainedModel,
+common.py) run shard_modules and split_layers below with what the family says of itself (its vision tower,
+its token tables, whether it pipelines); Gemma 4 adds its experts (gemma4_moe.py), StableLM its per-head norms.
+shard() and pipeline() here are the same methods, called as functions.
 """
 
 import mlx.core as mx
@@ -25,7 +30,6 @@ import mlx.nn as nn
 from mlx.nn.layers.distributed import shard_linear
 
 from ..errors import MlxGemmaError
-from ..models import is_encoder_decoder
 
 
 def world(group=None):
@@ -34,44 +38,38 @@ def world(group=None):
 
 
 def shard(model: nn.Module, group=None) -> nn.Module:
-    """Shard model in place across group's ranks (nothing to do on one); one clear error where a model's
-    sizes do not split."""
-    group = world(group)
-    if group.size() == 1:
-        return model
-    for path, m in list(model.named_modules()):
-        if ".vision_tower." in f".{path}.":
-            continue
-        if all(k in m for k in ("q_proj", "o_proj")) and hasattr(m, "n_heads"):
-            _attention(m, group, path)
-        elif all(k in m for k in ("gate_proj", "up_proj", "down_proj")):
-            _mlp(m, group, path)
-        elif all(k in m for k in ("gate_up_proj", "down_proj")):
-            _experts(m, group, path)
-    if not is_encoder_decoder(model):
-        base = model.language_model.model if "language_model" in model else model.model
-        base.embed_tokens = VocabShardedEmbedding(base.embed_tokens, group)
-        if "embed_tokens_per_layer" in base:  # Gemma 4's per-layer token table, as large as the model at 2B
-            base.embed_tokens_per_layer = VocabShardedEmbedding(base.embed_tokens_per_layer, group)
-    for path, m in list(model.named_modules()):  # (the loop above must not visit its own wrappers)
-        if all(k in m for k in ("router", "experts")):
-            m.experts = _SummedExperts(m.experts, group)
-    return model
+    """Shard model in place across group's ranks (nothing to do on one): model.shard, the family's own split;
+    one clear error where a model's sizes do not split."""
+    return model.shard(group)
 
 
 def pipeline(model: nn.Module, group=None) -> nn.Module:
-    """Split a decoder's layers into contiguous runs, one per rank (the first ranks get one more where they
-    do not divide), in place; the token table splits by vocabulary as in shard."""
-    group = world(group)
+    """Split a decoder's layers into contiguous runs, one per rank, in place: model.pipeline (split_layers)."""
+    return model.pipeline(group)
+
+
+def shard_modules(model: nn.Module, group) -> None:
+    """What PreTrainedModel.shard does for every family: each attention by heads, each MLP by width, the
+    family's token tables by vocabulary; a vision tower stays whole. A family with more (Gemma 4's experts)
+    shards that in its own shard()."""
+    for path, m in list(model.named_modules()):
+        if model.in_vision_tower(path):
+            continue
+        if all(k in m for k in ("q_proj", "o_proj")) and hasattr(m, "n_heads"):
+            shard_attention(m, group, path)
+        elif all(k in m for k in ("gate_proj", "up_proj", "down_proj")):
+            shard_mlp(m, group, path)
+    decoder = model.get_decoder()
+    for name in model.vocab_sharded_tables:
+        if name in decoder:
+            decoder[name] = VocabShardedEmbedding(decoder[name], group)
+
+
+def split_layers(model: nn.Module, group) -> None:
+    """What PreTrainedModel.pipeline does: rank r keeps the r-th contiguous run of decoder layers (the first
+    ranks get one more where they do not divide); the token tables split by vocabulary as in shard."""
     N, r = group.size(), group.rank()
-    if N == 1:
-        return model
-    if type(model).__name__.startswith("Gemma4"):  # its last layers read earlier layers' keys and values
-        raise MlxGemmaError("Gemma 4 runs across ranks by tensor parallelism only: leave out --pipeline")
-    if is_encoder_decoder(model):
-        raise MlxGemmaError(f"{type(model).__name__} runs across ranks by tensor parallelism only: leave out "
-                            "--pipeline")
-    base = model.language_model.model if "language_model" in model else model.model
+    base = model.get_decoder()
     n = len(base.layers)
     if n < N:
         raise MlxGemmaError(f"{n} decoder layers do not split over {N} ranks")
@@ -84,8 +82,8 @@ def pipeline(model: nn.Module, group=None) -> nn.Module:
         layers[0] = _Stage(layers[0], group, receives=True)
     base.layers = layers
     base.config.layer_types = list(base.config.layer_types[start:stop])  # what masks and caches are made of
-    base.embed_tokens = VocabShardedEmbedding(base.embed_tokens, group)
-    return model
+    for name in model.vocab_sharded_tables:
+        base[name] = VocabShardedEmbedding(base[name], group)
 
 
 class _Stage(nn.Module):
@@ -117,13 +115,16 @@ class _Stage(nn.Module):
         return mx.distributed.all_gather(h, group=self.group)[(N - 1) * B:]  # the last rank's, on every rank
 
 
-def _attention(m, group, path: str) -> None:
+def shard_attention(m, group, path: str) -> None:
+    """An attention by heads: queries and outputs split; the key/value heads split too, or with fewer of them
+    than ranks each rank keeps the one its query heads read. A module with per-head parameters of its own
+    (StableLM's q/k LayerNorms) keeps its heads' in keep_heads(query heads, key/value heads)."""
     N, r = group.size(), group.rank()
     H, K = m.n_heads, m.n_kv_heads
     if H % N:
         raise MlxGemmaError(f"{path}: {H} attention heads do not split over {N} ranks (--pipeline splits by "
                             "layers instead)")
-    _check_columns(m.o_proj, N, f"{path}.o_proj")
+    check_columns(m.o_proj, N, f"{path}.o_proj")
     m.q_proj = shard_linear(m.q_proj, "all-to-sharded", group=group)
     m.o_proj = shard_linear(m.o_proj, "sharded-to-all", group=group)
     # (Gemma 4: a KV-shared layer has no k/v of its own and reads its donor's, split the same way; full
@@ -140,22 +141,21 @@ def _attention(m, group, path: str) -> None:
         kv = slice(head, head + 1)
     else:
         raise MlxGemmaError(f"{path}: {K} key/value heads do not split over {N} ranks (nor {N} over {K})")
-    for name, heads in (("q_layernorm", slice(r * H // N, (r + 1) * H // N)), ("k_layernorm", kv)):
-        if name in m:  # StableLM's per-head LayerNorms: each rank keeps its heads'
-            m[name].norms = m[name].norms[heads]
+    if hasattr(m, "keep_heads"):
+        m.keep_heads(slice(r * H // N, (r + 1) * H // N), kv)
     m.n_heads, m.n_kv_heads = H // N, kv.stop - kv.start
 
 
-def _check_columns(linear, N: int, path: str) -> None:
+def check_columns(linear, N: int, path: str) -> None:
     """A sharded-to-all linear splits its input: each rank's part must hold whole quantization groups."""
-    width = _input_width(linear)
+    width = input_width(linear)
     group = getattr(linear, "group_size", 1) if "scales" in linear else 1
     if width % N or (width // N) % group:
         raise MlxGemmaError(f"{path}: an input width of {width} does not split over {N} ranks"
                             + (f" in whole quantization groups of {group}" if group > 1 else ""))
 
 
-def _input_width(linear) -> int:
+def input_width(linear) -> int:
     """A linear's (or per-expert linear's) input width, float or quantized (packed in 32-bit words)."""
     return linear.weight.shape[-1] * 32 // linear.bits if "scales" in linear else linear.weight.shape[-1]
 
@@ -166,31 +166,17 @@ def _keep_rows(linear, start: int, stop: int) -> None:
                                                                                      "bias")})
 
 
-def _mlp(m, group, path: str) -> None:
+def shard_mlp(m, group, path: str) -> None:
     width = m.gate_proj.weight.shape[0]
     if width % group.size():
         raise MlxGemmaError(f"{path}: an intermediate width of {width} does not split over {group.size()} ranks")
-    _check_columns(m.down_proj, group.size(), f"{path}.down_proj")
+    check_columns(m.down_proj, group.size(), f"{path}.down_proj")
     m.gate_proj = shard_linear(m.gate_proj, "all-to-sharded", group=group)
     m.up_proj = shard_linear(m.up_proj, "all-to-sharded", group=group)
     m.down_proj = shard_linear(m.down_proj, "sharded-to-all", group=group)
 
 
-def _experts(m, group, path: str) -> None:
-    """Gemma 4's experts by their intermediate width: each rank keeps its part of every expert's gate and up
-    rows (stored fused, gate then up) and down columns; their outputs are summed over the ranks
-    (_SummedExperts)."""
-    N, r = group.size(), group.rank()
-    width = _input_width(m.down_proj)
-    _check_columns(m.down_proj, N, f"{path}.down_proj")
-    part = slice(r * width // N, (r + 1) * width // N)
-    fused = m.gate_up_proj
-    fused.update({k: mx.concatenate([v[:, part], v[:, width + part.start:width + part.stop]], axis=1)
-                  for k, v in fused.parameters().items() if k in ("weight", "scales", "biases")})
-    _keep_columns(m.down_proj, part.start, part.stop)
-
-
-def _keep_columns(linear, start: int, stop: int) -> None:
+def keep_columns(linear, start: int, stop: int) -> None:
     """A linear or per-expert linear (float or quantized) keeping only input columns start:stop."""
     if "scales" not in linear:
         linear.weight = linear.weight[..., start:stop]
@@ -199,17 +185,6 @@ def _keep_columns(linear, start: int, stop: int) -> None:
     parts = {"weight": slice(start * bits // 32, stop * bits // 32), "scales": slice(start // group, stop // group)}
     parts["biases"] = parts["scales"]
     linear.update({k: v[..., parts[k]] for k, v in linear.parameters().items() if k in parts})
-
-
-class _SummedExperts(nn.Module):
-    """Experts split by width (_experts): each rank's share of every token's expert outputs, summed."""
-
-    def __init__(self, experts, group):
-        super().__init__()
-        self.experts, self.group = experts, group
-
-    def __call__(self, *args) -> mx.array:
-        return mx.distributed.all_sum(self.experts(*args), group=self.group)
 
 
 class VocabShardedEmbedding(nn.Module):

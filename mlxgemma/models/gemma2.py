@@ -12,7 +12,7 @@ import mlx.nn as nn
 from ..errors import MlxGemmaError
 from .common import MLP, Attention, RMSNorm, activation
 from .config import FULL, SLIDING, check_layer_types, single_rope
-from .gemma import GemmaConfig, GemmaModel
+from .gemma import GGUF_BLOCK_NAMES, GemmaConfig, GemmaModel, read_gguf_config
 from .heads import CausalLM, SequenceClassification, TokenClassification
 
 
@@ -42,6 +42,25 @@ class Gemma2Config(GemmaConfig):
         check_layer_types(self.layer_types, self.num_hidden_layers)
         if SLIDING in self.layer_types and not self.sliding_window:
             raise MlxGemmaError("config.json: sliding layers need a positive sliding_window")
+
+    gguf_architecture = "gemma2"
+    gguf_block_names = GGUF_BLOCK_NAMES
+
+    @classmethod
+    def from_gguf(cls, gguf) -> dict:
+        config = read_gguf_config(gguf)
+        config.update(gguf_attention(gguf, config, big_layers=46))
+        config.update(attn_logit_softcapping=gguf.hparam("attn_logit_softcapping", 50.0, float),
+                      final_logit_softcapping=gguf.hparam("final_logit_softcapping", 30.0, float))
+        return config
+
+
+def gguf_attention(gguf, config: dict, big_layers: int) -> dict:
+    """query_pre_attn_scalar and sliding_window of a llama.cpp Gemma 2 or 3 file. llama.cpp scales queries by
+    hidden_size / heads for the 27B, which it tells by its layer count (big_layers), else by head_dim."""
+    big = config["num_hidden_layers"] == big_layers
+    scalar = config["hidden_size"] // config["num_attention_heads"] if big else config["head_dim"]
+    return {"query_pre_attn_scalar": scalar, "sliding_window": gguf.hparam("attention.sliding_window", 4096)}
 
 
 class Gemma2DecoderLayer(nn.Module):

@@ -9,8 +9,8 @@ from typing import Optional
 
 from .common import Attention
 from .config import FULL, SLIDING, check_layer_types, check_rope, pattern_layer_types
-from .gemma2 import Gemma2Config, Gemma2DecoderLayer
-from .gemma import GemmaModel
+from .gemma2 import Gemma2Config, Gemma2DecoderLayer, gguf_attention
+from .gemma import GemmaModel, read_gguf_config
 from .heads import CausalLM, SequenceClassification
 
 _TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "language_model.")
@@ -50,6 +50,19 @@ class Gemma3TextConfig(Gemma2Config):
             p.setdefault("rope_type", p.get("type", "default"))
             check_rope(p, f"rope_parameters.{name}")
         return params
+
+    gguf_architecture = "gemma3"
+
+    @classmethod
+    def from_gguf(cls, gguf) -> dict:
+        """Gemma 2's reading without its softcaps (Gemma 3 has none); llama.cpp fixes a local rope theta of 1e4
+        and five sliding layers to one full for Gemma 3."""
+        config = read_gguf_config(gguf)
+        config.update(gguf_attention(gguf, config, big_layers=62))
+        config.update(rope_local_base_freq=10000.0, sliding_window_pattern=6)
+        if gguf.hparam("rope.scaling.type", kind=str) == "linear":
+            config["rope_scaling"] = {"rope_type": "linear", "factor": gguf.hparam("rope.scaling.factor", kind=float)}
+        return config
 
 
 class Gemma3DecoderLayer(Gemma2DecoderLayer):

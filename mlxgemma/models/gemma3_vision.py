@@ -11,6 +11,7 @@ multi_modal_projector.*), which is also the older transformers layout; the curre
 loads too. So our converted checkpoints load in mlx-vlm, mlx-lm (text part) and transformers alike.
 Reference: transformers/models/gemma3 (Gemma3Model, Gemma3ForConditionalGeneration)."""
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -18,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import MlxGemmaError
-from .common import RMSNorm, as_input_ids, image_blocks, scaled_embedding
+from .common import PreTrainedModel, RMSNorm, as_input_ids, image_blocks, scaled_embedding
 from .config import FULL, SLIDING, BaseConfig, pattern_layer_types
 from .gemma3 import Gemma3ForCausalLM, Gemma3TextConfig, Gemma3TextForSequenceClassification
 from .heads import causal_lm_loss, sequence_classification_loss
@@ -43,6 +44,8 @@ class Gemma3Config(BaseConfig):
     image_token_index: int = 262_144
     initializer_range: float = 0.02
     tie_word_embeddings: bool = True
+
+    writes_legacy_rope_keys = False  # its rope parameters are nested in text_config
 
     def resolve(self, legacy: dict) -> None:
         text = dict(self.text_config or {}) if isinstance(self.text_config, dict) else self.text_config
@@ -116,10 +119,15 @@ _LAYOUT = (("model.language_model.", "language_model.model."), ("model.vision_to
            ("score.", "language_model.score."))
 
 
-class _Gemma3WithImages(nn.Module):
+class _Gemma3WithImages(PreTrainedModel):
     """Tower, projector and a Gemma 3 text head (`text_head_class`) whose inputs get the image features."""
 
     text_head_class = None
+    has_vision = True
+    vision_tower_name = "vision_tower"
+    readme_usage = ("```python\nimport mlxgemma\nmodel, processor = mlxgemma.load(\"path/to/this/folder\")\n"
+                    "print(mlxgemma.generate(model, processor, \"Describe this photo.\", image=\"photo.jpg\"))\n```\n"
+                    "It also loads with `mlx_vlm.load` (and its text part with `mlx_lm.load`).\n")
 
     def __init__(self, config: Gemma3Config):
         super().__init__()
@@ -134,6 +142,20 @@ class _Gemma3WithImages(nn.Module):
 
     def make_cache(self, max_kv_size=None):
         return self.language_model.make_cache(max_kv_size)
+
+    def get_decoder(self):
+        return self.language_model.get_decoder()
+
+    def part_for(self, weights: dict):
+        """A checkpoint without its tower (mlx-lm's converter drops it) fills the text model alone."""
+        if any(k.startswith("vision_tower.") for k in weights):
+            return self, weights
+        return self.language_model, {k.removeprefix("language_model."): v for k, v in weights.items()}
+
+    def load_processor(self, path, tokenizer):
+        from ..media.processor import Gemma3Processor
+
+        return Gemma3Processor.from_pretrained(path, tokenizer, self.config)
 
     def get_image_features(self, pixel_values) -> mx.array:
         """(N, 3, S, S) -> (N, mm_tokens_per_image, hidden)."""
@@ -209,6 +231,15 @@ class Gemma3ForConditionalGeneration(_Gemma3WithImages):
     Gemma 3's text model (mlx-lm's interface: __call__(inputs, cache=None), layers, make_cache)."""
 
     text_head_class = Gemma3ForCausalLM
+
+    def __init__(self, config: Gemma3Config):
+        super().__init__(config)
+        # As transformers' Gemma3ForConditionalGeneration (5.23): no final logit softcap, whatever text_config
+        # says (only its text-only Gemma3ForCausalLM applies one). attn_logit_softcapping is applied by no Gemma 3
+        # attention, there or here. The text head reads its own copy of the text config, without the cap.
+        text = copy.copy(config.text_config)
+        text.final_logit_softcapping = None
+        self.language_model.config = text
 
     def __call__(self, input_ids, attention_mask=None, cache=None, pixel_values=None, image_features=None,
                  token_type_ids=None) -> mx.array:

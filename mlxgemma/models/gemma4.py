@@ -8,181 +8,64 @@ MLP (gemma4_moe.py). Also the text part of multimodal `gemma4` checkpoints.
 Reference: transformers/models/gemma4 (Gemma4TextConfig, Gemma4TextModel, Gemma4ForCausalLM)."""
 
 import math
-from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import MlxGemmaError
-from .common import MLP, activation, as_input_ids, attention, heads, layer_masks, make_caches, scaled_embedding
-from .config import FULL, MAX_SIZE, SLIDING, BaseConfig, check_layer_types, check_rope, pattern_layer_types
+from .common import (MLP, PreTrainedModel, activation, as_input_ids, attention, heads, layer_masks, make_caches,
+                     scaled_embedding)
+from .config import FULL
+from .distributed import world
 from .gemma3 import language_model_part
 from .gemma4_checkpoint import checkpoint_of, experts_from_checkpoint
-from .gemma4_moe import Gemma4TextExperts, Gemma4TextRouter
+from .gemma4_config import Gemma4TextConfig
+from .gemma4_moe import Gemma4TextExperts, Gemma4TextRouter, SummedExperts, dequantize_experts, router_bits
 from .heads import CausalLM
 
-ROPE_TYPES = ("default", "linear", "proportional")
-DEFAULT_ROPE = {SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
-                FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0}}
 _NON_TEXT = tuple(p + part for p in ("model.", "") for part in ("vision_tower.", "audio_tower.", "embed_vision.",
                                                                   "embed_audio.", "multi_modal_projector.",
                                                                   "vision_embedder."))
 
 
-@dataclass
-class Gemma4TextConfig(BaseConfig):
-    model_type: str = "gemma4_text"
-    vocab_size: int = 262_144
-    hidden_size: int = 2304
-    intermediate_size: int = 9216
-    num_hidden_layers: int = 30
-    num_attention_heads: int = 8
-    num_key_value_heads: int = 4
-    head_dim: int = 256
-    hidden_activation: str = "gelu_pytorch_tanh"
-    max_position_embeddings: int = 131_072
-    initializer_range: float = 0.02
-    rms_norm_eps: float = 1e-6
-    use_cache: bool = True
-    pad_token_id: Optional[int] = 0
-    eos_token_id: Any = 1
-    bos_token_id: Optional[int] = 2
-    tie_word_embeddings: bool = True
-    rope_parameters: Optional[dict] = None
-    attention_bias: bool = False
-    attention_dropout: float = 0.0
-    sliding_window: int = 512
-    layer_types: Optional[list] = None
-    final_logit_softcapping: Optional[float] = None
-    use_bidirectional_attention: Optional[str] = None  # "all" (bidirectional) or "vision" (images only)
-    vocab_size_per_layer_input: int = 262_144
-    hidden_size_per_layer_input: int = 256
-    attention_k_eq_v: bool = False
-    num_kv_shared_layers: int = 0
-    enable_moe_block: bool = False
-    use_double_wide_mlp: bool = False
-    num_experts: Optional[int] = None
-    top_k_experts: Optional[int] = None
-    moe_intermediate_size: Optional[int] = None
-    # Read by transformers' __post_init__ but not kept: it turns them into per_layer_config overrides of the
-    # full layers (which is what save_pretrained then writes, instead of these two).
-    global_head_dim: Optional[int] = 512
-    num_global_key_value_heads: Optional[int] = None
-    per_layer_config: Optional[dict] = None
+class Gemma4PreTrainedModel(PreTrainedModel):
+    """What Gemma 4 answers differently (Gemma4TextModel and Gemma4ForCausalLM)."""
 
-    def resolve(self, legacy: dict) -> None:
-        if self.use_bidirectional_attention not in (None, "all", "vision"):
-            raise MlxGemmaError(f"config.json: use_bidirectional_attention is {self.use_bidirectional_attention!r}, "
-                                "expected \"all\", \"vision\" or null")
-        if self.bidirectional:
-            self.sliding_window = self.sliding_window // 2 + 1  # transformers' conversion, undone on save
-        layer_types = list(self.layer_types or pattern_layer_types(self.num_hidden_layers, 6))
-        check_layer_types(layer_types, self.num_hidden_layers)
-        layer_types[-1] = FULL  # transformers forces the last layer to full attention (with a warning)
-        self.layer_types = layer_types
-        self.rope_parameters = self._rope_per_type()
-        self._attention_shapes()
-        self._kv_sharing()
-        self._check_sizes()
+    supports_pipeline = False  # its last layers read earlier layers' keys and values: split by heads only
+    # The E models' per-layer token table, as large as the rest of the model at 2B, splits by vocabulary too.
+    vocab_sharded_tables = ("embed_tokens", "embed_tokens_per_layer")
 
-    @property
-    def bidirectional(self) -> bool:
-        """"vision" only changes the masks of image tokens, which a text model never sees: causal here."""
-        return self.use_bidirectional_attention == "all"
+    def layer_bits(self, path: str, bits: int) -> Optional[int]:
+        """The router at ROUTER_BITS (gemma4_moe.py). The per-layer token table of the E models
+        (vocab_size_per_layer_input x layers x hidden_size_per_layer_input: 262144 x 8960 in E2B, 2.35 G
+        weights, more than the rest of the model) gets what the recipe gives it (4 bits at the default;
+        mlx-lm's converter does the same), not more: measured on a random-weight model of E2B's widths
+        (benchmarks/gemma4_quant.py), 4 bits put 4.0% of error into the per-layer inputs (8 bits: 0.24%), but
+        with the rest of the model at mixed_4_6 the next-token KL goes from 0.2020 (table in float) to 0.2025
+        (table at 4 bits) -- 0.3% more -- while 8 bits would add 1.1 GiB (2380 against 1260 MiB) to a 4-bit
+        E2B of about 2.5 GiB."""
+        return router_bits(path, bits)
 
-    def _rope_per_type(self) -> dict:
-        """One rope per layer type, nested by type (transformers reads no flat or legacy form for Gemma 4)."""
-        given = DEFAULT_ROPE if self.rope_parameters is None else self.rope_parameters
-        params = {}
-        for t in sorted(set(self.layer_types)):
-            p = given.get(t)
-            if not isinstance(p, dict):
-                raise MlxGemmaError(f"config.json: rope_parameters has no {t!r} entry (Gemma 4 nests its rope "
-                                    "parameters by layer type)")
-            p = dict(p)
-            p.setdefault("rope_type", p.get("type", "default"))
-            check_rope(p, f"rope_parameters.{t}", ROPE_TYPES)
-            if p["rope_type"] == "linear" and p.get("partial_rotary_factor", 1.0) != 1.0:
-                raise MlxGemmaError(f"config.json: rope_parameters.{t} is a partial linear rope, which transformers' "
-                                    "Gemma 4 cannot apply either (its cos/sin would not cover the head)")
-            params[t] = p
-        return params
+    def dequantize(self) -> nn.Module:
+        """mlx-lm's dequantize_model knows only its own expert layers: ours are dequantized here."""
+        return dequantize_experts(super().dequantize())
 
-    def _attention_shapes(self) -> None:
-        """head_dims and kv_heads per layer type. The released configs give global_head_dim (default 512) and
-        num_global_key_value_heads (read only with attention_k_eq_v); configs saved by transformers 5 give
-        per_layer_config overrides instead, and then those two are ignored, as transformers ignores them."""
-        base = {"head_dim": self.head_dim, "num_key_value_heads": self.num_key_value_heads}
-        if self.per_layer_config is None:
-            full = {"head_dim": self.global_head_dim}
-            if self.attention_k_eq_v and self.num_global_key_value_heads is not None:
-                full["num_key_value_heads"] = self.num_global_key_value_heads
-            overrides = {i: full for i, t in enumerate(self.layer_types) if t == FULL}
-        else:
-            overrides = self._per_layer_overrides()
-        shapes = {}
-        for i, t in enumerate(self.layer_types):
-            layer = dict(base, **overrides.get(i, {}))
-            if shapes.setdefault(t, layer) != layer:
-                raise MlxGemmaError(f"config.json: per_layer_config gives {t} layers different head sizes or KV heads; "
-                                    "Gemma 4 takes one shape per layer type (as transformers' rope does)")
-        for t, s in shapes.items():
-            d, kv = s["head_dim"], s["num_key_value_heads"]
-            if not (isinstance(d, int) and 0 < d <= MAX_SIZE and d % 2 == 0):
-                raise MlxGemmaError(f"config.json: the {t} layers' head_dim is {d!r}, expected a positive even size")
-            if not (isinstance(kv, int) and 0 < kv and self.num_attention_heads % kv == 0):
-                raise MlxGemmaError(f"config.json: the {t} layers have {kv!r} KV heads, which must divide "
-                                    f"num_attention_heads {self.num_attention_heads}")
-            if self.num_attention_heads * d > MAX_SIZE:
-                raise MlxGemmaError("config.json: num_attention_heads x head_dim is more than an MLX dimension holds")
-        self.head_dims = {t: s["head_dim"] for t, s in shapes.items()}
-        self.kv_heads = {t: s["num_key_value_heads"] for t, s in shapes.items()}
+    def shard(self, group=None) -> nn.Module:
+        """By heads and widths as every family; then each expert block by its intermediate width, its
+        outputs summed over the ranks."""
+        group = world(group)
+        super().shard(group)
+        if group.size() > 1:
+            for path, m in list(self.named_modules()):
+                if "router" in m and "experts" in m:
+                    m.experts.shard_width(group, f"{path}.experts")
+                    m.experts = SummedExperts(m.experts, group)
+        return self
 
-    def _per_layer_overrides(self) -> dict:
-        out = {}
-        for key, value in self.per_layer_config.items():
-            index = int(key) if isinstance(key, str) and key.isdigit() else -1
-            if not 0 <= index < self.num_hidden_layers or not isinstance(value, dict):
-                raise MlxGemmaError(f"config.json: per_layer_config key {key!r} is not a layer index with an object")
-            unknown = sorted(set(value) - {"head_dim", "num_key_value_heads"})
-            if unknown:
-                raise MlxGemmaError(f"config.json: per_layer_config overrides {', '.join(unknown)} of layer {index}; "
-                                    "mlxgemma reads only head_dim and num_key_value_heads there")
-            out[index] = value
-        return out
-
-    def _kv_sharing(self) -> None:
-        """The last num_kv_shared_layers layers own no keys and values: each reads those of the LAST earlier
-        layer of its own type (transformers' "store" layer), which must therefore exist."""
-        shared = self.num_kv_shared_layers
-        if not (isinstance(shared, int) and 0 <= shared < self.num_hidden_layers):
-            raise MlxGemmaError(f"config.json: num_kv_shared_layers is {shared!r}, expected "
-                                f"0..{self.num_hidden_layers - 1} (at least one layer must compute keys and values)")
-        self.first_kv_shared_layer_idx = first = self.num_hidden_layers - shared
-        self.kv_donors = {t: max(i for i in range(first) if self.layer_types[i] == t)
-                          for t in set(self.layer_types[:first])} if shared else {}
-        orphans = sorted(set(self.layer_types[first:]) - set(self.kv_donors))
-        if orphans:
-            raise MlxGemmaError(f"config.json: num_kv_shared_layers {shared} leaves the shared {orphans[0]} layers "
-                                f"without a layer of that type before them (layers 0..{first - 1}) to take keys and "
-                                "values from")
-
-    def _check_sizes(self) -> None:
-        per_layer = self.hidden_size_per_layer_input
-        if not (isinstance(per_layer, int) and 0 <= per_layer and per_layer * self.num_hidden_layers <= MAX_SIZE):
-            raise MlxGemmaError(f"config.json: hidden_size_per_layer_input is {per_layer!r}, expected 0 (none) or a "
-                                "size that fits num_hidden_layers times in an MLX dimension")
-        if per_layer and self.vocab_size_per_layer_input < self.vocab_size:
-            raise MlxGemmaError(f"config.json: vocab_size_per_layer_input {self.vocab_size_per_layer_input} is "
-                                f"smaller than vocab_size {self.vocab_size}: ids past it have no per-layer input")
-        if self.enable_moe_block:
-            missing = [k for k in ("num_experts", "top_k_experts", "moe_intermediate_size") if getattr(self, k) is None]
-            if missing:
-                raise MlxGemmaError(f"config.json: enable_moe_block needs {', '.join(missing)}")
-            if self.top_k_experts > self.num_experts:
-                raise MlxGemmaError(f"config.json: top_k_experts {self.top_k_experts} is more than num_experts "
-                                    f"{self.num_experts}")
+    def checkpoint(self, weights: dict, config: dict) -> tuple:
+        """(weights, config.json) as mlxgemma.convert writes them; see checkpoint_of."""
+        return checkpoint_of(self, weights, config)
 
 
 class Gemma4RMSNorm(nn.Module):
@@ -303,7 +186,7 @@ class Gemma4TextDecoderLayer(nn.Module):
         return h * self.layer_scalar, kv
 
 
-class Gemma4TextModel(nn.Module):
+class Gemma4TextModel(Gemma4PreTrainedModel):
     """Embeddings (and per-layer inputs), decoder layers, final norm. The cache holds one entry per layer that
     computes keys and values: layers 0..first_kv_shared_layer_idx - 1, so cache[i] is layer i's; the shared
     layers at the end read what their donor's attention got back from its cache (whatever kind of cache
@@ -367,10 +250,6 @@ class Gemma4TextModel(nn.Module):
                    if "rotary_emb.inv_freq" not in k and not _shared_kv_weight(k, first)}
         return experts_from_checkpoint(weights) if self.config.enable_moe_block else weights
 
-    def checkpoint(self, weights: dict, config: dict) -> tuple:
-        """(weights, config.json) as mlxgemma.convert writes them; see checkpoint_of."""
-        return checkpoint_of(self, weights, config)
-
 
 def _shared_kv_weight(key: str, first_shared: int) -> bool:
     parts = key.split(".")
@@ -381,8 +260,5 @@ def _shared_kv_weight(key: str, first_shared: int) -> bool:
             and parts[i + 2] == "self_attn" and parts[i + 3] in ("k_proj", "v_proj", "k_norm", "v_norm"))
 
 
-class Gemma4ForCausalLM(CausalLM):
+class Gemma4ForCausalLM(Gemma4PreTrainedModel, CausalLM):
     base_model_class = Gemma4TextModel
-
-    def checkpoint(self, weights: dict, config: dict) -> tuple:
-        return checkpoint_of(self, weights, config)

@@ -10,8 +10,22 @@ mlx-lm's quantize_model and its recipes) quantizes them like any linear. Checkpo
 `experts.gate_up_proj`, mlx-lm's split `experts.switch_glu.{gate,up,down}_proj.*`) are mapped in gemma4.py.
 Reference: transformers/models/gemma4 (Gemma4TextRouter, Gemma4TextExperts)."""
 
+from typing import Optional
+
 import mlx.core as mx
 import mlx.nn as nn
+
+from .distributed import check_columns, input_width, keep_columns
+
+# The router at 8 bits whatever the quantization recipe, as mlx-lm's Gemma 4 recipe has it: it is tiny, and a
+# rounding that flips which experts a token goes to is an error of another kind.
+ROUTER_BITS = 8
+
+
+def router_bits(path: str, bits: int) -> Optional[int]:
+    """The bits the router gets whatever the recipe (never fewer than asked for); None for every other layer
+    (the recipe decides)."""
+    return max(bits, ROUTER_BITS) if path.endswith(".router.proj") else None
 
 
 class Gemma4TextRouter(nn.Module):
@@ -117,6 +131,30 @@ class Gemma4TextExperts(nn.Module):
             y = self.down_proj(self.act(gate) * up, idx, True)[mx.argsort(order)].reshape(*shape[:-1], k, shape[-1])
         # As transformers: each expert's output times its (float32) weight, cast back, then summed.
         return (y * weights[..., None]).astype(y.dtype).sum(axis=-2)
+
+    def shard_width(self, group, path: str) -> None:
+        """Tensor parallelism: each rank keeps its part of every expert's intermediate width, gate and up rows
+        (stored fused, gate then up) and down columns; their outputs are summed over the ranks (SummedExperts)."""
+        N, r = group.size(), group.rank()
+        width = input_width(self.down_proj)
+        check_columns(self.down_proj, N, f"{path}.down_proj")
+        part = slice(r * width // N, (r + 1) * width // N)
+        fused = self.gate_up_proj
+        fused.update({k: mx.concatenate([v[:, part], v[:, width + part.start:width + part.stop]], axis=1)
+                      for k, v in fused.parameters().items() if k in ("weight", "scales", "biases")})
+        keep_columns(self.down_proj, part.start, part.stop)
+
+
+class SummedExperts(nn.Module):
+    """Experts split by width (Gemma4TextExperts.shard_width): each rank's share of every token's expert
+    outputs, summed."""
+
+    def __init__(self, experts, group):
+        super().__init__()
+        self.experts, self.group = experts, group
+
+    def __call__(self, *args) -> mx.array:
+        return mx.distributed.all_sum(self.experts(*args), group=self.group)
 
 
 def dequantize_experts(model: nn.Module) -> nn.Module:

@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import MlxGemmaError
-from .common import as_input_ids
+from .common import PreTrainedModel, as_input_ids
 
 
 def cross_entropy(logits: mx.array, labels: mx.array, ignore_index: int = -100,
@@ -71,7 +71,7 @@ def sequence_classification_loss(pooled: mx.array, labels, config) -> mx.array:
     raise MlxGemmaError(f"config.json: problem_type {problem!r} is not one transformers knows")
 
 
-class _Head(nn.Module):
+class _Head(PreTrainedModel):
     base_model_class = None
 
     def __init__(self, config):
@@ -82,6 +82,9 @@ class _Head(nn.Module):
     @property
     def layers(self):
         return self.model.layers
+
+    def get_decoder(self):
+        return self.model.get_decoder()
 
     def make_cache(self, max_kv_size=None):
         return self.model.make_cache(max_kv_size)

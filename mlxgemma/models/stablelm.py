@@ -9,7 +9,7 @@ from typing import Any, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .common import MLP, Attention, RoPE, activation, as_input_ids, layer_masks, make_caches
+from .common import MLP, Attention, PreTrainedModel, RoPE, activation, as_input_ids, layer_masks, make_caches
 from .config import FULL, BaseConfig, single_rope
 from .heads import CausalLM, SequenceClassification, TokenClassification
 
@@ -83,6 +83,12 @@ class StableLmAttention(Attention):
     def normalize(self, q: mx.array, k: mx.array):
         return (self.q_layernorm(q), self.k_layernorm(k)) if "q_layernorm" in self else (q, k)
 
+    def keep_heads(self, q_heads: slice, kv_heads: slice) -> None:
+        """Tensor parallelism (distributed.shard_attention): this rank's heads keep their LayerNorms."""
+        if "q_layernorm" in self:
+            self.q_layernorm.norms = self.q_layernorm.norms[q_heads]
+            self.k_layernorm.norms = self.k_layernorm.norms[kv_heads]
+
 
 class StableLmDecoderLayer(nn.Module):
     def __init__(self, config: StableLmConfig, layer_idx: int):
@@ -103,7 +109,7 @@ class StableLmDecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class StableLmModel(nn.Module):
+class StableLmModel(PreTrainedModel):
     def __init__(self, config: StableLmConfig):
         super().__init__()
         self.config = config

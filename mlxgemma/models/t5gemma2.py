@@ -9,75 +9,20 @@ encoder's keys and values are computed once per request. Embeddings (and by defa
 Module names follow the checkpoints on disk (`model.encoder.layers`, without transformers' in-memory
 `text_model.` level; both layouts load). Reference: transformers/models/t5gemma2."""
 
-from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..errors import MlxGemmaError
 from .cache import EncoderDecoderCache, encoder_mask, merged_mask
-from .common import (MLP, Attention, RMSNorm, activation, as_input_ids, attention, heads, layer_masks, make_caches,
-                     padding_of, scaled_embedding)
-from .config import SLIDING, BaseConfig
-from .gemma3 import Gemma3TextConfig
-from .gemma3_vision import Gemma3MultiModalProjector, check_mm_tokens, merge_image_features
+from .common import (MLP, Attention, PreTrainedModel, RMSNorm, activation, as_input_ids, attention, heads,
+                     layer_masks, make_caches, padding_of, scaled_embedding)
+from .config import SLIDING
+from .gemma3_vision import Gemma3MultiModalProjector, merge_image_features
 from .heads import at_positions, cross_entropy, last_non_pad, sequence_classification_loss, softcap
-from .siglip import SiglipVisionConfig, SiglipVisionModel
-
-
-@dataclass
-class T5Gemma2TextConfig(Gemma3TextConfig):
-    """Encoder text part and decoder (transformers' T5Gemma2TextConfig / T5Gemma2DecoderConfig)."""
-    model_type: str = "t5gemma2_text"
-    dropout_rate: float = 0.0
-
-
-@dataclass
-class T5Gemma2EncoderConfig(BaseConfig):
-    model_type: str = "t5gemma2_encoder"
-    text_config: Any = None
-    vision_config: Any = None
-    mm_tokens_per_image: int = 256
-    boi_token_index: int = 255_999
-    eoi_token_index: int = 256_000
-    image_token_index: int = 262_144
-
-    def resolve(self, legacy: dict) -> None:
-        self.text_config = T5Gemma2TextConfig.from_dict(self.text_config or {}, "config.json encoder.text_config",
-                                                        require=False)
-        self.vision_config = SiglipVisionConfig.from_dict(self.vision_config or {},
-                                                          "config.json encoder.vision_config", require=False)
-        check_mm_tokens(self.mm_tokens_per_image, self.vision_config)
-
-
-@dataclass
-class T5Gemma2Config(BaseConfig):
-    model_type: str = "t5gemma2"
-    encoder: Any = None
-    decoder: Any = None
-    image_token_index: int = 256_001
-    eoi_token_index: Optional[int] = None
-    classifier_dropout_rate: float = 0.0
-    dropout_rate: float = 0.0
-    tie_word_embeddings: bool = True
-    vocab_size: Optional[int] = None
-    pad_token_id: Optional[int] = None
-    bos_token_id: Optional[int] = None
-    eos_token_id: Any = None
-
-    def resolve(self, legacy: dict) -> None:
-        self.encoder = T5Gemma2EncoderConfig.from_dict(self.encoder or {}, "config.json encoder", require=False)
-        self.decoder = T5Gemma2TextConfig.from_dict(self.decoder or {}, "config.json decoder", require=False)
-        self.encoder.image_token_index = self.image_token_index  # the top-level id wins, as in transformers
-        self.eoi_token_index = self.encoder.eoi_token_index
-        for key in ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id"):
-            if getattr(self, key) is None:
-                setattr(self, key, getattr(self.decoder, key))
-        text = self.encoder.text_config
-        if (text.hidden_size, text.vocab_size) != (self.decoder.hidden_size, self.decoder.vocab_size):
-            raise MlxGemmaError("config.json: encoder and decoder must have the same hidden_size and vocab_size")
+from .siglip import SiglipVisionModel
+from .t5gemma2_config import T5Gemma2Config, T5Gemma2EncoderConfig, T5Gemma2TextConfig  # noqa: F401 (re-exported)
 
 
 class EncoderOutput(NamedTuple):
@@ -212,7 +157,40 @@ class T5Gemma2Decoder(nn.Module):
         return self.norm(h)
 
 
-class T5Gemma2Model(nn.Module):
+class T5Gemma2PreTrainedModel(PreTrainedModel):
+    """What T5Gemma 2 answers differently (its model and every head)."""
+
+    is_encoder_decoder = True
+    vision_tower_name = "vision_tower"
+    lm_head_name = "lm_head.out_proj"
+    vocab_sharded_tables = ()  # its one token table (encoder, decoder and tied head) stays whole on every rank
+    supports_pipeline = False  # two stacks, the encoder's and the decoder's: split by heads only
+    readme_usage = ("```python\nimport mlxgemma\nmodel, processor = mlxgemma.load(\"path/to/this/folder\")\n"
+                    "print(mlxgemma.generate(model, processor, \" in this image, there is\", image=\"photo.jpg\"))\n"
+                    "```\n")
+
+    def is_tied_head(self, path: str) -> bool:
+        return path.endswith("encoder.embed_tokens") and "lm_head" not in self
+
+    def calibration_forward(self, input_ids: mx.array) -> mx.array:
+        return self(input_ids, decoder_input_ids=input_ids)
+
+    def load_processor(self, path, tokenizer):
+        from ..media.processor import T5Gemma2Processor
+
+        return T5Gemma2Processor.from_pretrained(path, tokenizer, self.config)
+
+    def dequantize(self) -> nn.Module:
+        """mlx-lm rebuilds plain embeddings: the eoi token's embedding is put back."""
+        kept = {name: m.eoi_embedding for name, m in self.named_modules() if "eoi_embedding" in m}
+        model = super().dequantize()
+        for name, m in model.named_modules():
+            if name in kept:
+                m.eoi_embedding = kept[name]
+        return model
+
+
+class T5Gemma2Model(T5Gemma2PreTrainedModel):
     def __init__(self, config: T5Gemma2Config):
         super().__init__()
         self.config = config
@@ -270,7 +248,7 @@ def shift_right(ids: mx.array, start: int, pad: int) -> mx.array:
     return mx.where(shifted == -100, pad, shifted)
 
 
-class _T5Gemma2Head(nn.Module):
+class _T5Gemma2Head(T5Gemma2PreTrainedModel):
     def __init__(self, config: T5Gemma2Config):
         super().__init__()
         self.config = config
