@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import MlxGemmaError
+from ..files import read_json
 
 ImageInput = Union[str, Path, Image.Image]
 
@@ -135,8 +136,6 @@ class Gemma3Processor:
 
     @classmethod
     def from_pretrained(cls, path: Path, tokenizer, config) -> "Gemma3Processor":
-        from ..checkpoints.loading import read_json
-
         options = {}
         for name, key in (("processor_config.json", "image_processor"), ("preprocessor_config.json", None)):
             f = Path(path) / name
