@@ -27,6 +27,7 @@ from gguf import quants as gq
 from ..errors import MlxGemmaError
 from ..models import gguf_families
 from ..models.config import of_type
+from .gguf_layout import check_layout
 
 GROUP = 32
 EXACT_BITS = {T.Q4_0: 4, T.Q4_1: 4, T.Q5_0: 5, T.Q5_1: 5, T.Q8_0: 8, T.Q4_K: 4, T.Q5_K: 5}
@@ -120,6 +121,7 @@ def _dequantized(t, shape) -> np.ndarray:
 
 
 def open_gguf(path: Path) -> GGUFReader:
+    check_layout(path)  # counts the file cannot hold: one error, before the reader allocates for them
     try:
         return GGUFReader(str(path))
     except Exception as e:
