@@ -119,8 +119,8 @@ def test_builtin_text():
     (dict(quantize=True, calibrate=True, calibration_data="/no/such/file.txt"), "no such file"),
     (dict(quantize=True, calibrate=True, calibration_data="EMPTY"), "fewer than one sample"),
     (dict(quantize=True, calibrate=True, calibration_data="SHORT"), "fewer than one sample"),
-    (dict(quantize=True, calibrate=True, target_bpw=3.0), "outside what"),
-    (dict(quantize=True, calibrate=True, target_bpw=9.0), "outside what"),
+    pytest.param(dict(quantize=True, calibrate=True, target_bpw=3.0), "outside what", marks=pytest.mark.slow),
+    pytest.param(dict(quantize=True, calibrate=True, target_bpw=9.0), "outside what", marks=pytest.mark.slow),
 ])
 def test_bad_input(tmp_path, options, message):
     src = _checkpoint("gemma", tmp_path / "src")

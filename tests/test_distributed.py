@@ -22,6 +22,8 @@ from reference import TOL, WINDOW, hf_model, hf_t5gemma2, save_checkpoint, save_
 from test_gemma3_vision import hf_gemma3_vision
 from test_gemma4 import VARIANTS, hf_gemma4
 
+pytestmark = pytest.mark.slow  # mlx.launch processes: the suite's slowest file
+
 LAUNCH = shutil.which("mlx.launch") or str(Path(sys.executable).with_name("mlx.launch"))
 WORKER = Path(__file__).with_name("distributed_worker.py")
 STEPS = 3 * WINDOW

@@ -167,8 +167,10 @@ def _without_torch(code: str) -> str:
     from pathlib import Path
 
     root = str(Path(__file__).parents[1])  # this checkout's mlxgemma, not an installed one
-    # (mlx-lm, once imported here, sets TRANSFORMERS_NO_ADVISORY_WARNINGS, which would hide the notice there)
-    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
+    # (mlx-lm and mlx-vlm, once imported here, set TRANSFORMERS_NO_ADVISORY_WARNINGS, and mlx-vlm
+    # TRANSFORMERS_VERBOSITY, which would hide the notice there)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "TRANSFORMERS_VERBOSITY")}
     proc = subprocess.run([sys.executable, "-c", NO_TORCH + f"sys.path.insert(0, {root!r})\n" + code],
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr

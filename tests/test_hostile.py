@@ -432,3 +432,15 @@ def test_names_from_files_never_break_the_line(copy):
             b"\0" * 4)
     one_line(lambda: mlxgemma.load_model(copy), r"tensor 'evil\\nname\\r' claims bytes 0..8")
     assert str(MlxGemmaError("a\nb")) == "a\\nb"
+
+
+@pytest.mark.parametrize("item", [8, 9])  # strings, arrays: the gguf package loops over the count in Python
+def test_gguf_count_larger_than_the_file(tmp_path, item):
+    """A crafted count (2^60 items of an array) is one clear error at once, not memory filled by the reader."""
+    from mlxgemma.checkpoints.gguf_import import open_gguf
+
+    path = tmp_path / "crafted.gguf"
+    header = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 1) + b"a"
+    path.write_bytes(header + struct.pack("<IIQ", 9, item, 2**60) + bytes(64))
+    with pytest.raises(MlxGemmaError, match="does not fit"):
+        open_gguf(path)

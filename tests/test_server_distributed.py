@@ -20,6 +20,8 @@ from server_util import free_port, serve
 from structured_util import structured_checkpoint
 from test_distributed import LAUNCH
 
+pytestmark = pytest.mark.slow  # servers under mlx.launch
+
 SCHEMA = {"type": "object", "properties": {"a": {"enum": ["x", "y", "z"]}, "b": {"type": "boolean"}},
           "required": ["a", "b"], "additionalProperties": False}
 

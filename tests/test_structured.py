@@ -55,6 +55,7 @@ def _check_corpus(model, tok, schemas, runs, max_tokens=96):
     return finished, total
 
 
+@pytest.mark.slow
 def test_corpus_greedy_and_sampled(models):
     assert len(SCHEMAS) >= 30
     model, tok = models("gemma3")
