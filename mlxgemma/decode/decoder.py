@@ -100,8 +100,14 @@ class Row:
 class Emitted:
     token: int
     logprob: float
-    logprobs: mx.array  # (vocab,), for top logprobs
+    step: mx.array  # the step's log-probabilities, (B, vocab) or (vocab,)
+    row: Optional[int] = None  # this token's row of them
     from_draft: bool = False
+
+    @property
+    def logprobs(self) -> mx.array:
+        """(vocab,), for top logprobs (sliced only when asked: most callers never are)."""
+        return self.step if self.row is None else self.step[self.row]
 
 
 class Decoder:
@@ -204,7 +210,7 @@ class Decoder:
         tokens, chosen_list = tokens.tolist(), chosen.tolist()
         for row, token in zip(self.rows, tokens):
             self._advance(row, [token])
-        return [[Emitted(t, lp, logprobs[b])] for b, (t, lp) in enumerate(zip(tokens, chosen_list))]
+        return [[Emitted(t, lp, logprobs, b)] for b, (t, lp) in enumerate(zip(tokens, chosen_list))]
 
     def _quantize(self) -> None:
         from ..models.quantized_cache import quantize_cache
@@ -259,7 +265,8 @@ class Decoder:
             finals.append(final)
             emitted = proposal[:k] + [final]
             chosen = mx.take_along_axis(logprobs[b, : len(emitted)], mx.array(emitted)[:, None], axis=-1)[:, 0].tolist()
-            out.append([Emitted(t, lp, logprobs[b, i], i < k) for i, (t, lp) in enumerate(zip(emitted, chosen))])
+            out.append([Emitted(t, lp, logprobs[b, i], from_draft=i < k)
+                        for i, (t, lp) in enumerate(zip(emitted, chosen))])
             row.proposed, row.accepted = row.proposed + len(proposal), row.accepted + k
         for c in self.cache:  # (still marked: a caller that stops mid-way rolls back what it did not take)
             c.rollback([K - k for k in kept])

@@ -63,7 +63,8 @@ def filtered(logprobs: mx.array, top_p: float, min_p: float, top_k: int) -> mx.a
 
 def normalize(logits: mx.array) -> mx.array:
     """Log-probabilities in float32 from logits (..., vocab)."""
-    logits = logits.astype(mx.float32)
+    if logits.dtype != mx.float32:  # (no cast op where there is nothing to cast: one op less a step)
+        logits = logits.astype(mx.float32)
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
