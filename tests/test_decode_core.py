@@ -135,3 +135,21 @@ def test_server_draft_model_bad_input(root):
         check_args(args)
     with pytest.raises(MlxGemmaError, match="--temp must be >= 0"):
         check_args(configure_parser().parse_args(["--temp", "-1"]))
+
+
+def test_draft_rows_with_one_token_prompts(root):
+    """A one-token prompt gives its row an empty draft prefill; batched with others it still speculates
+    and equals plain greedy."""
+    path = _checkpoint(root, "gemma2")
+    server = serve(path, "--draft-model", str(_checkpoint(root, "gemma2", seed=7)))
+    model, tok = server.engine.model, server.engine.tokenizer
+    prompts = [[5], [7], [9, 10, 11], [12]]
+    try:
+        def ask(p):
+            return lambda: _client(server).completions.create(model="m", prompt=p, max_tokens=3 * WINDOW,
+                                                              temperature=0).choices[0].text
+        results = _together(server, [ask(p) for p in prompts])
+        for p, text in zip(prompts, results):
+            assert text == mlxgemma.generate(model, tok, p, max_tokens=3 * WINDOW)
+    finally:
+        server.stop()

@@ -60,7 +60,9 @@ class DraftModel:
         """A draft cache for a row whose tokens are ids plus the first generated one: it holds ids but the
         last (the row's tokens but the last two). cache: a prepared one (T5Gemma 2: its encoder's)."""
         cache = cache if cache is not None else self.model.make_cache(max_kv_size=max_kv_size)
-        fill(self.model, cache, ids[:-1], step)
+        # A one-token prompt is fed as it is, so that no draft cache is empty in a batch: the draft then sees
+        # it twice, which changes only what it proposes (the check keeps the output exact).
+        fill(self.model, cache, ids[:-1] if len(ids) > 1 else ids, step)
         return cache
 
     def add(self, cache) -> None:

@@ -16,7 +16,7 @@ from typing import List, Optional
 
 import mlx.core as mx
 
-from .cache import EncoderDecoderCache, KVCache, from_state
+from .cache import EncoderDecoderCache, from_state
 
 STEP = 256  # buffers grow in steps, as mlx-lm's
 
@@ -54,6 +54,20 @@ def _rolled(slot: int, new: int, old: int, window: int) -> bool:
     return first < old
 
 
+def _parts(c) -> dict:
+    """What a merge takes of a cache: a batch's own fields, or a single cache's state and description."""
+    if isinstance(c, _BatchCache):
+        return dict(lengths=c.lengths, window=c.window, quantized=c.quantized, keys=c.keys, values=c.values)
+    meta, state = c.meta_state, c.state
+    if len(state) % 2:
+        raise ValueError("a cache with padding cannot join a batch")
+    n = len(state) // 2
+    group = lambda xs: tuple(xs) if n > 1 else xs[0]  # noqa: E731  (a quantized cache's triples)
+    quantized = (meta["group_size"], meta["bits"]) if meta.get("bits") else None
+    return dict(lengths=[meta["offset"]], window=meta.get("max_size"), quantized=quantized,
+                keys=group(state[:n]), values=group(state[n:]))
+
+
 class _BatchCache:
     """Shared by both kinds: per-row offsets (an array for RoPE and masks, a list for sizes) and buffers."""
 
@@ -73,18 +87,16 @@ class _BatchCache:
 
     @classmethod
     def merge(cls, caches: list):
-        """One batch from single-sequence caches (B=1 each) or batches of this kind, rows in order."""
-        lengths = [n for c in caches for n in (c.lengths if isinstance(c, _BatchCache) else [c.offset])]
-        window = next((c.window if isinstance(c, _BatchCache) else c.max_size for c in caches
-                       if not isinstance(c, KVCache)), None)
+        """One batch from single-sequence caches (B=1 each: read through their state) or batches of this kind,
+        rows in order."""
+        parts = [_parts(c) for c in caches]
+        lengths = [n for p in parts for n in p["lengths"]]
         self = cls.__new__(cls)
-        self.window = window
-        first = caches[0]
-        self.quantized = first.quantized if isinstance(first, _BatchCache) else (
-            (first.group_size, first.bits) if getattr(first, "bits", None) else None)
+        self.window = next((p["window"] for p in parts if p["window"] is not None), None)
+        self.quantized = parts[0]["quantized"]
         size = self._slots(max(lengths))
-        _BatchCache.__init__(self, _stack([c.keys for c in caches], size),
-                             _stack([c.values for c in caches], size), lengths)
+        _BatchCache.__init__(self, _stack([p["keys"] for p in parts], size), _stack([p["values"] for p in parts], size),
+                             lengths)
         return self
 
     def extract(self, b: int):
