@@ -304,11 +304,11 @@ class Scheduler:
         results = self.decoder.step(ahead=ahead)
         done = [b for b, (row, emitted) in enumerate(zip(self.rows, results)) if self._emit_all(row, emitted)]
         if done:
+            self._count(done)  # before the requests end: a client that reads the stats then sees its row's
             for b in done:
                 row = self.rows[b]
                 cache = self.decoder.extract(b) if self.prompt_cache is not None else None
                 self._finished(row, cache, self.decoder.held(b))
-            self._count(done)
             self.decoder.keep([b for b in range(len(self.rows)) if b not in done])
 
     def _emit_all(self, row: Row, emitted: List[Emitted]) -> bool:
