@@ -252,8 +252,7 @@ class Decoder:
         """Verify every row's proposals in one forward; roll each row back past its first rejection."""
         rows, K = self.rows, max(len(p) for p in proposals)
         inputs = [[row.seq[-1]] + p + [row.seq[-1]] * (K - len(p)) for row, p in zip(rows, proposals)]
-        self._quantize()  # before the mark: a cache that becomes quantized is a new object
-        for c in self.cache:
+        for c in self.cache:  # (step() quantized the caches before the proposer ran: marks see final objects)
             c.mark()
         logits = forward(self.model, mx.array(inputs, dtype=mx.int32), self.cache)
         logprobs = self._processed(logits, proposals, rows)

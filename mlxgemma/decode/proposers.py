@@ -94,8 +94,9 @@ class DraftModel:
                                      masked_logprobs(lp, row.constraint.mask()) for b, (lp, row) in
                                      enumerate(zip(logprobs, rows))])
             best = mx.argmax(logprobs, axis=-1)
-            tokens = mx.stack([row.sampler.draw(logprobs[b]) if i < limits[b] and not row.sampler.greedy else best[b]
-                               for b, row in enumerate(rows)]).tolist()
+            drawing = [i < limits[b] and not row.sampler.greedy for b, row in enumerate(rows)]
+            tokens = (mx.stack([row.sampler.draw(logprobs[b]) if d else best[b] for b, (row, d) in
+                                enumerate(zip(rows, drawing))]) if any(drawing) else best).tolist()
             for b, row in enumerate(rows):
                 if i >= limits[b]:
                     continue

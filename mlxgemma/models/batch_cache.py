@@ -153,8 +153,9 @@ class _BatchCache:
         if self.window is not None and L > self.window:
             raise ValueError(f"a batch cache takes at most its window ({self.window}) tokens a step")
         longest = max(self.lengths)
-        before = (_map(lambda a: a[..., : self._slots(longest), :], self.keys),
-                  _map(lambda a: a[..., : self._slots(longest), :], self.values))
+        if L > 1 and self.window is not None:  # several tokens on a sliding layer read the ring as it was
+            ring = self._slots(longest)
+            before = (_map(lambda a: a[..., :ring, :], self.keys), _map(lambda a: a[..., :ring, :], self.values))
         size = self._slots(longest + L)
         held = (self.keys[0] if isinstance(self.keys, tuple) else self.keys).shape[2]
         if size > held:
