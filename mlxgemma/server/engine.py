@@ -16,6 +16,7 @@ from ..decode.constrained import Constraint, grammar_of, logits_width
 from ..errors import MlxGemmaError
 from ..decode.prompt import apply_template, check_prompt, check_text
 from ..decode.sampling import SamplingOptions
+from ..decode.thinking import ThinkingBudget, has_channel, opens_thought, takes_thinking, thinking_on
 from ..models import has_vision, is_encoder_decoder
 from ..media.processor import decode_image
 from .scheduler import Request, Scheduler
@@ -43,6 +44,9 @@ class Prompt:
     images: list = field(default_factory=list)
     pixel_values: Optional[object] = None  # Gemma 3: the images of `ids`' image blocks, in order
     key: Optional[List[int]] = None  # Gemma 3 with images: what the prompt cache matches (see image_key)
+    channel: bool = False  # the template has a thought channel (Gemma 4): the output is read apart
+    thinking: bool = False  # thinking is on (thoughts are the reasoning; off, they are dropped)
+    in_thought: bool = False  # the prompt ends inside an open thought
 
 
 def image_key(ids: List[int], pixel_values, image_token: int) -> List[int]:
@@ -84,6 +88,7 @@ class Engine:
         self.processor = tokenizer if self.takes_images else None
         self.tokenizer = tokenizer.tokenizer if self.takes_images else tokenizer
         self.template_args, self.source, self.created = template_args or {}, source, int(time.time())
+        self.max_thinking_tokens: Optional[int] = None  # --max-thinking-tokens
 
     @property
     def takes_images(self) -> bool:
@@ -98,10 +103,25 @@ class Engine:
 
     # Prompts
 
-    def chat(self, messages: list, tools=None) -> Prompt:
+    def template_kwargs(self, kwargs: Optional[dict] = None, think: Optional[bool] = None) -> dict:
+        """The chat template's arguments of a request: the server's (--chat-template-args, --think), then the
+        request's chat_template_kwargs, then its thinking switch (reasoning_effort, Ollama's think, ...)."""
+        args = dict(self.template_args, **(kwargs or {}))
+        if think is not None:
+            args["enable_thinking"] = bool(think)
+        if args.get("enable_thinking") and not takes_thinking(self.tokenizer):
+            if think or (kwargs or {}).get("enable_thinking"):
+                raise RequestError(f"{self.name} has no thinking switch in its chat template (enable_thinking): "
+                                   "it cannot be asked to think", param="think")
+            args.pop("enable_thinking")
+        return args
+
+    def chat(self, messages: list, tools=None, template_kwargs: Optional[dict] = None) -> Prompt:
         """Messages (schemas.Message) through the chat template; image parts become the processor's
         placeholders (T5Gemma 2) or are refused by a text-only model. Past tool calls, tool results and the
-        tools (tools.Tools) go in as tools.py says."""
+        tools (tools.Tools) go in as tools.py says; earlier thoughts (reasoning_content, reasoning or Ollama's
+        thinking) as `reasoning`, which Gemma 4's template keeps where it should."""
+        args = self.template_kwargs() if template_kwargs is None else template_kwargs
         turns, images = [], []
         for m in messages:
             text, pictures = self._content(m)
@@ -111,11 +131,19 @@ class Engine:
                 turn["tool_calls"] = m.tool_calls
             if m.role == "tool":
                 turn.update(tool_call_id=m.tool_call_id, name=m.name or m.tool_name)
+            thought = m.reasoning_content or m.reasoning or m.thinking
+            if thought and m.role == "assistant":
+                turn["reasoning"] = thought
             turns.append(turn)
         if len(images) > MAX_IMAGES:
             raise RequestError(f"at most {MAX_IMAGES} images per request", param="messages")
-        turns, extra = conversation(turns, tools)
-        return self._prompt(turns, images, template=True, extra=extra)
+        template = getattr(self.tokenizer, "chat_template", None) or ""
+        turns, extra = conversation(turns, tools, native="tools" in template)
+        prompt = self._prompt(turns, images, template=True, extra=dict(args, **extra))
+        prompt.channel = has_channel(self.tokenizer)
+        prompt.thinking = thinking_on(self.tokenizer, args)
+        prompt.in_thought = opens_thought(self.tokenizer, prompt.ids)
+        return prompt
 
     def constraint(self, grammar: Optional[str]):
         """A compiled constraint (constrained.Constraint) for a grammar, or None; one that does not compile
@@ -127,9 +155,12 @@ class Engine:
         except MlxGemmaError as e:
             raise RequestError(str(e)) from None
 
-    def structured(self, json_schema, tools) -> Optional[object]:
-        """The constraint of a response format (json_schema) or of the tools' call format."""
-        grammar = tools.grammar() if tools is not None else None
+    def structured(self, json_schema, tools, prompt: Optional[Prompt] = None,
+                   max_thinking_tokens: Optional[int] = None) -> Optional[object]:
+        """The constraint of a response format (json_schema) or of the tools' call format (which for Gemma 4
+        knows whether a thought may come first), bounded by a thinking budget when one is given."""
+        thinking, in_thought = (prompt.thinking, prompt.in_thought) if prompt is not None else (False, False)
+        grammar = tools.grammar(thinking, in_thought) if tools is not None else None
         if json_schema is not None:
             if grammar is not None:
                 raise RequestError("a JSON response format and tools cannot be combined here: send one",
@@ -138,7 +169,15 @@ class Engine:
                 grammar = grammar_of(json_schema=json_schema)
             except MlxGemmaError as e:
                 raise RequestError(str(e), param="response_format") from None
-        return self.constraint(grammar)
+        constraint = self.constraint(grammar)
+        budget = self.max_thinking_tokens if max_thinking_tokens is None else max_thinking_tokens
+        if budget is None or prompt is None or not prompt.channel:
+            return constraint
+        try:
+            return ThinkingBudget.for_tokenizer(self.tokenizer, budget, logits_width(self.model), constraint,
+                                                in_thought=prompt.in_thought)
+        except MlxGemmaError as e:
+            raise RequestError(str(e)) from None
 
     def text(self, prompt, images=(), raw: bool = True, system: Optional[str] = None) -> Prompt:
         """A completion prompt: text as written (raw) or in the chat template, or token ids."""
@@ -197,7 +236,7 @@ class Engine:
                 for t in turns:
                     check_text(t["content"], "a message")
                 text_or_ids = apply_template(self.tokenizer, turns, tokenize=not self.takes_images,
-                                             **self.template_args, **(extra or {}))
+                                             **dict(self.template_args, **(extra or {})))
             else:
                 check_text(turns, "the prompt")
                 if not turns.strip() and not images:

@@ -11,7 +11,8 @@ from .. import __version__
 from .engine import Engine
 from .openai_api import has_chat_template, require_chat_template
 from .schemas import OllamaChatRequest, OllamaGenerateRequest, OllamaShowRequest, RequestError, parse
-from .tools import AnswerStream, parse_tools, read_calls
+from .answer import answers
+from .tools import parse_tools
 
 
 def _now() -> str:
@@ -86,9 +87,12 @@ async def chat(engine: Engine, http_request, body):
     req = parse(OllamaChatRequest, body)
     require_chat_template(engine, "/api/generate")
     tools = parse_tools(req.tools, None, True, getattr(engine.tokenizer, "chat_template", None) or "")
-    request = engine.request(engine.chat(req.messages, tools), **_options(engine, req.options),
-                             constraint=engine.structured(req.json_schema, tools))
-    return await _respond(engine, http_request, request, req.stream, chat=True, tools=tools)
+    think = None if req.think is None else req.think is not False
+    prompt = engine.chat(req.messages, tools, engine.template_kwargs(None, think))
+    request = engine.request(prompt, **_options(engine, req.options),
+                             constraint=engine.structured(req.json_schema, tools, prompt))
+    return await _respond(engine, http_request, request, req.stream, chat=True,
+                          answer=answers(engine, prompt, tools, 1)[0])
 
 
 async def generate(engine: Engine, http_request, body):
@@ -101,34 +105,32 @@ async def generate(engine: Engine, http_request, body):
     return await _respond(engine, http_request, request, req.stream, chat=False)
 
 
-def _calls(text: str, stats: dict, tools):
-    """(content, calls) of a finished answer under tools (calls only when it ended by itself)."""
-    if tools is None or tools.choice == "none" or stats.get("finish") != "stop":
-        return text, []
-    return read_calls(text, tools)
-
-
-def _message(engine: Engine, chat: bool, text: str, done: bool) -> dict:
+def _message(engine: Engine, chat: bool, text: str, done: bool, thinking: str = "") -> dict:
     body = {"model": engine.name, "created_at": _now()}
     if chat:
-        body["message"] = {"role": "assistant", "content": text}
+        body["message"] = dict({"role": "assistant", "content": text}, **({"thinking": thinking} if thinking else {}))
     else:
         body["response"] = text
     return dict(body, done=done)
 
 
-def _final(engine, chat, text, stats, start, first, calls=()) -> dict:
+def _final(engine, chat, text, stats, start, first, calls=(), thinking: str = "") -> dict:
     end = time.perf_counter_ns()
     first = first or end
-    body = _message(engine, chat, text, True)
+    body = _message(engine, chat, text, True, thinking)
     if calls:  # Ollama's tool calls: arguments as an object, no ids
         body["message"]["tool_calls"] = [{"function": {"name": c.name, "arguments": c.arguments}} for c in calls]
-    return dict(body, done_reason=stats.get("finish") or "stop",
+    return dict(body, done_reason=_reason(stats.get("finish")),
                 total_duration=end - start, load_duration=0, prompt_eval_count=stats.get("prompt_tokens", 0),
                 prompt_eval_duration=first - start, eval_count=stats.get("count", 0), eval_duration=end - first)
 
 
-async def _respond(engine, http_request, request, stream: bool, chat: bool, tools=None):
+def _reason(finish) -> str:
+    """Ollama's done_reason: "stop" (tool calls too, as Ollama reports them) or "length"."""
+    return "stop" if finish in (None, "tool_calls") else finish
+
+
+async def _respond(engine, http_request, request, stream: bool, chat: bool, answer=None):
     start = time.perf_counter_ns()
     stats, first = {}, [None]
 
@@ -142,32 +144,42 @@ async def _respond(engine, http_request, request, stream: bool, chat: bool, tool
         elif kind == "error":
             stats["error"] = data
 
+    def end(streamed: bool):
+        """The final message: a streamed one carries only what the end released (and the calls)."""
+        if answer is None:
+            return _final(engine, chat, "" if streamed else text[0], stats, start, first[0])
+        last, stats["finish"] = answer.end(stats.get("finish") or "stop")
+        content, thinking = answer.content, answer.reasoning
+        if streamed:
+            content = "".join(d.get("content") or "" for d in last)
+            thinking = "".join(d.get("reasoning") or "" for d in last)
+        return _final(engine, chat, content, stats, start, first[0], answer.calls, thinking)
+
+    text = [""]
     if not stream:
-        text = ""
         async for kind, data in engine.events(request, http_request):
             note(kind, data)
-            text += data.text if kind == "token" else ""
+            if kind == "token":
+                text[0] += data.text
+                if answer is not None:
+                    answer.feed(data.text)
         if "error" in stats:
             raise RequestError(stats["error"], status=500)
-        text, calls = _calls(text, stats, tools)
-        return JSONResponse(_final(engine, chat, text, stats, start, first[0], calls))
+        return JSONResponse(end(False))
 
     async def lines():
-        answer, whole = (AnswerStream(tools) if tools is not None else None), ""
         async for kind, data in engine.events(request):
             note(kind, data)
-            whole += data.text if kind == "token" else ""
-            pieces = [data.text] if kind == "token" and answer is None else (
-                [d["content"] for d in answer.feed(data.text) if "content" in d] if kind == "token" else [])
-            for piece in filter(None, pieces):
-                yield json.dumps(_message(engine, chat, piece, False), ensure_ascii=False) + "\n"
+            if kind == "token" and answer is None and data.text:
+                yield json.dumps(_message(engine, chat, data.text, False), ensure_ascii=False) + "\n"
+            elif kind == "token" and answer is not None:
+                for d in answer.feed(data.text):  # (calls come whole in the final message)
+                    if d.get("content") or d.get("reasoning"):
+                        yield json.dumps(_message(engine, chat, d.get("content", ""), False, d.get("reasoning", "")),
+                                         ensure_ascii=False) + "\n"
             if kind == "error":
                 yield json.dumps({"error": data}) + "\n"
                 return
-        text, calls = "", []
-        if answer is not None:
-            text = "".join(d.get("content", "") for d in answer.end(stats.get("finish") or "stop")[0])
-            calls = _calls(whole, stats, tools)[1]
-        yield json.dumps(_final(engine, chat, text, stats, start, first[0], calls), ensure_ascii=False) + "\n"
+        yield json.dumps(end(True), ensure_ascii=False) + "\n"
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")

@@ -10,7 +10,8 @@ from starlette.responses import JSONResponse, StreamingResponse
 
 from .engine import Engine
 from .schemas import ChatRequest, CompletionRequest, RequestError, parse
-from .tools import AnswerStream, parse_tools, read_calls
+from .answer import answers, message
+from .tools import parse_tools
 
 
 def models(engine: Engine) -> dict:
@@ -104,12 +105,13 @@ async def chat_completions(engine: Engine, http_request, body) -> object:
     require_chat_template(engine, "/v1/completions")
     tools = parse_tools(req.tools, req.tool_choice, req.parallel_tool_calls,
                         getattr(engine.tokenizer, "chat_template", None) or "")
-    prompt = engine.chat(req.messages, tools)
+    prompt = engine.chat(req.messages, tools, engine.template_kwargs(req.chat_template_kwargs, req.think))
     top = (req.top_logprobs or 0) if req.logprobs else 0
+    constraint = engine.structured(req.json_schema, tools, prompt, req.thinking_budget)
     request = engine.request(prompt, max_tokens=req.max_completion_tokens or req.max_tokens, **_sampling(req),
-                             top_logprobs=top, constraint=engine.structured(req.json_schema, tools))
-    tools = tools if tools is not None and tools.choice != "none" else None
-    return await _respond(engine, http_request, request, req, chat=True, logprobs=req.logprobs, tools=tools)
+                             top_logprobs=top, constraint=constraint)
+    return await _respond(engine, http_request, request, req, chat=True, logprobs=req.logprobs,
+                          answers=answers(engine, prompt, tools, req.n))
 
 
 async def completions(engine: Engine, http_request, body) -> object:
@@ -124,10 +126,10 @@ def _sampling(req) -> dict:
                 stop=req.stop, n=req.n)
 
 
-async def _respond(engine, http_request, request, req, chat: bool, logprobs: bool, tools=None):
+async def _respond(engine, http_request, request, req, chat: bool, logprobs: bool, answers=None):
     reply = _Reply(engine, req.n, chat)
     if req.stream:
-        return StreamingResponse(_stream(engine, request, reply, req.include_usage, logprobs, tools),
+        return StreamingResponse(_stream(engine, request, reply, req.include_usage, logprobs, answers),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     async for kind, data in engine.events(request, http_request):
         reply.on(kind, data)
@@ -140,21 +142,24 @@ async def _respond(engine, http_request, request, req, chat: bool, logprobs: boo
         if logprobs:
             lp = chat_logprobs(tok, reply.logprobs[i]) if chat else completion_logprobs(tok, reply.logprobs[i])
         if chat:
-            message, finish = {"role": "assistant", "content": reply.text[i]}, reply.finish[i]
-            if tools is not None and finish == "stop":
-                content, calls = read_calls(reply.text[i], tools)
-                if calls:
-                    message = dict(message, content=content or None, tool_calls=[c.openai() for c in calls])
-                    finish = "tool_calls"
-            choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": finish})
+            answers[i].feed(reply.text[i])
+            finish = answers[i].end(reply.finish[i])[1]
+            choices.append({"index": i, "message": message(answers[i]), "logprobs": lp, "finish_reason": finish})
         else:
             choices.append({"index": i, "text": reply.text[i], "logprobs": lp, "finish_reason": reply.finish[i]})
     return JSONResponse(dict(reply.head(), choices=choices, usage=reply.usage()))
 
 
-async def _stream(engine, request, reply, include_usage: bool, logprobs: bool, tools=None):
+def openai_delta(delta: dict) -> dict:
+    """An Answer's delta as Chat Completions streams it: reasoning as reasoning_content (the DeepSeek/llama.cpp
+    name) and reasoning (mlx-lm's and vLLM's)."""
+    if "reasoning" in delta:
+        return {"reasoning_content": delta["reasoning"], "reasoning": delta["reasoning"]}
+    return delta
+
+
+async def _stream(engine, request, reply, include_usage: bool, logprobs: bool, answers=None):
     tok, head = engine.tokenizer, dict(reply.head(), object="chat.completion.chunk" if reply.chat else "text_completion")
-    answers = [AnswerStream(tools) for _ in reply.text] if tools is not None else None
     if reply.chat:
         for i in range(len(reply.text)):
             yield _sse(dict(head, choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -163,9 +168,12 @@ async def _stream(engine, request, reply, include_usage: bool, logprobs: bool, t
         offset = len(reply.text[data.index]) if kind == "token" else 0
         reply.on(kind, data)
         if kind == "token" and answers is not None:
-            for delta in answers[data.index].feed(data.text):
-                yield _sse(dict(head, choices=[{"index": data.index, "delta": delta, "logprobs": None,
+            deltas = answers[data.index].feed(data.text)
+            lp = chat_logprobs(tok, [data]) if logprobs else None
+            for delta in deltas or ([{"content": ""}] if lp else []):
+                yield _sse(dict(head, choices=[{"index": data.index, "delta": openai_delta(delta), "logprobs": lp,
                                                 "finish_reason": None}]))
+                lp = None
         elif kind == "token" and (data.text or logprobs):
             if reply.chat:
                 choice = {"index": data.index, "delta": {"content": data.text},
@@ -179,7 +187,7 @@ async def _stream(engine, request, reply, include_usage: bool, logprobs: bool, t
             if answers is not None:
                 deltas, finish = answers[index].end(finish)
                 for delta in deltas:
-                    yield _sse(dict(head, choices=[{"index": index, "delta": delta, "logprobs": None,
+                    yield _sse(dict(head, choices=[{"index": index, "delta": openai_delta(delta), "logprobs": None,
                                                     "finish_reason": None}]))
             choice = {"index": index, "delta": {}, "logprobs": None, "finish_reason": finish} if reply.chat else (
                 {"index": index, "text": "", "logprobs": None, "finish_reason": finish})

@@ -66,6 +66,9 @@ class Message(_Body):
     tool_call_id: Optional[str] = None  # a tool message: the call it answers (OpenAI)
     name: Optional[str] = None
     tool_name: Optional[str] = None  # Ollama's name of the function a tool message answers
+    reasoning_content: Optional[str] = None  # an assistant's earlier thought (also as reasoning, or Ollama's thinking)
+    reasoning: Optional[str] = None
+    thinking: Optional[str] = None
 
 
 def _stops(v):
@@ -125,6 +128,14 @@ class ChatRequest(Sampling):
     tool_choice: Any = None
     parallel_tool_calls: Optional[bool] = None
     response_format: Optional[Dict[str, Any]] = None
+    chat_template_kwargs: Optional[Dict[str, Any]] = None  # as vLLM takes them: {"enable_thinking": true}
+    reasoning_effort: Optional[Literal["none", "minimal", "low", "medium", "high", "xhigh"]] = None
+    thinking_budget: Optional[int] = Field(None, ge=0)  # most tokens of thought (mlx-vlm's name)
+
+    @property
+    def think(self) -> Optional[bool]:
+        """The thinking switch: reasoning_effort "none" turns it off, any other effort on (Gemma 4 has no levels)."""
+        return None if self.reasoning_effort is None else self.reasoning_effort != "none"
 
     @field_validator("response_format")
     @classmethod
@@ -195,6 +206,7 @@ class _Ollama(_Body):
 class OllamaChatRequest(_Ollama):
     messages: List[Message] = Field(min_length=1)
     tools: Optional[List[Dict[str, Any]]] = None
+    think: Union[bool, Literal["low", "medium", "high"], None] = None  # Ollama's switch (levels: on)
 
 
 class OllamaGenerateRequest(_Ollama):

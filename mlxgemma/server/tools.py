@@ -1,8 +1,9 @@
 """Tool calls for both APIs: the request's tools checked, put into the prompt, the call constrained, and the
 output read back as calls.
 
-Two formats. A chat template that takes `tools` (FunctionGemma's, with its own control tokens) gets them
-through the tokenizer, and its calls are read from those tokens
+Three formats. A chat template that takes `tools` gets them through the tokenizer: Gemma 4's, whose calls
+(`<|tool_call>call:NAME{key:<|"|>text<|"|>,n:3}<tool_call|>`) are constrained to the functions' schemas
+(gemma4_format.call_grammar) and read by answer.py, and FunctionGemma's, whose calls are read from its own tokens
 (`<start_function_call>call:NAME{key:<escape>text<escape>,n:3}<end_function_call>`). Any other template (Gemma
 1-3 have no tool tokens) gets Google's documented Gemma function-calling prompt in the first user turn, and
 the call is constrained (constrained.py): one compact JSON object `{"name": ..., "parameters": {...}}` per
@@ -18,10 +19,12 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 from ..decode import constrained
+from ..decode.gemma4_format import call_grammar
 from ..errors import MlxGemmaError
 from .schemas import RequestError
 
-NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# OpenAI allows [A-Za-z0-9_-]{1,64}; MCP clients send namespaced names (mcp:server:tool, a.b).
+NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 # Google's Gemma function-calling prompt (ai.google.dev/gemma/docs/capabilities/function-calling), JSON style;
 # the last sentence, for several calls, is ours.
 SETUP = ("You have access to functions. If you decide to invoke any of the function(s),\n"
@@ -38,10 +41,16 @@ class Tools:
     parallel: bool = True
     native: bool = False  # the chat template takes the tools itself
     openai: List[dict] = field(default_factory=list)  # as sent, for a template that takes them
+    gemma4: bool = False  # the template is Gemma 4's: native calls, constrained
 
-    def grammar(self) -> Optional[str]:
-        """The Lark grammar of the answer (None: unconstrained)."""
-        if self.choice == "none" or self.native:
+    def grammar(self, thinking: bool = False, in_thought: bool = False) -> Optional[str]:
+        """The Lark grammar of the answer (None: unconstrained). Gemma 4: a thought may come first (thinking),
+        or the prompt opened one (in_thought)."""
+        if self.choice == "none":
+            return None
+        if self.gemma4:
+            return call_grammar(self.functions, self.choice, self.parallel, thinking=thinking, in_thought=in_thought)
+        if self.native:
             return None
         names = [f["name"] for f in self.functions] if self.choice in ("auto", "required") else [self.choice]
         calls = [{"type": "object", "properties": {"name": {"const": n}, "parameters": self._schema(n)},
@@ -76,7 +85,7 @@ def parse_tools(tools, tool_choice, parallel_tool_calls, template: str, ollama: 
             raise RequestError(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{...}}}}", param="tools")
         name = fn.get("name")
         if not isinstance(name, str) or not NAME.match(name):
-            raise RequestError(f"tools[{i}].function.name must be 1-64 letters, digits, _ . or -", param="tools")
+            raise RequestError(f"tools[{i}].function.name must be 1-128 letters, digits, _ . : or -", param="tools")
         if name in (f["name"] for f in functions):
             raise RequestError(f"tools[{i}]: two functions are named {name!r}", param="tools")
         params = fn.get("parameters") or {"type": "object", "properties": {}}
@@ -86,7 +95,7 @@ def parse_tools(tools, tool_choice, parallel_tool_calls, template: str, ollama: 
         sent.append({"type": "function", "function": dict(fn, parameters=params)})
     choice = _choice(tool_choice, [f["name"] for f in functions])
     native = bool(template) and "tools" in template
-    result = Tools(functions, choice, parallel_tool_calls is not False, native, sent)
+    result = Tools(functions, choice, parallel_tool_calls is not False, native, sent, "<|tool_call>" in (template or ""))
     for f in functions:  # each schema compiles on its own: the error names the function
         try:
             _compile(constrained.grammar_of(json_schema=f["parameters"]))
@@ -122,10 +131,10 @@ def _choice(tool_choice, names: List[str]) -> str:
 # The conversation: past calls and their results, in either format
 
 
-def conversation(turns: List[dict], tools: Optional[Tools]) -> Tuple[List[dict], dict]:
-    """Chat turns ({"role", "content", "tool_calls"?, "tool_call_id"?, "name"?}) for the template, and the
-    template's extra arguments. Every tool message must answer an earlier call (by id, or by name in
-    Ollama's messages, which have no ids)."""
+def conversation(turns: List[dict], tools: Optional[Tools], native: bool = False) -> Tuple[List[dict], dict]:
+    """Chat turns ({"role", "content", "tool_calls"?, "tool_call_id"?, "name"?, "reasoning"?}) for the template,
+    and the template's extra arguments. Every tool message must answer an earlier call (by id, or by name in
+    Ollama's messages, which have no ids). native: the template takes tools, calls and results itself."""
     calls = {}  # id -> name, of the calls made so far
     out = []
     for i, t in enumerate(turns):
@@ -145,8 +154,8 @@ def conversation(turns: List[dict], tools: Optional[Tools]) -> Tuple[List[dict],
                                    f"(tool_call_id {cid!r} matches none)", param="messages")
             t = dict(t, name=name)
         out.append(t)
-    if tools is not None and tools.native:
-        return out, ({"tools": tools.openai} if tools.choice != "none" else {})
+    if native or (tools is not None and tools.native):
+        return out, ({"tools": tools.openai} if tools is not None and tools.choice != "none" else {})
     return _prompted(out, tools), {}
 
 
@@ -207,7 +216,7 @@ class Call:
         return body if index is None else dict(body, index=index)
 
 
-def _id() -> str:
+def new_id() -> str:
     return "call_" + uuid.uuid4().hex[:24]
 
 
@@ -217,7 +226,7 @@ START, END = "<start_function_call>", "<end_function_call>"
 def read_calls(text: str, tools: Tools) -> Tuple[str, List[Call]]:
     """(content, calls) of a finished answer."""
     if tools.native:
-        calls = [Call(_id(), *_native_call(body)) for body in re.findall(
+        calls = [Call(new_id(), *_native_call(body)) for body in re.findall(
             re.escape(START) + r"(.*?)" + re.escape(END), text, re.S)]
         content = re.sub(re.escape(START) + r".*?" + re.escape(END), "", text, flags=re.S).strip()
         return (content if calls else text), calls
@@ -226,7 +235,7 @@ def read_calls(text: str, tools: Tools) -> Tuple[str, List[Call]]:
     calls = []
     for line in text.split("\n"):
         call = json.loads(line)  # the grammar made it so
-        calls.append(Call(_id(), call["name"], call["parameters"]))
+        calls.append(Call(new_id(), call["name"], call["parameters"]))
     return "", calls
 
 
@@ -274,6 +283,7 @@ class CallStream:
 
     def __init__(self):
         self.buffer, self.index, self.sent, self.head = "", -1, 0, None
+        self.made: List[list] = []  # [id, name, arguments text] of each call begun
 
     def feed(self, text: str, final: bool = False) -> List[dict]:
         self.buffer += text
@@ -285,12 +295,14 @@ class CallStream:
                     return out
                 self.buffer = self.buffer.lstrip("\n")
                 self.index, self.head, self.sent = self.index + 1, m.end(), m.end()
-                out.append({"index": self.index, "id": _id(), "type": "function",
+                out.append({"index": self.index, "id": new_id(), "type": "function",
                             "function": {"name": json.loads(m.group(1)), "arguments": ""}})
+                self.made.append([out[-1]["id"], out[-1]["function"]["name"], ""])
             end = _call_end(self.buffer)
             stop = (end - 1) if end is not None else (len(self.buffer) if final else len(self.buffer) - 1)
             if stop > self.sent:
                 out.append({"index": self.index, "function": {"arguments": self.buffer[self.sent:stop]}})
+                self.made[-1][2] += self.buffer[self.sent:stop]
                 self.sent = stop
             if end is None:
                 return out
@@ -312,6 +324,7 @@ class AnswerStream:
 
     def __init__(self, tools: Tools):
         self.tools, self.mode, self.buffer, self.calls = tools, None, "", CallStream()
+        self.calls_made: List[Call] = []  # once ended by itself ("stop")
 
     def feed(self, text: str) -> List[dict]:
         if self.tools.native or self.mode is None:
@@ -330,8 +343,11 @@ class AnswerStream:
             content, calls = read_calls(self.buffer, self.tools) if finish == "stop" else (self.buffer, [])
             deltas = ([{"content": content}] if content else []) + [
                 {"tool_calls": [c.openai(i)]} for i, c in enumerate(calls)]
+            self.calls_made = calls
             return deltas, "tool_calls" if calls else finish
         if self.mode == "calls":
-            return [{"tool_calls": [d]} for d in self.calls.feed("", final=True)], (
-                "tool_calls" if finish == "stop" else finish)
+            deltas = [{"tool_calls": [d]} for d in self.calls.feed("", final=True)]
+            if finish == "stop":
+                self.calls_made = [Call(i, name, json.loads(args)) for i, name, args in self.calls.made]
+            return deltas, ("tool_calls" if finish == "stop" else finish)
         return ([{"content": self.buffer}] if self.buffer else []), finish
