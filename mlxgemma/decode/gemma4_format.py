@@ -273,7 +273,7 @@ STR: /(?s:.+)/ & ~/(?s:.*)<\|"\|>(?s:.*)/
 string: <|"|> STR? <|"|>
 INT: /-?(0|[1-9][0-9]*)/
 NUM: /-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?/
-KEY: /[^\s:,{}\[\]<"]+/
+KEY: /[^\s:,{}\[\]<"]([^:,{}\[\]<"\n]*[^\s:,{}\[\]<"])?/
 value: string | NUM | "true" | "false" | "null" | object | array
 object: "{" (KEY ":" value ("," KEY ":" value)*)? "}"
 array: "[" (value ("," value)*)? "]"

@@ -66,8 +66,12 @@ def apply_template(tokenizer, messages, tokenize: bool = True, **template_args):
         raise MlxGemmaError("chat messages need a tokenizer with a chat template; this one has none (a base model, which "
                             "continues text): give the text to continue as the prompt, or load an instruction-tuned "
                             "checkpoint")
+    # transformers' own render: mlx-lm's TokenizerWrapper would switch enable_thinking on for templates that take
+    # it (Gemma 4's default is off), so the Hugging Face tokenizer inside it renders here.
+    hf = getattr(tokenizer, "_tokenizer", tokenizer)
     try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=tokenize, **template_args)
+        ids = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=tokenize,
+                                     **({"return_dict": False} if tokenize else {}), **template_args)
     except Exception as e:  # jinja raises its own errors (e.g. roles out of order)
         raise MlxGemmaError(f"the chat template rejected the messages: {str(e).splitlines()[0]}") from None
     if not tokenize:

@@ -48,7 +48,7 @@ def opens_thought(tokenizer, ids) -> bool:
     """Whether a prompt ends inside an open thought (the generation prompt after tool results, thinking on)."""
     if not has_channel(tokenizer) or len(ids) == 0:
         return False
-    return tokenizer.decode(list(ids[-8:])).endswith(THOUGHT_OPEN + LABEL)
+    return tokenizer.decode(list(ids[-16:])).endswith(THOUGHT_OPEN + LABEL)
 
 
 class Split:
@@ -91,30 +91,32 @@ class ThinkingBudget:
     (a grammar in the middle of the label), its own mask stands until it can."""
 
     def __init__(self, budget: int, open_id: int, close_id: int, vocab_size: int, inner=None,
-                 in_thought: bool = False):
+                 in_thought: bool = False, label: int = 0):
         if budget < 0:
             raise MlxGemmaError(f"--max-thinking-tokens must be >= 0, got {budget}")
-        self.budget, self.open_id, self.close_id, self.inner = budget, open_id, close_id, inner
+        # label: the tokens of the channel's name ("thought\n") after <|channel>, which are not thought
+        self.budget, self.open_id, self.close_id, self.inner, self.label = budget, open_id, close_id, inner, label
         self.width = inner.bitmask.shape[1] if inner is not None else (vocab_size + 31) // 32
         self.bitmask = np.full((1, self.width), -1, dtype=np.int32)
         self.history: List[Optional[int]] = []  # per consumed token: thought length after it (None: not in one)
-        self.length = 0 if in_thought else None
+        self.length = label if in_thought else None  # tokens since <|channel> (None: not in a thought)
 
     @classmethod
     def for_tokenizer(cls, tokenizer, budget: int, vocab_size: int, inner=None, in_thought: bool = False):
         ids = [tokenizer.convert_tokens_to_ids(t) for t in (THOUGHT_OPEN, THOUGHT_CLOSE)]
         if not has_channel(tokenizer) or None in ids:
             raise MlxGemmaError("--max-thinking-tokens needs a model with a thought channel (Gemma 4)")
-        return cls(budget, ids[0], ids[1], vocab_size, inner, in_thought)
+        label = len(tokenizer.encode(LABEL, add_special_tokens=False))
+        return cls(budget, ids[0], ids[1], vocab_size, inner, in_thought, label)
 
     def copy(self) -> "ThinkingBudget":
         out = ThinkingBudget(self.budget, self.open_id, self.close_id, self.width * 32,
-                             self.inner.copy() if self.inner is not None else None)
+                             self.inner.copy() if self.inner is not None else None, label=self.label)
         out.length, out.history = self.length, list(self.history)
         return out
 
     def _over(self) -> bool:
-        return self.length is not None and self.length >= self.budget
+        return self.length is not None and self.length >= self.budget + self.label
 
     def mask(self) -> np.ndarray:
         inner = self.inner.mask() if self.inner is not None else None

@@ -35,6 +35,11 @@ def configure_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=512, help="default max tokens (default: %(default)s)")
     p.add_argument("--chat-template-args", type=json.loads, default={},
                    help='JSON arguments for the chat template, e.g. \'{"enable_thinking": false}\'')
+    p.add_argument("--think", dest="think", action="store_true", default=None,
+                   help="think before answering unless a request says otherwise (Gemma 4: enable_thinking)")
+    p.add_argument("--no-think", dest="think", action="store_false", help="do not think unless a request asks")
+    p.add_argument("--max-thinking-tokens", type=int, default=None,
+                   help="close a thought after this many tokens and let the answer start (default: no bound)")
     p.add_argument("--decode-concurrency", type=int, default=32, help="rows decoded together at most")
     p.add_argument("--prefill-step-size", type=int, default=2048)
     p.add_argument("--prompt-cache-size", type=int, default=10, help="sequences kept for reuse (0: none)")
@@ -71,6 +76,7 @@ def check_args(args) -> None:
         (args.prompt_lookup_ngram is None or args.prompt_lookup_ngram > 0, "--prompt-lookup-ngram must be positive"),
         (args.num_draft_tokens > 0, "--num-draft-tokens must be positive"),
         (isinstance(args.chat_template_args, dict), "--chat-template-args must be a JSON object"),
+        (args.max_thinking_tokens is None or args.max_thinking_tokens >= 0, "--max-thinking-tokens must be >= 0"),
         (not (args.draft_model and args.prompt_lookup_ngram), "give --draft-model or --prompt-lookup-ngram, not both"),
     ]:
         if not ok:
@@ -125,6 +131,7 @@ def warm_constraints(engine) -> None:
 
 def build(args):
     """The app for these arguments: model loaded, scheduler started."""
+    from ..decode.thinking import has_channel, think_args
     from .app import create_app
     from .engine import Defaults, Engine
     from .prompt_cache import PromptCache
@@ -153,7 +160,12 @@ def build(args):
     if group is None or group.rank() == 0:
         scheduler.start()  # (the other ranks' loop runs on their main thread: main)
     defaults = Defaults(args.max_tokens, args.temp, args.top_p, args.top_k, args.min_p)
-    engine = Engine(model, tokenizer, model_name(args), scheduler, defaults, args.chat_template_args, args.model or "")
+    text_tokenizer = tokenizer.tokenizer if hasattr(tokenizer, "images_per_prompt") else tokenizer
+    template_args = dict(args.chat_template_args, **think_args(text_tokenizer, args.think))
+    if args.max_thinking_tokens is not None and not has_channel(text_tokenizer):
+        raise MlxGemmaError("--max-thinking-tokens needs a model with a thought channel (Gemma 4)")
+    engine = Engine(model, tokenizer, model_name(args), scheduler, defaults, template_args, args.model or "")
+    engine.max_thinking_tokens = args.max_thinking_tokens
     warm_constraints(engine)
     origins = [o.strip() for o in args.allowed_origins.split(",") if o.strip()]
     key = args.api_key or os.environ.get("MLXGEMMA_API_KEY")
