@@ -223,3 +223,48 @@ def test_a_chat_model_can_complete_text_too(server, page):
     assert continuation and continuation == api_continuation(server, "t20 t21")
     page.uncheck("#complete")  # back to chat: a new conversation
     expect(page.locator("#messages .message")).to_have_count(0)
+
+
+def test_gemma4_thoughts_collapsed_and_tool_calls_as_cards(tmp_path, page):
+    """A Gemma 4 model (forced to think, answer and call a tool): the Think switch reaches the template, the
+    thought is shown collapsed above the answer, the call as a card, and the next turn sends all of it back."""
+    import json
+
+    import gemma4_chat_util as g4
+
+    served = serve(g4.save(tmp_path / "g4"))
+    try:
+        sent = []
+        tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+        def add_tools(route):  # the page declares no tools: a client that does is stood in for here
+            body = json.loads(route.request.post_data)
+            sent.append(body)
+            route.continue_(post_data=json.dumps(dict(body, tools=[tool])))
+
+        page.route("**/v1/chat/completions", add_tools)
+        g4.force(served.engine, '<|channel>thought\nThe user asks "why".<channel|>Checking. '
+                                '<|tool_call>call:get_weather{city:<|"|>Paris<|"|>}<tool_call|>')
+        page.goto(served.url)
+        expect(page.locator("#think-box")).to_be_visible()
+        page.check("#think")
+        say(page, "Weather?")
+        settled(page)
+        reply = page.locator("#messages .message.assistant").nth(0)
+        thought = reply.locator("details.thought")
+        expect(thought).to_have_count(1)
+        assert thought.get_attribute("open") is None  # collapsed
+        expect(thought.locator("div")).to_have_text('The user asks "why".')
+        expect(reply.locator(".tool-call .name")).to_have_text("Tool call: get_weather")
+        assert json.loads(reply.locator(".tool-call pre").text_content()) == {"city": "Paris"}
+        assert "<|" not in reply.text_content() and "Checking. " in reply.text_content()
+        assert sent[0]["chat_template_kwargs"] == {"enable_thinking": True}
+        g4.force(served.engine, "Done.", end=g4.TURN_END)
+        say(page, "And?")
+        settled(page)
+        assistant = sent[1]["messages"][1]
+        assert assistant["reasoning_content"] == 'The user asks "why".' and assistant["content"] == "Checking. "
+        assert assistant["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    finally:
+        served.stop()

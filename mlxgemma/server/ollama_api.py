@@ -11,6 +11,7 @@ from .. import __version__
 from .engine import Engine
 from .openai_api import has_chat_template, require_chat_template
 from .schemas import OllamaChatRequest, OllamaGenerateRequest, OllamaShowRequest, RequestError, parse
+from ..decode.thinking import takes_thinking
 from .answer import answers
 from .tools import parse_tools
 
@@ -67,7 +68,8 @@ def show(engine: Engine, body) -> dict:
     parse(OllamaShowRequest, body)
     # Tools go through the chat template: a base model (no template) has none, as Ollama reports it.
     capabilities = (["completion"] + (["tools"] if has_chat_template(engine) else [])
-                    + (["vision"] if engine.takes_images else []))
+                    + (["vision"] if engine.takes_images else [])
+                    + (["thinking"] if takes_thinking(engine.tokenizer) else []))
     # model_info's general.parameter_count is Ollama's key for the exact count (details has it rounded).
     info = dict(engine.describe(), **{"general.parameter_count": parameter_count(engine.model)})
     return {"modelfile": "", "parameters": "", "template": getattr(engine.tokenizer, "chat_template", "") or "",
