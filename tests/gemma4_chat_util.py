@@ -33,11 +33,13 @@ def vocab() -> dict:
     for piece in ["▁", "\n"] + [chr(c) for c in range(33, 127)] + [f"<0x{b:02X}>" for b in range(256)]:
         if piece not in out:
             out[piece] = next(free)
+    for i in range(384 - len(out)):  # as Gemma's <unused..> pieces: ids that exist, never written by encode
+        out[f"<unused{i}>"] = next(free)
     return out
 
 
 VOCAB = vocab()
-VOCAB_SIZE = 512  # (> max id; the model's rows past the tokenizer are never produced under a constraint)
+VOCAB_SIZE = len(VOCAB)  # the model's logits cover exactly the tokenizer, as a real checkpoint's
 
 
 def tokenizer(template: str = TEMPLATE):

@@ -1,0 +1,131 @@
+"""Gemma 4 native tool calls, one run: 50+ tool-calling requests with random schemas (strings, integers, numbers,
+booleans, enums, nullable fields, arrays, nested objects; namespaced names) on a tiny random Gemma 4 with Gemma 4's
+template and special tokens (tests/gemma4_chat_util.py), through the server's own path (engine.chat, the tool
+grammar, the decode core, answer.py): the share of calls that parse and validate against their schema
+(jsonschema), constrained (tool_choice "required") and, for comparison, unconstrained (the same prompt with the
+call's opening `<|tool_call>call:NAME{` written for the model, which then runs free). Then decode speed with the
+call grammar against without it, interleaved rounds of the same length.
+
+    python benchmarks/tools.py [--requests 50] [--rounds 5] [--tokens 96]
+"""
+
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
+
+import jsonschema  # noqa: E402
+
+import gemma4_chat_util as g4  # noqa: E402
+import mlxgemma  # noqa: E402
+from mlxgemma.decode.gemma4_format import call_grammar, parse_calls  # noqa: E402
+
+WORDS = ["city", "query", "limit", "unit", "when", "tags", "opts", "path", "mode", "count", "note", "ids"]
+
+
+def random_schema(rng: random.Random, depth: int = 0) -> dict:
+    kinds = ["string", "integer", "number", "boolean", "enum", "nullable", "array"] + (["object"] if depth < 2 else [])
+    kind = rng.choice(kinds)
+    if kind == "enum":
+        return {"type": "string", "enum": rng.sample(["a", "b c", 'd"e', "f`g", "h{i}"], 3)}
+    if kind == "nullable":
+        return {"type": ["string", "null"]}
+    if kind == "array":
+        return {"type": "array", "items": random_schema(rng, depth + 1) if depth < 1 else {"type": "string"}}
+    if kind == "object":
+        return random_object(rng, depth + 1)
+    return {"type": kind}
+
+
+def random_object(rng: random.Random, depth: int = 0) -> dict:
+    names = rng.sample(WORDS, rng.randint(1, 4))
+    props = {n: random_schema(rng, depth) for n in names}
+    return {"type": "object", "properties": props, "required": rng.sample(names, rng.randint(0, len(names)))}
+
+
+def random_tool(rng: random.Random, i: int) -> dict:
+    name = rng.choice([f"tool_{i}", f"mcp:server:tool-{i}", f"ns.v{i}.run"])
+    return {"type": "function", "function": {"name": name, "description": f"Tool {i}",
+                                             "parameters": random_object(rng)}}
+
+
+def strict(schema: dict) -> dict:
+    """The schema as the grammar holds calls to it: declared properties only."""
+    if schema.get("type") == "object":
+        props = {k: strict(v) for k, v in schema.get("properties", {}).items()}
+        return dict(schema, properties=props, additionalProperties=False)
+    if schema.get("type") == "array" and isinstance(schema.get("items"), dict):
+        return dict(schema, items=strict(schema["items"]))
+    return schema
+
+
+def valid(text: str, tool: dict) -> bool:
+    try:
+        calls = parse_calls(text)
+        fn = tool["function"]
+        if not calls or any(name != fn["name"] for name, _ in calls):
+            return False
+        for _, args in calls:
+            jsonschema.validate(args, strict(fn["parameters"]))
+        return True
+    except (ValueError, jsonschema.ValidationError):
+        return False
+
+
+def run(model, tok, prompt, max_tokens: int, **constraint):
+    """(text, tokens/s, tokens) of one greedy run (special tokens kept in the text)."""
+    text, last = "", None
+    for last in mlxgemma.stream_generate(model, tok, prompt, max_tokens=max_tokens, **constraint):
+        text += last.text
+    return text, last.generation_tps, last.generation_tokens
+
+
+def prompt_of(tok, tool) -> list:
+    messages = [{"role": "user", "content": "Use the tool."}]
+    return tok._tokenizer.apply_chat_template(messages, tools=[tool], add_generation_prompt=True, return_dict=False)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--requests", type=int, default=50)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--tokens", type=int, default=96)
+    args = p.parse_args()
+    rng = random.Random(0)
+    path = g4.save(Path(tempfile.mkdtemp()) / "gemma4-tiny")
+    model, tok = mlxgemma.load(path)
+    tools = [random_tool(rng, i) for i in range(args.requests)]
+    ok = free_ok = 0
+    for tool in tools:
+        fn = tool["function"]
+        grammar = call_grammar([fn], "required", parallel=False)
+        text, _, _ = run(model, tok, prompt_of(tok, tool), 400, grammar=grammar)
+        ok += valid(text, tool)
+        opener = tok.encode(f"<|tool_call>call:{fn['name']}{{", add_special_tokens=False)
+        free, _, _ = run(model, tok, prompt_of(tok, tool) + opener, 400)
+        free_ok += valid(f"<|tool_call>call:{fn['name']}{{" + free, tool)
+    print(f"calls that parse and validate: constrained {ok}/{len(tools)} ({100 * ok / len(tools):.0f}%), "
+          f"unconstrained {free_ok}/{len(tools)} ({100 * free_ok / len(tools):.0f}%)")
+
+    # Speed: a free-text answer under tool_choice "auto" (the grammar's TEXT, masks every token) against the same
+    # request without tools' constraint, same prompt and length (a free-running random model never ends early).
+    tool = tools[0]
+    grammar = call_grammar([tool["function"]], "auto")
+    prompt = prompt_of(tok, tool)
+    rates = {"constrained": [], "plain": []}
+    run(model, tok, prompt, 8)  # warm-up
+    for _ in range(args.rounds):
+        rates["plain"].append(run(model, tok, prompt, args.tokens)[1])
+        rates["constrained"].append(run(model, tok, prompt, args.tokens, grammar=grammar)[1])
+    plain, constrained = statistics.median(rates["plain"]), statistics.median(rates["constrained"])
+    print(f"decode: plain {plain:.0f} tokens/s, with the call grammar {constrained:.0f} tokens/s "
+          f"(ratio {constrained / plain:.3f}; median of {args.rounds} interleaved rounds of {args.tokens} tokens)")
+
+
+if __name__ == "__main__":
+    main()
