@@ -39,7 +39,8 @@ class ChatSession:
             raise MlxGemmaError("this model's tokenizer has no chat template (a pretrained model, which continues "
                                 "text): use python -m mlxgemma.generate, or an instruction-tuned checkpoint")
         self.model, self.tokenizer, self.system, self.options = model, tokenizer, system, options
-        self.template_args = template_args(tokenizer, options.get("think"), options.get("chat_template_args"))
+        self.template_args = template_args(tokenizer, options.get("think"), options.get("chat_template_args"),
+                                           options.get("max_thinking_tokens"))
         self.prompt_cache_file = prompt_cache_file
         self.last_reasoning = ""
         self.reset()

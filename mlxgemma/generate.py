@@ -116,7 +116,7 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, max_tokens: int = 256, 
     Thinking (Gemma 4): chat_template_args go to the chat template, then think (True/False; None: the
     template's default, off for Gemma 4) sets its enable_thinking. A prompt of token ids was rendered already:
     they then only say whether thoughts are kept. max_thinking_tokens closes a thought after that many tokens
-    (the answer goes on after it). Stop strings apply to the text as the model writes it, thoughts included."""
+    (counted from <|channel>, its label included; the answer goes on after it). Stop strings apply to the text as the model writes it, thoughts included."""
     sampling = check_options(max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
                              repetition_penalty=repetition_penalty, max_kv_size=max_kv_size, seed=seed,
                              prefill_step_size=prefill_step_size, num_draft_tokens=num_draft_tokens,
@@ -128,14 +128,14 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, max_tokens: int = 256, 
     text_tokenizer = tokenizer.tokenizer if has_vision(model) or is_encoder_decoder(model) else tokenizer
     constraint = constrained.constraint_for(model, text_tokenizer, json_schema=json_schema, regex=regex,
                                             grammar=grammar, choices=choices)
-    args = template_args(text_tokenizer, think, chat_template_args)
+    args = template_args(text_tokenizer, think, chat_template_args, max_thinking_tokens)
     request = _prepare(model, tokenizer, prompt, system, chat_template, image, prompt_cache, max_kv_size,
                        prefill_step_size, prompt_progress_callback, image_features, pan_and_scan, history, args)
     ids, cache, stats, history, sources = request
     seen = list(history) + list(ids)  # (the prompt's end: does it open a thought?)
     constraint = budgeted(constraint, text_tokenizer, max_thinking_tokens, constrained.logits_width(model), seen)
-    proposer, draft_cache = _proposer(model, tokenizer, (prompt, image, system), draft_model, prompt_lookup_ngram,
-                                      history + ids, max_kv_size, prefill_step_size)
+    proposer, draft_cache = _proposer(model, tokenizer, (prompt, image, system, args), draft_model,
+                                      prompt_lookup_ngram, history + ids, max_kv_size, prefill_step_size)
     decoder = Decoder(model, proposer, num_draft_tokens, kv=kv)
     tic = time.perf_counter()
     _fill(model, cache, ids[:-1], prefill_step_size, prompt_progress_callback, kv)
@@ -183,8 +183,9 @@ def _proposer(model, tokenizer, request, draft_model, ngram, seq, max_kv_size, s
         raise MlxGemmaError("a draft model cannot see images: use --prompt-lookup-ngram with image prompts")
     draft = DraftModel(draft_model)
     if is_encoder_decoder(draft_model):
-        prompt, image, system = request
-        _, _, ids, cache, _ = encode_request(draft_model, tokenizer, prompt, image, system, max_kv_size)
+        prompt, image, system, template_args = request
+        _, _, ids, cache, _ = encode_request(draft_model, tokenizer, prompt, image, system, max_kv_size,
+                                             template_args)
         return draft, draft.prepare(ids, cache=cache)
     return draft, draft.prepare(seq, max_kv_size, step)
 

@@ -10,18 +10,24 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 from .decode.gemma4_format import CALL_CLOSE, CALL_OPEN, format_call
-from .decode.thinking import Split, ThinkingBudget, opens_thought, think_args
+from .decode.thinking import Split, ThinkingBudget, has_channel, opens_thought, think_args
 from .errors import MlxGemmaError
 
 Call = Tuple[str, Optional[dict]]  # (name, arguments) of one native tool call
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 
 
-def template_args(tokenizer, think: Optional[bool], chat_template_args: Optional[dict]) -> dict:
+def template_args(tokenizer, think: Optional[bool], chat_template_args: Optional[dict],
+                  max_thinking_tokens: Optional[int] = None) -> dict:
     """The chat template's arguments: chat_template_args, then the thinking switch over them (think_args:
-    None leaves the template's default; asking a template without the switch to think is an error)."""
+    None leaves the template's default; asking a template without the switch to think is an error). A
+    thinking budget is checked here too, so that a chat refuses it before its first turn."""
     if chat_template_args is not None and not isinstance(chat_template_args, dict):
         raise MlxGemmaError("--chat-template-args must be a JSON object")
+    if max_thinking_tokens is not None and not has_channel(tokenizer):
+        raise MlxGemmaError("--max-thinking-tokens needs a model with a thought channel (Gemma 4)")
+    if max_thinking_tokens is not None and max_thinking_tokens < 0:
+        raise MlxGemmaError(f"--max-thinking-tokens must be >= 0, got {max_thinking_tokens}")
     return dict(chat_template_args or {}, **think_args(tokenizer, think))
 
 
@@ -31,7 +37,7 @@ def budgeted(constraint, tokenizer, budget: Optional[int], width: int, ids: Sequ
     if budget is None:
         return constraint
     return ThinkingBudget.for_tokenizer(tokenizer, budget, width, constraint,
-                                        in_thought=opens_thought(tokenizer, list(ids[-8:])))
+                                        in_thought=opens_thought(tokenizer, ids))
 
 
 class Reader:
@@ -40,7 +46,7 @@ class Reader:
     by the end of the output, stays answer text as the model wrote it."""
 
     def __init__(self, tokenizer, ids: Sequence[int], template_args: dict):
-        self.split = Split.of(tokenizer, list(ids[-8:]), template_args)
+        self.split = Split.of(tokenizer, ids, template_args)
 
     def read(self, text: str, finish: Optional[str]) -> Tuple[str, str, List[Call]]:
         events = self.split.feed(text) + (self.split.finish() if finish else [])

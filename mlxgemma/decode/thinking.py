@@ -48,7 +48,7 @@ def opens_thought(tokenizer, ids) -> bool:
     """Whether a prompt ends inside an open thought (the generation prompt after tool results, thinking on)."""
     if not has_channel(tokenizer) or len(ids) == 0:
         return False
-    return tokenizer.decode(list(ids[-8:])).endswith(THOUGHT_OPEN + LABEL)
+    return tokenizer.decode(list(ids[-16:])).endswith(THOUGHT_OPEN + LABEL)  # (room for a label in many tokens)
 
 
 class Split:
