@@ -21,11 +21,12 @@ from .models.t5gemma2 import (T5Gemma2Config, T5Gemma2ForConditionalGeneration, 
 from .media.processor import Gemma3Processor, T5Gemma2Processor
 
 from .convert import convert  # noqa: E402  (the function; importing mlxgemma.convert here keeps the name bound to it)
-from .generate import generate, stream_generate  # noqa: E402
+from .generate import Reply, generate, generate_reply, stream_generate  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
-    "MlxGemmaError", "build_model", "load", "load_model", "convert", "generate", "stream_generate",
+    "MlxGemmaError", "build_model", "load", "load_model", "convert", "generate", "generate_reply", "Reply",
+    "stream_generate",
     "GemmaConfig", "GemmaModel", "GemmaForCausalLM", "GemmaForSequenceClassification", "GemmaForTokenClassification",
     "Gemma2Config", "Gemma2Model", "Gemma2ForCausalLM", "Gemma2ForSequenceClassification",
     "Gemma2ForTokenClassification", "Gemma3TextConfig", "Gemma3TextModel", "Gemma3ForCausalLM",

@@ -3,7 +3,9 @@
 The conversation goes through the tokenizer's chat template. The KV cache is kept across turns: the cache
 holds the tokens of the last prompt and reply, each turn re-renders the conversation, keeps the longest
 common prefix (trimming the rest exactly, or starting over when a window-bounded cache cannot trim that far)
-and prefills only what is new. /reset starts over, /quit or Ctrl-D leaves, Ctrl-C stops a reply.
+and prefills only what is new. /reset starts over, /quit or Ctrl-D leaves, Ctrl-C stops a reply. Gemma 4's
+thoughts (--think) are shown dimmed before the answer, or not at all (--hide-thinking); the conversation keeps
+each reply's thought as its `reasoning`, which the template drops once a later user turn follows.
 Under mlx.launch the model is sharded (distributed.py); rank 0 reads each line and every rank acts on it.
 """
 
@@ -12,18 +14,20 @@ import sys
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence
 
-from .cli import (Terminated, add_generation_options, interrupt_ends_run, launched, load_draft, load_for_cli, run,
-                  sampling_kwargs, share, shared_input)
+from .cli import (Terminated, add_generation_options, add_thinking_options, interrupt_ends_run, launched, load_draft,
+                  load_for_cli, run, sampling_kwargs, share, shared_input, thinking_kwargs)
 from .errors import MlxGemmaError
 from .decode.prompt import apply_template, check_prompt, prompt_ids, with_system
-from .generate import check_options, stream_generate
+from .generate import Chunk, check_options, stream_generate
 from .media.images import block_start, encode_prompt, images_from
 from .models import has_vision, is_encoder_decoder
+from .reply import Shown, template_args
 
 
 class ChatSession:
     """tokenizer: the model's tokenizer, or its processor (Gemma 3 with images: turns may carry images,
-    which stay in the conversation; an image already encoded is not encoded again)."""
+    which stay in the conversation; an image already encoded is not encoded again). options: stream_generate's
+    (think and chat_template_args render every turn; the last reply's thought is `last_reasoning`)."""
 
     def __init__(self, model, tokenizer, system: Optional[str] = None, prompt_cache_file=None, **options):
         if is_encoder_decoder(model):
@@ -35,7 +39,10 @@ class ChatSession:
             raise MlxGemmaError("this model's tokenizer has no chat template (a pretrained model, which continues "
                                 "text): use python -m mlxgemma.generate, or an instruction-tuned checkpoint")
         self.model, self.tokenizer, self.system, self.options = model, tokenizer, system, options
+        self.template_args = template_args(tokenizer, options.get("think"), options.get("chat_template_args"),
+                                           options.get("max_thinking_tokens"))
         self.prompt_cache_file = prompt_cache_file
+        self.last_reasoning = ""
         self.reset()
 
     def reset(self) -> None:
@@ -70,8 +77,14 @@ class ChatSession:
         return common
 
     def reply(self, text: str, images: Sequence = ()) -> Iterator[str]:
+        """Stream the answer to a user message, as stream() does (its thought, if any, is then
+        last_reasoning)."""
+        for chunk in self.stream(text, images):
+            yield chunk.text
+
+    def stream(self, text: str, images: Sequence = ()) -> Iterator[Chunk]:
         """Stream the reply to a user message (and its images, placed before the text unless it holds
-        <start_of_image> placeholders). The turn joins the conversation when it ends or is interrupted
+        <start_of_image> placeholders) as Chunks. The turn joins the conversation when it ends or is interrupted
         (Ctrl-C keeps what was said); a turn refused as bad input (longer than the context, say) leaves the
         conversation as it was, so the next turn works."""
         images = list(images)
@@ -89,13 +102,15 @@ class ChatSession:
         if self.processor is not None:  # the images after start (those of the file's prompt are in its cache)
             n = len(self.prefix)
             extra["image_features"] = images_from(ids[n:], features, start - n, self.model.config.image_token_index)
-        generated, pieces = [], []
+        generated, chunks = [], []
+        self.last_reasoning = ""
         try:
             for chunk in stream_generate(self.model, self.processor or self.tokenizer, ids[start:],
                                          prompt_cache=self.cache, history=ids[:start], **extra, **self.options):
                 generated.append(chunk.token)
-                pieces.append(chunk.text)
-                yield chunk.text
+                chunks.append(chunk)
+                self.last_reasoning += chunk.reasoning
+                yield chunk
         except MlxGemmaError:
             messages = None
             raise
@@ -104,20 +119,35 @@ class ChatSession:
             # (an interruption during the prefill leaves it partial: trust its offset).
             self.cached = (ids + generated)[: self.cache[0].offset]
             if messages is not None:
-                self.messages = messages + [{"role": "assistant", "content": "".join(pieces)}]
+                self.messages = messages + [_assistant(chunks)]
                 self.images += images
 
     def _prompt(self, messages, images):
         """(ids, the images' features): the conversation through the template (and the processor)."""
         if self.processor is None:
-            return prompt_ids(self.tokenizer, messages, self.system), None
-        text = apply_template(self.tokenizer, with_system(self.system, messages), tokenize=False)
+            return prompt_ids(self.tokenizer, messages, self.system, **self.template_args), None
+        text = apply_template(self.tokenizer, with_system(self.system, messages), tokenize=False,
+                              **self.template_args)
         return encode_prompt(self.model, self.processor, text, images)
 
 
-def repl(session: ChatSession, read=None, group=None) -> int:
+def _assistant(chunks) -> dict:
+    """A reply as the conversation keeps it: the answer, its thought as `reasoning` and its native calls as
+    tool_calls (the chat template writes both back as the model wrote them)."""
+    out = {"role": "assistant", "content": "".join(c.text for c in chunks)}
+    thought = "".join(c.reasoning for c in chunks)
+    calls = [call for c in chunks for call in c.calls]
+    if thought:
+        out["reasoning"] = thought
+    if calls:
+        out["tool_calls"] = [{"type": "function", "function": {"name": n, "arguments": a}} for n, a in calls]
+    return out
+
+
+def repl(session: ChatSession, read=None, group=None, hide_thinking: bool = False) -> int:
     """read: input (the default), or under mlx.launch shared_input (rank 0's line on every rank; group: the
-    ranks, which /image files reach too)."""
+    ranks, which /image files reach too). Thoughts are shown before the answer, dimmed on a terminal, unless
+    hide_thinking."""
     read = read or input
     images = session.processor is not None
     print("[mlxgemma chat] /reset starts over, /quit leaves, Ctrl-C stops a reply"
@@ -149,15 +179,18 @@ def repl(session: ChatSession, read=None, group=None) -> int:
             continue
         if not line.strip():
             continue
+        shown = Shown(sys.stdout, sys.stdout, hide_thinking)
         try:
             turn, pending = pending, []
-            for text in session.reply(line, turn):
-                print(text, end="", flush=True)
+            for chunk in session.stream(line, turn):
+                shown.write(chunk)
         except Terminated:
             raise
         except KeyboardInterrupt:
+            shown.close()
             print(" [stopped]", end="", file=sys.stderr)
         except MlxGemmaError as e:
+            shown.close()
             print(f"error: {e}", file=sys.stderr)
         print()
 
@@ -190,18 +223,20 @@ def _image_command(session: ChatSession, line: str, group=None):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mlxgemma.chat", description="Chat with a Gemma model.")
     add_generation_options(p, max_tokens=256)  # mlx_lm.chat's default
+    add_thinking_options(p, "shown before the answer")
     args = p.parse_args(argv)
     options = sampling_kwargs(args)
 
     def body() -> int:
         check_options(**options)  # before the model loads and the REPL starts
+        thinking = thinking_kwargs(args)
         group = launched(args)
         model, tokenizer = load_for_cli(args, sharded=True)
         if group is not None:  # mlx.launch: rank 0 reads, every rank hears it
             interrupt_ends_run()
         session = ChatSession(model, tokenizer, args.system, prompt_cache_file=args.prompt_cache_file,
-                              draft_model=load_draft(args), **options)
-        return repl(session, shared_input(group) if group is not None else None, group)
+                              draft_model=load_draft(args), **options, **thinking)
+        return repl(session, shared_input(group) if group is not None else None, group, args.hide_thinking)
 
     return run(body)
 

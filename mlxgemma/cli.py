@@ -51,6 +51,36 @@ def add_generation_options(p, max_tokens: int = 100) -> None:
     add_pipeline_option(p)
 
 
+def add_thinking_options(p, where: str) -> None:
+    """Gemma 4's thinking switch and budget, the chat template's arguments, and how thoughts are shown."""
+    p.add_argument("--think", dest="think", action="store_true", default=None,
+                   help="think before answering (Gemma 4: enable_thinking; default: the chat template's, off)")
+    p.add_argument("--no-think", dest="think", action="store_false", help="do not think before answering")
+    p.add_argument("--chat-template-args", default=None, metavar="JSON",
+                   help='JSON arguments for the chat template, e.g. \'{"enable_thinking": true}\'')
+    p.add_argument("--max-thinking-tokens", type=int, default=None, metavar="N",
+                   help="close a thought after N tokens and let the answer start (default: no bound)")
+    p.add_argument("--hide-thinking", action="store_true",
+                   help=f"do not show thoughts ({where}, dimmed on a terminal)")
+
+
+def thinking_kwargs(args) -> dict:
+    """stream_generate's think, chat_template_args and max_thinking_tokens, checked (before a model loads)."""
+    import json
+
+    template_args = None
+    if args.chat_template_args is not None:
+        try:
+            template_args = json.loads(args.chat_template_args)
+        except ValueError as e:
+            raise MlxGemmaError(f"--chat-template-args is not JSON: {e}") from None
+        if not isinstance(template_args, dict):
+            raise MlxGemmaError("--chat-template-args must be a JSON object")
+    if args.max_thinking_tokens is not None and args.max_thinking_tokens < 0:
+        raise MlxGemmaError(f"--max-thinking-tokens must be >= 0, got {args.max_thinking_tokens}")
+    return dict(think=args.think, chat_template_args=template_args, max_thinking_tokens=args.max_thinking_tokens)
+
+
 def unescape(text: str) -> str:
     """A command-line string with its backslash escapes made real (--stop "\\n\\n" is two newlines, as a user
     typing it means); text that is not a valid escape sequence stays as typed."""

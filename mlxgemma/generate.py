@@ -1,10 +1,10 @@
-"""Generation: the Python API (generate, stream_generate) and `python -m mlxgemma.generate`.
+"""Generation: the Python API (generate, generate_reply, stream_generate) and `python -m mlxgemma.generate`.
 
 stream_generate prepares a request (decode/prompt.py: text, token ids or chat messages through the
 tokenizer's chat template; T5Gemma 2's encoder; Gemma 3's images), prefills it, and decodes it as a batch of
 one on the decode core (decode/decoder.py: the same loop the server batches on, speculation included), its
-text through decode/stream.py (stop strings never yielded, not even in part). With no --model it runs the
-embedded default model.
+text through decode/stream.py (stop strings never yielded, not even in part) and reply.py (Gemma 4's thoughts
+apart from the answer). With no --model it runs the embedded default model.
 
     python -m mlxgemma.generate --prompt "The capital of France is" --max-tokens 32
 """
@@ -12,14 +12,14 @@ embedded default model.
 import argparse
 import sys
 import time
-from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Iterator, List, Optional, Sequence
 
 import mlx.core as mx
 
 from .checkpoints.cache_file import load as load_cache_file
-from .cli import (PrefillProgress, add_generation_options, add_structured_options, load_draft, load_for_cli, run,
-                  sampling_kwargs, structured_kwargs, unescape)
+from .cli import (PrefillProgress, add_generation_options, add_structured_options, add_thinking_options, load_draft,
+                  load_for_cli, run, sampling_kwargs, structured_kwargs, thinking_kwargs, unescape)
 from .decode import constrained
 from .decode.decoder import Decoder, Row, fill, forward
 from .decode.prompt import (Prompt, check_prompt, context_of, encode_request, image_request, prompt_ids,
@@ -30,13 +30,17 @@ from .decode.stream import TextStream
 from .errors import MlxGemmaError
 from .models import has_vision, is_encoder_decoder
 from .models.quantized_cache import check_kv_options, quantize_cache
+from .reply import Call, Reader, Reply, Shown, budgeted, reply_of, template_args
 
-__all__ = ["Chunk", "generate", "stream_generate", "prompt_ids", "prompt_text", "check_options"]
+__all__ = ["Chunk", "Reply", "generate", "generate_reply", "stream_generate", "prompt_ids", "prompt_text",
+           "check_options"]
 
 
 @dataclass
 class Chunk:
-    """One step of a stream: new text (possibly empty), the token, its log-probability, why it ended."""
+    """One step of a stream: new text (possibly empty), the token, its log-probability, why it ended. With
+    Gemma 4's thought channel `text` is answer text only: the step's thought text is in `reasoning` (kept when
+    thinking is on) and a native tool call, once whole, in `calls` as (name, arguments)."""
 
     text: str
     token: int
@@ -49,6 +53,8 @@ class Chunk:
     peak_memory: float = 0.0  # GB
     draft_tokens: int = 0  # speculative decoding: tokens proposed so far, and accepted of them
     accepted_tokens: int = 0
+    reasoning: str = ""
+    calls: List[Call] = field(default_factory=list)
 
 
 def check_options(*, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, max_kv_size, seed=None,
@@ -81,7 +87,9 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, max_tokens: int = 256, 
                     prompt_lookup_ngram: Optional[int] = None, history: Sequence[int] = (),
                     kv_bits: Optional[int] = None, kv_group_size: int = 64,
                     quantized_kv_start: int = 5000, json_schema=None, regex: Optional[str] = None,
-                    grammar: Optional[str] = None, choices: Optional[Sequence[str]] = None) -> Iterator[Chunk]:
+                    grammar: Optional[str] = None, choices: Optional[Sequence[str]] = None,
+                    think: Optional[bool] = None, chat_template_args: Optional[dict] = None,
+                    max_thinking_tokens: Optional[int] = None) -> Iterator[Chunk]:
     """Yield Chunks as tokens are produced. Stops at any eos id of the checkpoint (config.json and
     generation_config.json, e.g. Gemma's <end_of_turn>), at a stop string (never yielded, not even in
     part), or after max_tokens. A seed makes sampling reproducible: the same seed gives the same tokens here,
@@ -103,7 +111,12 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, max_tokens: int = 256, 
     Structured output (mlxgemma[structured]; decode/constrained.py): json_schema (a dict, its JSON text or a
     pydantic model class), regex, grammar (Lark or GBNF) or choices (a list of strings), one at a time, keep
     every token inside the constraint, for greedy and every sampler; a finished output ("stop") is complete,
-    one cut by max_tokens ("length") may not be."""
+    one cut by max_tokens ("length") may not be.
+
+    Thinking (Gemma 4): chat_template_args go to the chat template, then think (True/False; None: the
+    template's default, off for Gemma 4) sets its enable_thinking. A prompt of token ids was rendered already:
+    they then only say whether thoughts are kept. max_thinking_tokens closes a thought after that many tokens
+    (counted from <|channel>, its label included; the answer goes on after it). Stop strings apply to the text as the model writes it, thoughts included."""
     sampling = check_options(max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
                              repetition_penalty=repetition_penalty, max_kv_size=max_kv_size, seed=seed,
                              prefill_step_size=prefill_step_size, num_draft_tokens=num_draft_tokens,
@@ -115,11 +128,14 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, max_tokens: int = 256, 
     text_tokenizer = tokenizer.tokenizer if has_vision(model) or is_encoder_decoder(model) else tokenizer
     constraint = constrained.constraint_for(model, text_tokenizer, json_schema=json_schema, regex=regex,
                                             grammar=grammar, choices=choices)
+    args = template_args(text_tokenizer, think, chat_template_args, max_thinking_tokens)
     request = _prepare(model, tokenizer, prompt, system, chat_template, image, prompt_cache, max_kv_size,
-                       prefill_step_size, prompt_progress_callback, image_features, pan_and_scan, history)
+                       prefill_step_size, prompt_progress_callback, image_features, pan_and_scan, history, args)
     ids, cache, stats, history, sources = request
-    proposer, draft_cache = _proposer(model, tokenizer, (prompt, image, system), draft_model, prompt_lookup_ngram,
-                                      history + ids, max_kv_size, prefill_step_size)
+    seen = list(history) + list(ids)  # (the prompt's end: does it open a thought?)
+    constraint = budgeted(constraint, text_tokenizer, max_thinking_tokens, constrained.logits_width(model), seen)
+    proposer, draft_cache = _proposer(model, tokenizer, (prompt, image, system, args), draft_model,
+                                      prompt_lookup_ngram, history + ids, max_kv_size, prefill_step_size)
     decoder = Decoder(model, proposer, num_draft_tokens, kv=kv)
     tic = time.perf_counter()
     _fill(model, cache, ids[:-1], prefill_step_size, prompt_progress_callback, kv)
@@ -131,26 +147,28 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, max_tokens: int = 256, 
     emitted = [decoder.start(row, logits)]
     stats.setdefault("prompt_tokens", len(ids))
     stats.setdefault("prompt_tps", len(ids) / max(time.perf_counter() - tic, 1e-9))
-    yield from _stream(decoder, row, stream, cache, draft_cache, emitted, stats)
+    reader = Reader(text_tokenizer, seen, args)
+    yield from _stream(decoder, row, stream, reader, cache, draft_cache, emitted, stats)
 
 
 def _prepare(model, tokenizer, prompt, system, chat_template, image, prompt_cache, max_kv_size, step, progress,
-             image_features, pan_and_scan, history):
+             image_features, pan_and_scan, history, template_args):
     """(ids still to feed, the cache, prompt stats, what the cache holds already, lookup sources)."""
     if pan_and_scan and not has_vision(model):
         raise MlxGemmaError(f"pan-and-scan crops images for Gemma 3; {type(model).__name__} does not take them so")
     if is_encoder_decoder(model):
         if prompt_cache is not None:
             raise MlxGemmaError("prompt_cache is for decoder-only models; T5Gemma 2 encodes each request afresh")
-        encoder_ids, _, ids, cache, stats = encode_request(model, tokenizer, prompt, image, system, max_kv_size)
+        encoder_ids, _, ids, cache, stats = encode_request(model, tokenizer, prompt, image, system, max_kv_size,
+                                                           template_args)
         return ids, cache, stats, list(history), (encoder_ids,)
     if has_vision(model):
         _, ids, stats = image_request(model, tokenizer, prompt, image, system, chat_template, prompt_cache, step,
-                                      progress, image_features, pan_and_scan)
+                                      progress, image_features, pan_and_scan, template_args)
         return ids, stats.pop("cache"), stats, list(history) + stats.pop("history"), ()
     if image is not None:
         raise MlxGemmaError(f"{type(model).__name__} is a text-only model: it takes no image")
-    ids = prompt_ids(tokenizer, prompt, system, chat_template)
+    ids = prompt_ids(tokenizer, prompt, system, chat_template, **template_args)
     check_prompt(model, ids, prompt_cache[0].offset if prompt_cache else 0)
     cache = prompt_cache if prompt_cache is not None else model.make_cache(max_kv_size=max_kv_size)
     return ids, cache, {}, list(history), ()
@@ -165,8 +183,9 @@ def _proposer(model, tokenizer, request, draft_model, ngram, seq, max_kv_size, s
         raise MlxGemmaError("a draft model cannot see images: use --prompt-lookup-ngram with image prompts")
     draft = DraftModel(draft_model)
     if is_encoder_decoder(draft_model):
-        prompt, image, system = request
-        _, _, ids, cache, _ = encode_request(draft_model, tokenizer, prompt, image, system, max_kv_size)
+        prompt, image, system, template_args = request
+        _, _, ids, cache, _ = encode_request(draft_model, tokenizer, prompt, image, system, max_kv_size,
+                                             template_args)
         return draft, draft.prepare(ids, cache=cache)
     return draft, draft.prepare(seq, max_kv_size, step)
 
@@ -187,17 +206,20 @@ def _fill(model, cache, ids, step, progress, kv) -> None:
         progress(total, total)
 
 
-def _stream(decoder: Decoder, row: Row, stream: TextStream, cache, draft_cache, emitted, stats) -> Iterator[Chunk]:
-    """The decoder's tokens as Chunks until the stream finishes. Afterwards the cache holds what was fed of
-    the yielded tokens and nothing past them (a check may have accepted tokens after a finish)."""
+def _stream(decoder: Decoder, row: Row, stream: TextStream, reader: Reader, cache, draft_cache, emitted,
+            stats) -> Iterator[Chunk]:
+    """The decoder's tokens as Chunks until the stream finishes, their text read apart by reader. Afterwards
+    the cache holds what was fed of the yielded tokens and nothing past them (a check may have accepted tokens
+    after a finish)."""
     decoder.add(row, cache, draft_cache)
     tic, n, yielded = time.perf_counter(), 0, row.prompt
     try:
         while True:
             for e in emitted:
                 text, finish = stream.add(e.token)
+                text, thought, calls = reader.read(text, finish)
                 n, yielded = n + 1, yielded + 1
-                yield Chunk(text, e.token, e.logprob, finish, generation_tokens=n,
+                yield Chunk(text, e.token, e.logprob, finish, reasoning=thought, calls=calls, generation_tokens=n,
                             generation_tps=n / max(time.perf_counter() - tic, 1e-9),
                             peak_memory=mx.get_peak_memory() / 1e9, draft_tokens=row.proposed,
                             accepted_tokens=row.accepted, **stats)
@@ -212,9 +234,16 @@ def _stream(decoder: Decoder, row: Row, stream: TextStream, cache, draft_cache, 
             c.unmark()
 
 
+def generate_reply(model, tokenizer, prompt: Prompt, **options) -> Reply:
+    """The whole generation read apart (options as for stream_generate): the answer, the thought (Gemma 4
+    with thinking on), the finish reason and the native tool calls made."""
+    return reply_of(stream_generate(model, tokenizer, prompt, **options))
+
+
 def generate(model, tokenizer, prompt: Prompt, *, parse: bool = False, **options):
-    """The whole completion as one string (options as for stream_generate). parse=True with json_schema=
-    returns it parsed (a pydantic model instance for a pydantic schema), and one cut by max_tokens is an error."""
+    """The whole answer as one string (options as for stream_generate; Gemma 4's thoughts are left out:
+    generate_reply has them). parse=True with json_schema= returns it parsed (a pydantic model instance for a
+    pydantic schema), and one cut by max_tokens is an error."""
     text, last = "", None
     for last in stream_generate(model, tokenizer, prompt, **options):
         text += last.text
@@ -264,6 +293,7 @@ def configure_parser() -> argparse.ArgumentParser:
     p.add_argument("--pan-and-scan", action="store_true", default=None,
                    help="also show Gemma 3 crops of a wide or tall image (the processor's pan-and-scan)")
     add_structured_options(p)
+    add_thinking_options(p, "thoughts go to standard error")
     return p
 
 
@@ -303,7 +333,7 @@ def main(argv=None) -> int:
     options = sampling_kwargs(args)
 
     def body() -> int:
-        prompt, structured = read_prompt(args.prompt), structured_kwargs(args)
+        prompt, structured, thinking = read_prompt(args.prompt), structured_kwargs(args), thinking_kwargs(args)
         if not prompt.strip() and not args.image and not args.prompt_cache_file:  # before the model loads
             raise MlxGemmaError("the prompt is empty: give some text")
         constrained.grammar_of(**structured)  # a bad constraint fails before the model loads
@@ -313,14 +343,17 @@ def main(argv=None) -> int:
         cached = continuation(model, tokenizer, prompt, args.prompt_cache_file, args.image, args.max_kv_size) \
             if args.prompt_cache_file else {}
         prompt, image = cached.pop("prompt", prompt), cached.pop("image", args.image)
-        last = None
-        for last in stream_generate(model, tokenizer, prompt, **options, **cached, **structured, draft_model=draft,
-                                    stop=[unescape(s) for s in args.stop], system=args.system,
-                                    chat_template=not args.ignore_chat_template,
-                                    prefill_step_size=args.prefill_step_size, image=image,
-                                    **({"pan_and_scan": True} if args.pan_and_scan else {}),
-                                    prompt_progress_callback=PrefillProgress(args.prefill_step_size)):
-            print(last.text, end="", flush=True)
+        last, shown = None, Shown(hide=args.hide_thinking)
+        try:
+            for last in stream_generate(model, tokenizer, prompt, **options, **cached, **structured, **thinking,
+                                        draft_model=draft, stop=[unescape(s) for s in args.stop],
+                                        system=args.system, chat_template=not args.ignore_chat_template,
+                                        prefill_step_size=args.prefill_step_size, image=image,
+                                        **({"pan_and_scan": True} if args.pan_and_scan else {}),
+                                        prompt_progress_callback=PrefillProgress(args.prefill_step_size)):
+                shown.write(last)
+        finally:
+            shown.close()  # (a terminal left dim by Ctrl-C in a thought would stay so)
         print()
         if last is not None:
             print(summary(last), file=sys.stderr)

@@ -20,15 +20,18 @@ def context_of(model) -> Optional[int]:
     return getattr(decoder if decoder is not None else config, "max_position_embeddings", None)
 
 
-def prompt_ids(tokenizer, prompt: Prompt, system: Optional[str] = None, chat_template: bool = True) -> List[int]:
+def prompt_ids(tokenizer, prompt: Prompt, system: Optional[str] = None, chat_template: bool = True,
+               **template_args) -> List[int]:
     """Token ids for a prompt: text (wrapped in the chat template when the tokenizer has one and
-    chat_template is True), chat messages [{"role", "content"}], or token ids as they are."""
+    chat_template is True), chat messages [{"role", "content"}], or token ids as they are. template_args go to
+    the chat template (enable_thinking, ...)."""
     if isinstance(prompt, str):
         check_text(prompt, "the prompt")
         if not prompt.strip():
             raise MlxGemmaError("the prompt is empty: give some text")
         if chat_template and getattr(tokenizer, "chat_template", None):
-            return apply_template(tokenizer, with_system(system, [{"role": "user", "content": prompt}]))
+            return apply_template(tokenizer, with_system(system, [{"role": "user", "content": prompt}]),
+                                  **template_args)
         return list(tokenizer.encode(raw_text(system, prompt)))
     prompt = list(prompt)
     if not prompt:
@@ -37,7 +40,7 @@ def prompt_ids(tokenizer, prompt: Prompt, system: Optional[str] = None, chat_tem
         for m in prompt:
             if isinstance(m.get("content"), str):
                 check_text(m["content"], "a message")
-        return apply_template(tokenizer, with_system(system, prompt))
+        return apply_template(tokenizer, with_system(system, prompt), **template_args)
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         raise MlxGemmaError("a prompt is text, a list of token ids or a list of chat messages")
     return prompt
@@ -61,17 +64,15 @@ def raw_text(system: Optional[str], prompt: str) -> str:
 
 
 def apply_template(tokenizer, messages, tokenize: bool = True, **template_args):
-    """The chat template on messages, with the generation prompt; template_args go to the template."""
+    """The chat template on messages, with the generation prompt; template_args go to the template, and what
+    they leave out is the template's own default (as transformers renders it)."""
     if not getattr(tokenizer, "chat_template", None):
         raise MlxGemmaError("chat messages need a tokenizer with a chat template; this one has none (a base model, which "
                             "continues text): give the text to continue as the prompt, or load an instruction-tuned "
                             "checkpoint")
-    # transformers' own render: mlx-lm's TokenizerWrapper would switch enable_thinking on for templates that take
-    # it (Gemma 4's default is off), so the Hugging Face tokenizer inside it renders here.
-    hf = getattr(tokenizer, "_tokenizer", tokenizer)
     try:
-        ids = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=tokenize,
-                                     **({"return_dict": False} if tokenize else {}), **template_args)
+        ids = _renderer(tokenizer).apply_chat_template(messages, add_generation_prompt=True, tokenize=tokenize,
+                                                       return_dict=False, **template_args)
     except Exception as e:  # jinja raises its own errors (e.g. roles out of order)
         raise MlxGemmaError(f"the chat template rejected the messages: {str(e).splitlines()[0]}") from None
     if not tokenize:
@@ -79,7 +80,18 @@ def apply_template(tokenizer, messages, tokenize: bool = True, **template_args):
     return list(ids["input_ids"] if isinstance(ids, dict) else ids)
 
 
-def prompt_text(tokenizer, prompt, system, chat_template: bool) -> str:
+def _renderer(tokenizer):
+    """The Hugging Face tokenizer inside mlx-lm's TokenizerWrapper: the wrapper sets enable_thinking, when a
+    caller does not, to whether the vocabulary has thinking tokens (on for Gemma 4, whose template's default is
+    off). A wrapper with a renderer of its own (chat_template=) keeps it."""
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+    if not isinstance(tokenizer, TokenizerWrapper) or tokenizer._chat_template is not None:
+        return tokenizer
+    return tokenizer._tokenizer
+
+
+def prompt_text(tokenizer, prompt, system, chat_template: bool, **template_args) -> str:
     """The prompt as text: through the chat template (when it has one and chat_template) or as written."""
     if isinstance(prompt, str):
         check_text(prompt, "the prompt")
@@ -88,7 +100,7 @@ def prompt_text(tokenizer, prompt, system, chat_template: bool) -> str:
         if not (chat_template and getattr(tokenizer, "chat_template", None)):
             return raw_text(system, prompt)
         prompt = [{"role": "user", "content": prompt}]
-    return apply_template(tokenizer, with_system(system, prompt), tokenize=False)
+    return apply_template(tokenizer, with_system(system, prompt), tokenize=False, **template_args)
 
 
 def check_prompt(model, ids: List[int], seen: int = 0) -> None:
@@ -104,7 +116,7 @@ def check_ids(ids, context, vocab, seen: int = 0) -> None:
         raise MlxGemmaError(f"token id {min(ids) if min(ids) < 0 else max(ids)} is outside the vocabulary (0..{vocab - 1})")
 
 
-def encode_request(model, processor, prompt, image, system, max_kv_size):
+def encode_request(model, processor, prompt, image, system, max_kv_size, template_args: Optional[dict] = None):
     """(the encoder's ids, the text tokenizer, the decoder's first ids, its cache, the encoder's stats): the
     encoder inputs from text (+ images), the encoder run once (timed)."""
     images = processor.images_per_prompt(image, 1)[0]  # one image or a list; an empty list is refused
@@ -114,7 +126,8 @@ def encode_request(model, processor, prompt, image, system, max_kv_size):
                 raise MlxGemmaError("the prompt is empty: give some text or an image")
             text = raw_text(system, prompt)
         else:
-            text = apply_template(processor.tokenizer, with_system(system, prompt), tokenize=False)
+            text = apply_template(processor.tokenizer, with_system(system, prompt), tokenize=False,
+                                  **(template_args or {}))
         if images and processor.boi_token not in text:
             text = processor.boi_token * len(images) + text  # one placeholder per image, in front
         inputs = processor(text, images or None)
@@ -136,7 +149,7 @@ def encode_request(model, processor, prompt, image, system, max_kv_size):
 
 
 def image_request(model, processor, prompt, image, system, chat_template, prompt_cache, step, progress,
-                   features, pan_and_scan):
+                  features, pan_and_scan, template_args: Optional[dict] = None):
     """Gemma 3 with images: the prompt expanded, every token but the last prefilled here (image blocks kept
     whole, which fixed chunks would not), the last one left to the decoding loop."""
     from ..media.images import encode_prompt, prefill
@@ -146,7 +159,7 @@ def image_request(model, processor, prompt, image, system, chat_template, prompt
     if isinstance(prompt, str) or (prompt and all(isinstance(m, dict) for m in prompt)):
         if images and isinstance(prompt, str) and processor.boi_token not in prompt:
             prompt = processor.boi_token * len(images) + prompt  # one placeholder per image, in front
-        text = prompt_text(processor.tokenizer, prompt, system, chat_template)
+        text = prompt_text(processor.tokenizer, prompt, system, chat_template, **(template_args or {}))
         ids, features = encode_prompt(model, processor, text, images, **options)
     elif prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         ids = list(prompt)  # expanded already; images as pixels or as features
