@@ -119,9 +119,9 @@ def test_budget_closes_the_thought_after_n_tokens(g4_model):
     free = [c.token for c in mlxgemma.stream_generate(model, tokenizer, "hi", think=True, grammar=OPENED,
                                                        max_tokens=40)]
     assert free[0] == OPEN and CLOSE not in free  # unbounded, this model thinks on to max_tokens
-    n = LABEL_TOKENS + 4
+    n = LABEL_TOKENS + 4  # the channel's name ("thought\n") is not thought: the budget counts after it
     chunks = list(mlxgemma.stream_generate(model, tokenizer, "hi", think=True, grammar=OPENED, max_tokens=40,
-                                           max_thinking_tokens=n))
+                                           max_thinking_tokens=4))
     tokens = [c.token for c in chunks]
     assert tokens[:n + 1] == free[:n + 1] and tokens[n + 1] == CLOSE  # n tokens of thought, then the close
     assert len(tokens) == 40 and "".join(c.text for c in chunks)  # the answer goes on after it
@@ -161,9 +161,9 @@ def test_generate_cli_thoughts_on_stderr(g4_path, capsys, monkeypatch):
 def test_generate_cli_budget(g4_path, g4_model, capsys):
     model, tokenizer = g4_model
     reply = mlxgemma.generate_reply(model, tokenizer, "hi", think=True, grammar=OPENED, max_tokens=20,
-                                    max_thinking_tokens=10)
+                                    max_thinking_tokens=2)
     assert generate_module.main(["--model", str(g4_path), "--prompt", "hi", "--max-tokens", "20", "--think",
-                                 "--grammar", OPENED, "--max-thinking-tokens", "10"]) == 0
+                                 "--grammar", OPENED, "--max-thinking-tokens", "2"]) == 0
     out, err = capsys.readouterr()
     assert out == reply.text + "\n" and err.startswith(reply.reasoning + "\n") and reply.text
 
