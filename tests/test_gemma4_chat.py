@@ -363,3 +363,61 @@ def test_thinking_budget_wraps_the_constraint(served):
     assert allowed == [g4.CHANNEL_CLOSE]  # two tokens of thought ("ab") after the label: only the close now
     budget.consume(g4.CHANNEL_CLOSE)
     assert budget.allows(engine.tokenizer.encode("x", add_special_tokens=False)[0], budget.mask())
+
+
+# The real clients
+
+
+def test_openai_client(served, forced):
+    from openai import OpenAI
+
+    log = forced(THOUGHT_AND_CALL)
+    client = OpenAI(base_url=served.url + "/v1", api_key="none")
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    reply = client.chat.completions.create(model="g4", messages=messages, tools=[WEATHER], max_tokens=300,
+                                           extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.model_extra["reasoning_content"] == 'The user wants "weather".\nSo: call.'
+    call = choice.message.tool_calls[0]
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": 'Paris, "FR"', "days": 3})
+    # The call goes back with its result; the next prompt is transformers' render of the same conversation.
+    forced("known\n<channel|>It is sunny.", end=g4.TURN_END)  # (thinking on: the prompt opened the thought)
+    seen = []
+    original = served.engine.request
+    served.engine.request = lambda prompt, **kw: (seen.append(prompt.ids), original(prompt, **kw))[1]
+    try:
+        history = messages + [choice.message.model_dump(exclude_none=True),
+                               {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
+        stream = client.chat.completions.create(model="g4", messages=history, tools=[WEATHER], stream=True,
+                                                max_tokens=300, reasoning_effort="medium")
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    finally:
+        del served.engine.request
+    assert text == "It is sunny."
+    reference = [messages[0], {"role": "assistant", "content": "Let me check. ", "reasoning": choice.message.model_extra[
+        "reasoning"], "tool_calls": [{"id": call.id, "type": "function", "function": {
+            "name": "get_weather", "arguments": {"city": 'Paris, "FR"', "days": 3}}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
+    assert served.engine.tokenizer.decode(seen[0]) == g4.hf_render(reference, [WEATHER], enable_thinking=True)
+    assert not any(f.refused for f in log)
+
+
+def test_ollama_client(served, forced):
+    import ollama
+
+    forced(THOUGHT_AND_CALL)
+    client = ollama.Client(host=served.url)
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    reply = client.chat(model="g4", messages=messages, tools=[WEATHER], think=True, options={"num_predict": 300})
+    assert reply.message.thinking == 'The user wants "weather".\nSo: call.'
+    assert reply.message.content == "Let me check. "
+    call = reply.message.tool_calls[0].function
+    assert (call.name, dict(call.arguments)) == ("get_weather", {"city": 'Paris, "FR"', "days": 3})
+    forced("Sunny.", end=g4.TURN_END)
+    history = messages + [{"role": "assistant", "content": reply.message.content, "thinking": reply.message.thinking,
+                           "tool_calls": [{"function": {"name": call.name, "arguments": dict(call.arguments)}}]},
+                          {"role": "tool", "content": "sunny", "tool_name": "get_weather"}]
+    parts = list(client.chat(model="g4", messages=history, tools=[WEATHER], stream=True, think=False,
+                             options={"num_predict": 50}))
+    assert "".join(p.message.content for p in parts) == "Sunny." and parts[-1].done_reason == "stop"
