@@ -12,13 +12,12 @@ import json
 import uuid
 from typing import Any, Dict, List, Literal, Optional, Union
 
-from pydantic import Field, field_validator
 from starlette.responses import JSONResponse, StreamingResponse
 
 from .answer import Turn, answers
 from .engine import Engine
 from .openai_api import require_chat_template
-from .schemas import MAX_STOPS, Message, RequestError, _Body, parse
+from .schemas import CountRequest, Message, MessagesRequest, RequestError, _Body, parse
 from .tools import parse_tools
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -28,46 +27,6 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
 def error_body(e: RequestError) -> dict:
     kind = ERROR_TYPES.get(e.status, "invalid_request_error" if e.status < 500 else "api_error")
     return {"type": "error", "error": {"type": kind, "message": e.message}}
-
-
-class Thinking(_Body):
-    type: Literal["enabled", "disabled", "adaptive"]
-    budget_tokens: Optional[int] = Field(None, ge=0)
-
-
-class MessageParam(_Body):
-    role: Literal["user", "assistant"]
-    content: Union[str, List[Dict[str, Any]]]
-
-
-class CountRequest(_Body):
-    """What count_tokens reads: everything that goes into the prompt."""
-
-    model: Optional[str] = None
-    system: Union[str, List[Dict[str, Any]], None] = None
-    messages: List[MessageParam] = Field(min_length=1)
-    tools: Optional[List[Any]] = None
-    tool_choice: Optional[Dict[str, Any]] = None
-    thinking: Optional[Thinking] = None
-
-    @property
-    def think(self) -> Optional[bool]:
-        return None if self.thinking is None else self.thinking.type != "disabled"
-
-
-class MessagesRequest(CountRequest):
-    max_tokens: int = Field(gt=0)
-    stop_sequences: Optional[List[str]] = Field(None, max_length=MAX_STOPS)
-    temperature: Optional[float] = Field(None, ge=0, le=1)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    top_k: Optional[int] = Field(None, ge=0)
-    stream: bool = False
-    metadata: Optional[Dict[str, Any]] = None
-
-    @field_validator("stop_sequences")
-    @classmethod
-    def _stops(cls, v):
-        return [s for s in v or [] if s]
 
 
 # Blocks

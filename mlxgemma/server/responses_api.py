@@ -16,69 +16,16 @@ from collections import OrderedDict
 from itertools import count
 from typing import Any, Dict, List, Literal, Optional, Union
 
-from pydantic import Field
 from starlette.responses import JSONResponse, StreamingResponse
 
 from .answer import Turn, answers
 from .engine import Engine
 from .openai_api import require_chat_template
-from ..decode.constrained import ANY_JSON_OBJECT
-from .schemas import Message, RequestError, _Body, parse
+from .schemas import Message, RequestError, ResponsesRequest, _Body, parse
 from .tools import parse_tools
 
 STORED = 256
 ITEM_TYPES = "message, function_call, function_call_output or reasoning"
-
-
-class Reasoning(_Body):
-    effort: Optional[Literal["none", "minimal", "low", "medium", "high", "xhigh"]] = None
-    summary: Optional[str] = None
-
-
-class TextFormat(_Body):
-    type: Literal["text", "json_object", "json_schema"] = "text"
-    name: Optional[str] = None
-    schema_: Optional[Dict[str, Any]] = Field(None, alias="schema")
-    strict: Optional[bool] = None
-
-
-class TextConfig(_Body):
-    format: Optional[TextFormat] = None
-
-
-class ResponsesRequest(_Body):
-    model: Optional[str] = None
-    input: Union[str, List[Any]]
-    instructions: Optional[str] = None
-    tools: Optional[List[Any]] = None
-    tool_choice: Any = None
-    parallel_tool_calls: Optional[bool] = None
-    max_output_tokens: Optional[int] = Field(None, gt=0)
-    temperature: Optional[float] = Field(None, ge=0, le=2)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    stream: bool = False
-    reasoning: Optional[Reasoning] = None
-    text: Optional[TextConfig] = None
-    previous_response_id: Optional[str] = None
-    store: bool = True
-    metadata: Optional[Dict[str, Any]] = None
-
-    @property
-    def think(self) -> Optional[bool]:
-        """effort "none" turns thinking off, any other effort on (Gemma 4 has no levels); none: the server's."""
-        effort = self.reasoning.effort if self.reasoning is not None else None
-        return None if effort is None else effort != "none"
-
-    @property
-    def json_schema(self) -> Optional[dict]:
-        fmt = self.text.format if self.text is not None else None
-        if fmt is None or fmt.type == "text":
-            return None
-        if fmt.type == "json_object":
-            return ANY_JSON_OBJECT
-        if not isinstance(fmt.schema_, dict):
-            raise RequestError('text.format of type "json_schema" needs a schema object', param="text.format")
-        return fmt.schema_
 
 
 # Input items
@@ -263,10 +210,10 @@ class Responses:
     def __init__(self, size: int = STORED):
         self.size, self.stored = size, OrderedDict()
 
-    def _get(self, response_id: str):
+    def _get(self, response_id: str, param: Optional[str] = None):
         if response_id not in self.stored:
             raise RequestError(f"no stored response {response_id!r} (this server keeps the last {self.size}, in "
-                               "memory)", status=404, param="previous_response_id")
+                               "memory)", status=404, param=param)
         self.stored.move_to_end(response_id)
         return self.stored[response_id]
 
@@ -287,8 +234,10 @@ class Responses:
         req = parse(ResponsesRequest, body)
         require_chat_template(engine, "/v1/completions")
         items = [{"role": "user", "content": req.input}] if isinstance(req.input, str) else list(req.input)
-        history = self._get(req.previous_response_id)[1] if req.previous_response_id else []
+        history = self._get(req.previous_response_id, "previous_response_id")[1] if req.previous_response_id else []
         messages = to_messages(history + items, first=len(history))
+        if not messages:
+            raise RequestError("input has no message: give at least one", param="input")
         if req.instructions:  # (a previous response's instructions are not carried over, as OpenAI does)
             messages.insert(0, Message(role="system", content=req.instructions))
         tools = parse_tools(_tools(req.tools), _tool_choice(req.tool_choice), req.parallel_tool_calls,
