@@ -12,6 +12,7 @@ import openai
 import pytest
 
 import gemma4_chat_util as g4
+from mlxgemma.server.responses_api import Responses
 from server_util import chat_checkpoint, serve
 
 KEY = "sekrit"
@@ -280,6 +281,17 @@ def test_count_tokens_is_the_prompt_s_length(gemma4, script, prompts):
                                                                                    add_special_tokens=False))
 
 
+def test_the_store_keeps_the_last_used_within_its_bounds():
+    store = Responses(size=2, limit=10**6)
+    for i in range(3):
+        store._store({"id": f"resp_{i}"}, [USER])
+        if i == 1:
+            store._get("resp_0")  # used: kept over resp_1
+    assert list(store.stored) == ["resp_0", "resp_2"]
+    store._store({"id": "resp_big"}, [{"role": "user", "content": "x" * 10**6}])
+    assert list(store.stored) == ["resp_big"] and store.bytes == store.stored["resp_big"][2]
+
+
 # Keys and bad input
 
 
@@ -315,6 +327,8 @@ BAD = [  # (name, server, path, body, status, words)
         {"type": "input_image", "image_url": "data:image/png;base64," + PNG}]}]}, 400, "text-only"),
     ("a hosted tool", "gemma4", "/v1/responses", {"input": "hi", "tools": [{"type": "web_search"}]}, 400,
      "function tools"),
+    ("a hosted tool_choice", "gemma4", "/v1/responses", {"input": "hi", "tools": TOOLS, "tool_choice": {
+        "type": "web_search"}}, 400, "tool_choice"),
     ("unknown previous response", "gemma4", "/v1/responses", {"input": "hi", "previous_response_id": "resp_x"},
      404, "resp_x"),
     ("thinking without a switch", "gemma3", "/v1/responses", {"input": "t5", "reasoning": {"effort": "high"}},
@@ -331,6 +345,10 @@ BAD = [  # (name, server, path, body, status, words)
      {"max_tokens": 5, "messages": [USER, {"role": "assistant", "content": "Sure"}]}, 400, "prefill"),
     ("thinking without a switch", "gemma3", "/v1/messages",
      dict(blocks({"type": "text", "text": "t5"}), thinking={"type": "enabled", "budget_tokens": 8}), 400, "thinking"),
+    ("a tool_use in a tool_result", "gemma4", "/v1/messages", {"max_tokens": 5, "messages": [
+        USER, {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": [
+            {"type": "tool_use", "id": "toolu_2", "name": "f", "input": {}}]}]}]}, 400, "tool_result content"),
     ("bad role", "gemma4", "/v1/messages/count_tokens", {"messages": [{"role": "tool", "content": "x"}]}, 400, "role"),
     ("a server tool", "gemma4", "/v1/messages/count_tokens", {"messages": [USER], "tools": [
         {"type": "web_search_20250305", "name": "web_search"}]}, 400, "client tools"),

@@ -73,14 +73,16 @@ class RedactedThinkingBlock(_Body):
 
 BLOCKS = {"user": {"text": TextBlock, "image": ImageBlock, "tool_result": ToolResultBlock},
           "assistant": {"text": TextBlock, "tool_use": ToolUseBlock, "thinking": ThinkingBlock,
-                        "redacted_thinking": RedactedThinkingBlock}}
+                        "redacted_thinking": RedactedThinkingBlock},
+          "tool_result": {"text": TextBlock, "image": ImageBlock}}
 
 
-def _block(raw, role: str, where: str):
-    kinds = BLOCKS[role]
+def _block(raw, within: str, where: str):
+    """A block of a user or assistant message, or of a tool_result's content."""
+    kinds = BLOCKS[within]
     kind = raw.get("type") if isinstance(raw, dict) else None
     if kind not in kinds:
-        raise RequestError(f"{where}: a {role} message takes blocks of type {', '.join(kinds)}, not {kind!r}")
+        raise RequestError(f"{where}: {within} content takes blocks of type {', '.join(kinds)}, not {kind!r}")
     try:
         return parse(kinds[kind], raw)
     except RequestError as e:
@@ -132,7 +134,7 @@ def _user(content, where: str, calls: set) -> List[Message]:
             continue
         if b.tool_use_id not in calls:
             raise RequestError(f"{at}: tool_result tool_use_id {b.tool_use_id!r} answers no earlier tool_use")
-        result = [_part(_block(r, "user", f"{at}.content[{k}]"), f"{at}.content[{k}]")
+        result = [_part(_block(r, "tool_result", f"{at}.content[{k}]"), f"{at}.content[{k}]")
                   for k, r in enumerate(_blocks(b.content or ""))]
         if b.is_error:  # (the chat template has no error flag: the model reads it in the text)
             result.insert(0, {"type": "text", "text": "Error: "})

@@ -24,7 +24,7 @@ from .openai_api import require_chat_template
 from .schemas import Message, RequestError, ResponsesRequest, _Body, parse
 from .tools import parse_tools
 
-STORED = 256
+STORED, STORED_BYTES = 256, 256 * 1024 * 1024  # (a conversation may hold images: a bound in bytes too)
 ITEM_TYPES = "message, function_call, function_call_output or reasoning"
 
 
@@ -163,9 +163,13 @@ def _tools(tools) -> Optional[List[dict]]:
 
 
 def _tool_choice(choice):
-    if isinstance(choice, dict) and choice.get("type") == "function" and "function" not in choice:
-        return {"type": "function", "function": {"name": choice.get("name")}}
-    return choice
+    """Responses' tool_choice in Chat Completions' shape."""
+    if choice is None or choice in ("auto", "none", "required"):
+        return choice
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
+        return {"type": "function", "function": {"name": choice["name"]}}
+    raise RequestError('tool_choice must be "auto", "none", "required" or {"type": "function", "name": ...}',
+                       param="tool_choice")
 
 
 # Output items
@@ -205,10 +209,11 @@ def _output(turn: Turn, ids: dict) -> List[dict]:
 
 
 class Responses:
-    """The routes, holding the stored responses: id -> (response object, conversation items)."""
+    """The routes, holding the stored responses, least recently used first: id -> (response object,
+    conversation items, their size as JSON)."""
 
-    def __init__(self, size: int = STORED):
-        self.size, self.stored = size, OrderedDict()
+    def __init__(self, size: int = STORED, limit: int = STORED_BYTES):
+        self.size, self.limit, self.stored, self.bytes = size, limit, OrderedDict(), 0
 
     def _get(self, response_id: str, param: Optional[str] = None):
         if response_id not in self.stored:
@@ -218,15 +223,17 @@ class Responses:
         return self.stored[response_id]
 
     def _store(self, response: dict, items: List[Any]) -> None:
-        self.stored[response["id"]] = (response, items)
-        while len(self.stored) > self.size:
-            self.stored.popitem(last=False)
+        size = len(json.dumps(items, ensure_ascii=False)) + len(json.dumps(response, ensure_ascii=False))
+        self.stored[response["id"]] = (response, items, size)
+        self.bytes += size
+        while len(self.stored) > self.size or (self.bytes > self.limit and len(self.stored) > 1):
+            self.bytes -= self.stored.popitem(last=False)[1][2]
 
     async def retrieve(self, engine: Engine, response_id: str) -> dict:
         return self._get(response_id)[0]
 
     async def delete(self, engine: Engine, response_id: str) -> dict:
-        self._get(response_id)
+        self.bytes -= self._get(response_id)[2]
         del self.stored[response_id]
         return {"id": response_id, "object": "response", "deleted": True}
 
