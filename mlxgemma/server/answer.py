@@ -79,3 +79,89 @@ def message(answer: Answer) -> dict:
     if answer.calls:
         out["tool_calls"] = [c.openai() for c in answer.calls]
     return out
+
+
+class Part:
+    """One item of an answer as the Responses and Messages APIs send it: a run of reasoning, a run of content,
+    or one call (its id and name; its arguments in `text`)."""
+
+    def __init__(self, kind: str, index: int, call: Optional[dict] = None):
+        self.kind, self.index, self.text = kind, index, ""
+        self.call_id = call["id"] if call else None
+        self.name = call["function"]["name"] if call else None
+
+
+class Parts:
+    """An answer's deltas grouped into Parts, in the order they came: feed(deltas) and close() return the
+    events ("open", part), ("delta", part, text) and ("close", part) that each API puts in its own shape. A
+    call's first delta carries its id (Gemma 4's arrive whole, the prompted format's in pieces)."""
+
+    def __init__(self):
+        self.parts: List[Part] = []
+        self.open: Optional[Part] = None
+
+    def feed(self, deltas: List[dict]) -> List[tuple]:
+        events = []
+        for d in deltas:
+            for kind in ("reasoning", "content"):
+                if d.get(kind):
+                    if self.open is None or self.open.kind != kind:
+                        events += self._start(kind)
+                    events += self._add(d[kind])
+            for call in d.get("tool_calls") or []:
+                if call.get("id"):
+                    events += self._start("call", call)
+                if self.open is not None and self.open.kind == "call":
+                    events += self._add(call.get("function", {}).get("arguments") or "")
+        return events
+
+    def close(self) -> List[tuple]:
+        if self.open is None:
+            return []
+        part, self.open = self.open, None
+        return [("close", part)]
+
+    def _start(self, kind: str, call: Optional[dict] = None) -> List[tuple]:
+        events = self.close()
+        self.open = Part(kind, len(self.parts), call)
+        self.parts.append(self.open)
+        return events + [("open", self.open)]
+
+    def _add(self, text: str) -> List[tuple]:
+        if not text:
+            return []
+        self.open.text += text
+        return [("delta", self.open, text)]
+
+
+class Turn:
+    """One request of one choice as the Responses and Messages APIs run it: on(kind, data) takes the engine's
+    events and returns the Parts events they released; afterwards the usage, the finish (Answer.end's, and the
+    decoder's own in `stopped`), the token ids and the error, if any."""
+
+    def __init__(self, answer: Answer):
+        self.answer, self.parts = answer, Parts()
+        self.prompt_tokens = self.cached_tokens = self.count = self.reasoning_tokens = 0
+        self.ids: List[int] = []
+        self.finish = self.stopped = self.error = None
+
+    def on(self, kind: str, data) -> List[tuple]:
+        if kind == "prompt":
+            self.prompt_tokens, self.cached_tokens = data["prompt_tokens"], data["cached_tokens"]
+        elif kind == "token":
+            self.ids.append(data.id)
+            deltas = self.answer.feed(data.text)
+            # (a token that released thought text: marker tokens and held-back text make this approximate)
+            self.reasoning_tokens += any("reasoning" in d for d in deltas)
+            return self.parts.feed(deltas)
+        elif kind == "done":
+            _, self.stopped, self.count = data
+            deltas, self.finish = self.answer.end(self.stopped)
+            return self.parts.feed(deltas) + self.parts.close()
+        elif kind == "error":
+            self.error = data
+        return []
+
+    def made(self, part: Part):
+        """The finished call (tools.Call) a call part became, or None: one cut off is never reported."""
+        return next((c for c in self.answer.calls if c.id == part.call_id), None)

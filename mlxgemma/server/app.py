@@ -1,8 +1,10 @@
-"""The routes: OpenAI (/v1/...), Ollama (/api/...), /health, the chat page (/) and its icon, on Starlette.
+"""The routes: OpenAI (/v1/...: Chat Completions, Completions, Responses), Anthropic (/v1/messages), Ollama
+(/api/...), /health, the chat page (/) and its icon, on Starlette.
 
-Every bad request is a 4xx with one clear message (an OpenAI error object, or Ollama's {"error": ...} under
-/api/), never a traceback and never anything that touches other clients. With an API key every route but
-the page itself and its icon (static, no data: the page asks for the key) needs `Authorization: Bearer KEY`.
+Every bad request is a 4xx with one clear message (an OpenAI error object, Anthropic's {"type": "error", ...}
+under /v1/messages, or Ollama's {"error": ...} under /api/), never a traceback and never anything that touches
+other clients. With an API key every route but the page itself and its icon (static, no data: the page asks
+for the key) needs `Authorization: Bearer KEY` or (as Anthropic's clients send it) `x-api-key: KEY`.
 """
 
 import hmac
@@ -18,9 +20,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from ..server import ollama_api
-
-from ..server import openai_api
+from ..server import anthropic_api, ollama_api, openai_api, responses_api
 from .engine import Engine
 from .schemas import RequestError
 
@@ -50,10 +50,17 @@ async def read_json(request: Request, limit: int):
         raise RequestError(f"the request body is not valid JSON: {e}") from None
 
 
+def error_body(path: str, e: RequestError) -> dict:
+    """The error object of the API a path belongs to."""
+    if path.startswith("/api/"):
+        return {"error": e.message}
+    if path.startswith("/v1/messages"):
+        return anthropic_api.error_body(e)
+    return openai_api.error_body(e)
+
+
 def _error(request: Request, e: RequestError) -> JSONResponse:
-    if request.url.path.startswith("/api/"):
-        return JSONResponse({"error": e.message}, status_code=e.status)
-    return JSONResponse(openai_api.error_body(e), status_code=e.status)
+    return JSONResponse(error_body(request.url.path, e), status_code=e.status)
 
 
 def create_app(engine: Engine, api_key=None, allowed_origins=(), max_body: int = MAX_BODY) -> Starlette:
@@ -67,6 +74,11 @@ def create_app(engine: Engine, api_key=None, allowed_origins=(), max_body: int =
             return JSONResponse(make())
         return endpoint
 
+    def by_id(handler):  # GET and DELETE /v1/responses/{id}
+        async def endpoint(request: Request):
+            return JSONResponse(await handler(engine, request.path_params["response_id"]))
+        return endpoint
+
     async def show(request: Request):
         return JSONResponse(ollama_api.show(engine, await read_json(request, max_body)))
 
@@ -76,6 +88,7 @@ def create_app(engine: Engine, api_key=None, allowed_origins=(), max_body: int =
     async def icon(request: Request):
         return Response(ICON, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
 
+    responses = responses_api.Responses()  # (stored responses: this app's own)
     routes = [
         Route("/", page),
         Route("/favicon.ico", icon),
@@ -83,6 +96,11 @@ def create_app(engine: Engine, api_key=None, allowed_origins=(), max_body: int =
         Route("/v1/models", get(lambda: openai_api.models(engine))),
         Route("/v1/chat/completions", post(openai_api.chat_completions), methods=["POST"]),
         Route("/v1/completions", post(openai_api.completions), methods=["POST"]),
+        Route("/v1/responses", post(responses.create), methods=["POST"]),
+        Route("/v1/responses/{response_id}", by_id(responses.retrieve), methods=["GET"]),
+        Route("/v1/responses/{response_id}", by_id(responses.delete), methods=["DELETE"]),
+        Route("/v1/messages", post(anthropic_api.messages), methods=["POST"]),
+        Route("/v1/messages/count_tokens", post(anthropic_api.count_tokens), methods=["POST"]),
         Route("/api/version", get(ollama_api.version)),
         Route("/api/tags", get(lambda: ollama_api.tags(engine))),
         Route("/api/show", show, methods=["POST"]),
@@ -119,15 +137,20 @@ class _KeyCheck:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and not (scope["path"] in PUBLIC and scope["method"] == "GET"):
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not (given.startswith(b"Bearer ") and hmac.compare_digest(given[7:].strip(), self.key)):
+            if not self._allowed(dict(scope["headers"])):
                 if scope["method"] == "OPTIONS":  # a CORS preflight carries no credentials
                     return await self.app(scope, receive, send)
-                e = RequestError("a valid API key is needed: send Authorization: Bearer KEY", status=401)
-                body = (json.dumps({"error": e.message}) if scope["path"].startswith("/api/")
-                        else json.dumps(openai_api.error_body(e))).encode()
+                e = RequestError("a valid API key is needed: send Authorization: Bearer KEY (or x-api-key: KEY)",
+                                 status=401)
+                body = json.dumps(error_body(scope["path"], e)).encode()
                 await send({"type": "http.response.start", "status": 401,
                             "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})
                 await send({"type": "http.response.body", "body": body})
                 return
         await self.app(scope, receive, send)
+
+    def _allowed(self, headers: dict) -> bool:
+        bearer, key = headers.get(b"authorization", b""), headers.get(b"x-api-key")
+        if key is not None and hmac.compare_digest(key.strip(), self.key):
+            return True
+        return bearer.startswith(b"Bearer ") and hmac.compare_digest(bearer[7:].strip(), self.key)

@@ -1,4 +1,5 @@
-"""Request bodies of both APIs (pydantic models: types and ranges), and the one error a bad request becomes.
+"""Request bodies of every API (pydantic models: types and ranges): Chat Completions, Completions, Responses,
+Anthropic's Messages, Ollama's; and the one error a bad request becomes.
 
 Fields clients commonly send that change nothing here (user, frequency_penalty 0, ...) are accepted and
 ignored; a field that would change the output in a way this server cannot honour is refused by name
@@ -230,3 +231,107 @@ class OllamaGenerateRequest(_Ollama):
 class OllamaShowRequest(_Body):
     model: Optional[str] = None
     name: Optional[str] = None
+
+
+# The Responses API (responses_api.py reads its input items)
+
+
+class ReasoningConfig(_Body):
+    effort: Optional[Literal["none", "minimal", "low", "medium", "high", "xhigh"]] = None
+    summary: Optional[str] = None
+
+
+class TextFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    name: Optional[str] = None
+    schema_: Optional[Dict[str, Any]] = Field(None, alias="schema")
+    strict: Optional[bool] = None
+
+
+class TextConfig(_Body):
+    format: Optional[TextFormat] = None
+
+
+class ResponsesRequest(_Body):
+    model: Optional[str] = None
+    input: Union[str, List[Any]]
+    instructions: Optional[str] = None
+    tools: Optional[List[Any]] = None
+    tool_choice: Any = None
+    parallel_tool_calls: Optional[bool] = None
+    max_output_tokens: Optional[int] = Field(None, gt=0)
+    temperature: Optional[float] = Field(None, ge=0, le=2)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    stream: bool = False
+    reasoning: Optional[ReasoningConfig] = None
+    text: Optional[TextConfig] = None
+    previous_response_id: Optional[str] = None
+    store: bool = True
+    metadata: Optional[Dict[str, Any]] = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input(cls, v):
+        if not isinstance(v, (str, list)):
+            raise ValueError("must be a string or a list of input items")
+        return v
+
+    @property
+    def think(self) -> Optional[bool]:
+        """effort "none" turns thinking off, any other effort on (Gemma 4 has no levels); none: the server's."""
+        effort = self.reasoning.effort if self.reasoning is not None else None
+        return None if effort is None else effort != "none"
+
+    @property
+    def json_schema(self) -> Optional[dict]:
+        fmt = self.text.format if self.text is not None else None
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return ANY_JSON_OBJECT
+        if not isinstance(fmt.schema_, dict):
+            raise RequestError('text.format of type "json_schema" needs a schema object', param="text.format")
+        return fmt.schema_
+
+
+# Anthropic's Messages API (anthropic_api.py reads its blocks)
+
+
+class ThinkingConfig(_Body):
+    type: Literal["enabled", "disabled", "adaptive"]
+    budget_tokens: Optional[int] = Field(None, ge=0)
+
+
+class AnthropicMessage(_Body):
+    role: Literal["user", "assistant"]
+    content: Union[str, List[Dict[str, Any]]]
+
+
+class CountRequest(_Body):
+    """What count_tokens reads: everything that goes into the prompt."""
+
+    model: Optional[str] = None
+    system: Union[str, List[Dict[str, Any]], None] = None
+    messages: List[AnthropicMessage] = Field(min_length=1)
+    tools: Optional[List[Any]] = None
+    tool_choice: Optional[Dict[str, Any]] = None
+    thinking: Optional[ThinkingConfig] = None
+
+    @property
+    def think(self) -> Optional[bool]:
+        return None if self.thinking is None else self.thinking.type != "disabled"
+
+
+class MessagesRequest(CountRequest):
+    max_tokens: int = Field(gt=0)
+    stop_sequences: Optional[List[str]] = Field(None, max_length=MAX_STOPS)
+    temperature: Optional[float] = Field(None, ge=0, le=1)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    top_k: Optional[int] = Field(None, ge=0)
+    stream: bool = False
+    metadata: Optional[Dict[str, Any]] = None
+
+    @field_validator("stop_sequences")
+    @classmethod
+    def _stops(cls, v):
+        return [s for s in v or [] if s]
