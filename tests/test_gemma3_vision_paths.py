@@ -201,13 +201,13 @@ def test_repl_image_command(ckpt, monkeypatch, capsys):
     lines = iter(["/image /no/such.png", f"/image {images[0]}", "t20 t21", "t30", "/quit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     replies = []
-    real = chat.ChatSession.reply
+    real = chat.ChatSession.stream  # (what the REPL calls: chunks with the thought apart)
 
     def spy(self, text, images=()):
         replies.append((text, len(images)))
         return real(self, text, images)
 
-    monkeypatch.setattr(chat.ChatSession, "reply", spy)
+    monkeypatch.setattr(chat.ChatSession, "stream", spy)
     assert chat.main(["--model", str(path), "--max-tokens", "3"]) == 0
     err = capsys.readouterr().err
     assert "not found" in err and "[1 image(s) for your next message]" in err

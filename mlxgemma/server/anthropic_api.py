@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from .answer import Turn, answers
 from .engine import Engine
 from .openai_api import require_chat_template
-from .schemas import CountRequest, Message, MessagesRequest, RequestError, _Body, parse
+from .schemas import CountRequest, Message, MessagesRequest, RequestError, Body, parse
 from .tools import parse_tools
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -32,42 +32,42 @@ def error_body(e: RequestError) -> dict:
 # Blocks
 
 
-class TextBlock(_Body):
+class TextBlock(Body):
     type: Literal["text"]
     text: str
 
 
-class ImageSource(_Body):
+class ImageSource(Body):
     type: str
     media_type: Optional[str] = None
     data: Optional[str] = None
 
 
-class ImageBlock(_Body):
+class ImageBlock(Body):
     type: Literal["image"]
     source: ImageSource
 
 
-class ToolUseBlock(_Body):
+class ToolUseBlock(Body):
     type: Literal["tool_use"]
     id: str
     name: str
     input: Dict[str, Any]
 
 
-class ToolResultBlock(_Body):
+class ToolResultBlock(Body):
     type: Literal["tool_result"]
     tool_use_id: str
     content: Union[str, List[Dict[str, Any]], None] = None
     is_error: bool = False
 
 
-class ThinkingBlock(_Body):
+class ThinkingBlock(Body):
     type: Literal["thinking"]
     thinking: str
 
 
-class RedactedThinkingBlock(_Body):
+class RedactedThinkingBlock(Body):
     type: Literal["redacted_thinking"]
 
 

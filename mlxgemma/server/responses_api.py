@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from .answer import Turn, answers
 from .engine import Engine
 from .openai_api import require_chat_template
-from .schemas import Message, RequestError, ResponsesRequest, _Body, parse
+from .schemas import Message, RequestError, ResponsesRequest, Body, parse
 from .tools import parse_tools
 
 STORED, STORED_BYTES = 256, 256 * 1024 * 1024  # (a conversation may hold images: a bound in bytes too)
@@ -31,26 +31,26 @@ ITEM_TYPES = "message, function_call, function_call_output or reasoning"
 # Input items
 
 
-class MessageItem(_Body):
+class MessageItem(Body):
     type: Literal["message"] = "message"
     role: Literal["user", "assistant", "system", "developer"]
     content: Union[str, List[Dict[str, Any]]]
 
 
-class FunctionCallItem(_Body):
+class FunctionCallItem(Body):
     type: Literal["function_call"]
     call_id: str
     name: str
     arguments: str
 
 
-class FunctionCallOutputItem(_Body):
+class FunctionCallOutputItem(Body):
     type: Literal["function_call_output"]
     call_id: str
     output: Union[str, List[Dict[str, Any]]]
 
 
-class ReasoningItem(_Body):
+class ReasoningItem(Body):
     type: Literal["reasoning"]
     content: Optional[List[Dict[str, Any]]] = None
     summary: Optional[List[Dict[str, Any]]] = None

@@ -41,25 +41,25 @@ def parse(model: type, body: Any):
         raise RequestError(f"{param}: {message}" if param else message, param=param) from None
 
 
-class _Body(BaseModel):
+class Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class TextPart(_Body):
+class TextPart(Body):
     type: Literal["text"]
     text: str
 
 
-class ImageURL(_Body):
+class ImageURL(Body):
     url: str
 
 
-class ImagePart(_Body):
+class ImagePart(Body):
     type: Literal["image_url"]
     image_url: Union[ImageURL, str]
 
 
-class Message(_Body):
+class Message(Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, List[Union[TextPart, ImagePart]], None] = None
     images: Optional[List[str]] = None  # Ollama: base64 images on the message
@@ -86,7 +86,7 @@ def _format(v):
     raise ValueError('format must be "json" or a JSON Schema object')
 
 
-class Sampling(_Body):
+class Sampling(Body):
     """What both OpenAI endpoints share."""
 
     model: Optional[str] = None
@@ -172,7 +172,7 @@ class CompletionRequest(Sampling):
         return v
 
 
-class OllamaOptions(_Body):
+class OllamaOptions(Body):
     temperature: Optional[float] = Field(None, ge=0, le=2)
     top_p: Optional[float] = Field(None, gt=0, le=1)
     top_k: Optional[int] = Field(None, ge=0)
@@ -190,7 +190,7 @@ class OllamaOptions(_Body):
         return v
 
 
-class _Ollama(_Body):
+class _Ollama(Body):
     model: Optional[str] = None
     stream: bool = True
     options: Optional[OllamaOptions] = None
@@ -228,7 +228,7 @@ class OllamaGenerateRequest(_Ollama):
         return v
 
 
-class OllamaShowRequest(_Body):
+class OllamaShowRequest(Body):
     model: Optional[str] = None
     name: Optional[str] = None
 
@@ -236,23 +236,23 @@ class OllamaShowRequest(_Body):
 # The Responses API (responses_api.py reads its input items)
 
 
-class ReasoningConfig(_Body):
+class ReasoningConfig(Body):
     effort: Optional[Literal["none", "minimal", "low", "medium", "high", "xhigh"]] = None
     summary: Optional[str] = None
 
 
-class TextFormat(_Body):
+class TextFormat(Body):
     type: Literal["text", "json_object", "json_schema"] = "text"
     name: Optional[str] = None
     schema_: Optional[Dict[str, Any]] = Field(None, alias="schema")
     strict: Optional[bool] = None
 
 
-class TextConfig(_Body):
+class TextConfig(Body):
     format: Optional[TextFormat] = None
 
 
-class ResponsesRequest(_Body):
+class ResponsesRequest(Body):
     model: Optional[str] = None
     input: Union[str, List[Any]]
     instructions: Optional[str] = None
@@ -297,17 +297,17 @@ class ResponsesRequest(_Body):
 # Anthropic's Messages API (anthropic_api.py reads its blocks)
 
 
-class ThinkingConfig(_Body):
+class ThinkingConfig(Body):
     type: Literal["enabled", "disabled", "adaptive"]
     budget_tokens: Optional[int] = Field(None, ge=0)
 
 
-class AnthropicMessage(_Body):
+class AnthropicMessage(Body):
     role: Literal["user", "assistant"]
     content: Union[str, List[Dict[str, Any]]]
 
 
-class CountRequest(_Body):
+class CountRequest(Body):
     """What count_tokens reads: everything that goes into the prompt."""
 
     model: Optional[str] = None
