@@ -22,6 +22,8 @@ TOOLS = [{"type": "function", "name": "get_weather", "description": "The weather
 CHAT_TOOLS = [{"type": "function", "function": {k: v for k, v in TOOLS[0].items() if k != "type"}}]
 CLAUDE_TOOLS = [{"name": "get_weather", "description": "The weather in a city", "input_schema": PARAMS}]
 USER = {"role": "user", "content": "weather in Paris?"}
+# After tool results with thinking on, the template's generation prompt opens the thought: the model closes it.
+AFTER_RESULT = "sunny, so say it\n<channel|>It is sunny."
 
 
 @pytest.fixture(scope="module")
@@ -204,24 +206,25 @@ def test_round_trip_prompt_is_the_template_s(gemma4, script, prompts):
     r = oai(gemma4).responses.create(model="m", input=[USER], tools=TOOLS, reasoning={"effort": "high"},
                                      max_output_tokens=60)
     call = r.output[2]
-    script("It is sunny.", g4.TURN_END)
+    script(AFTER_RESULT, g4.TURN_END)
     back = [USER] + [o.model_dump(exclude_none=True) for o in r.output] + [
         {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}]
     r2 = oai(gemma4).responses.create(model="m", input=back, tools=TOOLS, reasoning={"effort": "high"},
-                                      max_output_tokens=30)
+                                      max_output_tokens=80)
     assert r2.output_text == "It is sunny." and prompts[-1] == _rendered(call.call_id)
 
     script(CALL)
     thinking = {"type": "enabled", "budget_tokens": 16}
     m = claude(gemma4).messages.create(model="m", messages=[USER], tools=CLAUDE_TOOLS, max_tokens=60,
                                        thinking=thinking)
-    script("It is sunny.", g4.TURN_END)
+    script(AFTER_RESULT, g4.TURN_END)
     use = m.content[2]
     result = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id,
                                            "content": [{"type": "text", "text": "sunny"}]}]}
-    m2 = claude(gemma4).messages.create(model="m", tools=CLAUDE_TOOLS, max_tokens=30, thinking=thinking, messages=[
+    m2 = claude(gemma4).messages.create(model="m", tools=CLAUDE_TOOLS, max_tokens=80, thinking=thinking, messages=[
         USER, {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in m.content]}, result])
-    assert m2.content[0].text == "It is sunny." and m2.stop_reason == "end_turn"
+    assert [b.type for b in m2.content] == ["thinking", "text"] and m2.content[0].thinking == "sunny, so say it"
+    assert m2.content[1].text == "It is sunny." and m2.stop_reason == "end_turn"
     assert prompts[-1] == _rendered(use.id)
 
 
@@ -231,15 +234,15 @@ def test_a_stored_response_continues(gemma4, script, prompts):
                                          max_output_tokens=60)
     call = first.output[2]
     assert oai(gemma4).responses.retrieve(first.id).output[2].call_id == call.call_id
-    script("It is sunny.", g4.TURN_END)
+    script(AFTER_RESULT, g4.TURN_END)
     output = {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}
     _, _, then = streamed_response(gemma4, previous_response_id=first.id, input=[output], tools=TOOLS,
-                                   reasoning={"effort": "high"}, max_output_tokens=30)
+                                   reasoning={"effort": "high"}, max_output_tokens=80)
     assert then.output_text == "It is sunny." and then.previous_response_id == first.id
     assert prompts[-1] == _rendered(call.call_id)
     script("Yes.", g4.TURN_END)
     third = oai(gemma4).responses.create(model="m", previous_response_id=then.id, input="sure?", store=False,
-                                         reasoning={"effort": "high"}, tools=TOOLS, max_output_tokens=30)
+                                         reasoning={"effort": "high"}, tools=TOOLS, max_output_tokens=80)
     assert third.output_text == "Yes." and prompts[-1] == _rendered(
         call.call_id, {"role": "assistant", "content": "It is sunny."}, {"role": "user", "content": "sure?"})
     oai(gemma4).responses.delete(first.id)

@@ -159,17 +159,7 @@ class Constraint:
     def masks_along(self, tokens: List[int]) -> np.ndarray:
         """(len(tokens) + 1, words): the mask before each token of a proposal and after the last, the state
         left unchanged. Past a token the constraint refuses, the masks repeat (nothing there is kept)."""
-        masks, consumed = [], 0
-        for token in tokens:
-            masks.append(self.mask().copy())
-            if self.matcher.is_stopped() or not self.allows(token, masks[-1]) or not self.matcher.consume_token(token):
-                break  # (after the end, an eos: the stream stops there anyway)
-            consumed += 1
-        if consumed == len(tokens):
-            masks.append(self.mask().copy())
-        masks += [masks[-1]] * (len(tokens) + 1 - len(masks))
-        self.rollback(consumed)
-        return np.stack(masks)
+        return masks_along(self, tokens)
 
     def rollback(self, n: int) -> None:
         if n > 0 and not self.matcher.rollback(n):
@@ -179,6 +169,22 @@ class Constraint:
     def accepting(self) -> bool:
         """Whether the output so far is complete (the grammar may end here)."""
         return self.matcher.is_accepting()
+
+
+def masks_along(constraint, tokens: List[int]) -> np.ndarray:
+    """Constraint.masks_along for any object of its protocol (mask, allows, consume, rollback): consume stops at
+    a token refused or past the end (an eos: the stream stops there anyway), and what was consumed is rolled back."""
+    masks, consumed = [], 0
+    for token in tokens:
+        masks.append(constraint.mask().copy())
+        if not constraint.allows(token, masks[-1]) or not constraint.consume(token):
+            break
+        consumed += 1
+    if consumed == len(tokens):
+        masks.append(constraint.mask().copy())
+    masks += [masks[-1]] * (len(tokens) + 1 - len(masks))
+    constraint.rollback(consumed)
+    return np.stack(masks)
 
 
 def _hf(tokenizer):

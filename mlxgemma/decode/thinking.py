@@ -13,6 +13,7 @@ from typing import List, Optional
 import numpy as np
 
 from ..errors import MlxGemmaError
+from .constrained import masks_along
 from .gemma4_format import LABEL, THOUGHT_CLOSE, THOUGHT_OPEN, Event, OutputParser
 
 
@@ -143,17 +144,7 @@ class ThinkingBudget:
         return True
 
     def masks_along(self, tokens: List[int]) -> np.ndarray:
-        masks, consumed = [], 0
-        for token in tokens:
-            masks.append(self.mask().copy())
-            if not self.allows(token, masks[-1]) or not self.consume(token):
-                break
-            consumed += 1
-        if consumed == len(tokens):
-            masks.append(self.mask().copy())
-        masks += [masks[-1]] * (len(tokens) + 1 - len(masks))
-        self.rollback(consumed)
-        return np.stack(masks)
+        return masks_along(self, tokens)
 
     def rollback(self, n: int) -> None:
         if n <= 0:
