@@ -9,7 +9,6 @@ tool_use, thinking blocks the assistant turn's reasoning; images only inline (ba
 """
 
 import json
-import uuid
 from typing import Any, Dict, List, Literal, Optional, Union
 
 from starlette.responses import JSONResponse, StreamingResponse
@@ -18,7 +17,7 @@ from .answer import Turn, answers
 from .engine import Engine
 from .openai_api import require_chat_template
 from .schemas import CountRequest, Message, MessagesRequest, RequestError, Body, parse
-from .tools import parse_tools
+from .tools import new_id, parse_tools
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error"}
@@ -257,7 +256,7 @@ class _Run:
 
     def __init__(self, engine: Engine, req: MessagesRequest, turn: Turn, input_tokens: int):
         self.engine, self.req, self.turn, self.input_tokens = engine, req, turn, input_tokens
-        self.id = "msg_" + uuid.uuid4().hex[:24]
+        self.id = new_id("msg_")
 
     def head(self) -> dict:
         return {"id": self.id, "type": "message", "role": "assistant", "model": self.engine.name}

@@ -3,7 +3,6 @@ events (ending with `data: [DONE]`), with usage (cached prompt tokens included) 
 
 import json
 import time
-import uuid
 from functools import lru_cache
 
 from starlette.responses import JSONResponse, StreamingResponse
@@ -11,7 +10,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from .engine import Engine
 from .schemas import ChatRequest, CompletionRequest, RequestError, parse
 from .answer import answers, message
-from .tools import parse_tools
+from .tools import new_id, parse_tools
 
 
 def models(engine: Engine) -> dict:
@@ -44,7 +43,7 @@ class _Reply:
         self.text, self.logprobs, self.finish = [""] * n, [[] for _ in range(n)], [None] * n
         self.prompt_tokens = self.cached_tokens = self.completion_tokens = 0
         self.error = None
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.id = new_id("chatcmpl-" if chat else "cmpl-")
         self.created = int(time.time())
 
     def on(self, kind, data):

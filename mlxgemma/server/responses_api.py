@@ -11,7 +11,6 @@ continues one, its conversation (input and output items) in front of the new inp
 
 import json
 import time
-import uuid
 from collections import OrderedDict
 from itertools import count
 from typing import Any, Dict, List, Literal, Optional, Union
@@ -22,7 +21,7 @@ from .answer import Turn, answers
 from .engine import Engine
 from .openai_api import require_chat_template
 from .schemas import Message, RequestError, ResponsesRequest, Body, parse
-from .tools import parse_tools
+from .tools import new_id, parse_tools
 
 STORED, STORED_BYTES = 256, 256 * 1024 * 1024  # (a conversation may hold images: a bound in bytes too)
 ITEM_TYPES = "message, function_call, function_call_output or reasoning"
@@ -175,13 +174,9 @@ def _tool_choice(choice):
 # Output items
 
 
-def _new(prefix: str) -> str:
-    return prefix + uuid.uuid4().hex[:24]
-
-
 def _item_of(turn: Turn, part, ids: dict, done: bool = True) -> dict:
     """The output item of an answer's part (ids: part index -> item id), as it is when begun or when done."""
-    item_id = ids.setdefault(part.index, _new({"reasoning": "rs_", "content": "msg_", "call": "fc_"}[part.kind]))
+    item_id = ids.setdefault(part.index, new_id({"reasoning": "rs_", "content": "msg_", "call": "fc_"}[part.kind]))
     text = part.text if done else ""
     if part.kind == "reasoning":
         return {"type": "reasoning", "id": item_id, "summary": [],
@@ -297,7 +292,7 @@ class _Run:
 
     def __init__(self, engine: Engine, req: ResponsesRequest, turn: Turn, items: List[Any]):
         self.engine, self.req, self.turn, self.items = engine, req, turn, items
-        self.id, self.created, self.ids = _new("resp_"), int(time.time()), {}
+        self.id, self.created, self.ids = new_id("resp_"), int(time.time()), {}
 
     def events(self, e: tuple) -> List[tuple]:
         """A Parts event as the Responses stream's events: (type, fields)."""

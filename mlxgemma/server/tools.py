@@ -216,8 +216,9 @@ class Call:
         return body if index is None else dict(body, index=index)
 
 
-def new_id() -> str:
-    return "call_" + uuid.uuid4().hex[:24]
+def new_id(prefix: str = "call_") -> str:
+    """An id as OpenAI's (and Anthropic's) look: a prefix and 24 hex digits."""
+    return prefix + uuid.uuid4().hex[:24]
 
 
 START, END = "<start_function_call>", "<end_function_call>"
