@@ -51,8 +51,9 @@ def add_generation_options(p, max_tokens: int = 100) -> None:
     add_pipeline_option(p)
 
 
-def add_thinking_options(p, where: str) -> None:
-    """Gemma 4's thinking switch and budget, the chat template's arguments, and how thoughts are shown."""
+def add_thinking_options(p, where: Optional[str] = None) -> None:
+    """Gemma 4's thinking switch and budget, the chat template's arguments, and (where a command shows thoughts:
+    `where`) --hide-thinking."""
     p.add_argument("--think", dest="think", action="store_true", default=None,
                    help="think before answering (Gemma 4: enable_thinking; default: the chat template's, off)")
     p.add_argument("--no-think", dest="think", action="store_false", help="do not think before answering")
@@ -60,8 +61,9 @@ def add_thinking_options(p, where: str) -> None:
                    help='JSON arguments for the chat template, e.g. \'{"enable_thinking": true}\'')
     p.add_argument("--max-thinking-tokens", type=int, default=None, metavar="N",
                    help="close a thought after N tokens and let the answer start (default: no bound)")
-    p.add_argument("--hide-thinking", action="store_true",
-                   help=f"do not show thoughts ({where}, dimmed on a terminal)")
+    if where is not None:
+        p.add_argument("--hide-thinking", action="store_true",
+                       help=f"do not show thoughts ({where}, dimmed on a terminal)")
 
 
 def thinking_kwargs(args) -> dict:
@@ -76,8 +78,9 @@ def thinking_kwargs(args) -> dict:
             raise MlxGemmaError(f"--chat-template-args is not JSON: {e}") from None
         if not isinstance(template_args, dict):
             raise MlxGemmaError("--chat-template-args must be a JSON object")
-    if args.max_thinking_tokens is not None and args.max_thinking_tokens < 0:
-        raise MlxGemmaError(f"--max-thinking-tokens must be >= 0, got {args.max_thinking_tokens}")
+    from .decode.thinking import check_budget
+
+    check_budget(args.max_thinking_tokens)
     return dict(think=args.think, chat_template_args=template_args, max_thinking_tokens=args.max_thinking_tokens)
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 from .decode.gemma4_format import CALL_CLOSE, CALL_OPEN, format_call
-from .decode.thinking import Split, ThinkingBudget, has_channel, opens_thought, think_args
+from .decode.thinking import Split, ThinkingBudget, check_budget, opens_thought, think_args
 from .errors import MlxGemmaError
 
 Call = Tuple[str, Optional[dict]]  # (name, arguments) of one native tool call
@@ -24,10 +24,7 @@ def template_args(tokenizer, think: Optional[bool], chat_template_args: Optional
     thinking budget is checked here too, so that a chat refuses it before its first turn."""
     if chat_template_args is not None and not isinstance(chat_template_args, dict):
         raise MlxGemmaError("--chat-template-args must be a JSON object")
-    if max_thinking_tokens is not None and not has_channel(tokenizer):
-        raise MlxGemmaError("--max-thinking-tokens needs a model with a thought channel (Gemma 4)")
-    if max_thinking_tokens is not None and max_thinking_tokens < 0:
-        raise MlxGemmaError(f"--max-thinking-tokens must be >= 0, got {max_thinking_tokens}")
+    check_budget(max_thinking_tokens, tokenizer)
     return dict(chat_template_args or {}, **think_args(tokenizer, think))
 
 

@@ -421,3 +421,33 @@ def test_ollama_client(served, forced):
     parts = list(client.chat(model="g4", messages=history, tools=[WEATHER], stream=True, think=False,
                              options={"num_predict": 50}))
     assert "".join(p.message.content for p in parts) == "Sunny." and parts[-1].done_reason == "stop"
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--chat-template-args", "{bad"], "--chat-template-args is not JSON"),
+    (["--chat-template-args", "[1]"], "must be a JSON object"),
+    (["--max-thinking-tokens", "-1"], "--max-thinking-tokens must be >= 0"),
+])
+def test_server_thinking_options_checked_before_loading(argv, needle):
+    from mlxgemma.errors import MlxGemmaError
+    from mlxgemma.server.__main__ import check_args, configure_parser
+
+    with pytest.raises(MlxGemmaError, match=needle):
+        check_args(configure_parser().parse_args(argv))
+
+
+def test_server_thinking_defaults(served, tmp_path):
+    from mlxgemma.errors import MlxGemmaError
+    from server_util import chat_checkpoint
+
+    path = served.engine.source
+    on = serve(path, "--think", "--max-thinking-tokens", "5")
+    try:
+        assert on.engine.template_kwargs() == {"enable_thinking": True} and on.engine.max_thinking_tokens == 5
+        assert on.engine.template_kwargs(None, False) == {"enable_thinking": False}  # a request says otherwise
+    finally:
+        on.stop()
+    gemma3 = chat_checkpoint("gemma3", tmp_path / "g3")
+    for argv, needle in [(["--think"], "no thinking switch"), (["--max-thinking-tokens", "5"], "thought channel")]:
+        with pytest.raises(MlxGemmaError, match=needle):
+            serve(gemma3, *argv)

@@ -41,6 +41,16 @@ def think_args(tokenizer, think: Optional[bool]) -> dict:
     return {"enable_thinking": bool(think)}
 
 
+def check_budget(budget: Optional[int], tokenizer=None) -> None:
+    """A thinking budget (None: none) in range, and (given the tokenizer) for a model with a thought channel."""
+    if budget is None:
+        return
+    if budget < 0:
+        raise MlxGemmaError(f"--max-thinking-tokens must be >= 0, got {budget}")
+    if tokenizer is not None and not has_channel(tokenizer):
+        raise MlxGemmaError("--max-thinking-tokens needs a model with a thought channel (Gemma 4)")
+
+
 def thinking_on(tokenizer, template_args: dict) -> bool:
     return takes_thinking(tokenizer) and bool(template_args.get("enable_thinking"))
 
@@ -93,22 +103,20 @@ class ThinkingBudget:
 
     def __init__(self, budget: int, open_id: int, close_id: int, vocab_size: int, inner=None,
                  in_thought: bool = False, label: int = 0):
-        if budget < 0:
-            raise MlxGemmaError(f"--max-thinking-tokens must be >= 0, got {budget}")
+        check_budget(budget)
         # label: the tokens of the channel's name ("thought\n") after <|channel>, which are not thought
         self.budget, self.open_id, self.close_id, self.inner, self.label = budget, open_id, close_id, inner, label
         self.width = inner.bitmask.shape[1] if inner is not None else (vocab_size + 31) // 32
         self.bitmask = np.full((1, self.width), -1, dtype=np.int32)
-        self.history: List[Optional[int]] = []  # per consumed token: thought length after it (None: not in one)
+        self.history: List[Optional[int]] = []  # per consumed token: the thought's length before it (None: none)
         self.length = label if in_thought else None  # tokens since <|channel> (None: not in a thought)
 
     @classmethod
     def for_tokenizer(cls, tokenizer, budget: int, vocab_size: int, inner=None, in_thought: bool = False):
-        ids = [tokenizer.convert_tokens_to_ids(t) for t in (THOUGHT_OPEN, THOUGHT_CLOSE)]
-        if not has_channel(tokenizer) or None in ids:
-            raise MlxGemmaError("--max-thinking-tokens needs a model with a thought channel (Gemma 4)")
+        check_budget(budget, tokenizer)
+        open_id, close_id = (tokenizer.convert_tokens_to_ids(t) for t in (THOUGHT_OPEN, THOUGHT_CLOSE))
         label = len(tokenizer.encode(LABEL, add_special_tokens=False))
-        return cls(budget, ids[0], ids[1], vocab_size, inner, in_thought, label)
+        return cls(budget, open_id, close_id, vocab_size, inner, in_thought, label)
 
     def copy(self) -> "ThinkingBudget":
         out = ThinkingBudget(self.budget, self.open_id, self.close_id, self.width * 32,

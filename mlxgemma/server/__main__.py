@@ -6,13 +6,13 @@ sharded across the ranks (--pipeline: by layers); rank 0 serves (ranks.py).
 """
 
 import argparse
-import json
 import logging
 import os
 import sys
 from pathlib import Path
 
-from ..cli import DTYPE_CHOICES, add_pipeline_option, launched, load_draft, load_for_cli, run
+from ..cli import (DTYPE_CHOICES, add_pipeline_option, add_thinking_options, launched, load_draft, load_for_cli, run,
+                   thinking_kwargs)
 from ..errors import MlxGemmaError
 from ..models import is_encoder_decoder
 
@@ -33,13 +33,7 @@ def configure_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="default top-k; 0 is off (default: %(default)s)")
     p.add_argument("--min-p", type=float, default=0.0, help="default min-p; 0 is off (default: %(default)s)")
     p.add_argument("--max-tokens", type=int, default=512, help="default max tokens (default: %(default)s)")
-    p.add_argument("--chat-template-args", type=json.loads, default={},
-                   help='JSON arguments for the chat template, e.g. \'{"enable_thinking": false}\'')
-    p.add_argument("--think", dest="think", action="store_true", default=None,
-                   help="think before answering unless a request says otherwise (Gemma 4: enable_thinking)")
-    p.add_argument("--no-think", dest="think", action="store_false", help="do not think unless a request asks")
-    p.add_argument("--max-thinking-tokens", type=int, default=None,
-                   help="close a thought after this many tokens and let the answer start (default: no bound)")
+    add_thinking_options(p)  # the defaults of requests that say nothing of thinking
     p.add_argument("--decode-concurrency", type=int, default=32, help="rows decoded together at most")
     p.add_argument("--prefill-step-size", type=int, default=2048)
     p.add_argument("--prompt-cache-size", type=int, default=10, help="sequences kept for reuse (0: none)")
@@ -75,8 +69,6 @@ def check_args(args) -> None:
         (args.max_request_bytes > 0, "--max-request-bytes must be positive"),
         (args.prompt_lookup_ngram is None or args.prompt_lookup_ngram > 0, "--prompt-lookup-ngram must be positive"),
         (args.num_draft_tokens > 0, "--num-draft-tokens must be positive"),
-        (isinstance(args.chat_template_args, dict), "--chat-template-args must be a JSON object"),
-        (args.max_thinking_tokens is None or args.max_thinking_tokens >= 0, "--max-thinking-tokens must be >= 0"),
         (not (args.draft_model and args.prompt_lookup_ngram), "give --draft-model or --prompt-lookup-ngram, not both"),
     ]:
         if not ok:
@@ -85,6 +77,7 @@ def check_args(args) -> None:
     from ..models.quantized_cache import check_kv_options
 
     SamplingOptions(args.temp, args.top_p, args.top_k, args.min_p)  # the same check as every request's
+    thinking_kwargs(args)
     check_kv_options(args.kv_bits, args.kv_group_size)
 
 
@@ -131,7 +124,7 @@ def warm_constraints(engine) -> None:
 
 def build(args):
     """The app for these arguments: model loaded, scheduler started."""
-    from ..decode.thinking import has_channel, think_args
+    from ..reply import template_args as reply_template_args
     from .app import create_app
     from .engine import Defaults, Engine
     from .prompt_cache import PromptCache
@@ -144,6 +137,8 @@ def build(args):
         raise MlxGemmaError("--prompt-cache-bytes with --pipeline: each rank holds caches of its own size, so "
                             "the ranks would evict different entries; bound the prompt cache by entries")
     model, tokenizer = load_for_cli(args, sharded=True)
+    text_tokenizer = tokenizer.tokenizer if hasattr(tokenizer, "images_per_prompt") else tokenizer
+    template_args = reply_template_args(text_tokenizer, **thinking_kwargs(args))  # (refused before anything starts)
     cache = PromptCache(args.prompt_cache_size, args.prompt_cache_bytes) if args.prompt_cache_size else None
     if args.kv_bits and is_encoder_decoder(model):
         raise MlxGemmaError("--kv-bits: the server's T5Gemma 2 batches keep float caches (generate takes --kv-bits)")
@@ -153,17 +148,12 @@ def build(args):
     if draft is not None and is_encoder_decoder(draft):
         raise MlxGemmaError("--draft-model: the server's draft must be a decoder-only model (a T5Gemma 2 draft "
                             "would encode every request again); generate takes one")
-    scheduler = Scheduler(model, tokenizer.tokenizer if hasattr(tokenizer, "images_per_prompt") else tokenizer,
-                          cache, args.decode_concurrency, args.prefill_step_size, args.kv_bits,
+    scheduler = Scheduler(model, text_tokenizer, cache, args.decode_concurrency, args.prefill_step_size, args.kv_bits,
                           args.kv_group_size, args.prompt_lookup_ngram, args.num_draft_tokens, draft,
                           Ranks(group) if group is not None else None)
     if group is None or group.rank() == 0:
         scheduler.start()  # (the other ranks' loop runs on their main thread: main)
     defaults = Defaults(args.max_tokens, args.temp, args.top_p, args.top_k, args.min_p)
-    text_tokenizer = tokenizer.tokenizer if hasattr(tokenizer, "images_per_prompt") else tokenizer
-    template_args = dict(args.chat_template_args, **think_args(text_tokenizer, args.think))
-    if args.max_thinking_tokens is not None and not has_channel(text_tokenizer):
-        raise MlxGemmaError("--max-thinking-tokens needs a model with a thought channel (Gemma 4)")
     engine = Engine(model, tokenizer, model_name(args), scheduler, defaults, template_args, args.model or "")
     engine.max_thinking_tokens = args.max_thinking_tokens
     warm_constraints(engine)
@@ -173,7 +163,7 @@ def build(args):
 
 
 def main(argv=None) -> int:
-    args = configure_parser().parse_args(argv)  # a --chat-template-args that is not JSON: argparse's exit 2
+    args = configure_parser().parse_args(argv)
 
     def body() -> int:
         try:
