@@ -16,7 +16,7 @@ from ..decode.constrained import Constraint, grammar_of, logits_width
 from ..errors import MlxGemmaError
 from ..decode.prompt import apply_template, check_prompt, check_text
 from ..decode.sampling import SamplingOptions
-from ..decode.thinking import ThinkingBudget, has_channel, opens_thought, takes_thinking, thinking_on
+from ..decode.thinking import ThinkingBudget, has_channel, opens_thought, think_args, thinking_on
 from ..models import has_vision, is_encoder_decoder
 from ..media.processor import decode_image
 from .scheduler import Request, Scheduler
@@ -106,15 +106,11 @@ class Engine:
     def template_kwargs(self, kwargs: Optional[dict] = None, think: Optional[bool] = None) -> dict:
         """The chat template's arguments of a request: the server's (--chat-template-args, --think), then the
         request's chat_template_kwargs, then its thinking switch (reasoning_effort, Ollama's think, ...)."""
-        args = dict(self.template_args, **(kwargs or {}))
-        if think is not None:
-            args["enable_thinking"] = bool(think)
-        if args.get("enable_thinking") and not takes_thinking(self.tokenizer):
-            if think or (kwargs or {}).get("enable_thinking"):
-                raise RequestError(f"{self.name} has no thinking switch in its chat template (enable_thinking): "
-                                   "it cannot be asked to think", param="think")
-            args.pop("enable_thinking")
-        return args
+        asked = (kwargs or {}).get("enable_thinking") if think is None else think
+        try:  # (think_args: asking a template without the switch to think is refused; not to, nothing)
+            return {**self.template_args, **(kwargs or {}), **think_args(self.tokenizer, asked)}
+        except MlxGemmaError as e:
+            raise RequestError(str(e), param="think") from None
 
     def chat(self, messages: list, tools=None, template_kwargs: Optional[dict] = None) -> Prompt:
         """Messages (schemas.Message) through the chat template; image parts become the processor's
