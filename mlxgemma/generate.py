@@ -116,7 +116,8 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, max_tokens: int = 256, 
     Thinking (Gemma 4): chat_template_args go to the chat template, then think (True/False; None: the
     template's default, off for Gemma 4) sets its enable_thinking. A prompt of token ids was rendered already:
     they then only say whether thoughts are kept. max_thinking_tokens closes a thought after that many tokens
-    (counted from <|channel>, its label included; the answer goes on after it). Stop strings apply to the text as the model writes it, thoughts included."""
+    (counted after the channel's name, `<|channel>thought\n`; the answer goes on after it). Stop strings apply
+    to the text as the model writes it, thoughts included."""
     sampling = check_options(max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
                              repetition_penalty=repetition_penalty, max_kv_size=max_kv_size, seed=seed,
                              prefill_step_size=prefill_step_size, num_draft_tokens=num_draft_tokens,

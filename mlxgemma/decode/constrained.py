@@ -153,8 +153,7 @@ class Constraint:
 
     def allows(self, token: int, bitmask: Optional[np.ndarray] = None) -> bool:
         """Whether token may come next (by the last mask, or by bitmask)."""
-        bitmask = self.bitmask[0] if bitmask is None else bitmask
-        return 0 <= token < 32 * bitmask.shape[0] and bool((int(bitmask[token >> 5]) >> (token & 31)) & 1)
+        return allowed(self.bitmask[0] if bitmask is None else bitmask, token)
 
     def masks_along(self, tokens: List[int]) -> np.ndarray:
         """(len(tokens) + 1, words): the mask before each token of a proposal and after the last, the state
@@ -169,6 +168,11 @@ class Constraint:
     def accepting(self) -> bool:
         """Whether the output so far is complete (the grammar may end here)."""
         return self.matcher.is_accepting()
+
+
+def allowed(bitmask: np.ndarray, token: int) -> bool:
+    """Whether bit `token` of a (words,) int32 bitmask is set."""
+    return 0 <= token < 32 * bitmask.shape[0] and bool((int(bitmask[token >> 5]) >> (token & 31)) & 1)
 
 
 def masks_along(constraint, tokens: List[int]) -> np.ndarray:

@@ -13,7 +13,7 @@ from typing import List, Optional
 import numpy as np
 
 from ..errors import MlxGemmaError
-from .constrained import masks_along
+from .constrained import allowed, masks_along
 from .gemma4_format import LABEL, THOUGHT_CLOSE, THOUGHT_OPEN, Event, OutputParser
 
 
@@ -136,8 +136,7 @@ class ThinkingBudget:
         return self.bitmask[0]
 
     def allows(self, token: int, bitmask=None) -> bool:
-        bitmask = self.bitmask[0] if bitmask is None else bitmask
-        return 0 <= token < 32 * bitmask.shape[0] and bool((int(bitmask[token >> 5]) >> (token & 31)) & 1)
+        return allowed(self.bitmask[0] if bitmask is None else bitmask, token)
 
     def consume(self, token: int) -> bool:
         if self.inner is not None and not self.inner.consume(token):
