@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
-from .decode.gemma4_format import CALL_CLOSE, CALL_OPEN, format_call
+from .decode.gemma4_format import CALL_OPEN, format_call
 from .decode.thinking import Split, ThinkingBudget, check_budget, opens_thought, think_args
 from .errors import MlxGemmaError
 
@@ -53,10 +53,8 @@ class Reader:
                 thought += e.text
             elif e.kind == "call":
                 calls.append((e.name, e.arguments))
-            elif e.kind == "bad_call":
-                answer += CALL_OPEN + e.text + CALL_CLOSE
             else:
-                answer += e.text
+                answer += e.written()
         if finish and self.split.incomplete:
             answer += CALL_OPEN + self.split.partial
         return answer, thought, calls

@@ -70,6 +70,13 @@ class Event(NamedTuple):
     name: str = ""
     arguments: Optional[dict] = None
 
+    def written(self) -> str:
+        """The event as the output holds it (a call as the template writes one; a bad call's body between its
+        markers): what a reader that reports no calls shows instead."""
+        if self.kind == "call":
+            return format_call(self.name, self.arguments)
+        return CALL_OPEN + self.text + CALL_CLOSE if self.kind == "bad_call" else self.text
+
 
 class OutputParser:
     """The model's output read as it streams: feed(piece) and finish() return Events. Pieces may split anywhere,

@@ -10,7 +10,6 @@ max_tokens is never returned: the finish is "length". An answer that made calls 
 
 from typing import List, Optional, Tuple
 
-from ..decode.gemma4_format import CALL_CLOSE, CALL_OPEN, format_call
 from ..decode.thinking import Split
 from .tools import AnswerStream, Call, Tools, new_id
 
@@ -49,12 +48,7 @@ class Answer:
             call = Call(new_id(), event.name, event.arguments)
             self.calls.append(call)
             return [{"tool_calls": [call.openai(len(self.calls) - 1)]}]
-        if event.kind == "call":  # a call nobody declared: the text as written
-            text = format_call(event.name, event.arguments)
-        elif event.kind == "bad_call":
-            text = CALL_OPEN + event.text + CALL_CLOSE
-        else:
-            text = event.text
+        text = event.written()  # (a call nobody declared, a bad call: the text as written)
         if self.prompted is not None:
             return self.prompted.feed(text)
         return [{"content": text}] if text else []
