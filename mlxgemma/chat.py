@@ -21,7 +21,8 @@ from .decode.prompt import apply_template, check_prompt, prompt_ids, with_system
 from .generate import Chunk, check_options, stream_generate
 from .media.images import block_start, encode_prompt, images_from
 from .models import has_vision, is_encoder_decoder
-from .reply import Shown, template_args
+from .decode.thinking import template_args
+from .reply import Shown
 
 
 class ChatSession:

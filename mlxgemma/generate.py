@@ -30,7 +30,8 @@ from .decode.stream import TextStream
 from .errors import MlxGemmaError
 from .models import has_vision, is_encoder_decoder
 from .models.quantized_cache import check_kv_options, quantize_cache
-from .reply import Call, Reader, Reply, Shown, budgeted, reply_of, template_args
+from .decode.thinking import template_args
+from .reply import Call, Reader, Reply, Shown, budgeted, reply_of
 
 __all__ = ["Chunk", "Reply", "generate", "generate_reply", "stream_generate", "prompt_ids", "prompt_text",
            "check_options"]

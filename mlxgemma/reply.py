@@ -10,22 +10,10 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 from .decode.gemma4_format import CALL_OPEN, format_call
-from .decode.thinking import Split, ThinkingBudget, check_budget, opens_thought, think_args
-from .errors import MlxGemmaError
+from .decode.thinking import Split, ThinkingBudget, opens_thought
 
 Call = Tuple[str, Optional[dict]]  # (name, arguments) of one native tool call
 DIM, RESET = "\x1b[2m", "\x1b[0m"
-
-
-def template_args(tokenizer, think: Optional[bool], chat_template_args: Optional[dict],
-                  max_thinking_tokens: Optional[int] = None) -> dict:
-    """The chat template's arguments: chat_template_args, then the thinking switch over them (think_args:
-    None leaves the template's default; asking a template without the switch to think is an error). A
-    thinking budget is checked here too, so that a chat refuses it before its first turn."""
-    if chat_template_args is not None and not isinstance(chat_template_args, dict):
-        raise MlxGemmaError("--chat-template-args must be a JSON object")
-    check_budget(max_thinking_tokens, tokenizer)
-    return dict(chat_template_args or {}, **think_args(tokenizer, think))
 
 
 def budgeted(constraint, tokenizer, budget: Optional[int], width: int, ids: Sequence[int]):

@@ -51,6 +51,17 @@ def check_budget(budget: Optional[int], tokenizer=None) -> None:
         raise MlxGemmaError("--max-thinking-tokens needs a model with a thought channel (Gemma 4)")
 
 
+def template_args(tokenizer, think: Optional[bool], chat_template_args: Optional[dict],
+                  max_thinking_tokens: Optional[int] = None) -> dict:
+    """The chat template's arguments: chat_template_args, then the thinking switch over them (think_args:
+    None leaves the template's default; asking a template without the switch to think is an error). A
+    thinking budget is checked here too, so that a chat refuses it before its first turn."""
+    if chat_template_args is not None and not isinstance(chat_template_args, dict):
+        raise MlxGemmaError("--chat-template-args must be a JSON object")
+    check_budget(max_thinking_tokens, tokenizer)
+    return dict(chat_template_args or {}, **think_args(tokenizer, think))
+
+
 def thinking_on(tokenizer, template_args: dict) -> bool:
     return takes_thinking(tokenizer) and bool(template_args.get("enable_thinking"))
 

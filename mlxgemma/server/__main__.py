@@ -124,7 +124,7 @@ def warm_constraints(engine) -> None:
 
 def build(args):
     """The app for these arguments: model loaded, scheduler started."""
-    from ..reply import template_args as reply_template_args
+    from ..decode.thinking import template_args
     from .app import create_app
     from .engine import Defaults, Engine
     from .prompt_cache import PromptCache
@@ -138,7 +138,7 @@ def build(args):
                             "the ranks would evict different entries; bound the prompt cache by entries")
     model, tokenizer = load_for_cli(args, sharded=True)
     text_tokenizer = tokenizer.tokenizer if hasattr(tokenizer, "images_per_prompt") else tokenizer
-    template_args = reply_template_args(text_tokenizer, **thinking_kwargs(args))  # (refused before anything starts)
+    chat_args = template_args(text_tokenizer, **thinking_kwargs(args))  # (refused before anything starts)
     cache = PromptCache(args.prompt_cache_size, args.prompt_cache_bytes) if args.prompt_cache_size else None
     if args.kv_bits and is_encoder_decoder(model):
         raise MlxGemmaError("--kv-bits: the server's T5Gemma 2 batches keep float caches (generate takes --kv-bits)")
@@ -154,7 +154,7 @@ def build(args):
     if group is None or group.rank() == 0:
         scheduler.start()  # (the other ranks' loop runs on their main thread: main)
     defaults = Defaults(args.max_tokens, args.temp, args.top_p, args.top_k, args.min_p)
-    engine = Engine(model, tokenizer, model_name(args), scheduler, defaults, template_args, args.model or "")
+    engine = Engine(model, tokenizer, model_name(args), scheduler, defaults, chat_args, args.model or "")
     engine.max_thinking_tokens = args.max_thinking_tokens
     warm_constraints(engine)
     origins = [o.strip() for o in args.allowed_origins.split(",") if o.strip()]
