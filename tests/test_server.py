@@ -230,7 +230,9 @@ def test_a_client_leaving_mid_stream_frees_its_row(servers):
             got = [next(lines) for _ in range(6)]
             t = threading.Thread(target=short)
             t.start()
-            time.sleep(0.2)
+            deadline = time.time() + 5  # (leave once the short one decodes beside it: a fixed wait raced the
+            while len(s.engine.scheduler.rows) < 2 and time.time() < deadline:  # long one's end on a quiet machine)
+                time.sleep(0.002)
     assert any(line.startswith("data: ") for line in got)
     t.join(timeout=60)
     deadline = time.time() + 5
