@@ -8,7 +8,7 @@ cut. transformers builds and saves it; mlxgemma.convert writes the folder both l
 
 The prompt: <bos>, 20 text tokens, one image block (<start_of_image>, 256 image tokens, <end_of_image>),
 20 text tokens. Each library encodes the image (tower + projector) and prefills as its own generation does:
-the prompt but its last token (mlxgemma: mlxgemma.media.images.prefill, as mlxgemma.generate; mlx-vlm: what
+the prompt but its last token (mlxgemma: mlxgemma.media.features.prefill, as mlxgemma.generate; mlx-vlm: what
 mlx_vlm's generate_step does, embeddings from the encoded image as its vision cache gives them, chunks that
 evaluate only the caches), then the last token gives the first logits. "prompt tok/s" is the prompt over that
 prefill and first token, the encode not included; the row "incl. image encode" adds it. Then --decode
@@ -130,7 +130,7 @@ class Ours:
 
     def prefill(self, ids, features):
         """As mlxgemma.generate: the prompt but its last token through images.prefill, then mlx-lm's loop."""
-        from mlxgemma.media.images import prefill
+        from mlxgemma.media.features import prefill
 
         cache = self.model.make_cache()
         prefill(self.model, cache, ids[:-1], features)

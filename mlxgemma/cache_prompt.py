@@ -31,11 +31,11 @@ def cache_prompt(model, tokenizer, prompt: str, path, image=None, max_kv_size=No
         raise MlxGemmaError("the prompt is empty: give the text to cache")
     cache = model.make_cache(max_kv_size=max_kv_size)
     if has_vision(model):
-        from .media.images import encode_prompt, prefill
+        from .media.features import encode_prompt, prefill
 
         images = tokenizer.images_per_prompt(image, 1)[0] if image is not None else []
-        if images and tokenizer.boi_token not in prompt:
-            prompt = tokenizer.boi_token * len(images) + prompt
+        if images and tokenizer.marks["image"] not in prompt:
+            prompt = tokenizer.marks["image"] * len(images) + prompt
         ids, features = encode_prompt(model, tokenizer, prompt, images)
         prefill(model, cache, ids, features, prefill_step_size, progress)
     else:

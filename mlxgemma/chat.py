@@ -17,9 +17,10 @@ from typing import Iterator, List, Optional, Sequence
 from .cli import (Terminated, add_generation_options, add_thinking_options, interrupt_ends_run, launched, load_draft,
                   load_for_cli, run, sampling_kwargs, share, shared_input, thinking_kwargs)
 from .errors import MlxGemmaError
-from .decode.prompt import apply_template, check_prompt, prompt_ids, with_system
+from .files import regular_file
+from .decode.prompt import apply_template, check_prompt, prompt_ids, with_marks, with_system
 from .generate import Chunk, check_options, stream_generate
-from .media.images import block_start, encode_prompt, images_from
+from .media.features import block_start, encode_prompt, media_from, media_tokens
 from .models import has_vision, is_encoder_decoder
 from .decode.thinking import template_args
 from .reply import Shown
@@ -49,6 +50,7 @@ class ChatSession:
     def reset(self) -> None:
         self.messages: List[dict] = []
         self.images: list = []  # every image of the conversation, in order
+        self.audio: list = []  # every audio clip of the conversation, in order
         self.cache, self.cached = self._fresh()  # the cache, and the token ids it holds in order
         self.prefix = list(self.cached)  # a --prompt-cache-file's tokens: the conversation follows them
 
@@ -69,7 +71,7 @@ class ChatSession:
                 break
             common += 1
         if self.processor is not None:  # a prefill may not start inside an image block
-            common = block_start(ids, common, self.model.config.image_token_index)
+            common = block_start(ids, common, set(media_tokens(self.model)))
         drop = len(self.cached) - common
         if drop and not all(c.trim(drop) == drop for c in self.cache):
             self.cache, fresh = self._fresh()
@@ -77,24 +79,25 @@ class ChatSession:
         self.cached = self.cached[:common]
         return common
 
-    def reply(self, text: str, images: Sequence = ()) -> Iterator[str]:
+    def reply(self, text: str, images: Sequence = (), audio: Sequence = ()) -> Iterator[str]:
         """Stream the answer to a user message, as stream() does (its thought, if any, is then
         last_reasoning)."""
-        for chunk in self.stream(text, images):
+        for chunk in self.stream(text, images, audio):
             yield chunk.text
 
-    def stream(self, text: str, images: Sequence = ()) -> Iterator[Chunk]:
-        """Stream the reply to a user message (and its images, placed before the text unless it holds
-        <start_of_image> placeholders) as Chunks. The turn joins the conversation when it ends or is interrupted
+    def stream(self, text: str, images: Sequence = (), audio: Sequence = ()) -> Iterator[Chunk]:
+        """Stream the reply to a user message (and its images and audio clips, placed before the text unless
+        it holds placeholders) as Chunks. The turn joins the conversation when it ends or is interrupted
         (Ctrl-C keeps what was said); a turn refused as bad input (longer than the context, say) leaves the
         conversation as it was, so the next turn works."""
-        images = list(images)
-        if images and self.processor is None:
-            raise MlxGemmaError(f"{type(self.model).__name__} is a text-only model: it takes no image")
-        if images and self.processor.boi_token not in text:
-            text = self.processor.boi_token * len(images) + text
+        images, audio = list(images), list(audio)
+        for kind, items in (("image", images), ("audio", audio)):
+            if items and (self.processor is None or kind not in self.processor.marks):
+                raise MlxGemmaError(f"{type(self.model).__name__} takes no {kind}")
+        if images or audio:
+            text = with_marks(self.processor, text, {"image": images, "audio": audio})
         messages = self.messages + [{"role": "user", "content": text}]
-        ids, features = self._prompt(messages, self.images + images)
+        ids, features = self._prompt(messages, self.images + images, self.audio + audio)
         if self.prefix:  # the conversation continues the cached prompt: one <bos>, the file's
             ids = self.prefix + ids[1:] if ids[:1] == [self.tokenizer.bos_token_id] else self.prefix + ids
         check_prompt(self.model, ids)
@@ -102,7 +105,7 @@ class ChatSession:
         extra = {}
         if self.processor is not None:  # the images after start (those of the file's prompt are in its cache)
             n = len(self.prefix)
-            extra["image_features"] = images_from(ids[n:], features, start - n, self.model.config.image_token_index)
+            extra["image_features"] = media_from(ids[n:], features, start - n, set(media_tokens(self.model)))
         generated, chunks = [], []
         self.last_reasoning = ""
         try:
@@ -122,14 +125,15 @@ class ChatSession:
             if messages is not None:
                 self.messages = messages + [_assistant(chunks)]
                 self.images += images
+                self.audio += audio
 
-    def _prompt(self, messages, images):
-        """(ids, the images' features): the conversation through the template (and the processor)."""
+    def _prompt(self, messages, images, audio=()):
+        """(ids, the media's features): the conversation through the template (and the processor)."""
         if self.processor is None:
             return prompt_ids(self.tokenizer, messages, self.system, **self.template_args), None
         text = apply_template(self.tokenizer, with_system(self.system, messages), tokenize=False,
                               **self.template_args)
-        return encode_prompt(self.model, self.processor, text, images)
+        return encode_prompt(self.model, self.processor, text, images, audio)
 
 
 def _assistant(chunks) -> dict:
@@ -150,10 +154,12 @@ def repl(session: ChatSession, read=None, group=None, hide_thinking: bool = Fals
     ranks, which /image files reach too). Thoughts are shown before the answer, dimmed on a terminal, unless
     hide_thinking."""
     read = read or input
-    images = session.processor is not None
+    marks = session.processor.marks if session.processor is not None else {}
     print("[mlxgemma chat] /reset starts over, /quit leaves, Ctrl-C stops a reply"
-          + (", /image PATH adds a photo to your next message" if images else ""), file=sys.stderr)
+          + (", /image PATH adds a photo to your next message" if "image" in marks else "")
+          + (", /audio PATH a recording" if "audio" in marks else ""), file=sys.stderr)
     pending: list = []
+    pending_audio: list = []
     while True:
         try:
             line = read("> ")
@@ -168,7 +174,7 @@ def repl(session: ChatSession, read=None, group=None, hide_thinking: bool = Fals
             return 0
         if line.strip() == "/reset":
             session.reset()
-            pending = []
+            pending, pending_audio = [], []
             print("[conversation reset]", file=sys.stderr)
             continue
         if line.startswith("/image"):
@@ -178,12 +184,19 @@ def repl(session: ChatSession, read=None, group=None, hide_thinking: bool = Fals
             except MlxGemmaError as e:
                 print(f"error: {e}", file=sys.stderr)
             continue
+        if line.startswith("/audio"):
+            try:
+                pending_audio.append(_audio_command(session, line, group))
+                print(f"[{len(pending_audio)} audio clip(s) for your next message]", file=sys.stderr)
+            except MlxGemmaError as e:
+                print(f"error: {e}", file=sys.stderr)
+            continue
         if not line.strip():
             continue
         shown = Shown(sys.stdout, sys.stdout, hide_thinking)
         try:
-            turn, pending = pending, []
-            for chunk in session.stream(line, turn):
+            (turn, pending), (clips, pending_audio) = (pending, []), (pending_audio, [])
+            for chunk in session.stream(line, turn, clips):
                 shown.write(chunk)
         except Terminated:
             raise
@@ -219,6 +232,32 @@ def _image_command(session: ChatSession, line: str, group=None):
     if error is not None or data is None:
         raise MlxGemmaError(str(error) if error else f"image {path!r} could not be read by rank 0")
     return decode_image(data, f"image {path!r}")
+
+
+def _audio_command(session: ChatSession, line: str, group=None) -> bytes:
+    """/audio PATH: the clip's bytes, decoded now to check them (so a bad file is reported before the message
+    is typed); under mlx.launch rank 0 reads the file and every rank gets its bytes."""
+    from .media.audio import load_audio
+
+    if session.processor is None or "audio" not in session.processor.marks:
+        raise MlxGemmaError(f"{type(session.model).__name__} takes no audio")
+    path = line[len("/audio"):].strip()
+    if not path:
+        raise MlxGemmaError("/audio needs a path: /audio memo.m4a")
+    data, error = None, None
+    if group is None or group.rank() == 0:
+        try:
+            file = Path(path).expanduser()
+            regular_file(file)
+            data = file.read_bytes()
+            load_audio(data)
+        except MlxGemmaError as e:
+            error = e
+    if group is not None:
+        data = share(group, data if error is None else None)
+    if error is not None or data is None:
+        raise MlxGemmaError(str(error) if error else f"audio {path!r} could not be read by rank 0")
+    return data
 
 
 def main(argv=None) -> int:

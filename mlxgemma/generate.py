@@ -22,12 +22,14 @@ from .cli import (PrefillProgress, add_generation_options, add_structured_option
                   load_for_cli, run, sampling_kwargs, structured_kwargs, thinking_kwargs, unescape)
 from .decode import constrained
 from .decode.decoder import Decoder, Row, fill, forward
-from .decode.prompt import (Prompt, check_prompt, context_of, encode_request, image_request, prompt_ids,
-                            prompt_text)
+from .decode.prompt import (Prompt, check_prompt, context_of, encode_request, image_request, processor_options,
+                             prompt_ids, prompt_text)
 from .decode.proposers import DraftModel, PromptLookup
 from .decode.sampling import SamplingOptions
 from .decode.stream import TextStream
 from .errors import MlxGemmaError
+from .media.features import media_tokens
+from .media.gemma4_images import SUPPORTED_SOFT_TOKENS
 from .models import has_vision, is_encoder_decoder
 from .models.quantized_cache import check_kv_options, quantize_cache
 from .decode.thinking import template_args
@@ -84,7 +86,8 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, max_tokens: int = 256, 
                     stop: Sequence[str] = (), system: Optional[str] = None, chat_template: bool = True,
                     prefill_step_size: int = 2048, max_kv_size: Optional[int] = None, prompt_cache=None,
                     image=None, prompt_progress_callback=None, image_features=None,
-                    pan_and_scan: Optional[bool] = None, draft_model=None, num_draft_tokens: int = 3,
+                    pan_and_scan: Optional[bool] = None, audio=None, video=None, image_budget: Optional[int] = None,
+                    draft_model=None, num_draft_tokens: int = 3,
                     prompt_lookup_ngram: Optional[int] = None, history: Sequence[int] = (),
                     kv_bits: Optional[int] = None, kv_group_size: int = 64,
                     quantized_kv_start: int = 5000, json_schema=None, regex: Optional[str] = None,
@@ -131,8 +134,9 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, max_tokens: int = 256, 
     constraint = constrained.constraint_for(model, text_tokenizer, json_schema=json_schema, regex=regex,
                                             grammar=grammar, choices=choices)
     args = template_args(text_tokenizer, think, chat_template_args, max_thinking_tokens)
-    request = _prepare(model, tokenizer, prompt, system, chat_template, image, prompt_cache, max_kv_size,
-                       prefill_step_size, prompt_progress_callback, image_features, pan_and_scan, history, args)
+    media = dict(image=image, audio=audio, video=video, pan_and_scan=pan_and_scan, image_budget=image_budget)
+    request = _prepare(model, tokenizer, prompt, system, chat_template, media, prompt_cache, max_kv_size,
+                       prefill_step_size, prompt_progress_callback, image_features, history, args)
     ids, cache, stats, history, sources = request
     seen = list(history) + list(ids)  # (the prompt's end: does it open a thought?)
     constraint = budgeted(constraint, text_tokenizer, max_thinking_tokens, constrained.logits_width(model), seen)
@@ -153,11 +157,10 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, max_tokens: int = 256, 
     yield from _stream(decoder, row, stream, reader, cache, draft_cache, emitted, stats)
 
 
-def _prepare(model, tokenizer, prompt, system, chat_template, image, prompt_cache, max_kv_size, step, progress,
-             image_features, pan_and_scan, history, template_args):
+def _prepare(model, tokenizer, prompt, system, chat_template, media, prompt_cache, max_kv_size, step, progress,
+             image_features, history, template_args):
     """(ids still to feed, the cache, prompt stats, what the cache holds already, lookup sources)."""
-    if pan_and_scan and not has_vision(model):
-        raise MlxGemmaError(f"pan-and-scan crops images for Gemma 3; {type(model).__name__} does not take them so")
+    image, options = media["image"], processor_options(model, tokenizer, media)
     if is_encoder_decoder(model):
         if prompt_cache is not None:
             raise MlxGemmaError("prompt_cache is for decoder-only models; T5Gemma 2 encodes each request afresh")
@@ -166,10 +169,12 @@ def _prepare(model, tokenizer, prompt, system, chat_template, image, prompt_cach
         return ids, cache, stats, list(history), (encoder_ids,)
     if has_vision(model):
         _, ids, stats = image_request(model, tokenizer, prompt, image, system, chat_template, prompt_cache, step,
-                                      progress, image_features, pan_and_scan, template_args)
+                                      progress, image_features, options, template_args, media["audio"],
+                                      media["video"])
         return ids, stats.pop("cache"), stats, list(history) + stats.pop("history"), ()
-    if image is not None:
-        raise MlxGemmaError(f"{type(model).__name__} is a text-only model: it takes no image")
+    for kind in ("image", "audio", "video"):
+        if media[kind] is not None:
+            raise MlxGemmaError(f"{type(model).__name__} is a text-only model: it takes no {kind}")
     ids = prompt_ids(tokenizer, prompt, system, chat_template, **template_args)
     check_prompt(model, ids, prompt_cache[0].offset if prompt_cache else 0)
     cache = prompt_cache if prompt_cache is not None else model.make_cache(max_kv_size=max_kv_size)
@@ -181,8 +186,8 @@ def _proposer(model, tokenizer, request, draft_model, ngram, seq, max_kv_size, s
     T5Gemma 2 encodes the request itself."""
     if draft_model is None:
         return (PromptLookup(ngram) if ngram else None), None
-    if has_vision(model) and model.config.image_token_index in seq:
-        raise MlxGemmaError("a draft model cannot see images: use --prompt-lookup-ngram with image prompts")
+    if has_vision(model) and set(media_tokens(model)) & set(seq):
+        raise MlxGemmaError("a draft model cannot see images or audio: use --prompt-lookup-ngram with such prompts")
     draft = DraftModel(draft_model)
     if is_encoder_decoder(draft_model):
         prompt, image, system, template_args = request
@@ -268,11 +273,11 @@ def continuation(model, tokenizer, text: str, path, image=None, max_kv_size=None
     cache, held = load_cache_file(path, model, max_kv_size)
     out = dict(prompt_cache=cache, history=held)
     if has_vision(model):
-        from .media.images import encode_prompt
+        from .media.features import encode_prompt
 
         images = tokenizer.images_per_prompt(image, 1)[0] if image else []
-        if images and tokenizer.boi_token not in text:
-            text = tokenizer.boi_token * len(images) + text
+        if images and tokenizer.marks["image"] not in text:
+            text = tokenizer.marks["image"] * len(images) + text
         out["prompt"], out["image_features"] = encode_prompt(model, tokenizer, text, images, add_special_tokens=False)
         out["image"] = None  # encoded: the features stand in for the images
     else:
@@ -290,8 +295,14 @@ def configure_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-step-size", type=int, default=2048, help="prompt tokens per prefill chunk "
                    "(default: %(default)s)")
     p.add_argument("--image", action="append", default=None,
-                   help="image file, repeatable (image+text models: Gemma 3 4B and up, T5Gemma 2); the prompt's "
-                        "<start_of_image> placeholders mark where each goes, else they go first")
+                   help="image file, repeatable (image+text models: Gemma 3 4B and up, Gemma 4, T5Gemma 2); the "
+                        "prompt's placeholders (<start_of_image>; Gemma 4: <|image|>) mark where each goes, else "
+                        "they go first")
+    p.add_argument("--audio", action="append", default=None,
+                   help="audio file (WAV, FLAC, MP3, M4A, OGG), repeatable (Gemma 4 E2B/E4B); <|audio|> in the "
+                        "prompt marks where each goes, else they go first")
+    p.add_argument("--image-budget", type=int, default=None, choices=SUPPORTED_SOFT_TOKENS,
+                   help="Gemma 4: soft tokens per image (more sees finer detail; default: the checkpoint's, 280)")
     p.add_argument("--pan-and-scan", action="store_true", default=None,
                    help="also show Gemma 3 crops of a wide or tall image (the processor's pan-and-scan)")
     add_structured_options(p)
@@ -336,7 +347,7 @@ def main(argv=None) -> int:
 
     def body() -> int:
         prompt, structured, thinking = read_prompt(args.prompt), structured_kwargs(args), thinking_kwargs(args)
-        if not prompt.strip() and not args.image and not args.prompt_cache_file:  # before the model loads
+        if not prompt.strip() and not args.image and not args.audio and not args.prompt_cache_file:
             raise MlxGemmaError("the prompt is empty: give some text")
         constrained.grammar_of(**structured)  # a bad constraint fails before the model loads
         check_options(**options, prefill_step_size=args.prefill_step_size)
@@ -350,7 +361,8 @@ def main(argv=None) -> int:
             for last in stream_generate(model, tokenizer, prompt, **options, **cached, **structured, **thinking,
                                         draft_model=draft, stop=[unescape(s) for s in args.stop],
                                         system=args.system, chat_template=not args.ignore_chat_template,
-                                        prefill_step_size=args.prefill_step_size, image=image,
+                                        prefill_step_size=args.prefill_step_size, image=image, audio=args.audio,
+                                        image_budget=args.image_budget,
                                         **({"pan_and_scan": True} if args.pan_and_scan else {}),
                                         prompt_progress_callback=PrefillProgress(args.prefill_step_size)):
                 shown.write(last)

@@ -122,7 +122,7 @@ def test_cached_greedy_decoding_equals_generate(pair):
                           token_type_ids=torch.tensor(types_of([ids])), attention_mask=torch.ones(1, len(ids),
                                                                                                   dtype=torch.long),
                           max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
-    from mlxgemma.media.images import prefill
+    from mlxgemma.media.features import prefill
 
     cache = model.make_cache()
     logits = prefill(model, cache, ids, model.get_image_features(pixels), step=5)
@@ -182,7 +182,7 @@ def test_legacy_layout_loads(pair, tmp_path):
 def test_bad_inputs(pair):
     _, model = pair
     ids = [prompt(2)]
-    with pytest.raises(MlxGemmaError, match="8 image tokens but 1 image"):
+    with pytest.raises(MlxGemmaError, match=r"8 image tokens but the image\(s\) give 4 features"):
         ours(model, ids, random_pixels(1))
     with pytest.raises(MlxGemmaError, match="image tokens but no image"):
         ours(model, ids)

@@ -132,7 +132,7 @@ def test_chat_turns_about_a_photo(ckpt):
     """Turn 2 prefills only its own tokens and encodes no image; its reply equals a fresh run of the whole
     conversation."""
     from mlxgemma.chat import ChatSession
-    from mlxgemma.media.images import FEATURES
+    from mlxgemma.media.features import FEATURES
 
     _, path, images = ckpt
     model, processor = mlxgemma.load(path)
@@ -181,7 +181,7 @@ def test_bad_inputs(ckpt, tmp_path):
     with pytest.raises(MlxGemmaError, match="not an image file"):
         _tokens(model, processor, "t9", image=tmp_path / "bad.png")
     ids = processor("t9 <start_of_image>", [images[0]])["input_ids"][0].tolist()
-    with pytest.raises(MlxGemmaError, match="1 image block.* but 0 image"):
+    with pytest.raises(MlxGemmaError, match=r"holds 4 media placeholder token\(s\) but the media give 0"):
         _tokens(model, processor, ids)  # image tokens, no image
     with pytest.raises(MlxGemmaError, match="ends inside an image"):
         _tokens(model, processor, ids[: ids.index(processor.image_token_id) + 2], image=images[0])
@@ -203,9 +203,9 @@ def test_repl_image_command(ckpt, monkeypatch, capsys):
     replies = []
     real = chat.ChatSession.stream  # (what the REPL calls: chunks with the thought apart)
 
-    def spy(self, text, images=()):
+    def spy(self, text, images=(), audio=()):
         replies.append((text, len(images)))
-        return real(self, text, images)
+        return real(self, text, images, audio)
 
     monkeypatch.setattr(chat.ChatSession, "stream", spy)
     assert chat.main(["--model", str(path), "--max-tokens", "3"]) == 0
@@ -251,17 +251,19 @@ def test_caption_example_in_batches(ckpt, tmp_path):
 
 
 def test_feature_cache_is_exact_and_bounded(ckpt):
-    from mlxgemma.media.images import FeatureCache
+    from mlxgemma.media.features import FeatureCache
     from reference import random_pixels
 
     _, path, _ = ckpt
     model = mlxgemma.load_model(path)
-    cache, pixels = FeatureCache(max_images=2), random_pixels(3, seed=11)
+    cache, pixels = FeatureCache(max_items=2), random_pixels(3, seed=11)
     first = cache.encode(model, pixels)  # more images than it keeps: all come back, two stay
-    assert np.array_equal(np.array(first), np.array(model.get_image_features(pixels)))
+    expected = np.array(model.get_image_features(pixels))
+    assert np.array_equal(np.array(first), expected.reshape(-1, expected.shape[-1]))
     assert (cache.misses, len(cache.entries)) == (3, 2)
     again = cache.encode(model, pixels[1:])
-    assert cache.hits == 2 and np.array_equal(np.array(again), np.array(first[1:]))
+    per_image = expected.shape[1]
+    assert cache.hits == 2 and np.array_equal(np.array(again), np.array(first[per_image:]))
     other = mlxgemma.load_model(path)  # another model: its own features, never another model's
     cache.encode(other, pixels[1:2])
     assert cache.misses == 4

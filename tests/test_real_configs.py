@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
@@ -62,7 +63,7 @@ def test_real_config_matches_its_index(name):
 
 # Gemma 4: no index of the released checkpoints is public, so the names and shapes to expect are those of
 # transformers' own Gemma4ForConditionalGeneration built from the same config.json (on the meta device: no
-# memory), whose text part is what the checkpoint's language model holds. Its total with the vision and
+# memory). Its total with the vision and
 # audio towers is the size the model cards give: 5.1B for E2B ("with embeddings"), 31B.
 GEMMA4 = {"google__gemma-4-E2B-it": 5.1, "google__gemma-4-31B-it": 31}
 
@@ -78,10 +79,11 @@ def test_gemma4_real_config_matches_transformers(name):
     reference = {k: tuple(v.shape) for k, v in hf.state_dict().items()}
     model = mlxgemma.build_model(d)
     ours = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
-    stored = model.sanitize(dict(reference))  # the checkpoint's names as the loader maps them (towers dropped)
+    # the checkpoint's names and shapes as the loader maps them, towers included (arrays of no memory)
+    empty = {k: np.lib.stride_tricks.as_strided(np.zeros(1, bool), s, (0,) * len(s)) for k, s in reference.items()}
+    stored = {k: tuple(v.shape) for k, v in model.sanitize(empty).items()}
     assert stored == ours
-    towers = sum(math.prod(s) for k, s in reference.items() if not k.startswith(("model.language_model.", "lm_head")))
-    total = sum(math.prod(s) for s in ours.values()) + towers
+    total = sum(math.prod(s) for s in ours.values())
     assert round(total / 1e9, 1 if GEMMA4[name] < 10 else 0) == GEMMA4[name]
 
 
@@ -89,7 +91,7 @@ def test_gemma4_e2b_layout():
     """E2B: 35 layers, the last 20 KV-shared (no k/v weights, no cache, double-wide MLPs), full layers with
     512-wide heads, and a per-layer input table of 35 x 256 per token."""
     model = mlxgemma.build_model(_read("google__gemma-4-E2B-it", "config.json"))
-    params = dict(tree_flatten(model.parameters()))
+    params = dict(tree_flatten(model.language_model.parameters()))  # (the text part)
     config = model.config
     assert config.first_kv_shared_layer_idx == 15 and config.kv_donors == {"sliding_attention": 13,
                                                                              "full_attention": 14}
@@ -104,9 +106,10 @@ def test_gemma4_e2b_layout():
 def test_gemma4_31b_layout():
     """31B: no sharing, no per-layer inputs; full layers take values from k_proj, with 4 KV heads of 512."""
     model = mlxgemma.build_model(_read("google__gemma-4-31B-it", "config.json"))
-    params = dict(tree_flatten(model.parameters()))
+    params = dict(tree_flatten(model.language_model.parameters()))
     assert params["model.layers.5.self_attn.k_proj.weight"].shape == (4 * 512, 5376)
     assert "model.layers.5.self_attn.v_proj.weight" not in params
     assert params["model.layers.0.self_attn.v_proj.weight"].shape == (16 * 256, 5376)
     assert not any("per_layer" in k for k in params)
+    assert "audio_tower" not in model and "vision_tower" in model  # 31B sees, does not hear
     assert model.config.final_logit_softcapping == 30.0 and not model.config.bidirectional  # "vision": causal text

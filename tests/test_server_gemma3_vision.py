@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 import mlxgemma
-from mlxgemma.media.images import FEATURES
+from mlxgemma.media.features import FEATURES
 from server_util import serve
 from test_gemma3_vision import hf_gemma3_vision
 from test_gemma3_vision_paths import vision_checkpoint

@@ -5,10 +5,9 @@ decode core, each leaving as it ends."""
 from typing import List
 
 import mlx.core as mx
-import numpy as np
 
 from ..errors import MlxGemmaError
-from ..media.images import FEATURES, count_images, prefill
+from ..media.features import FEATURES, media_tokens, prefill, slots
 from .decoder import Decoder, Row, forward
 from .sampling import SamplingOptions
 from .stream import TextStream
@@ -19,17 +18,17 @@ def generate_batch(model, processor, texts: List[str], images: List[list], max_t
     the tower in one forward; the outputs are as each prompt alone would give."""
     if len(texts) != len(images):
         raise MlxGemmaError(f"{len(texts)} prompts but {len(images)} image lists")
-    inputs = [processor(t, list(im) or None) for t, im in zip(texts, images)]
-    pixels = [r["pixel_values"] for r in inputs if "pixel_values" in r]
-    features = FEATURES.encode(model, np.concatenate(pixels)) if pixels else None
-    decoder, image = Decoder(model), 0
-    streams, outputs = [], [""] * len(inputs)
-    for i, r in enumerate(inputs):
-        ids = r["input_ids"][0].tolist()
-        k = count_images(ids, model.config.image_token_index)
+    prepared = [processor.prepare(t, list(im)) for t, im in zip(texts, images)]
+    items = [item for _, row_items in prepared for item in row_items]
+    features = FEATURES.encode_items(model, items) if items else None
+    decoder, done, tokens = Decoder(model), 0, set(media_tokens(model))
+    streams, outputs = [], [""] * len(prepared)
+    for i, (inputs, _) in enumerate(prepared):
+        ids = inputs["input_ids"][0].tolist()
+        k = slots(ids, tokens)
         cache = model.make_cache()
-        prefill(model, cache, ids[:-1], features[image:image + k] if k else None)
-        image += k
+        prefill(model, cache, ids[:-1], features[done:done + k] if k else None)
+        done += k
         row = Row(SamplingOptions().sampler(), ids, max_tokens, tag=i, prompt=len(ids))
         stream = TextStream(processor.tokenizer, max_tokens=max_tokens)
         text, finish = stream.add(decoder.start(row, forward(model, mx.array([ids[-1:]]), cache)[0, -1]).token)

@@ -148,34 +148,73 @@ def encode_request(model, processor, prompt, image, system, max_kv_size, templat
     return ids, processor.tokenizer, [config.decoder.bos_token_id], cache, stats
 
 
+def listed(items) -> list:
+    """None, one item (a path, bytes, an image or an array) or a list -> a list."""
+    if items is None:
+        return []
+    return list(items) if isinstance(items, (list, tuple)) else [items]
+
+
+def with_marks(processor, prompt: str, media: dict) -> str:
+    """A prompt without placeholders gets one per item in front (images, then audio, then videos)."""
+    front = "".join(processor.marks[kind] * len(items) for kind, items in media.items()
+                    if items and processor.marks.get(kind) not in prompt)
+    return front + prompt
+
+
 def image_request(model, processor, prompt, image, system, chat_template, prompt_cache, step, progress,
-                  features, pan_and_scan, template_args: Optional[dict] = None):
-    """Gemma 3 with images: the prompt expanded, every token but the last prefilled here (image blocks kept
-    whole, which fixed chunks would not), the last one left to the decoding loop."""
-    from ..media.images import encode_prompt, prefill
+                  features, options: dict, template_args: Optional[dict] = None, audio=None, video=None):
+    """A decoder with media (Gemma 3's images; Gemma 4's images, audio and video): the prompt expanded, every
+    token but the last prefilled here (media blocks kept whole, which fixed chunks would not), the last one
+    left to the decoding loop. options go to the processor (pan-and-scan, the image budget)."""
+    from ..media.features import encode_prompt, media_tokens, prefill
 
-    images = processor.images_per_prompt(image, 1)[0] if image is not None else []
-    options = {} if pan_and_scan is None else {"do_pan_and_scan": pan_and_scan}
+    media = {"image": processor.images_per_prompt(image, 1)[0] if image is not None else [],
+             "audio": listed(audio), "video": listed(video)}
+    for kind in ("audio", "video"):
+        if media[kind] and kind not in processor.marks:
+            raise MlxGemmaError(f"{type(model).__name__} takes images only: no {kind}")
     if isinstance(prompt, str) or (prompt and all(isinstance(m, dict) for m in prompt)):
-        if images and isinstance(prompt, str) and processor.boi_token not in prompt:
-            prompt = processor.boi_token * len(images) + prompt  # one placeholder per image, in front
+        if isinstance(prompt, str):
+            prompt = with_marks(processor, prompt, media)
         text = prompt_text(processor.tokenizer, prompt, system, chat_template, **(template_args or {}))
-        ids, features = encode_prompt(model, processor, text, images, **options)
+        ids, features = encode_prompt(model, processor, text, media["image"], media["audio"], media["video"],
+                                      **options)
     elif prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        ids = list(prompt)  # expanded already; images as pixels or as features
-        if images:
-            from ..media.images import FEATURES
+        ids = list(prompt)  # expanded already; media as their features (or, for Gemma 3, images as pixels)
+        if media["audio"] or media["video"] or (media["image"] and not hasattr(processor, "preprocess")):
+            raise MlxGemmaError("a prompt of token ids takes its media as image_features (encode_prompt's), "
+                                "or give the prompt as text")
+        if media["image"]:
+            from ..media.features import FEATURES
 
-            features = FEATURES.encode(model, processor.preprocess(images, **options))
+            features = FEATURES.encode(model, processor.preprocess(media["image"], **options))
     else:
         raise MlxGemmaError("a prompt is text, a list of token ids or a list of chat messages")
     cache = prompt_cache if prompt_cache is not None else model.make_cache()
     check_prompt(model, ids, cache[0].offset)
-    if ids[-1] == model.config.image_token_index:
-        raise MlxGemmaError("the prompt ends inside an image: an image block ends with its end-of-image token")
+    if ids[-1] in media_tokens(model):
+        raise MlxGemmaError("the prompt ends inside an image or a clip: a media block ends with its end token")
     start = time.perf_counter()
     if len(ids) > 1:
         prefill(model, cache, ids[:-1], features, step, progress)
     seconds = time.perf_counter() - start
     return processor.tokenizer, ids[-1:], dict(prompt_tokens=len(ids), prompt_tps=len(ids) / max(seconds, 1e-9),
                                                cache=cache, history=ids[:-1])
+
+
+def processor_options(model, processor, media: dict) -> dict:
+    """A request's per-call processor options: Gemma 3's pan-and-scan, Gemma 4's image budget (soft tokens)."""
+    options = {}
+    if media.get("pan_and_scan"):
+        if not getattr(processor, "supports_pan_and_scan", False):
+            raise MlxGemmaError(f"pan-and-scan crops images for Gemma 3; {type(model).__name__} does not take them so")
+        options["do_pan_and_scan"] = True
+    elif media.get("pan_and_scan") is False and getattr(processor, "supports_pan_and_scan", False):
+        options["do_pan_and_scan"] = False
+    if media.get("image_budget") is not None:
+        if not hasattr(processor, "image_processor"):
+            raise MlxGemmaError(f"an image budget sets Gemma 4's soft tokens per image; {type(model).__name__} "
+                                "takes none")
+        options["max_soft_tokens"] = media["image_budget"]
+    return options

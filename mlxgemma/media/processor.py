@@ -80,7 +80,7 @@ _PAN_AND_SCAN_CHECKS = {
 }
 
 
-def _check_image_options(options: dict) -> None:
+def check_image_options(options: dict) -> None:
     """preprocessor_config.json's values by type, so that a broken file is one clear error."""
     def numbers(v, n):
         return isinstance(v, list) and len(v) == n and all(_number(x) for x in v)
@@ -112,7 +112,7 @@ class Gemma3Processor:
 
     def __init__(self, tokenizer, config, image_options: Optional[dict] = None):
         options = image_options or {}
-        _check_image_options(options)
+        check_image_options(options)
         self.tokenizer = tokenizer
         size = options.get("size") or {}
         vision = config.vision_config.image_size
@@ -133,6 +133,7 @@ class Gemma3Processor:
         self.boi_token, self.eoi_token, image = hf.convert_ids_to_tokens(
             [config.boi_token_index, config.eoi_token_index, config.image_token_index])
         self.full_image_sequence = f"\n\n{self.boi_token}{image * config.mm_tokens_per_image}{self.eoi_token}\n\n"
+        self.marks = {"image": self.boi_token}  # where each kind of item goes in a prompt
 
     @classmethod
     def from_pretrained(cls, path: Path, tokenizer, config) -> "Gemma3Processor":
@@ -244,6 +245,15 @@ class Gemma3Processor:
                 out["num_crops"] = num_crops
         return out
 
+    def prepare(self, text, images=(), audio=(), videos=(), **options) -> tuple:
+        """(the inputs of __call__, one item per image or crop: {"pixel_values": (1, 3, H, W)}, in order), as
+        Gemma4Processor.prepare gives them (media/features.py encodes and caches items)."""
+        if audio or videos:
+            raise MlxGemmaError("this model takes images only: no audio or video")
+        images = list(images or ())
+        inputs = self(text, images or None, **options)
+        return inputs, [{"pixel_values": p[None]} for p in inputs.get("pixel_values", ())]
+
     @staticmethod
     def images_per_prompt(images, n_texts: int) -> list:
         """One list of images per prompt, from None, one image, a list (one prompt) or a list of lists."""
@@ -268,5 +278,5 @@ class T5Gemma2Processor(Gemma3Processor):
     supports_pan_and_scan = False
 
     def __init__(self, tokenizer, config, image_options: Optional[dict] = None):
-        _check_image_options(image_options or {})  # a broken file is named before the config is read
+        check_image_options(image_options or {})  # a broken file is named before the config is read
         super().__init__(tokenizer, config.encoder, image_options)

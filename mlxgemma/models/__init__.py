@@ -1,7 +1,7 @@
 """The registry: config.json's model_type and architectures -> config class and model class."""
 
 from ..errors import MlxGemmaError
-from . import gemma, gemma2, gemma3, gemma3_vision, gemma4, stablelm, t5gemma2
+from . import gemma, gemma2, gemma3, gemma3_vision, gemma4, gemma4_multimodal, stablelm, t5gemma2
 from .config import text_config_of
 
 # model_type -> (config class, family module, the class used when config.json names no architecture)
@@ -11,7 +11,7 @@ FAMILIES = {
     "gemma3_text": (gemma3.Gemma3TextConfig, gemma3.Gemma3ForCausalLM),
     "gemma3": (gemma3_vision.Gemma3Config, gemma3_vision.Gemma3ForConditionalGeneration),
     "gemma4_text": (gemma4.Gemma4TextConfig, gemma4.Gemma4ForCausalLM),
-    "gemma4": (gemma4.Gemma4TextConfig, gemma4.Gemma4ForCausalLM),  # the text part of a multimodal checkpoint
+    "gemma4": (gemma4_multimodal.Gemma4Config, gemma4_multimodal.Gemma4ForConditionalGeneration),
     "stablelm": (stablelm.StableLmConfig, stablelm.StableLmForCausalLM),
     "t5gemma2": (t5gemma2.T5Gemma2Config, t5gemma2.T5Gemma2ForConditionalGeneration),
 }
@@ -25,15 +25,19 @@ CLASSES = {
         gemma2.Gemma2ForTokenClassification,
         gemma3.Gemma3TextModel, gemma3.Gemma3ForCausalLM, gemma3.Gemma3TextForSequenceClassification,
         gemma3_vision.Gemma3ForConditionalGeneration, gemma3_vision.Gemma3ForSequenceClassification,
-        gemma4.Gemma4TextModel, gemma4.Gemma4ForCausalLM,
+        gemma4.Gemma4TextModel, gemma4.Gemma4ForCausalLM, gemma4_multimodal.Gemma4ForConditionalGeneration,
         stablelm.StableLmModel, stablelm.StableLmForCausalLM, stablelm.StableLmForSequenceClassification,
         stablelm.StableLmForTokenClassification,
         t5gemma2.T5Gemma2Model, t5gemma2.T5Gemma2ForConditionalGeneration,
         t5gemma2.T5Gemma2ForSequenceClassification, t5gemma2.T5Gemma2ForTokenClassification,
     )
 }
-# Multimodal Gemma 4: we run its text part.
-CLASSES["Gemma4ForConditionalGeneration"] = gemma4.Gemma4ForCausalLM
+
+
+def _text_only(d: dict) -> bool:
+    """A multimodal model_type whose config.json has no tower (mlx-lm's conversions): its text part."""
+    return d.get("model_type") in ("gemma3", "gemma4") and d.get("vision_config") is None \
+        and d.get("audio_config") is None
 
 
 def has_vision(model) -> bool:
@@ -74,14 +78,12 @@ def config_from_dict(d: dict, source: str = "config.json"):
         what = f"model_type {model_type!r}" if model_type else "no model_type"
         raise MlxGemmaError(f"{source} has {what}; supported: {', '.join(FAMILIES)}")
     config_class, _ = FAMILIES[model_type]
-    if model_type == "gemma3" and d.get("vision_config") is None:  # an mlx-lm conversion: the text part only
+    if model_type == "gemma3" and _text_only(d):  # an mlx-lm conversion: the text part only
         return gemma3.Gemma3TextConfig.from_dict(text_config_of(d), source=f"{source} (text_config)", require=False)
-    if model_type == "gemma3":
-        return config_class.from_dict(d, source=source, require=False)
-    if model_type == "gemma4":
+    if model_type == "gemma4" and _text_only(d):
         text = text_config_of(d, model_type + "_text")
-        return config_class.from_dict(text, source=f"{source} (text_config)", require=False)
-    if model_type == "t5gemma2":  # shapes live in the sub-configs, with transformers' defaults
+        return gemma4.Gemma4TextConfig.from_dict(text, source=f"{source} (text_config)", require=False)
+    if model_type in ("gemma3", "gemma4", "t5gemma2"):  # shapes live in the sub-configs, with transformers' defaults
         return config_class.from_dict(d, source=source, require=False)
     return config_class.from_dict(d, source=source)
 
@@ -90,8 +92,8 @@ def model_class_for(d: dict):
     """The class named by config.json's architectures, checked against its model_type."""
     model_type = d.get("model_type")
     default = FAMILIES[model_type][1]
-    if model_type == "gemma3" and d.get("vision_config") is None:
-        return gemma3.Gemma3ForCausalLM
+    if _text_only(d):
+        return gemma3.Gemma3ForCausalLM if model_type == "gemma3" else gemma4.Gemma4ForCausalLM
     names = d.get("architectures") or []
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise MlxGemmaError("config.json: architectures must be a list of class names")

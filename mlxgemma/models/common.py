@@ -201,9 +201,10 @@ def padding_of(attention_mask, L: int) -> Optional[mx.array]:
 
 
 def layer_masks(layer_types, caches, L: int, attention_mask, window: Optional[int],
-                bidirectional: bool = False, blocks: Optional[mx.array] = None) -> dict:
+                bidirectional: bool = False, blocks: Optional[mx.array] = None, block_types=None) -> dict:
     """One mask per layer type, computed once from the first cache of that type; every cache then records
-    which new tokens are padding. blocks (B, L): image blocks among the new tokens (image_blocks)."""
+    which new tokens are padding. blocks (B, L): image blocks among the new tokens (image_blocks), which
+    the layers of block_types (all when None) let attend within themselves."""
     valid = padding_of(attention_mask, L)
     if caches is None:
         masks = {t: uncached_mask(L, valid, window if t == SLIDING else None, bidirectional)
@@ -219,15 +220,19 @@ def layer_masks(layer_types, caches, L: int, attention_mask, window: Optional[in
             c.record_padding(L, valid)
     if blocks is not None:
         offset = caches[0].offset if caches else 0
-        masks = {t: with_blocks(m, blocks, offset, window if t == SLIDING else None) for t, m in masks.items()}
+        masks = {t: with_blocks(m, blocks, offset, window if t == SLIDING else None)
+                 if block_types is None or t in block_types else m for t, m in masks.items()}
     return masks
 
 
-def image_blocks(token_type_ids) -> mx.array:
-    """transformers' block ids for the mask: each run of image tokens (type 1) numbered 0, 1, ... per row,
-    -1 for text (get_block_sequence_ids_for_mask)."""
+def image_blocks(token_type_ids, kinds=(1,)) -> mx.array:
+    """transformers' block ids for the mask: each run of image tokens (a type in kinds: 1, and Gemma 4's
+    video frames, 2) numbered 0, 1, ... per row, -1 for text (get_block_sequence_ids_for_mask)."""
     types = mx.array(np.asarray(token_type_ids)) if not isinstance(token_type_ids, mx.array) else token_type_ids
-    is_image = (types if types.ndim == 2 else types[None]) == 1
+    types = types if types.ndim == 2 else types[None]
+    is_image = mx.zeros(types.shape, dtype=mx.bool_)
+    for kind in kinds:
+        is_image = is_image | (types == kind)
     before = mx.pad(is_image, [(0, 0), (1, 0)])[:, :-1]
     starts = mx.cumsum((is_image & ~before).astype(mx.int32), axis=1) - 1
     return mx.where(is_image, starts, -1)

@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from ..errors import MlxGemmaError
 from .common import PreTrainedModel, RMSNorm, as_input_ids, image_blocks, scaled_embedding
@@ -93,11 +94,11 @@ class Gemma3MultiModalProjector(nn.Module):
 def merge_image_features(input_ids: mx.array, h: mx.array, features: mx.array, image_token: int) -> mx.array:
     """Features fill the image-token slots in (batch, sequence) order, as transformers' masked_scatter."""
     slots = (input_ids == image_token).reshape(-1)
-    n_slots, (n_images, per_image, D) = slots.sum().item(), features.shape
-    if n_slots != n_images * per_image:
-        raise MlxGemmaError(f"input_ids hold {n_slots} image tokens but {n_images} image(s) give "
-                            f"{n_images * per_image} features ({per_image} each): prepare text and images "
-                            "together with the model's processor")
+    D = features.shape[-1]
+    n_slots, given = slots.sum().item(), features.size // D
+    if n_slots != given:
+        raise MlxGemmaError(f"input_ids hold {n_slots} image tokens but the image(s) give {given} features: "
+                            "prepare text and images together with the model's processor")
     index = mx.maximum(mx.cumsum(slots.astype(mx.int32)) - 1, 0)
     merged = mx.where(slots[:, None], features.reshape(-1, D).astype(h.dtype)[index], h.reshape(-1, D))
     return merged.reshape(h.shape)
@@ -160,6 +161,14 @@ class _Gemma3WithImages(PreTrainedModel):
     def get_image_features(self, pixel_values) -> mx.array:
         """(N, 3, S, S) -> (N, mm_tokens_per_image, hidden)."""
         return self.multi_modal_projector(self.vision_tower(mx.array(pixel_values)))
+
+    def encode_media(self, items: list) -> list:
+        """Processed images ({"pixel_values": (1, 3, S, S)} each) -> one (tokens, hidden) array each."""
+        return list(self.get_image_features(np.concatenate([i["pixel_values"] for i in items])))
+
+    def media_inputs(self, features, token_types) -> dict:
+        """The keywords that give a forward already-encoded image features, (slots, D), and token types."""
+        return {"image_features": features, "token_type_ids": token_types}
 
     def text_inputs(self, input_ids, pixel_values=None, image_features=None, token_type_ids=None):
         """(ids, the text head's extra inputs): embeddings with the image features spliced in, and the

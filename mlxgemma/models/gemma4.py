@@ -16,7 +16,7 @@ import mlx.nn as nn
 from ..errors import MlxGemmaError
 from .common import (MLP, PreTrainedModel, activation, as_input_ids, attention, heads, layer_masks, make_caches,
                      scaled_embedding)
-from .config import FULL
+from .config import FULL, SLIDING
 from .distributed import world
 from .gemma3 import language_model_part
 from .gemma4_checkpoint import checkpoint_of, experts_from_checkpoint
@@ -204,10 +204,14 @@ class Gemma4TextModel(Gemma4PreTrainedModel):
             self.per_layer_model_projection = nn.Linear(D, N * P, bias=False)
             self.per_layer_projection_norm = Gemma4RMSNorm(P, config.rms_norm_eps)
 
-    def __call__(self, input_ids, attention_mask=None, cache=None) -> mx.array:
+    def __call__(self, input_ids, attention_mask=None, cache=None, inputs_embeds=None, blocks=None) -> mx.array:
+        """inputs_embeds (B, L, D) stand in for the scaled embeddings of input_ids (with images: their features
+        spliced in; input_ids, placeholders as the pad token, still give the per-layer inputs); blocks (B, L)
+        let each image block attend within itself on the sliding layers (gemma4_multimodal.py)."""
         config = self.config
         input_ids = as_input_ids(input_ids, config.vocab_size)
-        h = scaled_embedding(self.embed_tokens, input_ids, config.hidden_size)
+        h = scaled_embedding(self.embed_tokens, input_ids, config.hidden_size) if inputs_embeds is None \
+            else inputs_embeds
         per_layer = self.per_layer_inputs(input_ids, h) if config.hidden_size_per_layer_input else None
         owners = config.first_kv_shared_layer_idx
         if cache is not None and len(cache) != owners:
@@ -215,7 +219,8 @@ class Gemma4TextModel(Gemma4PreTrainedModel):
                                 f"and values, from model.make_cache()), got {len(cache)}")
         window = config.sliding_window + 1 if config.bidirectional else config.sliding_window  # |i - j| <= W there
         types = config.layer_types if cache is None else config.layer_types[:owners]
-        masks = layer_masks(types, cache, h.shape[1], attention_mask, window, config.bidirectional)
+        masks = layer_masks(types, cache, h.shape[1], attention_mask, window, config.bidirectional, blocks,
+                            block_types=(SLIDING,))
         donors, shared = set(config.kv_donors.values()), {}
         for i, layer in enumerate(self.layers):
             t = layer.attention_type

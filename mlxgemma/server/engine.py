@@ -4,13 +4,11 @@ images from data URLs or base64), and the scheduler's events as an async stream 
 import asyncio
 import base64
 import binascii
-import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
-import numpy as np
 
 from ..decode.constrained import Constraint, grammar_of, logits_width
 from ..errors import MlxGemmaError
@@ -18,6 +16,7 @@ from ..decode.prompt import apply_template, check_prompt, check_text
 from ..decode.sampling import SamplingOptions
 from ..decode.thinking import ThinkingBudget, has_channel, opens_thought, think_args, thinking_on
 from ..models import has_vision, is_encoder_decoder
+from ..media.features import media_key, media_tokens
 from ..media.processor import decode_image
 from .scheduler import Request, Scheduler
 from .schemas import RequestError
@@ -42,27 +41,11 @@ class Prompt:
     ids: List[int]  # the decoder's prompt (T5Gemma 2: its start token)
     encoder: Optional[dict] = None  # T5Gemma 2: input_ids, pixel_values
     images: list = field(default_factory=list)
-    pixel_values: Optional[object] = None  # Gemma 3: the images of `ids`' image blocks, in order
-    key: Optional[List[int]] = None  # Gemma 3 with images: what the prompt cache matches (see image_key)
+    media: Optional[list] = None  # the processed items of `ids`' blocks, in order (media/features.py)
+    key: Optional[List[int]] = None  # with media: what the prompt cache matches (media_key)
     channel: bool = False  # the template has a thought channel (Gemma 4): the output is read apart
     thinking: bool = False  # thinking is on (thoughts are the reasoning; off, they are dropped)
     in_thought: bool = False  # the prompt ends inside an open thought
-
-
-def image_key(ids: List[int], pixel_values, image_token: int) -> List[int]:
-    """The prompt cache matches token ids, and every image's tokens are the same id: in the key each image
-    block's tokens become a negative number from the digest of that image's pixels, so a cached prefix is
-    reused only for the same images."""
-    digests = iter(-1 - int(hashlib.sha256(np.ascontiguousarray(p).tobytes()).hexdigest()[:15], 16)
-                   for p in pixel_values)
-    key, current = [], None
-    for i, t in enumerate(ids):
-        if t == image_token:
-            current = next(digests) if i == 0 or ids[i - 1] != image_token else current
-            key.append(current)
-        else:
-            key.append(t)
-    return key
 
 
 def image_bytes(url: str) -> bytes:
@@ -118,10 +101,11 @@ class Engine:
         tools (tools.Tools) go in as tools.py says; earlier thoughts (reasoning_content, reasoning or Ollama's
         thinking) as `reasoning`, which Gemma 4's template keeps where it should."""
         args = self.template_kwargs() if template_kwargs is None else template_kwargs
-        turns, images = [], []
+        turns, images, clips = [], [], []
         for m in messages:
-            text, pictures = self._content(m)
+            text, pictures, sounds = self._content(m)
             images += pictures
+            clips += sounds
             turn = {"role": "system" if m.role == "developer" else m.role, "content": text}
             if m.tool_calls:
                 turn["tool_calls"] = m.tool_calls
@@ -135,7 +119,9 @@ class Engine:
             raise RequestError(f"at most {MAX_IMAGES} images per request", param="messages")
         template = getattr(self.tokenizer, "chat_template", None) or ""
         turns, extra = conversation(turns, tools, native="tools" in template)
-        prompt = self._prompt(turns, images, template=True, extra=dict(args, **extra))
+        if len(clips) > MAX_IMAGES:
+            raise RequestError(f"at most {MAX_IMAGES} audio clips per request", param="messages")
+        prompt = self._prompt(turns, images, template=True, extra=dict(args, **extra), audio=clips)
         prompt.channel = has_channel(self.tokenizer)
         prompt.thinking = thinking_on(self.tokenizer, args)
         prompt.in_thought = opens_thought(self.tokenizer, prompt.ids)
@@ -189,15 +175,17 @@ class Engine:
         images = [self._image(b, "images") for b in images]
         if not raw and getattr(self.tokenizer, "chat_template", None):
             turns = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-            marker = (self.processor.boi_token * len(images)) if images else ""
+            marker = (self.processor.marks["image"] * len(images)) if images else ""
             turns[-1]["content"] = marker + prompt
             return self._prompt(turns, images, template=True)
         text = f"{system}\n\n{prompt}" if system else prompt
         if images:
-            text = self.processor.boi_token * len(images) + text
+            text = self.processor.marks["image"] * len(images) + text
         return self._prompt(text, images, template=False)
 
     def _content(self, m):
+        """(text with a placeholder per item, images, audio clips' bytes) of a message."""
+        clips = []
         if isinstance(m.content, str) or m.content is None:
             text, pictures = m.content or "", []
         else:
@@ -205,6 +193,9 @@ class Engine:
             for part in m.content:
                 if part.type == "text":
                     text += part.text
+                elif part.type == "input_audio":
+                    clips.append(self._audio(part.input_audio.data))
+                    text += self.processor.marks["audio"]
                 else:
                     url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
                     pictures.append(self._image(url, "messages"))
@@ -212,12 +203,20 @@ class Engine:
         for b in m.images or []:
             pictures.append(self._image(b, "messages"))
             text = self._placeholder() + text
-        return text, pictures
+        return text, pictures, clips
+
+    def _audio(self, data: str) -> bytes:
+        if self.processor is None or "audio" not in getattr(self.processor, "marks", {}):
+            raise RequestError(f"{self.name} takes no audio", param="messages")
+        try:
+            return base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError("input_audio.data is not base64", param="messages") from None
 
     def _placeholder(self) -> str:
         if not self.takes_images:
             raise RequestError(f"{self.name} is a text-only model: it takes no images", param="messages")
-        return self.processor.boi_token
+        return self.processor.marks["image"]
 
     def _image(self, url: str, param: str):
         self._placeholder()
@@ -226,7 +225,7 @@ class Engine:
         except MlxGemmaError as e:
             raise RequestError(str(e), param=param) from None
 
-    def _prompt(self, turns, images, template: bool, extra=None) -> Prompt:
+    def _prompt(self, turns, images, template: bool, extra=None, audio=()) -> Prompt:
         try:
             if template:
                 for t in turns:
@@ -241,11 +240,11 @@ class Engine:
             if not self.takes_images:
                 self._check_ids(text_or_ids)
                 return Prompt(text_or_ids)
-            inputs = self.processor(text_or_ids, images or None)
+            inputs, items = self.processor.prepare(text_or_ids, images, audio)
         except MlxGemmaError as e:
             raise RequestError(str(e)) from None
         if self.vision:
-            return self._vision_prompt(inputs, images)
+            return self._vision_prompt(inputs, images, items)
         encoder = {"input_ids": inputs["input_ids"], "pixel_values": inputs.get("pixel_values")}
         limit = self.model.config.encoder.text_config.max_position_embeddings
         if inputs["input_ids"].shape[1] >= limit:
@@ -253,13 +252,12 @@ class Engine:
                                f"{limit}: shorten it", code="context_length_exceeded")
         return Prompt([self.model.config.decoder.bos_token_id], encoder, images)
 
-    def _vision_prompt(self, inputs: dict, images: list) -> Prompt:
-        ids, pixels = inputs["input_ids"][0].tolist(), inputs.get("pixel_values")
+    def _vision_prompt(self, inputs: dict, images: list, items: list) -> Prompt:
+        ids = inputs["input_ids"][0].tolist()
         self._check_ids(ids)
-        if pixels is None:
+        if not items:
             return Prompt(ids)
-        return Prompt(ids, images=images, pixel_values=pixels,
-                      key=image_key(ids, pixels, self.model.config.image_token_index))
+        return Prompt(ids, images=images, media=items, key=media_key(ids, items, media_tokens(self.model)))
 
     def _check_ids(self, ids: List[int]) -> None:
         try:
@@ -281,7 +279,7 @@ class Engine:
             raise RequestError(str(e)) from None
         return Request(prompt.ids, emit=None, max_tokens=max_tokens or d.max_tokens, sampling=sampling, n=n,
                        stop=list(stop or []), top_logprobs=top_logprobs or 0, encoder=prompt.encoder,
-                       context=self.context, pixel_values=prompt.pixel_values, key=prompt.key, constraint=constraint)
+                       context=self.context, media=prompt.media, key=prompt.key, constraint=constraint)
 
     async def events(self, request: Request, http_request=None):
         """Submit request and yield its (kind, data) events until it ends. Leaving early (a client gone,

@@ -53,9 +53,9 @@ class Ranks:
         constraint = Constraint(scheduler.tokenizer, *grammar) if grammar else None
         encoder = spec.pop("encoder")
         encoder = {k: _array(v) for k, v in encoder.items()} if encoder is not None else None
-        pixels = _array(spec.pop("pixel_values"))
+        media = [{k: _array(v) for k, v in item.items()} for item in spec.pop("media") or ()] or None
         spec["sampling"] = SamplingOptions(**spec["sampling"])
-        return Request(**spec, emit=_nowhere, encoder=encoder, pixel_values=pixels, constraint=constraint)
+        return Request(**spec, emit=_nowhere, encoder=encoder, media=media, constraint=constraint)
 
 
 def _spec(r) -> dict:
@@ -63,7 +63,7 @@ def _spec(r) -> dict:
     return dict(uid=r.uid, prompt=list(r.prompt), max_tokens=r.max_tokens, sampling=dataclasses.asdict(r.sampling), n=r.n,
                 stop=list(r.stop), top_logprobs=r.top_logprobs, context=r.context, key=r.key,
                 encoder={k: _bytes(v) for k, v in r.encoder.items()} if r.encoder is not None else None,
-                pixel_values=_bytes(r.pixel_values), grammar=[c.grammar, c.vocab_size] if c is not None else None)
+                media=[{k: _bytes(v) for k, v in item.items()} for item in r.media or ()], grammar=[c.grammar, c.vocab_size] if c is not None else None)
 
 
 def _bytes(x) -> Optional[dict]:

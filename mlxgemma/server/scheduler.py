@@ -21,8 +21,8 @@ from ..decode.decoder import Decoder, Emitted, Row, fill, forward
 from ..decode.proposers import DraftModel, PromptLookup
 from ..decode.sampling import SamplingOptions
 from ..decode.stream import TextStream
-from ..media.images import FEATURES, block_end, count_images, images_from
-from ..media.images import prefill as images_prefill
+from ..media.features import FEATURES, block_end, media_from, media_tokens, slots
+from ..media.features import prefill as media_prefill
 from ..models import has_vision, is_encoder_decoder
 from ..models.batch_cache import BatchEncoderDecoderCache, merge_caches
 from ..models.quantized_cache import quantize_cache
@@ -47,7 +47,7 @@ class Request:
     top_logprobs: int = 0  # 0: only the chosen token's logprob
     encoder: Optional[dict] = None
     context: Optional[int] = None  # the model's context: a row stops ("length") when it is full
-    pixel_values: Optional[object] = None  # Gemma 3: the images of the prompt's image blocks
+    media: Optional[list] = None  # the processed images, clips and videos of the prompt's blocks, in order
     key: Optional[List[int]] = None  # what the prompt cache matches (the prompt, images told apart)
     constraint: Optional[object] = None  # constrained.Constraint: structured output, tool calls
     cancelled: bool = False
@@ -56,7 +56,7 @@ class Request:
     started: float = 0.0
     live: int = 0
     snapshots: list = field(default_factory=list)
-    features: Optional[mx.array] = None  # the encoded images still to prefill
+    features: Optional[mx.array] = None  # the encoded media still to prefill, one row per placeholder
 
     @property
     def cache_key(self) -> List[int]:
@@ -103,7 +103,7 @@ class Scheduler:
         self.decode_concurrency, self.prefill_step_size = decode_concurrency, prefill_step_size
         self.kv_bits, self.kv_group_size = kv_bits, kv_group_size  # quantized from the start: rows batch alike
         self.draft_model, self.lookup, self.num_draft = draft_model, prompt_lookup_ngram, num_draft_tokens
-        self.image_token = model.config.image_token_index if has_vision(model) else None
+        self.media_tokens = set(media_tokens(model)) if has_vision(model) else set()
         self.inbox: "queue.Queue[Request]" = queue.Queue()
         self.waiting: List[Request] = []
         self.prefilling = None  # (request, cache, ids still to feed)
@@ -230,7 +230,7 @@ class Scheduler:
         request, cache, rest = self.prefilling
         if cache is None:
             request, cache, rest = self.prefilling = self._begin(request)
-        end = block_end(rest, self.prefill_step_size, self.image_token)  # never inside an image
+        end = block_end(rest, self.prefill_step_size, self.media_tokens)  # never inside an image or a clip
         if end < len(rest) - 1:  # one chunk now, the rest after the next decode step
             self._fill(request, cache, rest[:end])
             self.prefilling = (request, cache, rest[end:])
@@ -246,8 +246,8 @@ class Scheduler:
         if request.features is None:
             fill(self.model, cache, ids, self.prefill_step_size)
         else:
-            k = count_images(ids, self.image_token)
-            images_prefill(self.model, cache, ids, request.features[:k] if k else None, self.prefill_step_size)
+            k = slots(ids, self.media_tokens)
+            media_prefill(self.model, cache, ids, request.features[:k] if k else None, self.prefill_step_size)
             request.features = request.features[k:] if k < request.features.shape[0] else None
         quantize_cache(cache, 0, self.kv_group_size, self.kv_bits)
 
@@ -262,9 +262,9 @@ class Scheduler:
             if self.prompt_cache is not None:
                 cached, cache, request.snapshots = self.prompt_cache.fetch(request.cache_key)
             cache = cache if cache is not None else self.model.make_cache()
-            if request.pixel_values is not None:  # encoded here, on the thread that owns the model
-                request.features = images_from(request.prompt, FEATURES.encode(self.model, request.pixel_values),
-                                               cached, self.image_token)
+            if request.media:  # encoded here, on the thread that owns the model
+                request.features = media_from(request.prompt, FEATURES.encode_items(self.model, request.media),
+                                              cached, self.media_tokens)
         prompt_tokens = len(request.encoder["input_ids"][0]) if self.encoder_decoder else len(request.prompt)
         request.emit("prompt", {"prompt_tokens": prompt_tokens, "cached_tokens": cached})
         return request, cache, request.prompt[cached:]

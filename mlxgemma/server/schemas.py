@@ -59,9 +59,19 @@ class ImagePart(Body):
     image_url: Union[ImageURL, str]
 
 
+class InputAudio(Body):
+    data: str  # base64 of the file's bytes (OpenAI: wav or mp3; any format the decoder reads is taken)
+    format: Optional[str] = None
+
+
+class AudioPart(Body):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
 class Message(Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, List[Union[TextPart, ImagePart]], None] = None
+    content: Union[str, List[Union[TextPart, ImagePart, AudioPart]], None] = None
     images: Optional[List[str]] = None  # Ollama: base64 images on the message
     tool_calls: Optional[List[Dict[str, Any]]] = None  # an assistant's past calls
     tool_call_id: Optional[str] = None  # a tool message: the call it answers (OpenAI)

@@ -1,0 +1,169 @@
+"""Gemma 4 with images and audio (Gemma4ForConditionalGeneration) against transformers 5.23, on a tiny random
+float32 checkpoint (gemma4_media_util: window 6 inside 16-token image blocks, both towers, every weight and clip
+bound randomised): logits with text only, images of two aspect ratios, an audio clip, both; the bidirectional
+image blocks of use_bidirectional_attention "vision"; a chunked, cached prefill that would cut every block;
+greedy generation; the processor's token layout against transformers' Gemma4Processor; bad inputs."""
+
+import numpy as np
+import pytest
+import torch
+
+import gemma4_media_util as media
+import mlxgemma
+from mlxgemma.errors import MlxGemmaError
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = media.save(tmp_path_factory.mktemp("gemma4_media"))
+    hf = media.hf_model()
+    model, processor = mlxgemma.load(path)
+    return path, hf, model, processor
+
+
+@pytest.fixture(scope="module")
+def vision_ckpt(tmp_path_factory):
+    """use_bidirectional_attention "vision" (31B and 26B-A4B): image blocks see each other on sliding layers."""
+    path = media.save(tmp_path_factory.mktemp("gemma4_bidir"), seed=3, bidirectional="vision", audio=False)
+    return path, media.hf_model(3, bidirectional="vision", audio=False), *mlxgemma.load(path)
+
+
+def hf_logits(hf, inputs: dict) -> np.ndarray:
+    names = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_position_ids",
+             "input_features", "input_features_mask")
+    tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items() if k in names}
+    with torch.no_grad():
+        return hf(**tensors).logits.numpy()
+
+
+def ours(model, inputs: dict) -> np.ndarray:
+    keep = {k: v for k, v in inputs.items() if k not in ("input_ids",)}
+    return np.array(model(inputs["input_ids"], **keep))
+
+
+CASES = {
+    "text": ("Hello there, how are you?", [], []),
+    "one image": ("<|image|> What is in this picture?", [(40, 64)], []),
+    "two images": ("Compare <|image|> with <|image|> please.", [(64, 24), (30, 30)], []),
+    "audio": ("<|audio|> Transcribe this.", [], [1.3]),
+    "image and audio": ("<|image|> and <|audio|>: what do you see and hear?", [(48, 32)], [0.7]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_transformers(ckpt, case):
+    _, hf, model, processor = ckpt
+    text, sizes, clips = CASES[case]
+    images = [media.image(h, w, seed=i) for i, (h, w) in enumerate(sizes)]
+    audio = [media.tone(s, seed=i) for i, s in enumerate(clips)]
+    inputs = processor(text, images, audio)
+    if images:
+        assert inputs["pixel_values"].shape[0] == len(images)
+    expected = hf_logits(hf, inputs)
+    got = ours(model, inputs)
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() <= 1e-4
+
+
+def test_bidirectional_image_blocks_match_transformers(vision_ckpt):
+    _, hf, model, processor = vision_ckpt
+    inputs = processor("<|image|> then <|image|>.", [media.image(32, 64), media.image(48, 48, seed=1)])
+    expected = hf_logits(hf, inputs)
+    assert np.abs(ours(model, inputs) - expected).max() <= 1e-4
+    causal = {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}  # without types: causal, as there
+    assert np.abs(ours(model, causal) - hf_logits(hf, causal)).max() <= 1e-4
+    assert np.abs(ours(model, causal) - expected).max() > 1e-3  # (the blocks change the logits)
+
+
+@pytest.mark.parametrize("which", ["plain", "vision"])
+def test_chunked_cached_prefill_then_decoding(ckpt, vision_ckpt, which):
+    """The prompt prefilled in chunks of 5 (each would cut a block: they grow to its end) through the model's
+    caches, then 4 tokens decoded one at a time: every logit equal to transformers' over the whole sequence."""
+    from mlxgemma.media.features import encode_prompt, prefill
+
+    _, hf, model, processor = ckpt if which == "plain" else vision_ckpt
+    images = [media.image(40, 64), media.image(24, 24, seed=2)]
+    audio = [media.tone(0.9)] if which == "plain" else []
+    text = "A <|image|> B <|image|> C" + (" <|audio|> D" if audio else "") + " end"
+    ids, features = encode_prompt(model, processor, text, images, audio)
+    cache = model.make_cache()
+    prefill(model, cache, ids[:-1], features, step=5)
+    steps = [np.array(model(np.array([ids[-1:]]), cache=cache))[0, -1]]
+    follow = [7, 9, 11]
+    for t in follow:
+        steps.append(np.array(model(np.array([[t]]), cache=cache))[0, -1])
+    inputs = processor(text, images, audio)
+    full = dict(inputs, input_ids=np.concatenate([inputs["input_ids"], [follow]], axis=1),
+                attention_mask=np.ones((1, len(ids) + 3), dtype=np.int64),
+                mm_token_type_ids=np.concatenate([inputs["mm_token_type_ids"], [[0, 0, 0]]], axis=1))
+    expected = hf_logits(hf, full)[0, len(ids) - 1:]
+    assert np.abs(np.stack(steps) - expected).max() <= 1e-4
+
+
+def test_greedy_generation_matches_transformers(ckpt):
+    _, hf, model, processor = ckpt
+    images, audio = [media.image(36, 52)], [media.tone(0.6)]
+    text = "<|image|><|audio|> Describe."
+    out = list(mlxgemma.stream_generate(model, processor, text, image=images, audio=audio, max_tokens=6,
+                                        chat_template=False))
+    inputs = processor(text, images, audio)
+    tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}
+    with torch.no_grad():
+        hf_out = hf.generate(**tensors, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert [c.token for c in out] == hf_out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def test_layout_matches_transformers_processor(ckpt):
+    """Our ids (placeholders expanded: soft-token counts from sizes and clip lengths) and arrays equal what
+    transformers' Gemma4Processor makes: its image processor and feature extractor, and its own
+    replace_image_token / replace_audio_token (the whole processor cannot be built here: its video processor
+    needs torchvision), then its tokenizer."""
+    import re
+    from types import SimpleNamespace
+
+    import transformers
+
+    _, _, _, processor = ckpt
+    tok = media.tokenizer()
+    ip = transformers.Gemma4ImageProcessorPil(**media.PROCESSOR["image_processor"])
+    fe = transformers.Gemma4AudioFeatureExtractor(feature_size=media.MELS)
+    images, audio = [media.image(40, 64), media.image(20, 90, seed=1)], [media.tone(1.1)]
+    text = "<|image|> x <|audio|> y <|image|> z"
+    ours_ = processor(text, images, audio)
+    pixels, sound = ip(images, return_tensors="np"), fe(audio, return_tensors="np")
+    stub = SimpleNamespace(boi_token="<|image>", eoi_token="<image|>", image_token="<|image|>",
+                           boa_token="<|audio>", eoa_token="<audio|>", audio_token="<|audio|>")
+    counters = {"image": iter(range(2)), "audio": iter(range(1))}
+
+    def expand(m):
+        kind = "image" if m.group() == "<|image|>" else "audio"
+        i = next(counters[kind])
+        if kind == "image":
+            return transformers.Gemma4Processor.replace_image_token(stub, pixels, i)
+        return transformers.Gemma4Processor.replace_audio_token(stub, sound, i)
+
+    expected_ids = tok(re.sub(r"<\|image\|>|<\|audio\|>", expand, text), return_tensors="np")["input_ids"]
+    assert ours_["input_ids"].tolist() == expected_ids.tolist()
+    assert np.abs(ours_["pixel_values"] - pixels["pixel_values"]).max() <= 1 / 255
+    assert np.array_equal(ours_["image_position_ids"], pixels["image_position_ids"])
+    assert np.abs(ours_["input_features"] - sound["input_features"]).max() <= 1e-4
+    assert np.array_equal(ours_["input_features_mask"], sound["input_features_mask"])
+
+
+def test_bad_inputs(ckpt, tmp_path):
+    path, _, model, processor = ckpt
+    with pytest.raises(MlxGemmaError, match="placeholder"):
+        processor("<|image|> <|image|>", [media.image(30, 30)])
+    with pytest.raises(MlxGemmaError, match="placeholder"):
+        processor("no marks", [], [media.tone(0.5)])
+    with pytest.raises(MlxGemmaError):
+        processor("<|audio|>", [], [b"not audio at all"])
+    ids = processor("<|image|> hi", [media.image(30, 30)])["input_ids"]
+    with pytest.raises(MlxGemmaError, match="no media"):
+        model(ids)
+    text_only = media.save(tmp_path / "no_audio", audio=False)
+    m, p = mlxgemma.load(text_only)
+    with pytest.raises(MlxGemmaError, match="audio"):
+        list(mlxgemma.stream_generate(m, p, "hi", audio=[media.tone(0.5)], max_tokens=1))
