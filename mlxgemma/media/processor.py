@@ -80,7 +80,7 @@ _PAN_AND_SCAN_CHECKS = {
 }
 
 
-def _check_image_options(options: dict) -> None:
+def check_image_options(options: dict) -> None:
     """preprocessor_config.json's values by type, so that a broken file is one clear error."""
     def numbers(v, n):
         return isinstance(v, list) and len(v) == n and all(_number(x) for x in v)
@@ -112,7 +112,7 @@ class Gemma3Processor:
 
     def __init__(self, tokenizer, config, image_options: Optional[dict] = None):
         options = image_options or {}
-        _check_image_options(options)
+        check_image_options(options)
         self.tokenizer = tokenizer
         size = options.get("size") or {}
         vision = config.vision_config.image_size
@@ -268,5 +268,5 @@ class T5Gemma2Processor(Gemma3Processor):
     supports_pan_and_scan = False
 
     def __init__(self, tokenizer, config, image_options: Optional[dict] = None):
-        _check_image_options(image_options or {})  # a broken file is named before the config is read
+        check_image_options(image_options or {})  # a broken file is named before the config is read
         super().__init__(tokenizer, config.encoder, image_options)
