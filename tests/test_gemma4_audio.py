@@ -8,6 +8,7 @@ import json
 import math
 import wave
 from fractions import Fraction
+from pathlib import Path
 from types import SimpleNamespace
 
 import av
@@ -133,11 +134,11 @@ def test_tower_padded_batch(towers, fe16, shape):
 
 
 def test_tower_without_mask(towers):
-    """No mask: transformers returns no mask; ours says every frame is valid."""
+    """No mask: transformers returns no mask; ours says every frame is valid. (MLX input here.)"""
     hf, ours = towers["future"]
     feats = features(2, 50, seed=5)
     ref, ref_mask = hf_run(hf, feats)
-    hidden, mask = ours(feats)
+    hidden, mask = ours(mx.array(feats))
     assert ref_mask is None and np.array(mask).all() and mask.shape == hidden.shape[:2]
     assert max_diff(hidden, ref) <= TOL
 
@@ -187,6 +188,19 @@ def test_config_errors(bad):
     with pytest.raises(MlxGemmaError) as e:
         Gemma4AudioConfig.from_dict(dict(TOWER, **bad), "audio_config", require=False)
     assert "\n" not in str(e.value)
+
+
+def test_released_config():
+    """The E2B checkpoint's audio_config, as shipped, reads to transformers' values."""
+    real = json.loads((Path(__file__).parent / "real_configs" / "google__gemma-4-E2B-it" / "config.json").read_text())
+    ours = Gemma4AudioConfig.from_dict(real["audio_config"], "audio_config", require=False)
+    theirs = transformers.Gemma4AudioConfig(**real["audio_config"])
+    for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "subsampling_conv_channels",
+                 "conv_kernel_size", "attention_chunk_size", "attention_context_left", "attention_context_right",
+                 "attention_logit_cap", "attention_invalid_logits_value", "use_clipped_linears", "rms_norm_eps",
+                 "gradient_clipping", "output_proj_dims", "residual_weight", "hidden_act"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert ours.subsampled_mel_bins * 4 == 128  # the feature extractor's 128 mel bins
 
 
 def test_tower_input_errors(towers):
