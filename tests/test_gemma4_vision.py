@@ -149,7 +149,7 @@ def test_half_precision(batches, float32_reference, dtype):
 
 def test_sanitize():
     """transformers' names pass; what transformers ignores (the rotary inv_freq, the bounds of a config that
-    does not clip, both in released checkpoints) is dropped, as mlx-vlm drops it."""
+    does not clip) is dropped, as mlx-vlm drops it."""
     weights = weights_of(hf_vision(use_clipped_linears=True))
     extra = {"encoder.rotary_emb.inv_freq": mx.zeros((4,))}
     clipped = Gemma4VisionModel(Gemma4VisionConfig.from_dict(dict(VISION, use_clipped_linears=True), require=False))
@@ -291,3 +291,9 @@ def test_processor_bad_inputs(processors, tmp_path):
         with pytest.raises(MlxGemmaError) as e:
             Gemma4ImageProcessor.from_dict(config)
         assert "\n" not in str(e.value)
+    strict = Gemma4ImageProcessor(do_convert_rgb=False)
+    for image in (random_image(8, 8, "RGBA"), np.zeros((8, 8, 4), np.uint8), np.zeros((8, 8, 3), np.float32)):
+        with pytest.raises(MlxGemmaError) as e:
+            strict(image)
+        assert "\n" not in str(e.value)
+    assert strict(random_image(8, 8))["pixel_values"].shape == (1, 2520, 768)

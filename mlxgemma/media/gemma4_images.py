@@ -151,9 +151,10 @@ class Gemma4ImageProcessor:
         if isinstance(image, np.ndarray):
             if image.ndim in (2, 3) and 0 in image.shape[:2]:
                 raise MlxGemmaError(f"image {index} is empty ({image.shape[1]}x{image.shape[0]} pixels)")
-            if not self.do_convert_rgb and not (image.ndim == 3 and image.shape[-1] == 3):
+            rgb = _rgb_array(image)
+            if not self.do_convert_rgb and image.shape[-1:] != (3,):
                 raise MlxGemmaError(f"image {index} has shape {image.shape}, not RGB, and do_convert_rgb is off")
-            return Image.fromarray(_rgb_array(image) if self.do_convert_rgb else image)
+            return Image.fromarray(rgb)
         if isinstance(image, (bytes, bytearray, memoryview)):
             img = decode_image(bytes(image), f"image {index}")
         elif isinstance(image, (str, Path, Image.Image)):

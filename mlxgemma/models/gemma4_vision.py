@@ -282,9 +282,9 @@ class Gemma4VisionModel(nn.Module):
         return [int(n) // self.config.pooling_kernel_size ** 2 for n in valid.sum(-1)]
 
     def sanitize(self, weights: dict) -> dict:
-        """Weights under this tower's prefix. transformers' and mlx-vlm's names are ours; dropped, as both
-        drop them: the rotary inv_freq (not a weight) and clip bounds where the config does not clip (the
-        released checkpoints carry them either way)."""
+        """Weights under this tower's prefix. transformers' and mlx-vlm's names are ours. Dropped: the rotary
+        inv_freq (not a weight) and clip bounds where the config does not clip, which transformers ignores
+        and mlx-vlm's sanitize drops (a checkpoint may carry them whatever its config says)."""
         out = {}
         for k, v in weights.items():
             if ".rotary_emb." in k or k.startswith("rotary_emb."):
