@@ -85,6 +85,27 @@ class Gemma4RMSNorm(nn.Module):
         return mx.fast.rms_norm(x.astype(mx.float32), weight, self.eps).astype(x.dtype)
 
 
+class Gemma4ClippableLinear(nn.Module):
+    """A bias-free linear (`linear`), its input and output clamped to scalar bounds when the config (a tower's:
+    use_clipped_linears) says so. The bounds start infinite (no clamp) and come from the checkpoint."""
+
+    def __init__(self, config, in_features: int, out_features: int):
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features, bias=False)
+        if config.use_clipped_linears:
+            self.input_min, self.input_max = mx.array(-math.inf), mx.array(math.inf)
+            self.output_min, self.output_max = mx.array(-math.inf), mx.array(math.inf)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        # MLX promotes a float32 0-d bound with bf16 values to float32; torch's clamp keeps the values' dtype.
+        if "input_min" in self:
+            x = mx.clip(x, self.input_min.astype(x.dtype), self.input_max.astype(x.dtype))
+        x = self.linear(x)
+        if "input_min" in self:
+            x = mx.clip(x, self.output_min.astype(x.dtype), self.output_max.astype(x.dtype))
+        return x
+
+
 class Gemma4RoPE(nn.Module):
     """Half-split RoPE over the whole head. "proportional" (full layers) rotates only the first
     partial_rotary_factor / 2 of the frequency pairs, with exponents over the WHOLE head size

@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import MlxGemmaError
 from .common import activation
 from .config import BaseConfig
-from .gemma4 import Gemma4RMSNorm
+from .gemma4 import Gemma4ClippableLinear, Gemma4RMSNorm
 
 
 @dataclass
@@ -76,26 +76,6 @@ def halved(n: int) -> int:
 def _clip_value(config: Gemma4AudioConfig, dtype) -> float:
     # transformers clamps at min(gradient_clipping, the dtype's max): 1e10 would be inf in float16.
     return min(config.gradient_clipping, float(mx.finfo(dtype).max))
-
-
-class Gemma4ClippableLinear(nn.Module):
-    """A bias-free Linear whose input and output are clamped to bounds stored in the checkpoint (0-d
-    input_min/input_max/output_min/output_max; +-inf when absent), when use_clipped_linears."""
-
-    def __init__(self, config: Gemma4AudioConfig, in_features: int, out_features: int):
-        super().__init__()
-        self.linear = nn.Linear(in_features, out_features, bias=False)
-        if config.use_clipped_linears:
-            self.input_min, self.input_max = mx.array(-math.inf), mx.array(math.inf)
-            self.output_min, self.output_max = mx.array(-math.inf), mx.array(math.inf)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        if "input_min" not in self:
-            return self.linear(x)
-        # Bounds in x's dtype: torch keeps x's dtype for a 0-d bound, MLX would promote to the bound's.
-        x = mx.clip(x, self.input_min.astype(x.dtype), self.input_max.astype(x.dtype))
-        x = self.linear(x)
-        return mx.clip(x, self.output_min.astype(x.dtype), self.output_max.astype(x.dtype))
 
 
 class Gemma4AudioSubSampleConvProjectionLayer(nn.Module):

@@ -22,7 +22,7 @@ import numpy as np
 from ..errors import MlxGemmaError
 from .common import activation
 from .config import MAX_SIZE, BaseConfig, check_rope
-from .gemma4 import Gemma4RMSNorm
+from .gemma4 import Gemma4ClippableLinear, Gemma4RMSNorm
 
 CLIP_BOUNDS = ("input_min", "input_max", "output_min", "output_max")
 
@@ -80,27 +80,6 @@ class Gemma4VisionConfig(BaseConfig):
             # so its output is the padding rows: there is no right answer to be exact to.
             raise MlxGemmaError(f"{where}: pooling_kernel_size 1 is not supported (transformers' Gemma 4 "
                                 "returns the padding patches then)")
-
-
-class Gemma4ClippableLinear(nn.Module):
-    """A bias-free linear (`linear`), its input and output clamped to scalar bounds when the config says so.
-    The bounds start infinite (no clamp) and come from the checkpoint."""
-
-    def __init__(self, config: Gemma4VisionConfig, in_features: int, out_features: int):
-        super().__init__()
-        self.linear = nn.Linear(in_features, out_features, bias=False)
-        if config.use_clipped_linears:
-            self.input_min, self.input_max = mx.array(-math.inf), mx.array(math.inf)
-            self.output_min, self.output_max = mx.array(-math.inf), mx.array(math.inf)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        # MLX promotes a float32 0-d bound with bf16 values to float32; torch's clamp keeps the values' dtype.
-        if "input_min" in self:
-            x = mx.clip(x, self.input_min.astype(x.dtype), self.input_max.astype(x.dtype))
-        x = self.linear(x)
-        if "input_min" in self:
-            x = mx.clip(x, self.output_min.astype(x.dtype), self.output_max.astype(x.dtype))
-        return x
 
 
 class Gemma4VisionPatchEmbedder(nn.Module):
