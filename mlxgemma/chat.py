@@ -158,8 +158,7 @@ def repl(session: ChatSession, read=None, group=None, hide_thinking: bool = Fals
     print("[mlxgemma chat] /reset starts over, /quit leaves, Ctrl-C stops a reply"
           + (", /image PATH adds a photo to your next message" if "image" in marks else "")
           + (", /audio PATH a recording" if "audio" in marks else ""), file=sys.stderr)
-    pending: list = []
-    pending_audio: list = []
+    pending = {"image": [], "audio": []}  # what /image and /audio read, for the next message
     while True:
         try:
             line = read("> ")
@@ -174,20 +173,14 @@ def repl(session: ChatSession, read=None, group=None, hide_thinking: bool = Fals
             return 0
         if line.strip() == "/reset":
             session.reset()
-            pending, pending_audio = [], []
+            pending = {"image": [], "audio": []}
             print("[conversation reset]", file=sys.stderr)
             continue
-        if line.startswith("/image"):
+        kind = next((k for k in COMMANDS if line.startswith("/" + k)), None)
+        if kind is not None:
             try:
-                pending.append(_image_command(session, line, group))
-                print(f"[{len(pending)} image(s) for your next message]", file=sys.stderr)
-            except MlxGemmaError as e:
-                print(f"error: {e}", file=sys.stderr)
-            continue
-        if line.startswith("/audio"):
-            try:
-                pending_audio.append(_audio_command(session, line, group))
-                print(f"[{len(pending_audio)} audio clip(s) for your next message]", file=sys.stderr)
+                pending[kind].append(COMMANDS[kind][0](session, line, group))
+                print(f"[{len(pending[kind])} {COMMANDS[kind][1]} for your next message]", file=sys.stderr)
             except MlxGemmaError as e:
                 print(f"error: {e}", file=sys.stderr)
             continue
@@ -195,8 +188,8 @@ def repl(session: ChatSession, read=None, group=None, hide_thinking: bool = Fals
             continue
         shown = Shown(sys.stdout, sys.stdout, hide_thinking)
         try:
-            (turn, pending), (clips, pending_audio) = (pending, []), (pending_audio, [])
-            for chunk in session.stream(line, turn, clips):
+            turn, pending = pending, {"image": [], "audio": []}
+            for chunk in session.stream(line, turn["image"], turn["audio"]):
                 shown.write(chunk)
         except Terminated:
             raise
@@ -258,6 +251,10 @@ def _audio_command(session: ChatSession, line: str, group=None) -> bytes:
     if error is not None or data is None:
         raise MlxGemmaError(str(error) if error else f"audio {path!r} could not be read by rank 0")
     return data
+
+
+# /image and /audio: (the reader, what the REPL calls what it read)
+COMMANDS = {"image": (_image_command, "image(s)"), "audio": (_audio_command, "audio clip(s)")}
 
 
 def main(argv=None) -> int:

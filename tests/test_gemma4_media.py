@@ -167,3 +167,71 @@ def test_bad_inputs(ckpt, tmp_path):
     m, p = mlxgemma.load(text_only)
     with pytest.raises(MlxGemmaError, match="audio"):
         list(mlxgemma.stream_generate(m, p, "hi", audio=[media.tone(0.5)], max_tokens=1))
+
+
+def _wav(samples: np.ndarray, rate: int = 16_000) -> bytes:
+    import io
+    import wave
+
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(rate)
+        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+    return buf.getvalue()
+
+
+def _png(img) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_chat_session_and_server_equal_the_library(ckpt):
+    """A chat turn with a clip (ChatSession) and the server's OpenAI image_url + input_audio parts give the
+    tokens of stream_generate on the same conversation; a second server request with other audio is told
+    apart by the prompt cache; audio for a model that takes none is a 400."""
+    import base64
+
+    import openai
+
+    from mlxgemma.chat import ChatSession
+    from mlxgemma.media.audio import load_audio
+    from server_util import serve
+
+    path, _, model, processor = ckpt
+    wav, png = _wav(media.tone(0.8, seed=4)), _png(media.image(28, 44, seed=5))
+    clip = load_audio(wav)
+    turn = [{"role": "user", "content": "<|image|><|audio|>Hi"}]
+    chunks = list(mlxgemma.stream_generate(model, processor, turn, image=[media.image(28, 44, seed=5)], audio=[clip],
+                                           max_tokens=5))
+    expected = [c.token for c in chunks]
+    session = ChatSession(model, processor, max_tokens=5)
+    assert [c.token for c in session.stream("<|image|><|audio|>Hi", [media.image(28, 44, seed=5)], [clip])] == expected
+
+    server = serve(path)
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x")
+
+        def ask(audio_bytes):
+            parts = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}},
+                     {"type": "input_audio", "input_audio": {"data": base64.b64encode(audio_bytes).decode(),
+                                                             "format": "wav"}},
+                     {"type": "text", "text": "Hi"}]
+            return client.chat.completions.create(model="m", messages=[{"role": "user", "content": parts}],
+                                                  max_tokens=5)
+
+        assert ask(wav).choices[0].message.content == "".join(c.text for c in chunks)
+        other = _wav(media.tone(0.8, hz=880.0, seed=9))
+        alone = mlxgemma.stream_generate(model, processor, turn, image=[media.image(28, 44, seed=5)],
+                                         audio=[load_audio(other)], max_tokens=5)
+        assert ask(other).choices[0].message.content == "".join(c.text for c in alone)
+        with pytest.raises(openai.BadRequestError, match="base64"):
+            client.chat.completions.create(model="m", max_tokens=2, messages=[{"role": "user", "content": [
+                {"type": "input_audio", "input_audio": {"data": "%%%", "format": "wav"}}]}])
+        with pytest.raises(openai.BadRequestError, match="audio"):
+            client.chat.completions.create(model="m", max_tokens=2, messages=[{"role": "user", "content": [
+                {"type": "input_audio", "input_audio": {"data": base64.b64encode(b"noise").decode()}}]}])
+    finally:
+        server.stop()
