@@ -23,7 +23,10 @@ def configure_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant-predicate", default=None,
                    help=f"recipe: {', '.join(RECIPES)} (default: mixed_4_6 at 4 bits, else uniform)")
     p.add_argument("--q-vision-bits", default=str(VISION_BITS), choices=["4", "8", "float"],
-                   help=f"bits for a vision tower (T5Gemma 2), or float (default {VISION_BITS}, measured)")
+                   help=f"bits for a vision tower (Gemma 3, Gemma 4, T5Gemma 2), or float (default {VISION_BITS}, "
+                        "measured)")
+    p.add_argument("--q-audio-bits", default=str(VISION_BITS), choices=["4", "8", "float"],
+                   help=f"bits for an audio tower (Gemma 4 E2B/E4B), or float (default {VISION_BITS})")
     p.add_argument("--calibrate", action="store_true", help="with -q: GPTQ rounding on activations of real text")
     p.add_argument("--calibration-data", default=None, metavar="FILE|builtin",
                    help="UTF-8 text to calibrate on (default: the built-in text)")
@@ -50,6 +53,7 @@ def main(argv=None) -> int:
                       q_bits=args.q_bits, q_group_size=args.q_group_size, quant_predicate=args.quant_predicate,
                       dequantize=args.dequantize, overwrite=args.overwrite, revision=args.revision,
                       q_vision_bits=None if args.q_vision_bits == "float" else int(args.q_vision_bits),
+                      q_audio_bits=None if args.q_audio_bits == "float" else int(args.q_audio_bits),
                       calibrate=args.calibrate, calibration_data=args.calibration_data,
                       calibration_samples=args.calibration_samples, calibration_seq_len=args.calibration_seq_len,
                       target_bpw=args.target_bpw, q_search=args.q_search)

@@ -16,7 +16,7 @@ from reference import randomize
 MEDIA = ["<|image>", "<image|>", "<|image|>", "<|audio>", "<audio|>", "<|audio|>", "<|video|>"]
 UNUSED = [p for p in chat.VOCAB if p.startswith("<unused")]
 IDS = dict(zip(MEDIA, (chat.VOCAB[p] for p in UNUSED[-len(MEDIA):])))
-PATCH, POOL, MELS = 4, 2, 16
+PATCH, POOL, MELS = 4, 2, 128  # (128 mel bins, as released: mlx-vlm sizes its audio projection so)
 
 
 def tokenizer():

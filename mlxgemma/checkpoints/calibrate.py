@@ -198,7 +198,8 @@ def allocate(sizes: Dict[str, int], saving: Dict[str, float], low: int, high: in
 
 def calibrate(model, config: dict, tokenizer, bits: int, group_size: int, recipe: Optional[str],
               vision_bits: Optional[int], data=None, samples: Optional[int] = None, seq_len: int = 256,
-              target_bpw: Optional[float] = None, high_bits: Optional[int] = None, search: bool = True):
+              target_bpw: Optional[float] = None, high_bits: Optional[int] = None, search: bool = True,
+              audio_bits: Optional[int] = None):
     """Quantize model in place with GPTQ-rounded layers (bits per layer from the recipe, or from sensitivity
     for target_bpw; search False: no grid search, in GPTQ or elsewhere); returns (model, config, report)
     where report maps each layer to (bits, RTN error, GPTQ error) on the calibration activations."""
@@ -231,7 +232,7 @@ def calibrate(model, config: dict, tokenizer, bits: int, group_size: int, recipe
             results[p, b] = gptq(weights[p], H[p], b, group_size, dtype, shrink)
     per_layer = {p: {"group_size": group_size, "bits": plan.get(p, bits), "mode": "affine"} for p in plan}
     model, config = quantize(model, config, bits, group_size, recipe, vision_bits, overrides=per_layer,
-                             search=search)
+                             search=search, audio_bits=audio_bits)
     quantized = dict(model.named_modules())
     for p in layers:
         b = plan.get(p, bits)

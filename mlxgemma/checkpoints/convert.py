@@ -28,13 +28,14 @@ TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def convert(hf_path, mlx_path, *, dtype: Optional[str] = None, quantize: bool = False, q_bits: int = 4,
             q_group_size: int = 64, quant_predicate: Optional[str] = None, dequantize: bool = False,
             overwrite: bool = False, revision: Optional[str] = None, q_vision_bits: Optional[int] = VISION_BITS,
-            calibrate: bool = False, calibration_data: Optional[str] = None,
+            q_audio_bits: Optional[int] = VISION_BITS, calibrate: bool = False, calibration_data: Optional[str] = None,
             calibration_samples: Optional[int] = None, calibration_seq_len: int = 256,
             target_bpw: Optional[float] = None, q_search: bool = True) -> Path:
     """Write the MLX checkpoint of hf_path to mlx_path and return mlx_path. quantize=True quantizes with MLX
     affine groups: q_bits of 2/3/4/5/6/8, q_group_size of 32/64/128, and a recipe (quant_predicate:
     "uniform" or mlx-lm's mixed ones; at 4 bits the default is mixed_4_6, chosen by measurement). A vision tower
-    (T5Gemma 2) gets q_vision_bits (8 by default, chosen by measurement; None keeps it in float). A .gguf
+    (T5Gemma 2, Gemma 3, Gemma 4) gets q_vision_bits (8 by default, chosen by measurement; None keeps it in
+    float), an audio tower (Gemma 4 E2B/E4B) q_audio_bits (8 by default, as for the vision tower). A .gguf
     source keeps its own quantized weights (exact repacking) unless dequantize=True or quantize=True is asked for.
     calibrate=True (with quantize) rounds with GPTQ on activations of calibration_data (a UTF-8 file, or the
     built-in text), calibration_samples rows (default: all the text gives) of calibration_seq_len tokens;
@@ -45,8 +46,9 @@ def convert(hf_path, mlx_path, *, dtype: Optional[str] = None, quantize: bool = 
     _check_options(dst, dtype, quantize, q_bits, q_group_size, quant_predicate, dequantize, overwrite)
     calibration = _calibration(quantize, calibrate, calibration_data, calibration_samples, calibration_seq_len,
                                target_bpw)
-    if q_vision_bits not in (None, 4, 8):
-        raise MlxGemmaError(f"--q-vision-bits {q_vision_bits} is not supported (4, 8, or float)")
+    for name, value in (("--q-vision-bits", q_vision_bits), ("--q-audio-bits", q_audio_bits)):
+        if value not in (None, 4, 8):
+            raise MlxGemmaError(f"{name} {value} is not supported (4, 8, or float)")
     src = resolve(hf_path, revision)
     _check_not_overlapping(src, dst)
     try:
@@ -63,7 +65,7 @@ def convert(hf_path, mlx_path, *, dtype: Optional[str] = None, quantize: bool = 
             calibration["tokenizer"] = load_tokenizer(tmp)
         if quantize or dequantize:
             model, config = _requantize(model, config, dequantize, q_bits, q_group_size, quant_predicate,
-                                        q_vision_bits, calibration, q_search)
+                                        (q_vision_bits, q_audio_bits), calibration, q_search)
         _write(tmp, model, config)
         _write_readme(tmp, hf_path, config, dtype)
         _replace(tmp, dst)
@@ -137,8 +139,10 @@ def _calibration(quantize, calibrate, data, samples, seq_len, target_bpw) -> Opt
     return dict(data=data, samples=samples, seq_len=seq_len, target_bpw=target_bpw)
 
 
-def _requantize(model, config, dequantize, bits, group_size, recipe, vision_bits=VISION_BITS, calibration=None,
-                search=True):
+def _requantize(model, config, dequantize, bits, group_size, recipe, tower_bits=(VISION_BITS, VISION_BITS),
+                calibration=None, search=True):
+    """tower_bits: (vision, audio) bits, None for float."""
+    vision_bits, audio_bits = tower_bits
     if config.get("quantization"):  # a quantized source: back to float first (a second rounding, said so)
         if not dequantize:
             print("[mlxgemma] note: the source is already quantized; requantizing rounds its weights a "
@@ -152,10 +156,10 @@ def _requantize(model, config, dequantize, bits, group_size, recipe, vision_bits
 
         options = {k: v for k, v in calibration.items() if k != "tokenizer"}
         model, config, report = calibrate(model, config, calibration["tokenizer"], bits, group_size, recipe,
-                                          vision_bits, search=search, **options)
+                                          vision_bits, search=search, audio_bits=audio_bits, **options)
         print("\n".join(summary(report)), file=sys.stderr)
         return model, config
-    return quantize_weights(model, config, bits, group_size, recipe, vision_bits, search=search)
+    return quantize_weights(model, config, bits, group_size, recipe, vision_bits, search=search, audio_bits=audio_bits)
 
 
 def legacy_rope_keys(config: dict) -> dict:

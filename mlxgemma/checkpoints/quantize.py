@@ -28,10 +28,12 @@ def default_recipe(bits: int) -> str:
 
 
 def quantize(model: nn.Module, config: dict, bits: int, group_size: int, recipe=None,
-             vision_bits: Optional[int] = VISION_BITS, overrides: Optional[dict] = None, search: bool = True):
+             vision_bits: Optional[int] = VISION_BITS, overrides: Optional[dict] = None, search: bool = True,
+             audio_bits: Optional[int] = VISION_BITS):
     """Quantize in place; returns (model, config with mlx-lm's "quantization" block). Layers whose input
     width does not divide by the group size stay in float, and we say which. A vision tower (T5Gemma 2, Gemma 3)
-    is quantized at vision_bits (None: kept in float), whatever the recipe says for the language model; a
+    is quantized at vision_bits (None: kept in float), an audio tower (Gemma 4 E2B/E4B) at audio_bits, whatever
+    the recipe says for the language model; a
     layer the family fixes (model.layer_bits: Gemma 4's router) at its bits. Gemma 4's experts are quantized
     like linears (each projection of every expert, in groups along its input: mixed recipes give down_proj
     their extra bits as they do an MLP's). overrides: {path: {"group_size", "bits", "mode"}} that win over the
@@ -47,7 +49,8 @@ def quantize(model: nn.Module, config: dict, bits: int, group_size: int, recipe=
         if overrides and path in overrides:
             return overrides[path]
         if model.in_vision_tower(path):
-            return False if vision_bits is None else {"group_size": group_size, "bits": vision_bits, "mode": "affine"}
+            tower = audio_bits if model.in_audio_tower(path) else vision_bits
+            return False if tower is None else {"group_size": group_size, "bits": tower, "mode": "affine"}
         fixed = model.layer_bits(path, bits)
         if fixed is not None:
             return {"group_size": group_size, "bits": fixed, "mode": "affine"}
@@ -58,7 +61,7 @@ def quantize(model: nn.Module, config: dict, bits: int, group_size: int, recipe=
     if search:
         search_grids(model, {p: w for p, w in floats.items() if p not in (overrides or {})})
     left = [name for name, m in model.named_modules() if hasattr(m, "to_quantized") and not hasattr(m, "scales")
-            and (vision_bits is not None or not model.in_vision_tower(name))]
+            and not (model.in_vision_tower(name) and (audio_bits if model.in_audio_tower(name) else vision_bits) is None)]
     if left:
         print(f"[mlxgemma] note: {len(left)} layer(s) stay in float (input width not a multiple of "
               f"{group_size}): {', '.join(left[:8])}{' ...' if len(left) > 8 else ''}", file=sys.stderr)

@@ -313,7 +313,12 @@ class PreTrainedModel(nn.Module):
         return self
 
     def in_vision_tower(self, path: str) -> bool:
+        """Whether path is in a media tower (quantized at its own bits, whole on every rank)."""
         return self.vision_tower_name is not None and f".{self.vision_tower_name}." in f".{path}"
+
+    def in_audio_tower(self, path: str) -> bool:
+        """Whether path is in an audio tower (in_vision_tower too; quantized at the audio bits)."""
+        return False
 
     def layer_bits(self, path: str, bits: int) -> Optional[int]:
         """The bits the layer at path gets whatever the quantization recipe; None: the recipe decides."""

@@ -116,7 +116,6 @@ class Gemma4ForConditionalGeneration(Gemma4PreTrainedModel):
 
     has_vision = True
     vision_tower_name = "vision_tower"
-    audio_tower_name = "audio_tower"
     readme_usage = ("```python\nimport mlxgemma\nmodel, processor = mlxgemma.load(\"path/to/this/folder\")\n"
                     "print(mlxgemma.generate(model, processor, \"Describe this photo.\", image=\"photo.jpg\"))\n```\n")
 
@@ -152,11 +151,12 @@ class Gemma4ForConditionalGeneration(Gemma4PreTrainedModel):
         return self.language_model.get_decoder()
 
     def in_vision_tower(self, path: str) -> bool:
-        """Both towers stay whole on every rank and keep their own bits (in_audio_tower tells them apart)."""
-        return super().in_vision_tower(path) or self.in_audio_tower(path)
+        """Both towers and their embedders stay whole on every rank and keep their own bits (in_audio_tower
+        tells them apart)."""
+        return any(f".{name}." in f".{path}." for name in ("vision_tower", "embed_vision")) or self.in_audio_tower(path)
 
     def in_audio_tower(self, path: str) -> bool:
-        return f".{self.audio_tower_name}." in f".{path}"
+        return any(f".{name}." in f".{path}." for name in ("audio_tower", "embed_audio"))
 
     def part_for(self, weights: dict):
         """A checkpoint without its towers (mlx-lm's converter drops them) fills the text model alone."""
@@ -287,10 +287,27 @@ class Gemma4ForConditionalGeneration(Gemma4PreTrainedModel):
         return ids, inputs
 
     def checkpoint(self, weights: dict, config: dict) -> tuple:
-        """What mlxgemma.convert writes: for now the language model alone, as before the towers were read (a
-        gemma4_text checkpoint; docs/not-yet.md)."""
+        """What mlxgemma.convert writes: mlx-vlm's layout (our module names), the language model's part as a
+        Gemma 4 text checkpoint writes it (gemma4_checkpoint.checkpoint_of: on-disk expert names, the resolved
+        text config), config.json the source's with that text_config, and one quantization block naming every
+        quantized module, towers included, by its on-disk path."""
         text = {k.removeprefix("language_model."): v for k, v in weights.items() if k.startswith("language_model.")}
-        return checkpoint_of(self.language_model, text, config)
+        text, text_config = checkpoint_of(self.language_model, text, config)
+        out = {f"language_model.{k}": v for k, v in text.items()}
+        out.update({k: v for k, v in weights.items() if not k.startswith("language_model.")})
+        q = text_config.pop("quantization", None)
+        text_config.pop("architectures", None)
+        config = dict(config, text_config=dict(text_config, model_type="gemma4_text"),
+                      architectures=[type(self).__name__])
+        config.pop("quantization_config", None)
+        if q is not None:
+            block = {k: v for k, v in q.items() if not isinstance(v, (dict, bool))}
+            block.update({f"language_model.{k}": v for k, v in q.items() if isinstance(v, dict)})
+            for name, m in self.named_modules():
+                if self.in_vision_tower(name) and hasattr(m, "scales") and hasattr(m, "bits"):
+                    block[name] = {"group_size": m.group_size, "bits": m.bits, "mode": getattr(m, "mode", "affine")}
+            config["quantization"] = block
+        return out, config
 
     def calibration_forward(self, input_ids: mx.array) -> mx.array:
         return self.language_model(input_ids)
