@@ -45,7 +45,7 @@ def tokenizer():
 def config(bidirectional=None, audio: bool = True) -> transformers.Gemma4Config:
     S, F = "sliding_attention", "full_attention"
     text = dict(vocab_size=chat.VOCAB_SIZE, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32, sliding_window=6,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=32, global_head_dim=64, sliding_window=6,
                 vocab_size_per_layer_input=chat.VOCAB_SIZE, hidden_size_per_layer_input=8, num_kv_shared_layers=1,
                 layer_types=[S, F, S, F], eos_token_id=[1, 106], bos_token_id=2, pad_token_id=0,
                 use_bidirectional_attention=bidirectional)
