@@ -14,10 +14,12 @@ from .models.gemma2 import (Gemma2Config, Gemma2ForCausalLM, Gemma2ForSequenceCl
                             Gemma2ForTokenClassification, Gemma2Model)
 from .models.gemma3 import Gemma3ForCausalLM, Gemma3TextConfig, Gemma3TextForSequenceClassification, Gemma3TextModel
 from .models.gemma4 import Gemma4ForCausalLM, Gemma4TextConfig, Gemma4TextModel
+from .models.gemma4_multimodal import Gemma4Config, Gemma4ForConditionalGeneration
 from .models.stablelm import (StableLmConfig, StableLmForCausalLM, StableLmForSequenceClassification,
                               StableLmForTokenClassification, StableLmModel)
 from .models.t5gemma2 import (T5Gemma2Config, T5Gemma2ForConditionalGeneration, T5Gemma2ForSequenceClassification,
                               T5Gemma2ForTokenClassification, T5Gemma2Model)
+from .media.gemma4_processor import Gemma4Processor
 from .media.processor import Gemma3Processor, T5Gemma2Processor
 
 from .convert import convert  # noqa: E402  (the function; importing mlxgemma.convert here keeps the name bound to it)
@@ -31,8 +33,9 @@ __all__ = [
     "Gemma2Config", "Gemma2Model", "Gemma2ForCausalLM", "Gemma2ForSequenceClassification",
     "Gemma2ForTokenClassification", "Gemma3TextConfig", "Gemma3TextModel", "Gemma3ForCausalLM",
     "Gemma3TextForSequenceClassification", "Gemma4TextConfig", "Gemma4TextModel", "Gemma4ForCausalLM",
+    "Gemma4Config", "Gemma4ForConditionalGeneration",
     "StableLmConfig", "StableLmModel", "StableLmForCausalLM",
     "StableLmForSequenceClassification", "StableLmForTokenClassification", "T5Gemma2Config", "T5Gemma2Model",
     "T5Gemma2ForConditionalGeneration", "T5Gemma2ForSequenceClassification", "T5Gemma2ForTokenClassification",
-    "Gemma3Processor", "T5Gemma2Processor",
+    "Gemma3Processor", "T5Gemma2Processor", "Gemma4Processor",
 ]

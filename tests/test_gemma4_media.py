@@ -316,3 +316,34 @@ def test_quantized_kv_cache_and_prompt_lookup_with_media(ckpt):
     lookup = [c.token for c in mlxgemma.stream_generate(model, processor, "<|image|><|audio|> Say",
                                                         prompt_lookup_ngram=1, num_draft_tokens=3, **common)]
     assert lookup == plain
+
+
+@pytest.mark.slow
+def test_caption_and_transcribe_examples(ckpt, tmp_path):
+    """examples/caption.py (two images at a time, one broken file) and examples/transcribe.py (a WAV and a
+    broken file) print, per file, what mlxgemma.generate gives for that file alone."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path, _, model, processor = ckpt
+    photos, clips = tmp_path / "photos", tmp_path / "clips"
+    photos.mkdir(), clips.mkdir()
+    for i, size in enumerate([(30, 50), (40, 40), (20, 64)]):
+        media.image(*size, seed=i).save(photos / f"p{i}.png")
+    (photos / "p1b.png").write_bytes(b"broken")
+    (clips / "a.wav").write_bytes(_wav(media.tone(0.7)))
+    (clips / "b.wav").write_bytes(b"broken")
+    examples = Path(__file__).parent.parent / "examples"
+    run = subprocess.run([sys.executable, str(examples / "caption.py"), "--model", str(path), str(photos),
+                          "--max-tokens", "3", "--batch-size", "2", "--prompt", "Hi"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    expected = [f"p{i}.png: " + " ".join(mlxgemma.generate(model, processor, "Hi", image=photos / f"p{i}.png",
+                                                             max_tokens=3).split()) for i in range(3)]
+    assert run.stdout.strip().splitlines() == expected and "p1b.png: error" in run.stderr
+    run = subprocess.run([sys.executable, str(examples / "transcribe.py"), "--model", str(path), str(clips),
+                          "--max-tokens", "4"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and "b.wav: error" in run.stderr
+    text = mlxgemma.generate(model, processor, "Transcribe this audio.", audio=[clips / "a.wav"], max_tokens=4)
+    assert run.stdout.strip().splitlines() == [f"a.wav: {' '.join(text.split())}"]

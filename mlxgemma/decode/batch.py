@@ -13,12 +13,14 @@ from .sampling import SamplingOptions
 from .stream import TextStream
 
 
-def generate_batch(model, processor, texts: List[str], images: List[list], max_tokens: int = 32) -> List[str]:
-    """Greedy completions of several image prompts (Gemma 3 with its tower): every row's images go through
-    the tower in one forward; the outputs are as each prompt alone would give."""
+def generate_batch(model, processor, texts: List[str], images: List[list], max_tokens: int = 32,
+                   **options) -> List[str]:
+    """Greedy completions of several image prompts (Gemma 3 with its tower, Gemma 4): every row's images go
+    through the tower together; the outputs are as each prompt alone would give. options go to the processor
+    (Gemma 4: max_soft_tokens)."""
     if len(texts) != len(images):
         raise MlxGemmaError(f"{len(texts)} prompts but {len(images)} image lists")
-    prepared = [processor.prepare(t, list(im)) for t, im in zip(texts, images)]
+    prepared = [processor.prepare(t, list(im), **options) for t, im in zip(texts, images)]
     items = [item for _, row_items in prepared for item in row_items]
     features = FEATURES.encode_items(model, items) if items else None
     decoder, done, tokens = Decoder(model), 0, set(media_tokens(model))
