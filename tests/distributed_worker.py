@@ -96,9 +96,12 @@ def main():
         else:
             out = decoder_checks(full, part, steps)
             prompt = [2] + list(range(10, 22))
-        if has_vision(full):  # the tower whole on every rank, its features into the sharded language model
+        if has_vision(full):  # the towers whole on every rank, their features into the sharded language model
             pixels = np.random.default_rng(1).integers(0, 255, (40, 40, 3), dtype=np.uint8)
-            prompt, extra = "t9 <start_of_image> t12", dict(image=[Image.fromarray(pixels)], chat_template=False)
+            prompt, extra = f"t9 {tok.marks['image']} t12", dict(image=[Image.fromarray(pixels)], chat_template=False)
+            if "audio" in tok.marks:  # (Gemma 4 E2B/E4B)
+                clip = np.sin(np.arange(8000) / 16_000 * 2 * np.pi * 440).astype(np.float32)
+                prompt, extra["audio"] = prompt + f" {tok.marks['audio']} t13", [clip]
         a = [c.token for c in mlxgemma.stream_generate(full, tok, prompt, max_tokens=steps, **extra)]
         b = [c.token for c in mlxgemma.stream_generate(part, tok, prompt, max_tokens=steps, **extra)]
         everyone = mx.distributed.all_gather(mx.array(b)[None], group=group)

@@ -17,6 +17,8 @@ from types import SimpleNamespace
 
 import pytest
 
+import gemma4_media_util
+
 import mlxgemma
 from reference import TOL, WINDOW, hf_model, hf_t5gemma2, save_checkpoint, save_t5_checkpoint
 from test_gemma3_vision import hf_gemma3_vision
@@ -63,10 +65,20 @@ def checkpoints(tmp_path_factory):
     hf = hf_gemma3_vision(seed=4)
     hf.generation_config.eos_token_id = None
     paths["gemma3-vision"] = save_t5_checkpoint(hf, root / "gemma3-vision")
+    paths["gemma4-media"] = _without_eos(gemma4_media_util.save(root / "gemma4-media", seed=2))
     paths["odd-heads"] = save_checkpoint(hf_model("gemma", num_attention_heads=3, num_key_value_heads=1, head_dim=8),
                                          root / "odd-heads")
     paths["three-layers"] = save_checkpoint(hf_model("gemma2", num_hidden_layers=3), root / "three-layers")
     return paths
+
+
+def _without_eos(path):
+    """No eos anywhere: greedy decoding runs its STEPS tokens."""
+    config = json.loads((path / "config.json").read_text())
+    config["eos_token_id"] = config["text_config"]["eos_token_id"] = None
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 2, "pad_token_id": 0}))
+    return path
 
 
 def _check(r):
@@ -76,7 +88,8 @@ def _check(r):
 
 
 def test_two_ranks(checkpoints):
-    """Every family, Gemma 4's variants and 4-bit experts included."""
+    """Every family, Gemma 4's variants and 4-bit experts included, Gemma 3 with an image and Gemma 4 with an
+    image and a clip (towers whole on every rank)."""
     names = [n for n in checkpoints if n not in ("odd-heads", "three-layers")]
     out = results(launch(2, WORKER, STEPS, "tensor", *[checkpoints[n] for n in names], checkpoints["odd-heads"]))
     for name in names:

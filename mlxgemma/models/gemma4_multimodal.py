@@ -228,14 +228,6 @@ class Gemma4ForConditionalGeneration(Gemma4PreTrainedModel):
         """The keywords that give a forward already-encoded media features and the chunk's token types."""
         return {"media_features": features, "mm_token_type_ids": token_types}
 
-    def token_types(self, ids) -> np.ndarray:
-        """transformers' mm_token_type_ids of token ids (0 text, 1 image, 2 video, 3 audio)."""
-        ids = np.asarray(ids)
-        types = np.zeros(ids.shape, dtype=np.int32)
-        for token, kind in self.media_token_ids.items():
-            types[ids == token] = kind
-        return types
-
     def __call__(self, input_ids, attention_mask=None, cache=None, pixel_values=None, image_position_ids=None,
                  input_features=None, input_features_mask=None, pixel_values_videos=None, video_position_ids=None,
                  num_frames_per_video=None, mm_token_type_ids=None, media_features=None) -> mx.array:
