@@ -191,8 +191,10 @@ def _png(img) -> bytes:
 def test_chat_session_and_server_equal_the_library(ckpt):
     """A chat turn with a clip (ChatSession) and the server's OpenAI image_url + input_audio parts give the
     tokens of stream_generate on the same conversation; a second server request with other audio is told
-    apart by the prompt cache; audio for a model that takes none is a 400."""
+    apart by the prompt cache; four concurrent requests with other clips each answer as alone; bad base64 and
+    undecodable audio are 400s."""
     import base64
+    import threading
 
     import openai
 
@@ -227,6 +229,19 @@ def test_chat_session_and_server_equal_the_library(ckpt):
         alone = mlxgemma.stream_generate(model, processor, turn, image=[media.image(28, 44, seed=5)],
                                          audio=[load_audio(other)], max_tokens=5)
         assert ask(other).choices[0].message.content == "".join(c.text for c in alone)
+        clips = [_wav(media.tone(0.4 + 0.2 * i, hz=300.0 + 150 * i, seed=20 + i)) for i in range(4)]
+        alone = [ask(c).choices[0].message.content for c in clips]
+        together = [None] * len(clips)
+
+        def run(i):
+            together[i] = ask(clips[i]).choices[0].message.content
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(clips))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert together == alone  # batched beside each other: each as alone
         with pytest.raises(openai.BadRequestError, match="base64"):
             client.chat.completions.create(model="m", max_tokens=2, messages=[{"role": "user", "content": [
                 {"type": "input_audio", "input_audio": {"data": "%%%", "format": "wav"}}]}])
