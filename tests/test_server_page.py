@@ -1,6 +1,6 @@
 """The chat page (GET /) in a real headless Chromium against a live server: replies stream in and equal the
 API's, Stop keeps the partial reply and frees the server, New conversation clears it, the image button only
-for models that take images, errors shown in the conversation, the API key asked for on a 401, and a base model
+for models that take images (and recordings for Gemma 4 that hears), errors shown in the conversation, the API key asked for on a 401, and a base model
 (no chat template, like the default model) continuing text through /v1/completions.
 
 MLXGEMMA_SCREENSHOT=1 also saves docs/chat-page.png (the README's picture of the page)."""
@@ -266,5 +266,43 @@ def test_gemma4_thoughts_collapsed_and_tool_calls_as_cards(tmp_path, page):
         assistant = sent[1]["messages"][1]
         assert assistant["reasoning_content"] == 'The user asks "why".' and assistant["content"] == "Checking. "
         assert assistant["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    finally:
+        served.stop()
+
+
+def test_gemma4_image_and_recording_attached(tmp_path, page):
+    """A model that sees and hears (Gemma 4 E2B/E4B: /api/show says "vision" and "audio"): a picture and a
+    recording attached go as image_url and input_audio parts, show in the turn (an image, a player), and
+    the reply equals the API's for the same message."""
+    import io
+    import wave
+
+    import gemma4_media_util as media
+
+    served = serve(media.save(tmp_path / "g4media"), "--max-tokens", "6")
+    try:
+        page.goto(served.url)
+        expect(page.locator("#attach")).to_be_visible()
+        assert page.get_attribute("#attach", "accept") == "image/*,audio/*"
+        buf = io.BytesIO()
+        with wave.open(buf, "wb") as w:
+            w.setnchannels(1), w.setsampwidth(2), w.setframerate(16_000)
+            w.writeframes((media.tone(0.5) * 32767).astype("<i2").tobytes())
+        png = io.BytesIO()
+        media.image(24, 40).save(png, format="PNG")
+        page.set_input_files("#attach", files=[{"name": "p.png", "mimeType": "image/png", "buffer": png.getvalue()},
+                                               {"name": "memo.wav", "mimeType": "audio/wav", "buffer": buf.getvalue()}])
+        expect(page.locator("#attachments img")).to_have_count(1)
+        expect(page.locator("#attachments audio")).to_have_count(1)
+        say(page, "Hi")
+        settled(page)
+        expect(page.locator("#messages .message.user audio")).to_have_count(1)
+        content = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,"
+                                                       + base64.b64encode(png.getvalue()).decode()}},
+                   {"type": "input_audio", "input_audio": {"data": base64.b64encode(buf.getvalue()).decode(),
+                                                           "format": "wav"}},
+                   {"type": "text", "text": "Hi"}]
+        expected = api_reply(served, [{"role": "user", "content": content}])
+        assert page.locator("#messages .message.assistant").nth(0).text_content() == expected
     finally:
         served.stop()

@@ -78,6 +78,11 @@ class Engine:
         return self.encoder_decoder or self.vision
 
     @property
+    def takes_audio(self) -> bool:
+        """Gemma 4 E2B/E4B: input_audio parts (Ollama's /api/show says "audio")."""
+        return "audio" in getattr(self.processor, "marks", {}) and self.processor.feature_extractor is not None
+
+    @property
     def context(self) -> Optional[int]:
         config = self.model.config
         if self.encoder_decoder:
@@ -206,7 +211,7 @@ class Engine:
         return text, pictures, clips
 
     def _audio(self, data: str) -> bytes:
-        if self.processor is None or "audio" not in getattr(self.processor, "marks", {}):
+        if not self.takes_audio:
             raise RequestError(f"{self.name} takes no audio", param="messages")
         try:
             return base64.b64decode(data, validate=True)

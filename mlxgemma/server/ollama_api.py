@@ -68,7 +68,7 @@ def show(engine: Engine, body) -> dict:
     parse(OllamaShowRequest, body)
     # Tools go through the chat template: a base model (no template) has none, as Ollama reports it.
     capabilities = (["completion"] + (["tools"] if has_chat_template(engine) else [])
-                    + (["vision"] if engine.takes_images else [])
+                    + (["vision"] if engine.takes_images else []) + (["audio"] if engine.takes_audio else [])
                     + (["thinking"] if takes_thinking(engine.tokenizer) else []))
     # model_info's general.parameter_count is Ollama's key for the exact count (details has it rounded).
     info = dict(engine.describe(), **{"general.parameter_count": parameter_count(engine.model)})
