@@ -301,6 +301,9 @@ def configure_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio", action="append", default=None,
                    help="audio file (WAV, FLAC, MP3, M4A, OGG), repeatable (Gemma 4 E2B/E4B); <|audio|> in the "
                         "prompt marks where each goes, else they go first")
+    p.add_argument("--video", action="append", default=None,
+                   help="video file, repeatable (Gemma 4): 32 frames sampled evenly, each with its timestamp; "
+                        "<|video|> in the prompt marks where each goes, else they go first")
     p.add_argument("--image-budget", type=int, default=None, choices=SUPPORTED_SOFT_TOKENS,
                    help="Gemma 4: soft tokens per image (more sees finer detail; default: the checkpoint's, 280)")
     p.add_argument("--pan-and-scan", action="store_true", default=None,
@@ -347,7 +350,7 @@ def main(argv=None) -> int:
 
     def body() -> int:
         prompt, structured, thinking = read_prompt(args.prompt), structured_kwargs(args), thinking_kwargs(args)
-        if not prompt.strip() and not args.image and not args.audio and not args.prompt_cache_file:
+        if not prompt.strip() and not (args.image or args.audio or args.video or args.prompt_cache_file):
             raise MlxGemmaError("the prompt is empty: give some text")
         constrained.grammar_of(**structured)  # a bad constraint fails before the model loads
         check_options(**options, prefill_step_size=args.prefill_step_size)
@@ -362,6 +365,7 @@ def main(argv=None) -> int:
                                         draft_model=draft, stop=[unescape(s) for s in args.stop],
                                         system=args.system, chat_template=not args.ignore_chat_template,
                                         prefill_step_size=args.prefill_step_size, image=image, audio=args.audio,
+                                        video=args.video,
                                         image_budget=args.image_budget,
                                         **({"pan_and_scan": True} if args.pan_and_scan else {}),
                                         prompt_progress_callback=PrefillProgress(args.prefill_step_size)):

@@ -362,3 +362,86 @@ def test_caption_and_transcribe_examples(ckpt, tmp_path):
     assert run.returncode == 1 and "b.wav: error" in run.stderr
     text = mlxgemma.generate(model, processor, "Transcribe this audio.", audio=[clips / "a.wav"], max_tokens=4)
     assert run.stdout.strip().splitlines() == [f"a.wav: {' '.join(text.split())}"]
+
+
+def _video(n: int, h: int = 24, w: int = 40, seed: int = 0):
+    """n random frames (uint8 HWC) and their timestamps at 2 fps."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8), [i / 2 for i in range(n)]
+
+
+def test_video_logits_and_layout_match_transformers(ckpt):
+    """A video's frames (decoded: frames and timestamps) through our processor: logits with text, an image and
+    the video equal transformers' (its frames are image blocks of type 2, bidirectional where images are),
+    and the text is what transformers' replace_video_token writes for those timestamps."""
+    import re
+    from types import SimpleNamespace
+
+    import transformers
+
+    _, hf, model, processor = ckpt
+    frames, stamps = _video(3)
+    inputs = processor("<|image|> then <|video|> end", [media.image(30, 30)], videos=[(frames, stamps)])
+    assert inputs["pixel_values_videos"].shape[0] == 3 and inputs["num_frames_per_video"].tolist() == [3]
+    names = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_position_ids",
+             "pixel_values_videos", "video_position_ids", "num_frames_per_video")
+    with torch.no_grad():
+        expected = hf(**{k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items() if k in names}).logits.numpy()
+    assert np.abs(ours(model, inputs) - expected).max() <= 1e-4
+    per_frame = int((inputs["video_position_ids"][0] != -1).all(-1).sum()) // media.POOL ** 2
+    stub = SimpleNamespace(boi_token="<|image>", eoi_token="<image|>", video_token="<|video|>")
+    meta = transformers.video_utils.VideoMetadata(total_num_frames=3, fps=2.0, frames_indices=[0, 1, 2])
+    text = transformers.Gemma4Processor.replace_video_token(stub, {"num_soft_tokens_per_video": [per_frame],
+                                                                   "video_metadata": [meta]}, 0)
+    decoded = processor.tokenizer.decode(inputs["input_ids"][0].tolist())
+    assert text in decoded and re.search(r"00:01 <\|image>", decoded)
+
+
+def test_video_frame_sampling_and_decoding(tmp_path):
+    """32 frames sampled as transformers' default_sample_indices_fn does (fewer frames: all of them, where it
+    raises), their timestamps as its VideoMetadata gives them; a file PyAV wrote decodes to those frames."""
+    import av
+    from transformers.video_utils import VideoMetadata, default_sample_indices_fn
+
+    from mlxgemma.media.gemma4_video import load_video, sample_indices
+
+    for total in (32, 33, 100, 1000, 4097):
+        theirs = default_sample_indices_fn(VideoMetadata(total_num_frames=total, fps=24.0), num_frames=32)
+        assert sample_indices(total).tolist() == theirs.tolist()
+    assert sample_indices(5).tolist() == [0, 1, 2, 3, 4]
+    path = tmp_path / "clip.mp4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(40):
+            frame = np.full((48, 64, 3), (i * 6) % 256, dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    frames, stamps = load_video(path)
+    expected = sample_indices(40)
+    assert frames.shape == (32, 48, 64, 3)
+    meta = VideoMetadata(total_num_frames=40, fps=10.0, frames_indices=expected)
+    assert np.allclose(stamps, meta.timestamps)
+    assert np.abs(frames[:, 24, 32, 0].astype(int) - (expected * 6) % 256).max() <= 8  # (lossy codec)
+    assert np.array_equal(load_video(path.read_bytes())[0], frames)
+    with pytest.raises(MlxGemmaError, match="cannot be decoded|no video"):
+        load_video(b"not a video")
+
+
+def test_video_generation(ckpt):
+    """stream_generate(video=...) gives the greedy tokens of the model on the processor's inputs."""
+    _, _, model, processor = ckpt
+    frames, stamps = _video(4, seed=3)
+    out = [c.token for c in mlxgemma.stream_generate(model, processor, "<|video|> What happens?",
+                                                     video=[(frames, stamps)], max_tokens=4, chat_template=False)]
+    inputs = processor("<|video|> What happens?", videos=[(frames, stamps)])
+    ids = inputs["input_ids"]
+    expected = []
+    for _ in range(4):
+        step = dict(inputs, input_ids=ids, attention_mask=np.ones_like(ids),
+                    mm_token_type_ids=np.pad(inputs["mm_token_type_ids"], ((0, 0), (0, ids.shape[1] - inputs["input_ids"].shape[1]))))
+        expected.append(int(ours(model, step)[0, -1].argmax()))
+        ids = np.concatenate([ids, [[expected[-1]]]], axis=1)
+    assert out == expected

@@ -82,7 +82,7 @@ class Gemma4ImageProcessor:
             if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
                 raise MlxGemmaError(f"preprocessor_config.json: {name} is {value!r}, expected a positive integer")
         self.patch_size, self.pooling_kernel_size = patch_size, pooling_kernel_size
-        self.max_soft_tokens = self._budget(max_soft_tokens, "preprocessor_config.json: max_soft_tokens")
+        self.max_soft_tokens = self.check_budget(max_soft_tokens, "preprocessor_config.json: max_soft_tokens")
         self.resample = Image.Resampling(resample)
         self.do_resize, self.do_convert_rgb = do_resize, do_convert_rgb
         self.rescale_factor = rescale_factor if do_rescale else None
@@ -100,14 +100,14 @@ class Gemma4ImageProcessor:
         return cls(**{k: config[k] for k in names if config.get(k) is not None})
 
     @staticmethod
-    def _budget(value, where: str) -> int:
+    def check_budget(value, where: str) -> int:
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value not in SUPPORTED_SOFT_TOKENS:
             raise MlxGemmaError(f"{where} is {value!r}; Gemma 4 takes one of "
                                 f"{', '.join(map(str, SUPPORTED_SOFT_TOKENS))}")
         return int(value)
 
     def __call__(self, images, max_soft_tokens: Optional[int] = None) -> dict:
-        budget = self.max_soft_tokens if max_soft_tokens is None else self._budget(max_soft_tokens, "max_soft_tokens")
+        budget = self.max_soft_tokens if max_soft_tokens is None else self.check_budget(max_soft_tokens, "max_soft_tokens")
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         if not images:
             raise MlxGemmaError("the image list is empty: pass at least one image")

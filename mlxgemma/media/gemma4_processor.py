@@ -19,6 +19,7 @@ from ..errors import MlxGemmaError
 from ..files import read_json
 from .audio import Gemma4AudioFeatureExtractor, load_audio
 from .gemma4_images import Gemma4ImageProcessor
+from .gemma4_video import NUM_FRAMES, VIDEO_SOFT_TOKENS, Gemma4VideoProcessor
 from .processor import Gemma3Processor
 
 KINDS = ("image", "audio", "video")
@@ -47,8 +48,9 @@ class Gemma4Processor:
     @classmethod
     def from_pretrained(cls, path: Path, tokenizer, config) -> "Gemma4Processor":
         """processor_config.json (transformers' nesting: image_processor, feature_extractor, video_processor)
-        or preprocessor_config.json; what is missing takes transformers' defaults, with a warning for towers
-        that have none (mlx-vlm conversions drop them)."""
+        or preprocessor_config.json (and video_preprocessor_config.json); what is missing takes transformers'
+        defaults (mlx-vlm's conversions drop the feature extractor's block: its defaults are every released
+        checkpoint's settings)."""
         files = {}
         for name in ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json"):
             f = Path(path) / name
@@ -64,7 +66,12 @@ class Gemma4Processor:
         image_processor = Gemma4ImageProcessor.from_dict(image)
         audio = dict(audio, audio_seq_length=top["audio_seq_length"]) if "audio_seq_length" in top else audio
         extractor = Gemma4AudioFeatureExtractor.from_dict(audio) if config.audio_config is not None else None
-        video_processor = None  # (video is not read yet: docs/not-yet.md)
+        video = top.get("video_processor") or files["video_preprocessor_config.json"]
+        if not isinstance(video, dict):
+            raise MlxGemmaError("processor_config.json: video_processor must be an object")
+        frames = {k: v for k, v in {**image, **video}.items() if k != "max_soft_tokens"}  # (frames are images)
+        video_processor = Gemma4VideoProcessor(Gemma4ImageProcessor.from_dict(frames), video.get("num_frames") or
+                                               NUM_FRAMES, video.get("max_soft_tokens") or VIDEO_SOFT_TOKENS)
         return cls(tokenizer, config, image_processor, extractor, video_processor)
 
     # One item of each kind -> its model inputs and its text.
@@ -87,15 +94,18 @@ class Gemma4Processor:
                 "waveform": wave}
         return item, self.boa_token + self.audio_token * n + self.eoa_token
 
-    def _video(self, video, budget) -> tuple:
+    def _video(self, video) -> tuple:
+        """(its frames and positions, its text: per frame "mm:ss " + the frame's image layout, as
+        replace_video_token writes it). Frames take the video budget, not the images' (as transformers)."""
         if self.video_processor is None or self.video_token is None:
             raise MlxGemmaError("this Gemma 4 checkpoint takes no video")
-        out = self.video_processor([video], max_soft_tokens=budget)
-        n = int(out["num_soft_tokens_per_video"][0])
+        out = self.video_processor([video])
+        n, stamps = int(out["num_soft_tokens_per_video"][0]), out["timestamps"][0]
         frame = self.boi_token + self.video_token * n + self.eoi_token
-        text = " ".join(f"{int(s // 60):02d}:{int(s % 60):02d} {frame}" for s in out["timestamps"][0])
-        return {"pixel_values_videos": out["pixel_values_videos"], "video_position_ids": out["video_position_ids"]}, \
-            text
+        text = " ".join(f"{int(s // 60):02d}:{int(s % 60):02d} {frame}" for s in stamps)
+        item = {"pixel_values_videos": out["pixel_values_videos"], "video_position_ids": out["video_position_ids"],
+                "blocks": len(stamps)}
+        return item, text
 
     def prepare(self, text, images=(), audio=(), videos=(), max_soft_tokens: Optional[int] = None,
                 add_special_tokens: Optional[bool] = None) -> tuple:
@@ -118,7 +128,7 @@ class Gemma4Processor:
                 kind = m.lastgroup
                 source = next(queues[kind])
                 item, replacement = (self._image(source, max_soft_tokens) if kind == "image" else
-                                     self._audio(source) if kind == "audio" else self._video(source, max_soft_tokens))
+                                     self._audio(source) if kind == "audio" else self._video(source))
                 items.append(dict(item, kind=kind))
                 parts += [t[last:m.start()], replacement]
                 last = m.end()

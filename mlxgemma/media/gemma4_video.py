@@ -1,0 +1,96 @@
+"""Video for Gemma 4, as transformers' Gemma4VideoProcessor prepares it, without torch: frames decoded by PyAV
+(FFmpeg), 32 of them sampled evenly (transformers' default_sample_indices_fn: frame i * total // 32), each
+resized to the video budget (70 soft tokens by default, the video processor's own) and patchified as an image
+(gemma4_images.py: the same aspect-ratio rule, rescale by 1/255; the video processor's normalisation, mean 0
+and std 1, changes nothing). The prompt gives each frame its timestamp, "mm:ss", from its index / fps.
+
+Two differences from transformers, both where it has no answer: a video of fewer frames than asked for gives
+all of them (transformers raises), and frames are resized with Pillow's bicubic filter, as images are, where
+transformers' video processor calls torchvision's antialiased bicubic resize (which this project cannot run:
+its PyPI wheel needs CUDA's torch), so pixel values are not compared with transformers' for video."""
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..errors import MlxGemmaError
+from .gemma4_images import Gemma4ImageProcessor
+
+NUM_FRAMES, VIDEO_SOFT_TOKENS = 32, 70  # Gemma4VideoProcessor's defaults
+
+
+def sample_indices(total: int, num_frames: int = NUM_FRAMES) -> np.ndarray:
+    """transformers' default_sample_indices_fn with num_frames: evenly spaced, the first frame first."""
+    n = min(num_frames, total)
+    return np.arange(n, dtype=int) * total // n
+
+
+def load_video(source, num_frames: int = NUM_FRAMES) -> tuple:
+    """(frames (n, H, W, 3) uint8 at the sampled indices, their timestamps in seconds) of a video file (a path
+    or its bytes): two passes over the decoded frames (one to count them where the container does not say, one
+    to keep the sampled ones), so a long video is never held whole."""
+    import io
+
+    import av
+
+    if isinstance(source, (str, Path)):
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise MlxGemmaError(f"video {str(path)!r} not found" if not path.exists() else
+                                f"video {str(path)!r} is not a regular file")
+        what, opener = f"video {str(path)!r}", lambda: av.open(str(path))
+    elif isinstance(source, (bytes, bytearray)):
+        what, opener = "the video", lambda: av.open(io.BytesIO(bytes(source)))
+    else:
+        raise MlxGemmaError(f"a video is a file path or its bytes, not {type(source).__name__}")
+    try:
+        with opener() as container:
+            if not container.streams.video:
+                raise MlxGemmaError(f"{what} has no video stream")
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or stream.guessed_rate or 24)
+            total = stream.frames or sum(1 for _ in container.decode(stream))
+        keep = set(sample_indices(total, num_frames).tolist()) if total else set()
+        frames = []
+        with opener() as container:
+            for i, frame in enumerate(container.decode(container.streams.video[0])):
+                if i in keep:
+                    frames.append(frame.to_ndarray(format="rgb24"))
+    except av.error.FFmpegError as e:
+        raise MlxGemmaError(f"{what} cannot be decoded ({e})") from None
+    if not frames:
+        raise MlxGemmaError(f"{what} has no frames")
+    return np.stack(frames), [i / fps for i in sorted(keep)[:len(frames)]]
+
+
+class Gemma4VideoProcessor:
+    """processor([video], max_soft_tokens=None) -> {"pixel_values_videos" (frames, max_patches, 3 * patch^2),
+    "video_position_ids" (frames, max_patches, 2), "num_soft_tokens_per_video" (soft tokens per frame, one
+    entry per video), "timestamps" (seconds, per video)}. A video is a file path or bytes, or an (frames,
+    timestamps) pair already decoded."""
+
+    def __init__(self, image_processor: Gemma4ImageProcessor, num_frames: int = NUM_FRAMES,
+                 max_soft_tokens: int = VIDEO_SOFT_TOKENS):
+        if not (isinstance(num_frames, int) and not isinstance(num_frames, bool) and num_frames > 0):
+            raise MlxGemmaError(f"video_processor: num_frames is {num_frames!r}, expected a positive integer")
+        self.image_processor, self.num_frames = image_processor, num_frames
+        self.max_soft_tokens = image_processor.check_budget(max_soft_tokens, "video_processor: max_soft_tokens")
+
+    @classmethod
+    def from_dict(cls, options: dict, image_processor: Gemma4ImageProcessor) -> "Gemma4VideoProcessor":
+        return cls(image_processor, options.get("num_frames") or NUM_FRAMES,
+                   options.get("max_soft_tokens") or VIDEO_SOFT_TOKENS)
+
+    def __call__(self, videos, max_soft_tokens: Optional[int] = None) -> dict:
+        budget = self.max_soft_tokens if max_soft_tokens is None else max_soft_tokens
+        pixels, positions, tokens, stamps = [], [], [], []
+        for video in videos:
+            frames, times = video if isinstance(video, tuple) else load_video(video, self.num_frames)
+            out = self.image_processor(list(frames), max_soft_tokens=budget)
+            pixels.append(out["pixel_values"])
+            positions.append(out["image_position_ids"])
+            tokens.append(int(out["num_soft_tokens_per_image"][0]))
+            stamps.append(list(times))
+        return {"pixel_values_videos": np.concatenate(pixels), "video_position_ids": np.concatenate(positions),
+                "num_soft_tokens_per_video": tokens, "timestamps": stamps}
