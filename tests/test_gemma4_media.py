@@ -445,3 +445,19 @@ def test_video_generation(ckpt):
         expected.append(int(ours(model, step)[0, -1].argmax()))
         ids = np.concatenate([ids, [[expected[-1]]]], axis=1)
     assert out == expected
+
+
+def test_prompt_cache_file_with_an_image(ckpt, tmp_path):
+    """A prompt with an image cached to a file (python -m mlxgemma.cache_prompt's function), then continued
+    with text: the greedy tokens of the whole prompt at once."""
+    from mlxgemma.cache_prompt import cache_prompt
+    from mlxgemma.generate import continuation
+
+    _, _, model, processor = ckpt
+    image = media.image(26, 42, seed=8)
+    cache_prompt(model, processor, "Look <|image|> here", tmp_path / "c.safetensors", image=[image])
+    resumed = [c.token for c in mlxgemma.stream_generate(
+        model, processor, **continuation(model, processor, " and there", tmp_path / "c.safetensors"), max_tokens=5)]
+    whole = [c.token for c in mlxgemma.stream_generate(model, processor, "Look <|image|> here and there",
+                                                       image=[image], chat_template=False, max_tokens=5)]
+    assert resumed == whole
