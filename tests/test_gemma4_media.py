@@ -282,16 +282,29 @@ def test_convert_keeps_the_towers(ckpt, tmp_path):
 
 
 def test_mlx_vlm_loads_our_conversion(ckpt, tmp_path):
-    """mlx-vlm (0.7.10) loads what convert writes, towers included, and its language model's logits are ours."""
+    """mlx-vlm (0.7.10) loads what convert writes, towers included, and its language model's logits are ours;
+    we load what mlx-vlm writes."""
     mlx_vlm = pytest.importorskip("mlx_vlm")
     import mlx.core as mx
 
     from mlxgemma.checkpoints.convert import convert
 
     path, _, model, processor = ckpt
-    theirs, _ = mlx_vlm.load(str(convert(path, tmp_path / "out")))
+    ours_path = convert(path, tmp_path / "out")
+    theirs, _ = mlx_vlm.load(str(ours_path))
     ids = processor("Hello there, how are you?")["input_ids"]
     assert np.abs(np.array(theirs.language_model(mx.array(ids)).logits) - np.array(model(ids))).max() <= 1e-4
+    # and the other way: mlx-vlm's 8-bit conversion (of ours: it misreads transformers' per_layer_config) loads
+    # here, its quantized language model giving mlx-vlm's own logits, and takes an image and a clip
+    from mlx_vlm import convert as vlm_convert
+
+    vlm_convert(str(ours_path), mlx_path=str(tmp_path / "vlm"), quantize=True, q_group_size=32, q_bits=8)
+    theirs, _ = mlx_vlm.load(str(tmp_path / "vlm"))
+    m, p = mlxgemma.load(tmp_path / "vlm")
+    assert hasattr(m.language_model.model.layers[0].self_attn.q_proj, "scales")
+    assert np.abs(np.array(theirs.language_model(mx.array(ids)).logits) - np.array(m(ids))).max() <= 1e-4
+    inputs = p("<|image|><|audio|> hi", [media.image(30, 50)], [media.tone(0.5)])
+    assert np.isfinite(ours(m, inputs)).all()
 
 
 def test_left_padded_batch_with_different_media_per_row(ckpt):
