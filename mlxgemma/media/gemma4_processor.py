@@ -30,6 +30,9 @@ class Gemma4Processor:
     input_features_mask, pixel_values_videos, video_position_ids, num_frames_per_video). `tokenizer` is
     mlx-lm's TokenizerWrapper of the checkpoint, `config` the model's Gemma4Config."""
 
+    # What from_pretrained builds from the config files (Gemma 4 unified has its own).
+    image_processor_class, feature_extractor_class = Gemma4ImageProcessor, Gemma4AudioFeatureExtractor
+
     def __init__(self, tokenizer, config, image_processor: Gemma4ImageProcessor,
                  feature_extractor: Optional[Gemma4AudioFeatureExtractor] = None, video_processor=None):
         self.tokenizer = tokenizer
@@ -61,9 +64,9 @@ class Gemma4Processor:
         for what, d in (("image_processor", image), ("feature_extractor", audio)):
             if not isinstance(d, dict):
                 raise MlxGemmaError(f"processor_config.json: {what} must be an object")
-        image_processor = Gemma4ImageProcessor.from_dict(image)
+        image_processor = cls.image_processor_class.from_dict(image)
         audio = dict(audio, audio_seq_length=top["audio_seq_length"]) if "audio_seq_length" in top else audio
-        extractor = Gemma4AudioFeatureExtractor.from_dict(audio) if config.audio_config is not None else None
+        extractor = cls.feature_extractor_class.from_dict(audio) if config.audio_config is not None else None
         video_processor = None  # (video is not read yet: docs/not-yet.md)
         return cls(tokenizer, config, image_processor, extractor, video_processor)
 
@@ -77,7 +80,7 @@ class Gemma4Processor:
 
     def _audio(self, clip) -> tuple:
         if self.feature_extractor is None:
-            raise MlxGemmaError("this Gemma 4 checkpoint has no audio tower: it takes no audio")
+            raise MlxGemmaError("this Gemma 4 checkpoint has no audio_config: it takes no audio")
         wave = load_audio(clip, self.feature_extractor.sampling_rate)
         out = self.feature_extractor([wave])
         n = self.feature_extractor.num_soft_tokens(out["input_features_mask"][0])
