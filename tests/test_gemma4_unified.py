@@ -314,14 +314,22 @@ def test_processor_matches_transformers_pieces(ckpt, hf_image_processor):
     assert np.array_equal(got["input_features_mask"], sound["input_features_mask"])
 
 
-def test_loads_both_layouts_and_sub_config_names(ckpt, tmp_path):
-    """transformers' in-memory names (model.embed_vision.patch_ln1, ...multimodal_embedder.*) load as the saved
-    layout does; mlx-vlm's config names of the aliases are read."""
+@pytest.mark.parametrize("layout", ["transformers in memory", "mlx-vlm"])
+def test_loads_other_layouts_and_sub_config_names(ckpt, tmp_path, layout):
+    """transformers' in-memory names (model.embed_vision.patch_ln1, ...multimodal_embedder.*) and mlx-vlm's
+    (language_model.model.*, vision_embedder.*, no model. prefix) load as the saved layout does; mlx-vlm's
+    config names of the sub-configs' derived sizes are read."""
+    from safetensors import safe_open
     from safetensors.numpy import save_file
 
     path, hf, model, processor = ckpt
-    state = {k: v.numpy() for k, v in hf.state_dict().items() if "rotary_emb" not in k and "embed_scale" not in k}
+    state = {k: v.numpy() for k, v in hf.state_dict().items()}
     assert any(k.startswith("model.embed_vision.multimodal_embedder.") for k in state)
+    if layout == "mlx-vlm":
+        with safe_open(str(path / "model.safetensors"), "np") as f:
+            state = {re.sub(r"^model\.(language_model\.)?", lambda m: "language_model.model." if m.group(1) else "",
+                            k): f.get_tensor(k) for k in f.keys()}
+        assert "vision_embedder.patch_ln1.weight" in state and "embed_vision.embedding_projection.weight" in state
     for f in path.iterdir():
         if f.suffix != ".safetensors":
             (tmp_path / f.name).write_bytes(f.read_bytes())
