@@ -71,6 +71,8 @@ class Gemma4ImageProcessor:
     "num_soft_tokens_per_image" (images,) int64}, max_patches = max_soft_tokens * pooling_kernel_size**2.
     images: one image or a list; an image is a PIL image, an HWC uint8 array, encoded bytes or a file path."""
 
+    resamples = None  # the resample filters it takes (None: any of Pillow's)
+
     def __init__(self, patch_size: int = 16, max_soft_tokens: int = 280, pooling_kernel_size: int = 3,
                  resample: int = Image.Resampling.BICUBIC, do_resize: bool = True, do_rescale: bool = True,
                  rescale_factor: float = 1 / 255, do_normalize: bool = False, image_mean=(0.0, 0.0, 0.0),
@@ -84,6 +86,9 @@ class Gemma4ImageProcessor:
         self.patch_size, self.pooling_kernel_size = patch_size, pooling_kernel_size
         self.max_soft_tokens = self.check_budget(max_soft_tokens, "preprocessor_config.json: max_soft_tokens")
         self.resample = Image.Resampling(resample)
+        if self.resamples is not None and self.resample not in self.resamples:
+            raise MlxGemmaError(f"preprocessor_config.json: resample is {resample!r}; this processor resizes with "
+                                f"{', '.join(f'{int(r)} ({r.name.lower()})' for r in self.resamples)} only")
         self.do_resize, self.do_convert_rgb = do_resize, do_convert_rgb
         self.rescale_factor = rescale_factor if do_rescale else None
         self.mean = np.array(image_mean, dtype=np.float32) if do_normalize else None
@@ -112,12 +117,13 @@ class Gemma4ImageProcessor:
         if not images:
             raise MlxGemmaError("the image list is empty: pass at least one image")
         max_patches = budget * self.pooling_kernel_size**2
-        pixels, positions, soft_tokens = zip(*(self._one(image, i, max_patches) for i, image in enumerate(images)))
+        pixels, positions, soft_tokens = zip(*(self.one(image, i, max_patches) for i, image in enumerate(images)))
         return {"pixel_values": np.stack(pixels), "image_position_ids": np.stack(positions),
                 "num_soft_tokens_per_image": np.array(soft_tokens, dtype=np.int64)}
 
-    def _one(self, image, index: int, max_patches: int) -> tuple:
-        img = self._rgb(image, index)
+    def one(self, image, index: int, max_patches: int) -> tuple:
+        """One image -> (its patches and positions, padded to the budget; its soft tokens)."""
+        img = self.rgb(image, index)
         width, height = img.size
         if not width or not height:
             raise MlxGemmaError(f"image {index} is empty ({width}x{height} pixels)")
@@ -146,12 +152,15 @@ class Gemma4ImageProcessor:
         return (np.pad(patches, ((0, pad), (0, 0))), np.pad(grid, ((0, pad), (0, 0)), constant_values=-1),
                 len(patches) // self.pooling_kernel_size**2)
 
-    def _rgb(self, image, index: int) -> Image.Image:
+    # How an HWC uint8 array becomes RGB (transformers' PIL backend; its torchvision backend differs).
+    array_to_rgb = staticmethod(_rgb_array)
+
+    def rgb(self, image, index: int) -> Image.Image:
         """The image as an RGB PIL image; bytes are decoded, paths read (with processor.py's checks)."""
         if isinstance(image, np.ndarray):
             if image.ndim in (2, 3) and 0 in image.shape[:2]:
                 raise MlxGemmaError(f"image {index} is empty ({image.shape[1]}x{image.shape[0]} pixels)")
-            rgb = _rgb_array(image)
+            rgb = self.array_to_rgb(image)
             if not self.do_convert_rgb and image.shape[-1:] != (3,):
                 raise MlxGemmaError(f"image {index} has shape {image.shape}, not RGB, and do_convert_rgb is off")
             return Image.fromarray(rgb)

@@ -31,6 +31,10 @@ class Gemma4Processor:
     input_features_mask, pixel_values_videos, video_position_ids, num_frames_per_video). `tokenizer` is
     mlx-lm's TokenizerWrapper of the checkpoint, `config` the model's Gemma4Config."""
 
+    # What from_pretrained builds from the config files (Gemma 4 unified has its own).
+    image_processor_class, feature_extractor_class = Gemma4ImageProcessor, Gemma4AudioFeatureExtractor
+    reads_video = True  # (frames through the image processor; the 12B Unified's video is not read yet)
+
     def __init__(self, tokenizer, config, image_processor: Gemma4ImageProcessor,
                  feature_extractor: Optional[Gemma4AudioFeatureExtractor] = None, video_processor=None):
         self.tokenizer = tokenizer
@@ -63,15 +67,18 @@ class Gemma4Processor:
         for what, d in (("image_processor", image), ("feature_extractor", audio)):
             if not isinstance(d, dict):
                 raise MlxGemmaError(f"processor_config.json: {what} must be an object")
-        image_processor = Gemma4ImageProcessor.from_dict(image)
+        image_processor = cls.image_processor_class.from_dict(image)
         audio = dict(audio, audio_seq_length=top["audio_seq_length"]) if "audio_seq_length" in top else audio
-        extractor = Gemma4AudioFeatureExtractor.from_dict(audio) if config.audio_config is not None else None
+        extractor = cls.feature_extractor_class.from_dict(audio) if config.audio_config is not None else None
         video = top.get("video_processor") or files["video_preprocessor_config.json"]
         if not isinstance(video, dict):
             raise MlxGemmaError("processor_config.json: video_processor must be an object")
-        frames = {k: v for k, v in {**image, **video}.items() if k != "max_soft_tokens"}  # (frames are images)
-        video_processor = Gemma4VideoProcessor(Gemma4ImageProcessor.from_dict(frames), video.get("num_frames") or
-                                               NUM_FRAMES, video.get("max_soft_tokens") or VIDEO_SOFT_TOKENS)
+        video_processor = None
+        if cls.reads_video:
+            frames = {k: v for k, v in {**image, **video}.items() if k != "max_soft_tokens"}  # (frames are images)
+            video_processor = Gemma4VideoProcessor(cls.image_processor_class.from_dict(frames),
+                                                   video.get("num_frames") or NUM_FRAMES,
+                                                   video.get("max_soft_tokens") or VIDEO_SOFT_TOKENS)
         return cls(tokenizer, config, image_processor, extractor, video_processor)
 
     # One item of each kind -> its model inputs and its text.
@@ -84,7 +91,7 @@ class Gemma4Processor:
 
     def _audio(self, clip) -> tuple:
         if self.feature_extractor is None:
-            raise MlxGemmaError("this Gemma 4 checkpoint has no audio tower: it takes no audio")
+            raise MlxGemmaError("this Gemma 4 checkpoint has no audio_config: it takes no audio")
         wave = load_audio(clip, self.feature_extractor.sampling_rate)
         out = self.feature_extractor([wave])
         n = self.feature_extractor.num_soft_tokens(out["input_features_mask"][0])

@@ -201,10 +201,12 @@ def padding_of(attention_mask, L: int) -> Optional[mx.array]:
 
 
 def layer_masks(layer_types, caches, L: int, attention_mask, window: Optional[int],
-                bidirectional: bool = False, blocks: Optional[mx.array] = None, block_types=None) -> dict:
+                bidirectional: bool = False, blocks: Optional[mx.array] = None, block_types=None,
+                blocks_in_window: bool = True) -> dict:
     """One mask per layer type, computed once from the first cache of that type; every cache then records
     which new tokens are padding. blocks (B, L): image blocks among the new tokens (image_blocks), which
-    the layers of block_types (all when None) let attend within themselves."""
+    the layers of block_types (all when None) let attend within themselves: on sliding layers within the
+    window, or with blocks_in_window=False across the whole block (the window bounds only the rest)."""
     valid = padding_of(attention_mask, L)
     if caches is None:
         masks = {t: uncached_mask(L, valid, window if t == SLIDING else None, bidirectional)
@@ -220,7 +222,7 @@ def layer_masks(layer_types, caches, L: int, attention_mask, window: Optional[in
             c.record_padding(L, valid)
     if blocks is not None:
         offset = caches[0].offset if caches else 0
-        masks = {t: with_blocks(m, blocks, offset, window if t == SLIDING else None)
+        masks = {t: with_blocks(m, blocks, offset, window if t == SLIDING and blocks_in_window else None)
                  if block_types is None or t in block_types else m for t, m in masks.items()}
     return masks
 

@@ -213,6 +213,11 @@ class Gemma4TextModel(Gemma4PreTrainedModel):
     layers at the end read what their donor's attention got back from its cache (whatever kind of cache
     that is), with the mask of their common type."""
 
+    # Where the tokens of an image block (use_bidirectional_attention "vision") see each other: on the sliding
+    # layers, within the window (transformers' create_masks_for_vision_model). Gemma 4 unified differs.
+    block_types = (SLIDING,)
+    blocks_in_window = True
+
     def __init__(self, config: Gemma4TextConfig):
         super().__init__()
         self.config = config
@@ -241,7 +246,7 @@ class Gemma4TextModel(Gemma4PreTrainedModel):
         window = config.sliding_window + 1 if config.bidirectional else config.sliding_window  # |i - j| <= W there
         types = config.layer_types if cache is None else config.layer_types[:owners]
         masks = layer_masks(types, cache, h.shape[1], attention_mask, window, config.bidirectional, blocks,
-                            block_types=(SLIDING,))
+                            block_types=self.block_types, blocks_in_window=self.blocks_in_window)
         donors, shared = set(config.kv_donors.values()), {}
         for i, layer in enumerate(self.layers):
             t = layer.attention_type

@@ -52,19 +52,22 @@ class Gemma4Config(BaseConfig):
     tie_word_embeddings: bool = True
 
     writes_legacy_rope_keys = False
+    # The sub-configs' classes (Gemma 4 unified has its own: gemma4_unified.py).
+    text_config_class, vision_config_class, audio_config_class = Gemma4TextConfig, Gemma4VisionConfig, \
+        Gemma4AudioConfig
 
     def resolve(self, legacy: dict) -> None:
         text = self.text_config if self.text_config is not None else {}
         if not isinstance(text, dict):
             raise MlxGemmaError("config.json: text_config must be an object")
-        text = dict(text, model_type="gemma4_text", tie_word_embeddings=self.tie_word_embeddings)
-        self.text_config = Gemma4TextConfig.from_dict(text, "config.json text_config", require=False)
+        text = dict(text, model_type=self.text_config_class.model_type, tie_word_embeddings=self.tie_word_embeddings)
+        self.text_config = self.text_config_class.from_dict(text, "config.json text_config", require=False)
         if self.vision_config is not None:
-            self.vision_config = Gemma4VisionConfig.from_dict(self.vision_config, "config.json vision_config",
-                                                              require=False)
+            self.vision_config = self.vision_config_class.from_dict(self.vision_config, "config.json vision_config",
+                                                                    require=False)
         if self.audio_config is not None:
-            self.audio_config = Gemma4AudioConfig.from_dict(self.audio_config, "config.json audio_config",
-                                                            require=False)
+            self.audio_config = self.audio_config_class.from_dict(self.audio_config, "config.json audio_config",
+                                                                  require=False)
         vocab = self.text_config.vocab_size
         for name in ("image_token_id", "video_token_id", "audio_token_id"):
             token = getattr(self, name)
@@ -158,9 +161,11 @@ class Gemma4ForConditionalGeneration(Gemma4PreTrainedModel):
     def in_audio_tower(self, path: str) -> bool:
         return any(f".{name}." in f".{path}." for name in ("audio_tower", "embed_audio"))
 
+    media_weights = ("vision_tower.", "audio_tower.")  # (sanitized names) what only a checkpoint with media has
+
     def part_for(self, weights: dict):
         """A checkpoint without its towers (mlx-lm's converter drops them) fills the text model alone."""
-        if any(k.startswith(("vision_tower.", "audio_tower.")) for k in weights):
+        if any(k.startswith(self.media_weights) for k in weights):
             return self, weights
         return self.language_model, {k.removeprefix("language_model."): v for k, v in weights.items()}
 
