@@ -188,11 +188,12 @@ def _png(img) -> bytes:
     return buf.getvalue()
 
 
-def test_chat_session_and_server_equal_the_library(ckpt):
+def test_chat_session_and_server_equal_the_library(ckpt, tmp_path):
     """A chat turn with a clip (ChatSession) and the server's OpenAI image_url + input_audio parts give the
     tokens of stream_generate on the same conversation; a second server request with other audio is told
-    apart by the prompt cache; four concurrent requests with other clips each answer as alone; bad base64 and
-    undecodable audio are 400s."""
+    apart by the prompt cache; four concurrent requests with other clips each answer as alone; a video_url part
+    (vLLM's) equals the library's video; bad base64, undecodable audio or video and a video URL to fetch are
+    400s."""
     import base64
     import threading
 
@@ -242,6 +243,19 @@ def test_chat_session_and_server_equal_the_library(ckpt):
         for t in threads:
             t.join(timeout=120)
         assert together == alone  # batched beside each other: each as alone
+        video = _mp4(tmp_path / "v.mp4", 12).read_bytes()
+        chunks = mlxgemma.stream_generate(model, processor, [{"role": "user", "content": "<|video|>Hi"}],
+                                          video=[video], max_tokens=5)
+        answer = client.chat.completions.create(model="m", max_tokens=5, messages=[{"role": "user", "content": [
+            {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(video).decode()}},
+            {"type": "text", "text": "Hi"}]}])
+        assert answer.choices[0].message.content == "".join(c.text for c in chunks)
+        with pytest.raises(openai.BadRequestError, match="never fetches"):
+            client.chat.completions.create(model="m", max_tokens=2, messages=[{"role": "user", "content": [
+                {"type": "video_url", "video_url": {"url": "https://example.com/v.mp4"}}]}])
+        with pytest.raises(openai.BadRequestError, match="cannot be decoded|no video"):
+            client.chat.completions.create(model="m", max_tokens=2, messages=[{"role": "user", "content": [
+                {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}]}])
         with pytest.raises(openai.BadRequestError, match="base64"):
             client.chat.completions.create(model="m", max_tokens=2, messages=[{"role": "user", "content": [
                 {"type": "input_audio", "input_audio": {"data": "%%%", "format": "wav"}}]}])
@@ -410,10 +424,25 @@ def test_video_logits_and_layout_match_transformers(ckpt):
     assert text in decoded and re.search(r"00:01 <\|image>", decoded)
 
 
+def _mp4(path, n: int, fps: int = 10):
+    """An MPEG-4 file of n grey frames, frame i at level 6 i (mod 256), 64x48, written by PyAV."""
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(n):
+            frame = np.full((48, 64, 3), (i * 6) % 256, dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
 def test_video_frame_sampling_and_decoding(tmp_path):
     """32 frames sampled as transformers' default_sample_indices_fn does (fewer frames: all of them, where it
     raises), their timestamps as its VideoMetadata gives them; a file PyAV wrote decodes to those frames."""
-    import av
     from transformers.video_utils import VideoMetadata, default_sample_indices_fn
 
     from mlxgemma.media.gemma4_video import load_video, sample_indices
@@ -422,16 +451,7 @@ def test_video_frame_sampling_and_decoding(tmp_path):
         theirs = default_sample_indices_fn(VideoMetadata(total_num_frames=total, fps=24.0), num_frames=32)
         assert sample_indices(total).tolist() == theirs.tolist()
     assert sample_indices(5).tolist() == [0, 1, 2, 3, 4]
-    path = tmp_path / "clip.mp4"
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("mpeg4", rate=10)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for i in range(40):
-            frame = np.full((48, 64, 3), (i * 6) % 256, dtype=np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+    path = _mp4(tmp_path / "clip.mp4", 40)
     frames, stamps = load_video(path)
     expected = sample_indices(40)
     assert frames.shape == (32, 48, 64, 3)
@@ -474,3 +494,17 @@ def test_prompt_cache_file_with_an_image(ckpt, tmp_path):
     whole = [c.token for c in mlxgemma.stream_generate(model, processor, "Look <|image|> here and there",
                                                        image=[image], chat_template=False, max_tokens=5)]
     assert resumed == whole
+
+
+def test_a_clip_longer_than_30_s_is_cut_as_transformers_cuts_it(ckpt):
+    """35 s of audio: the feature extractor keeps the first 30 s (transformers' max_length, 480,000 samples),
+    so the clip gets 750 soft tokens, as transformers' processor gives it."""
+    import transformers
+
+    _, _, model, processor = ckpt
+    clip = media.tone(35.0)
+    ids = processor("<|audio|>", [], [clip])["input_ids"][0]
+    theirs = transformers.Gemma4AudioFeatureExtractor(feature_size=media.MELS)([clip], return_tensors="np")
+    expected = transformers.Gemma4Processor.replace_audio_token(
+        type("Stub", (), {"boa_token": "", "eoa_token": "", "audio_token": "x"})(), theirs, 0)
+    assert int((ids == media.IDS["<|audio|>"]).sum()) == len(expected) == 750

@@ -48,19 +48,20 @@ class Prompt:
     in_thought: bool = False  # the prompt ends inside an open thought
 
 
-def image_bytes(url: str) -> bytes:
-    """The bytes of a data: URL or of bare base64 (Ollama). Never a file or a fetch."""
+def image_bytes(url: str, kind: str = "image") -> bytes:
+    """The bytes of a data: URL or of bare base64 (Ollama) of an image (or a video). Never a file or a fetch."""
+    param, a = f"{kind}_url", "an" if kind == "image" else "a"
     if url.startswith(("http://", "https://", "file:", "/", "./")):
-        raise RequestError("images are accepted only inline: send a data URL (data:image/png;base64,...); "
-                           "this server never fetches URLs or reads files", param="image_url")
+        raise RequestError(f"{kind}s are accepted only inline: send a data URL (data:{kind}/...;base64,...); "
+                           "this server never fetches URLs or reads files", param=param)
     if url.startswith("data:"):
         header, _, url = url.partition(",")
         if not header.endswith(";base64"):
-            raise RequestError("an image data URL must be base64 (data:image/...;base64,...)", param="image_url")
+            raise RequestError(f"{a} {kind} data URL must be base64 (data:{kind}/...;base64,...)", param=param)
     try:
         return base64.b64decode(url, validate=True)
     except (binascii.Error, ValueError):
-        raise RequestError("an image is not valid base64", param="image_url") from None
+        raise RequestError(f"{a} {kind} is not valid base64", param=param) from None
 
 
 class Engine:
@@ -106,11 +107,11 @@ class Engine:
         tools (tools.Tools) go in as tools.py says; earlier thoughts (reasoning_content, reasoning or Ollama's
         thinking) as `reasoning`, which Gemma 4's template keeps where it should."""
         args = self.template_kwargs() if template_kwargs is None else template_kwargs
-        turns, images, clips = [], [], []
+        turns, media = [], {"image": [], "audio": [], "video": []}
         for m in messages:
-            text, pictures, sounds = self._content(m)
-            images += pictures
-            clips += sounds
+            text, items = self._content(m)
+            for kind in media:
+                media[kind] += items[kind]
             turn = {"role": "system" if m.role == "developer" else m.role, "content": text}
             if m.tool_calls:
                 turn["tool_calls"] = m.tool_calls
@@ -120,13 +121,13 @@ class Engine:
             if thought and m.role == "assistant":
                 turn["reasoning"] = thought
             turns.append(turn)
-        if len(images) > MAX_IMAGES:
-            raise RequestError(f"at most {MAX_IMAGES} images per request", param="messages")
+        for kind, items in media.items():
+            if len(items) > MAX_IMAGES:
+                raise RequestError(f"at most {MAX_IMAGES} {kind} items per request", param="messages")
         template = getattr(self.tokenizer, "chat_template", None) or ""
         turns, extra = conversation(turns, tools, native="tools" in template)
-        if len(clips) > MAX_IMAGES:
-            raise RequestError(f"at most {MAX_IMAGES} audio clips per request", param="messages")
-        prompt = self._prompt(turns, images, template=True, extra=dict(args, **extra), audio=clips)
+        prompt = self._prompt(turns, media["image"], template=True, extra=dict(args, **extra), audio=media["audio"],
+                              videos=media["video"])
         prompt.channel = has_channel(self.tokenizer)
         prompt.thinking = thinking_on(self.tokenizer, args)
         prompt.in_thought = opens_thought(self.tokenizer, prompt.ids)
@@ -189,26 +190,35 @@ class Engine:
         return self._prompt(text, images, template=False)
 
     def _content(self, m):
-        """(text with a placeholder per item, images, audio clips' bytes) of a message."""
-        clips = []
+        """(text with a placeholder per item, {"image": images, "audio": clips' bytes, "video": videos' bytes})
+        of a message."""
+        items = {"image": [], "audio": [], "video": []}
         if isinstance(m.content, str) or m.content is None:
-            text, pictures = m.content or "", []
+            text = m.content or ""
         else:
-            text, pictures = "", []
+            text = ""
             for part in m.content:
                 if part.type == "text":
                     text += part.text
                 elif part.type == "input_audio":
-                    clips.append(self._audio(part.input_audio.data))
+                    items["audio"].append(self._audio(part.input_audio.data))
                     text += self.processor.marks["audio"]
+                elif part.type == "video_url":
+                    items["video"].append(self._video(part.video_url))
+                    text += self.processor.marks["video"]
                 else:
                     url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
-                    pictures.append(self._image(url, "messages"))
+                    items["image"].append(self._image(url, "messages"))
                     text += self._placeholder()
         for b in m.images or []:
-            pictures.append(self._image(b, "messages"))
+            items["image"].append(self._image(b, "messages"))
             text = self._placeholder() + text
-        return text, pictures, clips
+        return text, items
+
+    def _video(self, url) -> bytes:
+        if getattr(getattr(self.processor, "video_processor", None), "num_frames", None) is None:
+            raise RequestError(f"{self.name} takes no video", param="messages")
+        return image_bytes(url if isinstance(url, str) else url.url, "video")
 
     def _audio(self, data: str) -> bytes:
         if not self.takes_audio:
@@ -230,7 +240,7 @@ class Engine:
         except MlxGemmaError as e:
             raise RequestError(str(e), param=param) from None
 
-    def _prompt(self, turns, images, template: bool, extra=None, audio=()) -> Prompt:
+    def _prompt(self, turns, images, template: bool, extra=None, audio=(), videos=()) -> Prompt:
         try:
             if template:
                 for t in turns:
@@ -245,7 +255,7 @@ class Engine:
             if not self.takes_images:
                 self._check_ids(text_or_ids)
                 return Prompt(text_or_ids)
-            inputs, items = self.processor.prepare(text_or_ids, images, audio)
+            inputs, items = self.processor.prepare(text_or_ids, images, audio, videos)
         except MlxGemmaError as e:
             raise RequestError(str(e)) from None
         if self.vision:

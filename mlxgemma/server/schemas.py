@@ -69,9 +69,18 @@ class AudioPart(Body):
     input_audio: InputAudio
 
 
+class VideoURL(Body):
+    url: str  # a data: URL (data:video/mp4;base64,...): never fetched
+
+
+class VideoPart(Body):
+    type: Literal["video_url"]  # (vLLM's part: OpenAI has none for video)
+    video_url: Union[VideoURL, str]
+
+
 class Message(Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, List[Union[TextPart, ImagePart, AudioPart]], None] = None
+    content: Union[str, List[Union[TextPart, ImagePart, AudioPart, VideoPart]], None] = None
     images: Optional[List[str]] = None  # Ollama: base64 images on the message
     tool_calls: Optional[List[Dict[str, Any]]] = None  # an assistant's past calls
     tool_call_id: Optional[str] = None  # a tool message: the call it answers (OpenAI)
