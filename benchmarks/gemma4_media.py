@@ -38,7 +38,11 @@ times the tied embedding, soft-capped at 30, that matmul in torch (MLX's referen
 for a 262144 vocabulary); against transformers float32 eager on the same arrays. "greedy = transformers"
 counts the decoded tokens equal to transformers' generate on the image prompt. --profile adds, per library, the
 time of each tower part (every part's inputs and outputs evaluated around it with time.perf_counter, which
-stops MLX from fusing across parts: the sum exceeds the plain encode).
+stops MLX from fusing across parts: the sum exceeds the plain encode), medians of --repeats runs interleaved.
+
+Run time on the 2-core VM this was written on (MLX's CPU backend with its reference BLAS, about 2 GFLOP/s):
+about 20 minutes with the defaults, 9 of them for the budget of 1120 (one vision layer over 9576 patches,
+about 4 minutes a library); --budgets 70 280 takes about 11, --profile adds about 4; --tiny under a minute.
 
     python benchmarks/gemma4_media.py [--text-layers 3] [--shared-layers 1] [--vision-layers 1]
         [--audio-layers 1] [--budgets 70 280 1120] [--clips 5 20] [--repeats 2] [--decode 8] [--profile]
@@ -82,11 +86,12 @@ PROMPT = {"image": "<bos><|turn>user\n<|image|>Describe this picture in detail, 
 
 def layer_types(n: int, shared: int) -> list:
     """E2B's kinds for a cut model: the layers that compute keys and values end with a full one (the rest
-    sliding), and so do the shared ones after them (the real model: 4 sliding then 1 full, over and over)."""
+    sliding), and so do the shared ones after them (the real model: 4 sliding then 1 full, over and over; the
+    last layer is full, which transformers enforces)."""
     if not 0 <= shared < n or (shared and n - shared < 2):
         raise SystemExit("--shared-layers must leave at least 2 layers (one of each kind) that compute keys")
     owners = n - shared
-    return [S] * (owners - 1) + [F] + ([S] * (shared - 1) + [F] if shared > 1 else [S] * shared)
+    return [S] * (owners - 1) + [F] + ([S] * (shared - 1) + [F] if shared else [])
 
 
 def make_config(args) -> dict:
@@ -324,8 +329,9 @@ def prompt_trial(libs, ids, item, n_decode, weights: dict) -> dict:
     return out
 
 
-def profile(libs, image_item, audio_item):
-    """Per library, the seconds of each tower part (inputs evaluated before, outputs after, perf_counter)."""
+def profile(libs, image_item, audio_item, repeats: int):
+    """Per library, the seconds of each tower part (inputs evaluated before, outputs after, perf_counter),
+    medians of `repeats` runs."""
     import mlx_vlm.models.gemma4.audio as va
     import mlx_vlm.models.gemma4.gemma4 as vg
     import mlx_vlm.models.gemma4.vision as vv
@@ -356,32 +362,36 @@ def profile(libs, image_item, audio_item):
                               ("light conv", va.ConformerLightConv1d, "__call__"),
                               ("embedder", vg.MultimodalEmbedder, "__call__")]},
     }
-    results = {}
-    for lib in libs:
-        for kind, item, fn in (("image", image_item, lib.encode_image), ("audio", audio_item, lib.encode_audio)):
-            spent, originals = {}, []
-            for label, cls, attr in parts[lib.name][kind]:
-                original = getattr(cls, attr)
-                originals.append((cls, attr, original))
+    runs = {}
+    for r in range(repeats):  # (interleaved as the trials, medians: one run alone drifts with the machine)
+        for kind, item in (("image", image_item), ("audio", audio_item)):
+            for lib in libs if r % 2 == 0 else libs[::-1]:
+                fn = lib.encode_image if kind == "image" else lib.encode_audio
+                spent, originals = {}, []
+                for label, cls, attr in parts[lib.name][kind]:
+                    original = getattr(cls, attr)
+                    originals.append((cls, attr, original))
 
-                def wrapper(*a, _f=original, _label=label, **k):
-                    mx.eval([x for x in list(a) + list(k.values()) if isinstance(x, mx.array)])
-                    t0 = time.perf_counter()
-                    out = _f(*a, **k)
-                    mx.eval(out)
-                    spent[_label] = spent.get(_label, 0.0) + time.perf_counter() - t0
-                    return out
+                    def wrapper(*a, _f=original, _label=label, _spent=spent, **k):
+                        mx.eval([x for x in list(a) + list(k.values()) if isinstance(x, mx.array)])
+                        t0 = time.perf_counter()
+                        out = _f(*a, **k)
+                        mx.eval(out)
+                        _spent[_label] = _spent.get(_label, 0.0) + time.perf_counter() - t0
+                        return out
 
-                setattr(cls, attr, wrapper)
-            try:
-                total = timed(fn, item)
-            finally:
-                for cls, attr, original in originals:
-                    setattr(cls, attr, original)
-            if isinstance(total, float):
-                spent["rest (glue, masks, rope, norms between parts)"] = total - sum(spent.values())
-                spent["total"] = total
-            results[(lib.name, kind)] = spent
+                    setattr(cls, attr, wrapper)
+                try:
+                    total = timed(fn, item)
+                finally:
+                    for cls, attr, original in originals:
+                        setattr(cls, attr, original)
+                if isinstance(total, float):
+                    spent["rest (glue, masks, rope, norms between parts)"] = total - sum(spent.values())
+                    spent["total"] = total
+                for label, t in spent.items():
+                    runs.setdefault((lib.name, kind), {}).setdefault(label, []).append(t)
+    results = {key: {label: statistics.median(ts) for label, ts in d.items()} for key, d in runs.items()}
     return results
 
 
@@ -460,6 +470,8 @@ def main():
     for r in range(args.repeats):
         order = libs if r % 2 == 0 else libs[::-1]
         for key, it in items.items():
+            if key == f"image {args.prompt_budget}":  # (timed by the prompt trials below)
+                continue
             if key.startswith("image") and int(key.split()[1]) > 280 and r >= args.big_repeats:
                 continue
             for lib in order:
@@ -469,12 +481,16 @@ def main():
                       (f"{t:.2f} s" if isinstance(t, float) else t), flush=True)
         for name, t in prompt_trial(order, ids, item, args.decode, weights).items():
             results[name].append(t)
+            if (name, f"image {args.prompt_budget}") in encodes:
+                encodes[name, f"image {args.prompt_budget}"].append(t["encode"])
             print(f"  trial {r + 1} {name}: prompt image encode {t['encode']:.2f} s, {t['prompt']:.2f} prompt tok/s, "
                   f"{t['decode']:.3f} decode tok/s, {t['memory']:.2f} GB", flush=True)
-    parts = profile(libs, items.get(f"image {args.prompt_budget}", item), items[f"audio {args.clips[0]:g}"]) \
-        if args.profile else None
-    report(args, prompts, items, results, encodes, deltas, refs["image"][1], weights, parts,
-           time.perf_counter() - start)
+    before_profile = time.perf_counter()
+    parts = profile(libs, items.get(f"image {args.prompt_budget}", item), items[f"audio {args.clips[0]:g}"],
+                    args.repeats) if args.profile else None
+    types = list(libs[0].model.config.text_config.layer_types)  # (as saved)
+    report(args, types, prompts, items, results, encodes, deltas, refs["image"][1], weights, parts,
+           before_profile - start, time.perf_counter() - before_profile)
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -492,14 +508,14 @@ def median_or_error(values):
     return values[0] if values else "not run"
 
 
-def report(args, prompts, items, results, encodes, deltas, ref_tokens, weights, parts, seconds):
+def report(args, types, prompts, items, results, encodes, deltas, ref_tokens, weights, parts, seconds, profile_seconds):
     import torch
 
     import mlx_vlm
     import transformers
 
     text = (f"text {args.text_layers} of 35 layers ({args.shared_layers} sharing keys and values; "
-            f"{', '.join(layer_types(args.text_layers, args.shared_layers))})")
+            f"{', '.join(t.split('_')[0] for t in types)})")
     ids = prompts["image"][0]["input_ids"][0]
     print(f"\nGemma 4 with images and audio, random weights of gemma-4-E2B's widths"
           f"{' (TINY widths, vocabulary 4096)' if args.tiny else ' (vocabulary 262144 as released)'}, float32; "
@@ -512,14 +528,15 @@ def report(args, prompts, items, results, encodes, deltas, ref_tokens, weights, 
     print(f"{datetime.datetime.now():%Y-%m-%d %H:%M}; {platform.machine()} {platform.system()} "
           f"{platform.release()}, {cpu()} ({os.cpu_count()} CPUs, shared), MLX {mx.__version__} "
           f"({mx.default_device()}), mlx-vlm {mlx_vlm.__version__}, transformers {transformers.__version__}, "
-          f"torch {torch.__version__}; whole run {seconds / 60:.1f} min\n")
+          f"torch {torch.__version__}; whole run {seconds / 60:.1f} min"
+          f"{f' (and --profile {profile_seconds / 60:.1f} min more)' if parts else ''}\n")
     print("| figure | mlxgemma | mlx-vlm | mlxgemma / mlx-vlm | per-trial ratios |\n|---|---|---|---|---|")
     a, b = "mlxgemma", "mlx-vlm"
     for key, it in items.items():
         kind, size = key.split()
         if kind == "image":
             label = (f"image encode, budget {size} ({int(np.asarray(it['image_position_ids'][0, :, 0] >= 0).sum())} "
-                     "patches), tower + embedder (s)")
+                     f"patches), tower + embedder (s){'; in the prompt trials' if size == str(args.prompt_budget) else ''}")
         else:
             label = f"audio encode, {size} s clip ({it['input_features'].shape[1]} mel frames), tower + embedder (s)"
         ma, mb = median_or_error(encodes[a, key]), median_or_error(encodes[b, key])
@@ -534,11 +551,12 @@ def report(args, prompts, items, results, encodes, deltas, ref_tokens, weights, 
         else:
             print(f"| {label} | {ma if isinstance(ma, str) else f'{ma:.2f}'} | "
                   f"{mb if isinstance(mb, str) else f'{mb:.2f}'} | | |")
-    rows = [(f"prompt image encode, budget {args.prompt_budget} (s; the prompt trials)", "encode", "{:.2f}", False),
-            ("prompt tok/s (image encode not included)", "prompt", "{:.2f}", True),
+    rows = [("prompt tok/s (image encode not included)", "prompt", "{:.2f}", True),
             ("prompt tok/s incl. image encode", "prompt_all", "{:.2f}", True),
             ("decode tok/s", "decode", "{:.3f}", True),
             ("peak memory (GB, weights + encode + prefill)", "memory", "{:.2f}", False)]
+    if args.prompt_budget not in args.budgets:
+        rows.insert(0, (f"prompt image encode, budget {args.prompt_budget} (s)", "encode", "{:.2f}", False))
     ra, rb = results[a], results[b]
     for label, key, fmt, higher in rows:
         ma, mb = (statistics.median(t[key] for t in x) for x in (ra, rb))
