@@ -47,9 +47,16 @@ def get_aspect_ratio_preserving_size(height: int, width: int, patch_size: int, m
     return target_height, target_width
 
 
-def _rgb_array(image) -> np.ndarray:
+def blend_rounded(rgba: np.ndarray) -> np.ndarray:
+    """RGBA onto white as transformers' PIL backend blends arrays: in float64, rounded (Pillow's composite can
+    differ by one)."""
+    alpha = rgba[..., 3:4] / 255
+    return np.round(alpha * rgba[..., :3] + (1 - alpha) * 255).astype(np.uint8)
+
+
+def rgb_array(image, blend=blend_rounded) -> np.ndarray:
     """An HWC uint8 array (HW or HW1: grey, HW4: RGBA) as RGB the way transformers converts arrays: grey
-    repeated, alpha blended onto white in float and rounded (Pillow's composite can differ by one)."""
+    repeated, alpha blended onto white by `blend` (its PIL and torchvision backends round differently)."""
     if not (isinstance(image, np.ndarray) and image.dtype == np.uint8):
         raise MlxGemmaError(f"an image array must be uint8, got {image.dtype}")
     if image.ndim == 2:
@@ -59,10 +66,7 @@ def _rgb_array(image) -> np.ndarray:
                             "channels) with 1, 3 or 4 channels")
     if image.shape[-1] == 1:
         return np.repeat(image, 3, axis=-1)
-    if image.shape[-1] == 4:
-        alpha = image[..., 3:4] / 255
-        return np.round(alpha * image[..., :3] + (1 - alpha) * 255).astype(np.uint8)
-    return image
+    return blend(image) if image.shape[-1] == 4 else image
 
 
 class Gemma4ImageProcessor:
@@ -153,7 +157,7 @@ class Gemma4ImageProcessor:
                 len(patches) // self.pooling_kernel_size**2)
 
     # How an HWC uint8 array becomes RGB (transformers' PIL backend; its torchvision backend differs).
-    array_to_rgb = staticmethod(_rgb_array)
+    array_to_rgb = staticmethod(rgb_array)
 
     def rgb(self, image, index: int) -> Image.Image:
         """The image as an RGB PIL image; bytes are decoded, paths read (with processor.py's checks)."""

@@ -19,7 +19,7 @@ from PIL import Image
 
 from ..errors import MlxGemmaError
 from .audio import SAMPLING_RATE
-from .gemma4_images import Gemma4ImageProcessor, get_aspect_ratio_preserving_size
+from .gemma4_images import Gemma4ImageProcessor, get_aspect_ratio_preserving_size, rgb_array
 from .gemma4_processor import Gemma4Processor
 
 
@@ -79,24 +79,18 @@ def resize_bicubic(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return _resize_axis(_resize_axis(image, width, 1), height, 0)
 
 
+def torchvision_blend(rgba: np.ndarray) -> np.ndarray:
+    """RGBA onto white as transformers' torchvision backend blends arrays: in float32 (x / 255), then back to
+    uint8 as torchvision's to_dtype does (times 255.999, truncated)."""
+    x = rgba.astype(np.float32) * np.float32(1 / 255)
+    blended = x[..., :3] * x[..., 3:] + (np.float32(1) - x[..., 3:])
+    return (blended * np.float32(255 + 1.0 - 1e-3)).astype(np.uint8)
+
+
 def torchvision_rgb(image: np.ndarray) -> np.ndarray:
-    """An HWC uint8 array as RGB the way transformers' torchvision backend converts arrays: grey repeated; alpha
-    blended onto white in float32 (x / 255), then back to uint8 as torchvision's to_dtype does (times 255.999,
-    truncated)."""
-    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8):
-        raise MlxGemmaError(f"an image array must be uint8, got {image.dtype}")
-    if image.ndim == 2:
-        image = image[..., None]
-    if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
-        raise MlxGemmaError(f"an image array has shape {image.shape}; expected (height, width) or (height, width, "
-                            "channels) with 1, 3 or 4 channels")
-    if image.shape[-1] == 1:
-        return np.repeat(image, 3, axis=-1)
-    if image.shape[-1] == 4:
-        x = image.astype(np.float32) * np.float32(1 / 255)
-        blended = x[..., :3] * x[..., 3:] + (np.float32(1) - x[..., 3:])
-        return (blended * np.float32(255 + 1.0 - 1e-3)).astype(np.uint8)
-    return image
+    """An HWC uint8 array as RGB the way transformers' torchvision backend converts arrays (rgb_array's checks
+    and grey rule, its own alpha blend)."""
+    return rgb_array(image, torchvision_blend)
 
 
 class Gemma4UnifiedImageProcessor(Gemma4ImageProcessor):
