@@ -102,3 +102,23 @@ def tone(seconds: float, hz: float = 440.0, rate: int = 16_000, seed: int = 0) -
     t = np.arange(int(seconds * rate)) / rate
     noise = np.random.default_rng(seed).standard_normal(t.shape) * 0.05
     return (0.4 * np.sin(2 * np.pi * hz * t) + noise).astype(np.float32)
+
+
+def cached_steps(model, processor, text: str, images, audio, follow=(7, 9, 11)) -> tuple:
+    """(our logits at the prompt's last token and at each of `follow` fed after it, the prompt prefilled in
+    chunks of 5 through the caches (each would cut a block: they grow to its end); the processor's inputs of
+    the whole sequence, whose reference logits from position len(prompt) - 1 on are to equal them)."""
+    from mlxgemma.media.features import encode_prompt, prefill
+
+    ids, features = encode_prompt(model, processor, text, images, audio)
+    cache = model.make_cache()
+    prefill(model, cache, ids[:-1], features, step=5)
+    steps = [np.array(model(np.array([ids[-1:]]), cache=cache))[0, -1]]
+    for t in follow:
+        steps.append(np.array(model(np.array([[t]]), cache=cache))[0, -1])
+    inputs = processor(text, images, audio)
+    n = len(follow)
+    full = dict(inputs, input_ids=np.concatenate([inputs["input_ids"], [list(follow)]], axis=1),
+                attention_mask=np.ones((1, len(ids) + n), dtype=np.int64),
+                mm_token_type_ids=np.concatenate([inputs["mm_token_type_ids"], [[0] * n]], axis=1))
+    return np.stack(steps), full, len(ids) - 1

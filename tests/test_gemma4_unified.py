@@ -150,26 +150,14 @@ def test_image_blocks_see_each_other_on_every_layer(ckpt, causal_ckpt, monkeypat
 def test_chunked_cached_prefill_then_decoding(ckpt, causal_ckpt, which):
     """The prompt prefilled in chunks of 5 (each would cut a block: they grow to its end) through the model's
     caches, then 4 tokens decoded one at a time: every logit equal to transformers' over the whole sequence."""
-    from mlxgemma.media.features import encode_prompt, prefill
-
     _, hf, model, processor = ckpt if which == "vision" else causal_ckpt
     images = [media.image(40, 64), media.image(24, 24, seed=2)]
     audio = [media.tone(0.3)] if which == "vision" else []
     text = "A <|image|> B <|image|> C" + (" <|audio|> D" if audio else "") + " end"
-    ids, features = encode_prompt(model, processor, text, images, audio)
-    cache = model.make_cache()
-    prefill(model, cache, ids[:-1], features, step=5)
-    steps = [np.array(model(np.array([ids[-1:]]), cache=cache))[0, -1]]
-    follow = [7, 9, 11]
-    for t in follow:
-        steps.append(np.array(model(np.array([[t]]), cache=cache))[0, -1])
-    inputs = processor(text, images, audio)
-    full = dict(inputs, input_ids=np.concatenate([inputs["input_ids"], [follow]], axis=1),
-                attention_mask=np.ones((1, len(ids) + 3), dtype=np.int64),
-                mm_token_type_ids=np.concatenate([inputs["mm_token_type_ids"], [[0, 0, 0]]], axis=1))
-    expected = hf_logits(hf, full)[0, len(ids) - 1:]
-    print(f"{which}: max |dlogits| {diff(np.stack(steps), expected):.2e}")
-    assert diff(np.stack(steps), expected) <= 1e-4
+    steps, full, start = media.cached_steps(model, processor, text, images, audio)
+    expected = hf_logits(hf, full)[0, start:]
+    print(f"{which}: max |dlogits| {diff(steps, expected):.2e}")
+    assert diff(steps, expected) <= 1e-4
 
 
 def test_greedy_generation_matches_transformers(ckpt):
