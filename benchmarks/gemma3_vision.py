@@ -199,6 +199,12 @@ def trial(libs, ids, pixels, n_decode, weights: dict) -> dict:
                              memory=(weights[lib.name] + mx.get_peak_memory() - before) / 2**30,
                              tokens=[y.item()], seconds=0.0)
         state[lib.name] = [cache, y]
+    return decode_interleaved(libs, state, out, n_decode)
+
+
+def decode_interleaved(libs, state: dict, out: dict, n_decode: int) -> dict:
+    """n_decode greedy steps per library from state[name] = [cache, last token], one library after the other
+    (A B B A ...), each step timed; out[name] gains the tokens and "decode" (tokens/s). (gemma4_media.py too.)"""
     for i in range(n_decode):
         for lib in libs if i % 2 == 0 else libs[::-1]:
             cache, y = state[lib.name]
@@ -209,7 +215,7 @@ def trial(libs, ids, pixels, n_decode, weights: dict) -> dict:
             out[lib.name]["tokens"].append(y.item())
             state[lib.name][1] = y
     for r in out.values():
-        r["decode"] = n_decode / r.pop("seconds")
+        r["decode"] = n_decode / r.pop("seconds") if n_decode else float("nan")
     return out
 
 

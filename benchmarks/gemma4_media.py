@@ -65,6 +65,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from gemma3_vision import decode_interleaved  # (the same A B B A decode as the Gemma 3 benchmark)
+
 REAL = Path(__file__).resolve().parent.parent / "tests/real_configs/google__gemma-4-E2B-it/config.json"
 S, F = "sliding_attention", "full_attention"
 # Gemma 4's specials at their ids (docs/notes/gemma4-chat-protocol.md) and the media tokens' names.
@@ -315,18 +317,7 @@ def prompt_trial(libs, ids, item, n_decode, weights: dict) -> dict:
                              memory=(weights[lib.name] + mx.get_peak_memory() - before) / 2**30,
                              tokens=[y.item()], seconds=0.0)
         state[lib.name] = [cache, y]
-    for i in range(n_decode):
-        for lib in libs if i % 2 == 0 else libs[::-1]:
-            cache, y = state[lib.name]
-            t0 = time.perf_counter()
-            y = mx.argmax(lib.step(y, cache), axis=-1)
-            mx.eval(y)
-            out[lib.name]["seconds"] += time.perf_counter() - t0
-            out[lib.name]["tokens"].append(y.item())
-            state[lib.name][1] = y
-    for r in out.values():
-        r["decode"] = n_decode / r.pop("seconds") if n_decode else float("nan")
-    return out
+    return decode_interleaved(libs, state, out, n_decode)
 
 
 def profile(libs, image_item, audio_item, repeats: int):
