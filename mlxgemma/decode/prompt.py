@@ -148,13 +148,6 @@ def encode_request(model, processor, prompt, image, system, max_kv_size, templat
     return ids, processor.tokenizer, [config.decoder.bos_token_id], cache, stats
 
 
-def listed(items) -> list:
-    """None, one item (a path, bytes, an image or an array) or a list -> a list."""
-    if items is None:
-        return []
-    return list(items) if isinstance(items, (list, tuple)) else [items]
-
-
 def with_marks(processor, prompt: str, media: dict) -> str:
     """A prompt without placeholders gets one per item in front (images, then audio, then videos)."""
     front = "".join(processor.marks[kind] * len(items) for kind, items in media.items()
@@ -167,7 +160,7 @@ def image_request(model, processor, prompt, image, system, chat_template, prompt
     """A decoder with media (Gemma 3's images; Gemma 4's images, audio and video): the prompt expanded, every
     token but the last prefilled here (media blocks kept whole, which fixed chunks would not), the last one
     left to the decoding loop. options go to the processor (pan-and-scan, the image budget)."""
-    from ..media.features import encode_prompt, media_tokens, prefill
+    from ..media.features import encode_prompt, listed, media_tokens, prefill
 
     media = {"image": processor.images_per_prompt(image, 1)[0] if image is not None else [],
              "audio": listed(audio), "video": listed(video)}

@@ -12,12 +12,22 @@ its photo or clip again is not encoded again."""
 import hashlib
 import weakref
 from collections import OrderedDict
-from typing import Callable, List, Optional
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
 
 from ..errors import MlxGemmaError
+
+
+def listed(items) -> list:
+    """None, one item (a path, bytes, an image, an array) or a list of them -> a list."""
+    if items is None:
+        return []
+    if isinstance(items, (str, bytes, Path)) or not isinstance(items, Sequence):
+        return [items]
+    return list(items)
 
 
 def media_tokens(model) -> dict:

@@ -11,13 +11,14 @@ prefill in chunks need."""
 
 import re
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import numpy as np
 
 from ..errors import MlxGemmaError
 from ..files import read_json
 from .audio import Gemma4AudioFeatureExtractor, load_audio
+from .features import listed
 from .gemma4_images import Gemma4ImageProcessor
 from .gemma4_video import NUM_FRAMES, VIDEO_SOFT_TOKENS, Gemma4VideoProcessor
 from .processor import Gemma3Processor
@@ -119,8 +120,7 @@ class Gemma4Processor:
         """(transformers' inputs of one prompt or a batch, the items in prompt order: one dict of model inputs
         per image, clip and video, each with its kind under "kind")."""
         texts = [text] if isinstance(text, str) else list(text)
-        given = {"image": _listed(images, "image"), "audio": _listed(audio, "audio clip"),
-                 "video": _listed(videos, "video")}
+        given = {"image": listed(images), "audio": listed(audio), "video": listed(videos)}
         counts = {k: sum(t.count(self.marks[k]) for t in texts) if self.marks[k] else 0 for k in KINDS}
         for kind in KINDS:
             if counts[kind] != len(given[kind]):
@@ -191,10 +191,4 @@ def _stack(arrays: List[np.ndarray], pad: float = 0) -> np.ndarray:
                            for a in arrays])
 
 
-def _listed(items, what: str) -> list:
-    if items is None:
-        return []
-    if isinstance(items, (str, bytes, Path)) or not isinstance(items, Sequence):
-        return [items]
-    return list(items)
 
