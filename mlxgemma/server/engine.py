@@ -48,7 +48,7 @@ class Prompt:
     in_thought: bool = False  # the prompt ends inside an open thought
 
 
-def image_bytes(url: str, kind: str = "image") -> bytes:
+def inline_bytes(url: str, kind: str = "image") -> bytes:
     """The bytes of a data: URL or of bare base64 (Ollama) of an image (or a video). Never a file or a fetch."""
     param, a = f"{kind}_url", "an" if kind == "image" else "a"
     if url.startswith(("http://", "https://", "file:", "/", "./")):
@@ -216,9 +216,9 @@ class Engine:
         return text, items
 
     def _video(self, url) -> bytes:
-        if getattr(getattr(self.processor, "video_processor", None), "num_frames", None) is None:
+        if getattr(self.processor, "video_processor", None) is None:
             raise RequestError(f"{self.name} takes no video", param="messages")
-        return image_bytes(url if isinstance(url, str) else url.url, "video")
+        return inline_bytes(url if isinstance(url, str) else url.url, "video")
 
     def _audio(self, data: str) -> bytes:
         if not self.takes_audio:
@@ -236,7 +236,7 @@ class Engine:
     def _image(self, url: str, param: str):
         self._placeholder()
         try:
-            return decode_image(image_bytes(url), "an image")
+            return decode_image(inline_bytes(url), "an image")
         except MlxGemmaError as e:
             raise RequestError(str(e), param=param) from None
 
