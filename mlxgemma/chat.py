@@ -157,7 +157,7 @@ def repl(session: ChatSession, read=None, group=None, hide_thinking: bool = Fals
     marks = session.processor.marks if session.processor is not None else {}
     print("[mlxgemma chat] /reset starts over, /quit leaves, Ctrl-C stops a reply"
           + (", /image PATH adds a photo to your next message" if "image" in marks else "")
-          + (", /audio PATH a recording" if "audio" in marks else ""), file=sys.stderr)
+          + (", /audio PATH a recording" if _hears(session) else ""), file=sys.stderr)
     pending = {"image": [], "audio": []}  # what /image and /audio read, for the next message
     while True:
         try:
@@ -227,12 +227,17 @@ def _image_command(session: ChatSession, line: str, group=None):
     return decode_image(data, f"image {path!r}")
 
 
+def _hears(session: ChatSession) -> bool:
+    """Gemma 4 E2B/E4B: a processor with a feature extractor (the 31B's marks <|audio|> too, but has no tower)."""
+    return getattr(session.processor, "feature_extractor", None) is not None
+
+
 def _audio_command(session: ChatSession, line: str, group=None) -> bytes:
     """/audio PATH: the clip's bytes, decoded now to check them (so a bad file is reported before the message
     is typed); under mlx.launch rank 0 reads the file and every rank gets its bytes."""
     from .media.audio import load_audio
 
-    if session.processor is None or "audio" not in session.processor.marks:
+    if not _hears(session):
         raise MlxGemmaError(f"{type(session.model).__name__} takes no audio")
     path = line[len("/audio"):].strip()
     if not path:
