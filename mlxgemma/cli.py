@@ -160,6 +160,11 @@ def load_for_cli(args, sharded: bool = False):
     if group is not None and not sharded:
         from pathlib import Path
 
+        import mlx.core as mx
+
+        # Every rank reaches this point before any exits: mlx.launch stops the others as soon as one exits, and
+        # shows only rank 0's output, so a rank 1 that got here first used to cut rank 0 off before it spoke.
+        mx.eval(mx.distributed.all_sum(mx.array(0), group=group))
         here = Path(sys.argv[0])
         name = here.parent.name if here.stem == "__main__" else here.stem
         raise MlxGemmaError(f"python -m mlxgemma.{name} does not run across ranks yet (each input would have to "
