@@ -21,16 +21,16 @@ from .checkpoints.cache_file import load as load_cache_file
 from .cli import (PrefillProgress, add_generation_options, add_structured_options, add_thinking_options, load_draft,
                   load_for_cli, run, sampling_kwargs, structured_kwargs, thinking_kwargs, unescape)
 from .decode import constrained
-from .decode.decoder import Decoder, Row, fill, forward
+from .decode.decoder import Decoder, Row, fill, last_prompt_step
 from .decode.prompt import (Prompt, check_prompt, context_of, encode_request, image_request, processor_options,
                              prompt_ids, prompt_text)
-from .decode.proposers import DraftModel, PromptLookup
+from .decode.proposers import Assistant, DraftModel, PromptLookup
 from .decode.sampling import SamplingOptions
 from .decode.stream import TextStream
 from .errors import MlxGemmaError
 from .media.features import media_tokens
 from .media.gemma4_images import SUPPORTED_SOFT_TOKENS
-from .models import has_vision, is_encoder_decoder
+from .models import has_vision, is_drafter, is_encoder_decoder
 from .models.quantized_cache import check_kv_options, quantize_cache
 from .decode.thinking import template_args
 from .reply import Call, Reader, Reply, Shown, budgeted, reply_of
@@ -145,7 +145,8 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, max_tokens: int = 256, 
     decoder = Decoder(model, proposer, num_draft_tokens, kv=kv)
     tic = time.perf_counter()
     _fill(model, cache, ids[:-1], prefill_step_size, prompt_progress_callback, kv)
-    logits = forward(model, mx.array(ids[-1:])[None], cache)[0, -1]
+    logits, state = last_prompt_step(model, mx.array(ids[-1:])[None], cache, proposer)
+    draft_cache = state if state is not None else draft_cache
     quantize_cache(cache, kv[2], kv[1], kv[0])
     row = Row(sampling.sampler(), list(history) + list(ids), max_tokens, constraint, sources, prompt=len(history) + len(ids))
     stream = TextStream(text_tokenizer, max_tokens=max_tokens, stop=stop, context=context_of(model),
@@ -186,6 +187,8 @@ def _proposer(model, tokenizer, request, draft_model, ngram, seq, max_kv_size, s
     T5Gemma 2 encodes the request itself."""
     if draft_model is None:
         return (PromptLookup(ngram) if ngram else None), None
+    if is_drafter(draft_model):  # Gemma 4's assistant: drafts from the target's states, images and audio too
+        return Assistant(draft_model, model), None
     if has_vision(model) and set(media_tokens(model)) & set(seq):
         raise MlxGemmaError("a draft model cannot see images or audio: use --prompt-lookup-ngram with such prompts")
     draft = DraftModel(draft_model)

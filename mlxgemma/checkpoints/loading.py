@@ -322,6 +322,9 @@ def load(source: Union[str, Path], dtype: Optional[str] = "auto", revision: Opti
                                            pipeline)
         return model, TokenizerWrapper(tokenizer, eos_token_ids=eos)
     model = load_model(path, dtype, group, pipeline)
+    if getattr(model, "is_drafter", False):
+        raise MlxGemmaError(f"{source} is a {type(model).__name__}: it drafts for a Gemma 4 and runs on none of its "
+                            "own (pass it as --draft-model, or load it with load_model as draft_model=)")
     return model, model.load_processor(path, load_tokenizer(path))
 
 

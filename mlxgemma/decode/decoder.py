@@ -30,11 +30,26 @@ from .constrained import masked_logprobs
 from .sampling import Sampler, normalize, sample
 
 
-def forward(model, tokens: mx.array, cache) -> mx.array:
-    """Logits (B, L, vocab) for decoder tokens: a decoder-only model, or T5Gemma 2's decoder on its cache."""
+def forward(model, tokens: mx.array, cache, hidden: bool = False):
+    """Logits (B, L, vocab) for decoder tokens: a decoder-only model, or T5Gemma 2's decoder on its cache.
+    hidden: (logits, the last hidden states), for a proposer that reads them (Gemma 4's assistant)."""
     if is_encoder_decoder(model):
         return model.decode_step(tokens, cache=cache)
-    return model(tokens, cache=cache)
+    return model(tokens, cache=cache, return_hidden=True) if hidden else model(tokens, cache=cache)
+
+
+def reads_target(proposer) -> bool:
+    """Whether a proposer drafts from the target's hidden states and caches (Gemma 4's assistant)."""
+    return bool(getattr(proposer, "reads_target", False))
+
+
+def last_prompt_step(model, tokens: mx.array, cache, proposer=None) -> tuple:
+    """Feed the prompt's last token(s) (1, L): (the logits (vocab,) that follow, what a proposer that reads the
+    target starts the row from (its hidden state there, (1, D)), else None)."""
+    if not reads_target(proposer):
+        return forward(model, tokens, cache)[0, -1], None
+    logits, h = forward(model, tokens, cache, hidden=True)
+    return logits[0, -1], h[:, -1]
 
 
 def cache_state(cache) -> list:
@@ -115,6 +130,7 @@ class Decoder:
         """kv: (bits, group size, start) of --kv-bits: a single-sequence cache is quantized once it holds
         `start` tokens (batch caches are quantized from the start by whoever made them)."""
         self.model, self.proposer, self.num_draft, self.kv = model, proposer, num_draft, kv
+        self.reads_target = reads_target(proposer)
         self.rows: List[Row] = []
         self.cache = None
         self.inflight = None  # a queued plain step: (logprobs, tokens, chosen)
@@ -180,7 +196,7 @@ class Decoder:
         may propose."""
         if self.proposer is not None:
             self._quantize()  # before the proposer marks its cache
-            proposals = self.proposer.propose(self.rows, self.num_draft)
+            proposals = self.proposer.propose(self.rows, self.num_draft, self.cache)
             if any(proposals):
                 return self._check(proposals)
             ahead = False  # the next step may check proposals: nothing is queued ahead of it
@@ -192,7 +208,9 @@ class Decoder:
         rows = self.rows
         if inputs is None:
             inputs = mx.array([row.seq[-1] for row in rows], dtype=mx.int32)
-        logits = forward(self.model, inputs[:, None], self.cache)
+        logits = forward(self.model, inputs[:, None], self.cache, hidden=self.reads_target)
+        if self.reads_target:  # (never queued ahead: a proposer may propose at the next step)
+            logits, self.hidden = logits
         self._quantize()
         logprobs = self._processed(logits, [[] for _ in rows], rows)[:, 0]
         tokens = sample(logprobs, [row.sampler for row in rows])
@@ -210,6 +228,8 @@ class Decoder:
         tokens, chosen_list = tokens.tolist(), chosen.tolist()
         for row, token in zip(self.rows, tokens):
             self._advance(row, [token])
+        if self.reads_target:
+            self.proposer.settle([0] * len(tokens), 0, self.hidden)
         return [[Emitted(t, lp, logprobs, b)] for b, (t, lp) in enumerate(zip(tokens, chosen_list))]
 
     def _quantize(self) -> None:
@@ -254,7 +274,8 @@ class Decoder:
         inputs = [[row.seq[-1]] + p + [row.seq[-1]] * (K - len(p)) for row, p in zip(rows, proposals)]
         for c in self.cache:  # (step() quantized the caches before the proposer ran: marks see final objects)
             c.mark()
-        logits = forward(self.model, mx.array(inputs, dtype=mx.int32), self.cache)
+        logits = forward(self.model, mx.array(inputs, dtype=mx.int32), self.cache, hidden=self.reads_target)
+        logits, hidden = logits if self.reads_target else (logits, None)
         logprobs = self._processed(logits, proposals, rows)
         mx.eval(logprobs, cache_state(self.cache))
         kept, finals, out = [], [], []
@@ -269,7 +290,7 @@ class Decoder:
             row.proposed, row.accepted = row.proposed + len(proposal), row.accepted + k
         for c in self.cache:  # (still marked: a caller that stops mid-way rolls back what it did not take)
             c.rollback([K - k for k in kept])
-        self.proposer.settle(kept, K)
+        self.proposer.settle(kept, K, hidden)
         for row, k, final, proposal in zip(rows, kept, finals, proposals):
             self._advance(row, proposal[:k] + [final])
             row.probs = []

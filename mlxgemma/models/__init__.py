@@ -1,8 +1,8 @@
 """The registry: config.json's model_type and architectures -> config class and model class."""
 
 from ..errors import MlxGemmaError
-from . import (gemma, gemma2, gemma3, gemma3_vision, gemma4, gemma4_multimodal, gemma4_unified, stablelm,
-               t5gemma2)
+from . import (gemma, gemma2, gemma3, gemma3_vision, gemma4, gemma4_assistant, gemma4_multimodal, gemma4_unified,
+               stablelm, t5gemma2)
 from .config import text_config_of
 
 # model_type -> (config class, family module, the class used when config.json names no architecture)
@@ -14,6 +14,9 @@ FAMILIES = {
     "gemma4_text": (gemma4.Gemma4TextConfig, gemma4.Gemma4ForCausalLM),
     "gemma4": (gemma4_multimodal.Gemma4Config, gemma4_multimodal.Gemma4ForConditionalGeneration),
     "gemma4_unified": (gemma4_unified.Gemma4UnifiedConfig, gemma4_unified.Gemma4UnifiedForConditionalGeneration),
+    "gemma4_assistant": (gemma4_assistant.Gemma4AssistantConfig, gemma4_assistant.Gemma4AssistantForCausalLM),
+    "gemma4_unified_assistant": (gemma4_assistant.Gemma4UnifiedAssistantConfig,
+                                 gemma4_assistant.Gemma4UnifiedAssistantForCausalLM),
     "stablelm": (stablelm.StableLmConfig, stablelm.StableLmForCausalLM),
     "t5gemma2": (t5gemma2.T5Gemma2Config, t5gemma2.T5Gemma2ForConditionalGeneration),
 }
@@ -28,7 +31,8 @@ CLASSES = {
         gemma3.Gemma3TextModel, gemma3.Gemma3ForCausalLM, gemma3.Gemma3TextForSequenceClassification,
         gemma3_vision.Gemma3ForConditionalGeneration, gemma3_vision.Gemma3ForSequenceClassification,
         gemma4.Gemma4TextModel, gemma4.Gemma4ForCausalLM, gemma4_multimodal.Gemma4ForConditionalGeneration,
-        gemma4_unified.Gemma4UnifiedForConditionalGeneration,
+        gemma4_unified.Gemma4UnifiedForConditionalGeneration, gemma4_assistant.Gemma4AssistantForCausalLM,
+        gemma4_assistant.Gemma4UnifiedAssistantForCausalLM,
         stablelm.StableLmModel, stablelm.StableLmForCausalLM, stablelm.StableLmForSequenceClassification,
         stablelm.StableLmForTokenClassification,
         t5gemma2.T5Gemma2Model, t5gemma2.T5Gemma2ForConditionalGeneration,
@@ -46,6 +50,11 @@ def _text_only(d: dict) -> bool:
 def has_vision(model) -> bool:
     """A decoder-only model that takes images (Gemma 3 with its tower): loads with a processor."""
     return bool(getattr(model, "has_vision", False))
+
+
+def is_drafter(model) -> bool:
+    """Gemma 4's assistant: drafts for a Gemma 4 from its states (--draft-model); runs on no model of its own."""
+    return bool(getattr(model, "is_drafter", False))
 
 
 def is_encoder_decoder(model) -> bool:
@@ -86,7 +95,8 @@ def config_from_dict(d: dict, source: str = "config.json"):
     if model_type == "gemma4" and _text_only(d):
         text = text_config_of(d, model_type + "_text")
         return gemma4.Gemma4TextConfig.from_dict(text, source=f"{source} (text_config)", require=False)
-    if model_type in ("gemma3", "gemma4", "gemma4_unified", "t5gemma2"):  # shapes in sub-configs, with defaults
+    if model_type in ("gemma3", "gemma4", "gemma4_unified", "gemma4_assistant", "gemma4_unified_assistant",
+                      "t5gemma2"):  # shapes in sub-configs, with defaults
         return config_class.from_dict(d, source=source, require=False)
     return config_class.from_dict(d, source=source)
 

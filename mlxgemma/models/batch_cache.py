@@ -143,6 +143,13 @@ class _BatchCache:
     def record_padding(self, L: int, valid=None) -> None:
         pass
 
+    def peek(self) -> tuple:
+        """(keys, values, mask (B, 1, 1, S)) of every token each row holds (see KVCache.peek): the filled slots."""
+        size = self._slots(max(self.lengths))
+        filled = self.offset if self.window is None else mx.minimum(self.offset, self.window)
+        cut = lambda x: _map(lambda a: a[..., :size, :], x)  # noqa: E731
+        return cut(self.keys), cut(self.values), (mx.arange(size)[None] < filled[:, None])[:, None, None, :]
+
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         """Write each row's L new tokens at its own slots; returns what attention reads (see mask)."""
         if self.quantized:

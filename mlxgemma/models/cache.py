@@ -169,6 +169,13 @@ class KVCache:
         if valid is not None or self.key_valid is not None:
             self.key_valid = self._valid_with(L, valid)
 
+    def peek(self) -> tuple:
+        """(keys, values, mask) of every token held, for a reader that adds none of its own and sees them all
+        (Gemma 4's assistant drafter): mask None, or (B, 1, 1, S) where padding is hidden."""
+        cut = lambda x: _tree(lambda a: a[..., : self.offset, :], x)  # noqa: E731
+        mask = None if self.key_valid is None else self.key_valid[:, None, None, : self.offset]
+        return cut(self.keys), cut(self.values), mask
+
     def _valid_with(self, L, valid):
         batch = (valid if valid is not None else self.key_valid).shape[0]
         old = self.key_valid[:, : self.offset] if self.key_valid is not None else (
@@ -287,6 +294,14 @@ class RotatingKVCache:
         old = self._held_valid(valid)
         new = _new_valid(L, valid, old.shape[0])[:, None, :, None]
         self.key_valid, _ = _ring_update(old, new, self.offset, self.max_size)
+
+    def peek(self) -> tuple:
+        """As KVCache.peek: the ring's tokens in slot order (a reader that adds no key sees all of them: they are
+        the last `max_size` tokens)."""
+        held = min(self.offset, self.max_size)
+        cut = lambda x: _tree(lambda a: a[..., :held, :], x)  # noqa: E731
+        mask = None if self.key_valid is None else self.key_valid[:, 0, :held, 0][:, None, None, :]
+        return cut(self.keys), cut(self.values), mask
 
     def _held_valid(self, valid):
         if self.key_valid is not None:

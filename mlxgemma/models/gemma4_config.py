@@ -164,8 +164,11 @@ class Gemma4TextConfig(BaseConfig):
             raise MlxGemmaError(f"config.json: num_kv_shared_layers is {shared!r}, expected "
                                 f"0..{self.num_hidden_layers - 1} (at least one layer must compute keys and values)")
         self.first_kv_shared_layer_idx = first = self.num_hidden_layers - shared
-        self.kv_donors = {t: max(i for i in range(first) if self.layer_types[i] == t)
-                          for t in set(self.layer_types[:first])} if shared else {}
+        # transformers' "store" layers: the last of each type that computes keys and values. Shared layers read
+        # them, and so does Gemma 4's assistant drafter (gemma4_assistant.py), sharing or not.
+        self.kv_stores = {t: max(i for i in range(first) if self.layer_types[i] == t)
+                          for t in set(self.layer_types[:first])}
+        self.kv_donors = dict(self.kv_stores) if shared else {}
         orphans = sorted(set(self.layer_types[first:]) - set(self.kv_donors))
         if orphans:
             raise MlxGemmaError(f"config.json: num_kv_shared_layers {shared} leaves the shared {orphans[0]} layers "

@@ -235,11 +235,12 @@ class Gemma4ForConditionalGeneration(Gemma4PreTrainedModel):
 
     def __call__(self, input_ids, attention_mask=None, cache=None, pixel_values=None, image_position_ids=None,
                  input_features=None, input_features_mask=None, pixel_values_videos=None, video_position_ids=None,
-                 num_frames_per_video=None, mm_token_type_ids=None, media_features=None) -> mx.array:
+                 num_frames_per_video=None, mm_token_type_ids=None, media_features=None, return_hidden=False):
         ids, inputs = self.text_inputs(input_ids, pixel_values, image_position_ids, input_features,
                                        input_features_mask, pixel_values_videos, video_position_ids,
                                        num_frames_per_video, mm_token_type_ids, media_features)
-        return self.language_model(ids, attention_mask=attention_mask, cache=cache, **inputs)
+        return self.language_model(ids, attention_mask=attention_mask, cache=cache, return_hidden=return_hidden,
+                                   **inputs)
 
     def text_inputs(self, input_ids, pixel_values=None, image_position_ids=None, input_features=None,
                     input_features_mask=None, pixel_values_videos=None, video_position_ids=None,

@@ -102,14 +102,16 @@ class CausalLM(_Head):
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    def __call__(self, input_ids, attention_mask=None, cache=None, **inputs) -> mx.array:
-        """inputs: what the base model takes besides ids (Gemma 3 with images: inputs_embeds, blocks)."""
+    def __call__(self, input_ids, attention_mask=None, cache=None, return_hidden: bool = False, **inputs):
+        """inputs: what the base model takes besides ids (Gemma 3 with images: inputs_embeds, blocks).
+        return_hidden: (logits, the last hidden state after the final norm), which Gemma 4's assistant reads."""
         h = self.model(input_ids, attention_mask=attention_mask, cache=cache, **inputs)
         if self.config.tie_word_embeddings:
             logits = self.model.embed_tokens.as_linear(h)
         else:
             logits = self.lm_head(h)
-        return softcap(logits, getattr(self.config, "final_logit_softcapping", None))
+        logits = softcap(logits, getattr(self.config, "final_logit_softcapping", None))
+        return (logits, h) if return_hidden else logits
 
     def loss(self, input_ids, labels, attention_mask=None, num_items_in_batch=None) -> mx.array:
         return causal_lm_loss(self(input_ids, attention_mask=attention_mask), labels, num_items_in_batch)

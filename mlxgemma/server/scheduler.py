@@ -17,13 +17,13 @@ from typing import Callable, List, Optional
 
 import mlx.core as mx
 
-from ..decode.decoder import Decoder, Emitted, Row, fill, forward
-from ..decode.proposers import DraftModel, PromptLookup
+from ..decode.decoder import Decoder, Emitted, Row, fill, last_prompt_step
+from ..decode.proposers import Assistant, DraftModel, PromptLookup
 from ..decode.sampling import SamplingOptions
 from ..decode.stream import TextStream
 from ..media.features import FEATURES, block_end, media_from, media_tokens, slots
 from ..media.features import prefill as media_prefill
-from ..models import has_vision, is_encoder_decoder
+from ..models import has_vision, is_drafter, is_encoder_decoder
 from ..models.batch_cache import BatchEncoderDecoderCache, merge_caches
 from ..models.quantized_cache import quantize_cache
 from .prompt_cache import PromptCache, snapshot
@@ -117,7 +117,8 @@ class Scheduler:
             materialize(draft_model)
 
     def _decoder(self) -> Decoder:
-        proposer = (DraftModel(self.draft_model) if self.draft_model is not None else
+        proposer = (Assistant(self.draft_model, self.model) if is_drafter(self.draft_model) else
+                    DraftModel(self.draft_model) if self.draft_model is not None else
                     PromptLookup(self.lookup) if self.lookup else None)
         return Decoder(self.model, proposer, self.num_draft)
 
@@ -239,7 +240,7 @@ class Scheduler:
         self._fill(request, cache, rest[:-1])
         if self.prompt_cache is not None and len(request.prompt) > 1:  # where a repeat of this prompt restarts
             request.snapshots.append(snapshot(cache, len(request.prompt) - 1))
-        self._join(request, cache, forward(self.model, mx.array([rest[-1:]]), cache)[0, -1])
+        self._join(request, cache, *last_prompt_step(self.model, mx.array([rest[-1:]]), cache, self.decoder.proposer))
 
     def _fill(self, request: Request, cache, ids: List[int]) -> None:
         """One chunk into the request's cache (then quantized, as mlx-lm's loop does after each chunk)."""
@@ -269,13 +270,14 @@ class Scheduler:
         request.emit("prompt", {"prompt_tokens": prompt_tokens, "cached_tokens": cached})
         return request, cache, request.prompt[cached:]
 
-    def _join(self, request: Request, cache, logits: mx.array) -> None:
+    def _join(self, request: Request, cache, logits: mx.array, state=None) -> None:
         """Each of the request's n choices draws its first token and, unless already done, joins the batch
-        (a copy of the cache each: merged into the batch's caches)."""
+        (a copy of the cache each: merged into the batch's caches). state: the target's last hidden state, for
+        Gemma 4's assistant."""
         request.live = request.n
         c = request.constraint
         constraints = [c] + [c.copy() for _ in range(request.n - 1)] if c is not None else [None] * request.n
-        draft = self._draft_cache(request)
+        draft = self._draft_cache(request) if state is None else None
         for index in range(request.n):
             stream = TextStream(self.tokenizer, max_tokens=request.max_tokens, stop=request.stop,
                                 context=request.context, position=len(request.prompt))
@@ -285,12 +287,12 @@ class Scheduler:
                 self._finished(row, cache, len(request.prompt))
                 continue
             merge = BatchEncoderDecoderCache.merge if self.encoder_decoder else merge_caches
-            self.decoder.add(row, merge([cache]),
+            self.decoder.add(row, merge([cache]), state if state is not None else
                              None if draft is None else merge_caches([draft]))
 
     def _draft_cache(self, request: Request):
         """The draft model's cache for a request: its prompt but the last token (decode/proposers.py)."""
-        if self.draft_model is None:
+        if self.draft_model is None or is_drafter(self.draft_model):
             return None
         return self.decoder.proposer.prepare(request.prompt, step=self.prefill_step_size)
 
