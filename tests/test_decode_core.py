@@ -93,16 +93,22 @@ def test_a_seed_gives_the_same_tokens_everywhere(root, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["gemma2", "gemma3", "gemma4"])
-@pytest.mark.parametrize("speculation", ["draft", "lookup"])
+@pytest.mark.parametrize("family,speculation", [(f, s) for f in ("gemma2", "gemma3", "gemma4")
+                                                for s in ("draft", "lookup")] + [("gemma4", "assistant")])
 def test_server_speculates_for_every_row(root, family, speculation):
     """8 concurrent requests, greedy and sampled alternating, every row proposing: a draft model that is
-    mostly wrong (another random model: rollbacks after the rings wrapped) or prompt lookup over prompts
-    that repeat. Each greedy row equals the request alone without speculation; sampled rows follow their
-    seed (the same output again) and the acceptance rule (tests/test_speculative.py checks its distribution)."""
+    mostly wrong (another random model: rollbacks after the rings wrapped), Gemma 4's assistant drafter (a
+    random one) or prompt lookup over prompts that repeat. Each greedy row equals the request alone without
+    speculation; sampled rows follow their seed (the same output again) and the acceptance rule
+    (tests/test_speculative.py checks its distribution)."""
     path = _checkpoint(root, family)
     option = ["--draft-model", str(_checkpoint(root, family, seed=7))] if speculation == "draft" else [
         "--prompt-lookup-ngram", "1"]
+    if speculation == "assistant":
+        from gemma4_assistant_util import hf_assistant
+
+        hf_assistant(seed=3).save_pretrained(root / "assistant")
+        option = ["--draft-model", str(root / "assistant")]
     server = serve(path, "--num-draft-tokens", "3", *option)
     model, tok = server.engine.model, server.engine.tokenizer
     prompts = [[int(t) for t in random_ids(1, n, seed=n, low=4)[0]] * 2 for n in LENGTHS]  # each said twice

@@ -218,3 +218,66 @@ def test_bad_pairings(pair, tmp_path):
     with pytest.raises(MlxGemmaError, match="every layer of a Gemma 4 assistant reads the target's keys"):
         mlxgemma.load_model(tmp_path / "d0")
     assert DRAFTER["num_hidden_layers"] == 3
+
+
+def test_unified_drafter(tmp_path):
+    """The 12B Unified's drafter (gemma4_unified_assistant) on a tiny Unified: its logits and states equal
+    transformers' given transformers' states; with an image in the prompt, greedy output is plain greedy's."""
+    import gemma4_chat_util as chat
+    import gemma4_media_util as media
+    from test_gemma4_unified import save as save_unified
+
+    hf_target = save_unified(tmp_path / "u")
+    model, processor = mlxgemma.load(tmp_path / "u")
+    hf_drafter = hf_assistant(seed=6, unified=True, vocab_size=chat.VOCAB_SIZE)
+    hf_drafter.save_pretrained(tmp_path / "d")
+    drafter = mlxgemma.load_model(tmp_path / "d")
+    ids = random_ids(1, int(2.5 * WINDOW), seed=4)[0].tolist()
+    states = _hf_states(hf_target, ids)
+    ref = _hf_draft(hf_drafter, hf_target, ids, 17, states)
+    with torch.no_grad():
+        hidden = hf_target(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][:, -1:]
+    shared = {t: (mx.array(k.numpy()), mx.array(v.numpy()), None) for t, (k, v) in states.items()}
+    keep = mx.arange(len(ids)) >= len(ids) - WINDOW - 1
+    shared[S] = (*shared[S][:2], keep[None, None, None])
+    _close(_ours(drafter, model, shared, len(ids), mx.array(hidden.numpy()), 17), ref)
+    common = dict(image=[media.image(36, 52)], max_tokens=STEPS, chat_template=False)
+    plain = [c.token for c in mlxgemma.stream_generate(model, processor, "<|image|> Say", **common)]
+    spec = list(mlxgemma.stream_generate(model, processor, "<|image|> Say", draft_model=drafter, **common))
+    assert [c.token for c in spec] == plain and spec[-1].draft_tokens > 0
+
+
+@pytest.mark.slow
+def test_cli_and_server_report_drafts(tmp_path, capsys):
+    """generate --draft-model ASSISTANT prints plain greedy's text and the draft summary; the server's usage
+    gives OpenAI's accepted/rejected prediction counts, which add up to what it proposed; a drafter for
+    another size stops the server's start with one line."""
+    import openai
+
+    from mlxgemma.generate import main
+    from server_util import chat_checkpoint, serve
+
+    path = chat_checkpoint(hf_gemma4(**VARIANTS["E"]), tmp_path / "t")
+    hf_assistant(seed=3).save_pretrained(tmp_path / "d")
+    hf_assistant(seed=3, backbone=48).save_pretrained(tmp_path / "other")
+    args = ["--model", str(path), "--prompt", "t9 t10 t11", "-m", str(STEPS)]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main(args + ["--draft-model", str(tmp_path / "d"), "--num-draft-tokens", "4"]) == 0
+    out, err = capsys.readouterr()
+    assert out == plain and "tokens accepted" in err
+    assert main(args + ["--draft-model", str(tmp_path / "other")]) == 2
+    assert "hidden size 48" in capsys.readouterr().err
+    server = serve(path, "--draft-model", str(tmp_path / "d"))
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "t9 t10"}],
+                                               max_tokens=STEPS, temperature=0)
+        details = reply.usage.completion_tokens_details
+        stats = server.engine.scheduler.stats
+        assert details.accepted_prediction_tokens + details.rejected_prediction_tokens == stats["proposed"] > 0
+        assert details.accepted_prediction_tokens == stats["accepted"]
+    finally:
+        server.stop()
+    with pytest.raises(MlxGemmaError, match="hidden size 48"):
+        serve(path, "--draft-model", str(tmp_path / "other"))

@@ -41,7 +41,7 @@ class _Reply:
     def __init__(self, engine: Engine, n: int, chat: bool):
         self.engine, self.chat = engine, chat
         self.text, self.logprobs, self.finish = [""] * n, [[] for _ in range(n)], [None] * n
-        self.prompt_tokens = self.cached_tokens = self.completion_tokens = 0
+        self.prompt_tokens = self.cached_tokens = self.completion_tokens = self.proposed = self.accepted = 0
         self.error = None
         self.id = new_id("chatcmpl-" if chat else "cmpl-")
         self.created = int(time.time())
@@ -52,6 +52,8 @@ class _Reply:
         elif kind == "token":
             self.text[data.index] += data.text
             self.logprobs[data.index].append(data)
+        elif kind == "drafted":
+            self.proposed, self.accepted = self.proposed + data[1], self.accepted + data[2]
         elif kind == "done":
             index, self.finish[index], count = data
             self.completion_tokens += count
@@ -59,9 +61,14 @@ class _Reply:
             self.error = data
 
     def usage(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+        """With speculative decoding, OpenAI's prediction counts: draft tokens the model kept and rejected."""
+        usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                 "total_tokens": self.prompt_tokens + self.completion_tokens,
+                 "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+        if self.proposed:
+            usage["completion_tokens_details"] = {"accepted_prediction_tokens": self.accepted,
+                                                  "rejected_prediction_tokens": self.proposed - self.accepted}
+        return usage
 
     def head(self) -> dict:
         kind = "chat.completion" if self.chat else "text_completion"

@@ -35,8 +35,9 @@ log = logging.getLogger("mlxgemma.server")
 class Request:
     """What a handler asks for. `prompt`: the decoder's token ids (T5Gemma 2: `encoder` holds the encoder's
     input_ids and pixel_values, and `prompt` is the decoder's start token). Events go to `emit`:
-    ("prompt", {prompt_tokens, cached_tokens}), ("token", Token), ("done", index, finish_reason, completion
-    tokens), ("error", message) and finally ("end", None)."""
+    ("prompt", {prompt_tokens, cached_tokens}), ("token", Token), with speculative decoding ("drafted", index,
+    proposed tokens, accepted tokens), ("done", index, finish_reason, completion tokens), ("error", message)
+    and finally ("end", None)."""
 
     prompt: List[int]
     emit: Callable
@@ -324,6 +325,8 @@ class Scheduler:
         top = self._top(e.logprobs, request.top_logprobs) if request.top_logprobs else []
         request.emit("token", Token(slot.index, text, e.token, e.logprob, top))
         if finish:
+            if row.proposed:
+                request.emit("drafted", (slot.index, row.proposed, row.accepted))
             request.emit("done", (slot.index, finish, len(slot.stream.tokens)))
         return finish is not None
 
