@@ -331,6 +331,93 @@ def test_loads_other_layouts_and_sub_config_names(ckpt, tmp_path, layout):
     assert diff(ours(other, inputs), ours(model, inputs)) == 0
 
 
+@pytest.fixture(scope="module")
+def converted(ckpt, tmp_path_factory):
+    """convert's outputs of the checkpoint: in float, and -q at 3 bits (groups of 32) with the vision
+    embedder at --q-vision-bits 4 and the audio embedder at --q-audio-bits 8 (three bit widths to tell apart)."""
+    from mlxgemma.checkpoints.convert import convert
+
+    path = ckpt[0]
+    out = tmp_path_factory.mktemp("gemma4_unified_converted")
+    return convert(path, out / "float"), convert(path, out / "q", quantize=True, q_bits=3, q_group_size=32,
+                                                 q_vision_bits=4, q_audio_bits=8)
+
+
+PROMPTS = (("Hello there, how are you?", [], []), ("<|image|> What is this?", [(40, 64)], []),
+           ("<|image|> and <|audio|>: what is it?", [(48, 32)], [0.3]))
+
+
+def _inputs(processor, text, sizes, clips) -> dict:
+    return processor(text, [media.image(h, w, seed=i) for i, (h, w) in enumerate(sizes)],
+                     [media.tone(s, seed=i) for i, s in enumerate(clips)])
+
+
+def test_convert_float_round_trip(ckpt, converted):
+    """convert writes the whole unified model (mlx-vlm's layout, config.json with its sub-configs and their
+    derived sizes, the processor files); loaded back, its logits with text, an image, an image and a clip are
+    the source's."""
+    path, _, model, processor = ckpt
+    out = converted[0]
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "gemma4_unified" and config["text_config"]["model_type"] == "gemma4_unified_text"
+    assert config["vision_config"]["model_patch_size"] == PATCH * POOL
+    assert (out / "processor_config.json").exists() and (out / "tokenizer.json").exists()
+    m, p = mlxgemma.load(out)
+    for prompt in PROMPTS:
+        got, expected = ours(m, _inputs(p, *prompt)), ours(model, _inputs(processor, *prompt))
+        assert got.shape == expected.shape and diff(got, expected) <= 1e-5, prompt[0]
+
+
+def test_convert_quantized_keeps_media_bits(ckpt, converted):
+    """-q: the quantization block gives the vision embedder's linears --q-vision-bits and the audio embedder's
+    --q-audio-bits (those whose input width divides the group size: the rest stay in float, as the note says),
+    the language model --q-bits; it loads, quantized so, and runs on an image and a clip."""
+    from mlx.utils import tree_flatten
+
+    _, _, model, _ = ckpt
+    block = json.loads((converted[1] / "config.json").read_text())["quantization"]
+    media_bits = {k: v["bits"] for k, v in block.items() if isinstance(v, dict)
+                  and k.startswith(("vision_embedder.", "embed_vision.", "embed_audio."))}
+    linears = {name: m.weight.shape[1] for name, m in model.named_modules() if type(m).__name__ == "Linear"}
+    expected = {name: 8 if name.startswith("embed_audio.") else 4 for name, width in linears.items()
+                if name.startswith(("vision_embedder.", "embed_vision.", "embed_audio.")) and width % 32 == 0}
+    assert media_bits == expected and set(expected) >= {"vision_embedder.patch_dense",
+                                                        "embed_audio.embedding_projection"}
+    text_bits = {v["bits"] for k, v in block.items() if k.startswith("language_model.") and isinstance(v, dict)}
+    assert block["bits"] == 3 and text_bits == {3}
+    qm, qp = mlxgemma.load(converted[1])
+    loaded = {name: m.bits for name, m in qm.named_modules() if hasattr(m, "scales")
+              and not name.startswith("language_model.")}
+    assert loaded == expected
+    assert any(k.endswith(".scales") for k, _ in tree_flatten(qm.language_model.parameters()))
+    got = ours(qm, _inputs(qp, *PROMPTS[2]))
+    assert got.shape == ours(model, _inputs(qp, *PROMPTS[2])).shape and np.isfinite(got).all()
+
+
+def test_mlx_vlm_reads_our_conversions(ckpt, converted, tmp_path):
+    """mlx-vlm (0.7.10, its gemma4_unified) loads both conversions: its language model's logits and its image
+    and audio features are those of ours loaded from the same files; mlx-vlm's own 8-bit conversion loads
+    here, giving its logits."""
+    mlx_vlm = pytest.importorskip("mlx_vlm")
+    import mlx.core as mx
+    from mlx_vlm import convert as vlm_convert
+
+    _, _, _, processor = ckpt
+    ids = processor(PROMPTS[0][0])["input_ids"]
+    inputs = _inputs(processor, *PROMPTS[2])
+    vlm_convert(str(converted[0]), mlx_path=str(tmp_path / "vlm"), quantize=True, q_group_size=32, q_bits=8)
+    for path in (*converted, tmp_path / "vlm"):
+        theirs, _ = mlx_vlm.load(str(path))
+        m = mlxgemma.load_model(path)
+        assert diff(theirs.language_model(mx.array(ids)).logits, m(ids)) <= 1e-4, path.name
+        image = theirs.get_image_features(mx.array(inputs["pixel_values"]), mx.array(inputs["image_position_ids"]))
+        audio = theirs.get_audio_features(mx.array(inputs["input_features"]), mx.array(inputs["input_features_mask"]))
+        assert diff(image, mx.concatenate(m.get_image_features(inputs["pixel_values"],
+                                                               inputs["image_position_ids"]))) <= 1e-5
+        assert diff(audio, mx.concatenate(m.get_audio_features(inputs["input_features"],
+                                                               inputs["input_features_mask"]))) <= 1e-5
+
+
 def test_bad_inputs(ckpt, causal_ckpt, tmp_path):
     from mlxgemma.media.gemma4_unified_processor import Gemma4UnifiedImageProcessor
     from mlxgemma.models import config_from_dict
@@ -361,8 +448,6 @@ def test_bad_inputs(ckpt, causal_ckpt, tmp_path):
         config_from_dict(dict(config, vision_config=dict(config["vision_config"], output_proj_dims=16)))
     with pytest.raises(MlxGemmaError, match="audio_embed_dim"):
         config_from_dict(dict(config, audio_config=dict(config["audio_config"], hidden_size=320)))
-    with pytest.raises(MlxGemmaError, match="convert"):
-        model.checkpoint({}, config)
     _, _, m, p = causal_ckpt  # (no audio_config)
     with pytest.raises(MlxGemmaError, match="audio"):
         list(mlxgemma.stream_generate(m, p, "hi", audio=[media.tone(0.5)], max_tokens=1))
