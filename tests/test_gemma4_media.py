@@ -468,6 +468,47 @@ def test_video_generation(ckpt):
     assert out == expected
 
 
+def test_chat_video_equals_the_library(ckpt, tmp_path, capsys):
+    """/video PATH in the chat REPL: the turn shows what stream_generate gives on the same conversation and
+    video (ChatSession's tokens too), and the next turn, text only, keeps the video in the conversation; a
+    processor without a video processor neither offers /video nor takes it."""
+    import copy
+    import io
+
+    from mlxgemma.chat import ChatSession, repl
+    from mlxgemma.media.gemma4_video import load_video
+    from mlxgemma.reply import Shown
+
+    _, _, model, processor = ckpt
+    video = _mp4(tmp_path / "v.mp4", 12)
+    turn = [{"role": "user", "content": "<|video|>Hi"}]
+    chunks = list(mlxgemma.stream_generate(model, processor, turn, video=[video], max_tokens=5))
+    shown = io.StringIO()
+    view = Shown(shown, shown)  # (what the REPL prints a reply with)
+    for chunk in chunks:
+        view.write(chunk)
+    assert len(chunks) == 5 and shown.getvalue()
+    session = ChatSession(model, processor, max_tokens=5)
+    assert [c.token for c in session.stream("Hi", videos=[load_video(video)])] == [c.token for c in chunks]
+    follow = session.messages + [{"role": "user", "content": "And then?"}]
+    expected = [c.token for c in mlxgemma.stream_generate(model, processor, follow, video=[video], max_tokens=5)]
+    assert [c.token for c in session.stream("And then?")] == expected
+
+    lines = iter([f"/video {video}", "Hi", "/quit"])
+    assert repl(ChatSession(model, processor, max_tokens=5), lambda prompt="": next(lines)) == 0
+    out = capsys.readouterr()
+    assert "/video PATH" in out.err and "[1 video(s) for your next message]" in out.err
+    assert out.out == shown.getvalue() + "\n"
+    blind = ChatSession(model, copy.copy(processor), max_tokens=5)
+    blind.processor.video_processor = None
+    lines = iter([f"/video {video}", "/quit"])
+    assert repl(blind, lambda prompt="": next(lines)) == 0
+    err = capsys.readouterr().err
+    assert "/video" not in err.splitlines()[0] and "takes no video" in err
+    with pytest.raises(MlxGemmaError, match="takes no video"):
+        list(blind.stream("Hi", videos=[load_video(video)]))
+
+
 def test_prompt_cache_file_with_an_image(ckpt, tmp_path):
     """A prompt with an image cached to a file (python -m mlxgemma.cache_prompt's function), then continued
     with text: the greedy tokens of the whole prompt at once."""
