@@ -146,8 +146,8 @@ def _numpy(x, dtype=None) -> np.ndarray:
 
 class Gemma4UnifiedForConditionalGeneration(Gemma4ForConditionalGeneration):
     """Gemma4ForConditionalGeneration's interface (transformers' keyword names, media_features, encode_media,
-    media_inputs, make_cache, ...) over this family's embedders; video frames, were they given,
-    go through the vision embedder as images (as transformers' get_video_features does)."""
+    media_inputs, make_cache, ...) over this family's embedders; a video's frames go through the vision
+    embedder as images (as transformers' get_video_features does)."""
 
     vision_tower_name = "vision_embedder"  # (kept at --q-vision-bits and whole on every rank, as a tower)
     # No towers: the embedders are the media modules, each kept at its medium's bits (--q-vision-bits,
