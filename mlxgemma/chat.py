@@ -27,8 +27,9 @@ from .reply import Shown
 
 
 class ChatSession:
-    """tokenizer: the model's tokenizer, or its processor (Gemma 3 with images: turns may carry images,
-    which stay in the conversation; an image already encoded is not encoded again). options: stream_generate's
+    """tokenizer: the model's tokenizer, or its processor (Gemma 3 with images, Gemma 4: turns may carry
+    images, and for Gemma 4 audio clips and videos where its processor reads them, which stay in the
+    conversation; an item already encoded is not encoded again). options: stream_generate's
     (think and chat_template_args render every turn; the last reply's thought is `last_reasoning`)."""
 
     def __init__(self, model, tokenizer, system: Optional[str] = None, prompt_cache_file=None, **options):
@@ -51,6 +52,7 @@ class ChatSession:
         self.messages: List[dict] = []
         self.images: list = []  # every image of the conversation, in order
         self.audio: list = []  # every audio clip of the conversation, in order
+        self.videos: list = []  # every video of the conversation (its frames and timestamps), in order
         self.cache, self.cached = self._fresh()  # the cache, and the token ids it holds in order
         self.prefix = list(self.cached)  # a --prompt-cache-file's tokens: the conversation follows them
 
@@ -79,25 +81,27 @@ class ChatSession:
         self.cached = self.cached[:common]
         return common
 
-    def reply(self, text: str, images: Sequence = (), audio: Sequence = ()) -> Iterator[str]:
+    def reply(self, text: str, images: Sequence = (), audio: Sequence = (), videos: Sequence = ()) -> Iterator[str]:
         """Stream the answer to a user message, as stream() does (its thought, if any, is then
         last_reasoning)."""
-        for chunk in self.stream(text, images, audio):
+        for chunk in self.stream(text, images, audio, videos):
             yield chunk.text
 
-    def stream(self, text: str, images: Sequence = (), audio: Sequence = ()) -> Iterator[Chunk]:
-        """Stream the reply to a user message (and its images and audio clips, placed before the text unless
-        it holds placeholders) as Chunks. The turn joins the conversation when it ends or is interrupted
+    def stream(self, text: str, images: Sequence = (), audio: Sequence = (), videos: Sequence = ()) -> Iterator[Chunk]:
+        """Stream the reply to a user message (and its images, audio clips and videos, placed before the text
+        unless it holds placeholders) as Chunks. The turn joins the conversation when it ends or is interrupted
         (Ctrl-C keeps what was said); a turn refused as bad input (longer than the context, say) leaves the
         conversation as it was, so the next turn works."""
-        images, audio = list(images), list(audio)
-        for kind, items in (("image", images), ("audio", audio)):
-            if items and (self.processor is None or kind not in self.processor.marks):
+        media = {"image": list(images), "audio": list(audio), "video": list(videos)}
+        for kind, items in media.items():
+            if items and (self.processor is None or kind not in self.processor.marks
+                          or (kind == "video" and not _sees_video(self))):
                 raise MlxGemmaError(f"{type(self.model).__name__} takes no {kind}")
-        if images or audio:
-            text = with_marks(self.processor, text, {"image": images, "audio": audio})
+        if any(media.values()):
+            text = with_marks(self.processor, text, media)
         messages = self.messages + [{"role": "user", "content": text}]
-        ids, features = self._prompt(messages, self.images + images, self.audio + audio)
+        ids, features = self._prompt(messages, self.images + media["image"], self.audio + media["audio"],
+                                     self.videos + media["video"])
         if self.prefix:  # the conversation continues the cached prompt: one <bos>, the file's
             ids = self.prefix + ids[1:] if ids[:1] == [self.tokenizer.bos_token_id] else self.prefix + ids
         check_prompt(self.model, ids)
@@ -124,16 +128,17 @@ class ChatSession:
             self.cached = (ids + generated)[: self.cache[0].offset]
             if messages is not None:
                 self.messages = messages + [_assistant(chunks)]
-                self.images += images
-                self.audio += audio
+                self.images += media["image"]
+                self.audio += media["audio"]
+                self.videos += media["video"]
 
-    def _prompt(self, messages, images, audio=()):
+    def _prompt(self, messages, images, audio=(), videos=()):
         """(ids, the media's features): the conversation through the template (and the processor)."""
         if self.processor is None:
             return prompt_ids(self.tokenizer, messages, self.system, **self.template_args), None
         text = apply_template(self.tokenizer, with_system(self.system, messages), tokenize=False,
                               **self.template_args)
-        return encode_prompt(self.model, self.processor, text, images, audio)
+        return encode_prompt(self.model, self.processor, text, images, audio, videos)
 
 
 def _assistant(chunks) -> dict:
@@ -151,14 +156,15 @@ def _assistant(chunks) -> dict:
 
 def repl(session: ChatSession, read=None, group=None, hide_thinking: bool = False) -> int:
     """read: input (the default), or under mlx.launch shared_input (rank 0's line on every rank; group: the
-    ranks, which /image files reach too). Thoughts are shown before the answer, dimmed on a terminal, unless
-    hide_thinking."""
+    ranks, which /image, /audio and /video files reach too). Thoughts are shown before the answer, dimmed on a
+    terminal, unless hide_thinking."""
     read = read or input
     marks = session.processor.marks if session.processor is not None else {}
     print("[mlxgemma chat] /reset starts over, /quit leaves, Ctrl-C stops a reply"
           + (", /image PATH adds a photo to your next message" if "image" in marks else "")
-          + (", /audio PATH a recording" if _hears(session) else ""), file=sys.stderr)
-    pending = {"image": [], "audio": []}  # what /image and /audio read, for the next message
+          + (", /audio PATH a recording" if _hears(session) else "")
+          + (", /video PATH a video" if _sees_video(session) else ""), file=sys.stderr)
+    pending = {kind: [] for kind in COMMANDS}  # what /image, /audio and /video read, for the next message
     while True:
         try:
             line = read("> ")
@@ -173,7 +179,7 @@ def repl(session: ChatSession, read=None, group=None, hide_thinking: bool = Fals
             return 0
         if line.strip() == "/reset":
             session.reset()
-            pending = {"image": [], "audio": []}
+            pending = {kind: [] for kind in COMMANDS}
             print("[conversation reset]", file=sys.stderr)
             continue
         kind = next((k for k in COMMANDS if line.startswith("/" + k)), None)
@@ -188,8 +194,8 @@ def repl(session: ChatSession, read=None, group=None, hide_thinking: bool = Fals
             continue
         shown = Shown(sys.stdout, sys.stdout, hide_thinking)
         try:
-            turn, pending = pending, {"image": [], "audio": []}
-            for chunk in session.stream(line, turn["image"], turn["audio"]):
+            turn, pending = pending, {kind: [] for kind in COMMANDS}
+            for chunk in session.stream(line, turn["image"], turn["audio"], turn["video"]):
                 shown.write(chunk)
         except Terminated:
             raise
@@ -258,8 +264,42 @@ def _audio_command(session: ChatSession, line: str, group=None) -> bytes:
     return data
 
 
-# /image and /audio: (the reader, what the REPL calls what it read)
-COMMANDS = {"image": (_image_command, "image(s)"), "audio": (_audio_command, "audio clip(s)")}
+def _sees_video(session: ChatSession) -> bool:
+    """Gemma 4 (the 12B Unified too): a processor with a video processor (Gemma 3's has none)."""
+    return getattr(session.processor, "video_processor", None) is not None
+
+
+def _video_command(session: ChatSession, line: str, group=None) -> tuple:
+    """/video PATH: the video's sampled frames and their timestamps, decoded now (so a bad file is reported
+    before the message is typed, and the file is decoded once however many turns follow); under mlx.launch
+    rank 0 reads the file and every rank gets its bytes."""
+    from .media.gemma4_video import load_video
+
+    if not _sees_video(session):
+        raise MlxGemmaError(f"{type(session.model).__name__} takes no video")
+    path = line[len("/video"):].strip()
+    if not path:
+        raise MlxGemmaError("/video needs a path: /video clip.mp4")
+    frames = session.processor.video_processor.num_frames
+    if group is None:
+        return load_video(path, frames)
+    data, error = None, None
+    if group.rank() == 0:
+        try:
+            file = Path(path).expanduser()
+            regular_file(file)
+            data = file.read_bytes()
+        except (MlxGemmaError, OSError) as e:
+            error = e
+    data = share(group, data if error is None else None)
+    if error is not None or data is None:
+        raise MlxGemmaError(str(error) if error else f"video {path!r} could not be read by rank 0")
+    return load_video(data, frames)
+
+
+# /image, /audio and /video: (the reader, what the REPL calls what it read)
+COMMANDS = {"image": (_image_command, "image(s)"), "audio": (_audio_command, "audio clip(s)"),
+            "video": (_video_command, "video(s)")}
 
 
 def main(argv=None) -> int:

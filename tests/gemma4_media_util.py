@@ -104,19 +104,43 @@ def tone(seconds: float, hz: float = 440.0, rate: int = 16_000, seed: int = 0) -
     return (0.4 * np.sin(2 * np.pi * hz * t) + noise).astype(np.float32)
 
 
-def cached_steps(model, processor, text: str, images, audio, follow=(7, 9, 11)) -> tuple:
+def video(n: int, h: int = 24, w: int = 40, seed: int = 0):
+    """n random frames (uint8 HWC) and their timestamps at 2 fps."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8), [i / 2 for i in range(n)]
+
+
+def mp4(path, n: int, fps: int = 10, textured: bool = False):
+    """An MPEG-4 file of n grey frames, frame i at level 6 i (mod 256), 64x48, written by PyAV; textured: a
+    diagonal ramp added (something for a resize to blend)."""
+    import av
+
+    ramp = (np.add.outer(np.arange(48), np.arange(64)) * 3)[..., None] if textured else 0
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(n):
+            frame = ((np.full((48, 64, 3), i * 6) + ramp) % 256).astype(np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+def cached_steps(model, processor, text: str, images, audio, follow=(7, 9, 11), videos=()) -> tuple:
     """(our logits at the prompt's last token and at each of `follow` fed after it, the prompt prefilled in
     chunks of 5 through the caches (each would cut a block: they grow to its end); the processor's inputs of
     the whole sequence, whose reference logits from position len(prompt) - 1 on are to equal them)."""
     from mlxgemma.media.features import encode_prompt, prefill
 
-    ids, features = encode_prompt(model, processor, text, images, audio)
+    ids, features = encode_prompt(model, processor, text, images, audio, videos)
     cache = model.make_cache()
     prefill(model, cache, ids[:-1], features, step=5)
     steps = [np.array(model(np.array([ids[-1:]]), cache=cache))[0, -1]]
     for t in follow:
         steps.append(np.array(model(np.array([[t]]), cache=cache))[0, -1])
-    inputs = processor(text, images, audio)
+    inputs = processor(text, images, audio, videos)
     n = len(follow)
     full = dict(inputs, input_ids=np.concatenate([inputs["input_ids"], [list(follow)]], axis=1),
                 attention_mask=np.ones((1, len(ids) + n), dtype=np.int64),

@@ -231,7 +231,7 @@ def test_chat_session_and_server_equal_the_library(ckpt, tmp_path):
         for t in threads:
             t.join(timeout=120)
         assert together == alone  # batched beside each other: each as alone
-        video = _mp4(tmp_path / "v.mp4", 12).read_bytes()
+        video = media.mp4(tmp_path / "v.mp4", 12).read_bytes()
         chunks = mlxgemma.stream_generate(model, processor, [{"role": "user", "content": "<|video|>Hi"}],
                                           video=[video], max_tokens=5)
         answer = client.chat.completions.create(model="m", max_tokens=5, messages=[{"role": "user", "content": [
@@ -379,12 +379,6 @@ def test_caption_and_transcribe_examples(ckpt, tmp_path):
     assert run.stdout.strip().splitlines() == [f"a.wav: {' '.join(text.split())}"]
 
 
-def _video(n: int, h: int = 24, w: int = 40, seed: int = 0):
-    """n random frames (uint8 HWC) and their timestamps at 2 fps."""
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8), [i / 2 for i in range(n)]
-
-
 def test_video_logits_and_layout_match_transformers(ckpt):
     """A video's frames (decoded: frames and timestamps) through our processor: logits with text, an image and
     the video equal transformers' (its frames are image blocks of type 2, bidirectional where images are),
@@ -395,7 +389,7 @@ def test_video_logits_and_layout_match_transformers(ckpt):
     import transformers
 
     _, hf, model, processor = ckpt
-    frames, stamps = _video(3)
+    frames, stamps = media.video(3)
     inputs = processor("<|image|> then <|video|> end", [media.image(30, 30)], videos=[(frames, stamps)])
     assert inputs["pixel_values_videos"].shape[0] == 3 and inputs["num_frames_per_video"].tolist() == [3]
     names = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_position_ids",
@@ -412,22 +406,6 @@ def test_video_logits_and_layout_match_transformers(ckpt):
     assert text in decoded and re.search(r"00:01 <\|image>", decoded)
 
 
-def _mp4(path, n: int, fps: int = 10):
-    """An MPEG-4 file of n grey frames, frame i at level 6 i (mod 256), 64x48, written by PyAV."""
-    import av
-
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for i in range(n):
-            frame = np.full((48, 64, 3), (i * 6) % 256, dtype=np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return path
-
-
 def test_video_frame_sampling_and_decoding(tmp_path):
     """32 frames sampled as transformers' default_sample_indices_fn does (fewer frames: all of them, where it
     raises), their timestamps as its VideoMetadata gives them; a file PyAV wrote decodes to those frames."""
@@ -439,7 +417,7 @@ def test_video_frame_sampling_and_decoding(tmp_path):
         theirs = default_sample_indices_fn(VideoMetadata(total_num_frames=total, fps=24.0), num_frames=32)
         assert sample_indices(total).tolist() == theirs.tolist()
     assert sample_indices(5).tolist() == [0, 1, 2, 3, 4]
-    path = _mp4(tmp_path / "clip.mp4", 40)
+    path = media.mp4(tmp_path / "clip.mp4", 40)
     frames, stamps = load_video(path)
     expected = sample_indices(40)
     assert frames.shape == (32, 48, 64, 3)
@@ -454,7 +432,7 @@ def test_video_frame_sampling_and_decoding(tmp_path):
 def test_video_generation(ckpt):
     """stream_generate(video=...) gives the greedy tokens of the model on the processor's inputs."""
     _, _, model, processor = ckpt
-    frames, stamps = _video(4, seed=3)
+    frames, stamps = media.video(4, seed=3)
     out = [c.token for c in mlxgemma.stream_generate(model, processor, "<|video|> What happens?",
                                                      video=[(frames, stamps)], max_tokens=4, chat_template=False)]
     inputs = processor("<|video|> What happens?", videos=[(frames, stamps)])
@@ -466,6 +444,47 @@ def test_video_generation(ckpt):
         expected.append(int(ours(model, step)[0, -1].argmax()))
         ids = np.concatenate([ids, [[expected[-1]]]], axis=1)
     assert out == expected
+
+
+def test_chat_video_equals_the_library(ckpt, tmp_path, capsys):
+    """/video PATH in the chat REPL: the turn shows what stream_generate gives on the same conversation and
+    video (ChatSession's tokens too), and the next turn, text only, keeps the video in the conversation; a
+    processor without a video processor neither offers /video nor takes it."""
+    import copy
+    import io
+
+    from mlxgemma.chat import ChatSession, repl
+    from mlxgemma.media.gemma4_video import load_video
+    from mlxgemma.reply import Shown
+
+    _, _, model, processor = ckpt
+    video = media.mp4(tmp_path / "v.mp4", 12)
+    turn = [{"role": "user", "content": "<|video|>Hi"}]
+    chunks = list(mlxgemma.stream_generate(model, processor, turn, video=[video], max_tokens=5))
+    shown = io.StringIO()
+    view = Shown(shown, shown)  # (what the REPL prints a reply with)
+    for chunk in chunks:
+        view.write(chunk)
+    assert len(chunks) == 5 and shown.getvalue()
+    session = ChatSession(model, processor, max_tokens=5)
+    assert [c.token for c in session.stream("Hi", videos=[load_video(video)])] == [c.token for c in chunks]
+    follow = session.messages + [{"role": "user", "content": "And then?"}]
+    expected = [c.token for c in mlxgemma.stream_generate(model, processor, follow, video=[video], max_tokens=5)]
+    assert [c.token for c in session.stream("And then?")] == expected
+
+    lines = iter([f"/video {video}", "Hi", "/quit"])
+    assert repl(ChatSession(model, processor, max_tokens=5), lambda prompt="": next(lines)) == 0
+    out = capsys.readouterr()
+    assert "/video PATH" in out.err and "[1 video(s) for your next message]" in out.err
+    assert out.out == shown.getvalue() + "\n"
+    blind = ChatSession(model, copy.copy(processor), max_tokens=5)
+    blind.processor.video_processor = None
+    lines = iter([f"/video {video}", "/quit"])
+    assert repl(blind, lambda prompt="": next(lines)) == 0
+    err = capsys.readouterr().err
+    assert "/video" not in err.splitlines()[0] and "takes no video" in err
+    with pytest.raises(MlxGemmaError, match="takes no video"):
+        list(blind.stream("Hi", videos=[load_video(video)]))
 
 
 def test_prompt_cache_file_with_an_image(ckpt, tmp_path):

@@ -1,6 +1,6 @@
-"""Text with images and audio for Gemma 4 unified (model_type gemma4_unified), as transformers'
+"""Text with images, audio and video for Gemma 4 unified (model_type gemma4_unified), as transformers'
 Gemma4UnifiedProcessor lays it out, without torch. The text layout is Gemma 4's (gemma4_processor.py); what
-differs is what an image and a clip become:
+differs is what an image (a video's frame too: gemma4_video.py) and a clip become:
 
   image: as transformers' Gemma4UnifiedImageProcessor, which has only a torchvision backend. Converted to RGB
     (arrays as torchvision converts them), resized to Gemma 4's aspect-preserving size (gemma4_images.py) by
@@ -192,7 +192,9 @@ class Gemma4UnifiedAudioFeatureExtractor:
 
 class Gemma4UnifiedProcessor(Gemma4Processor):
     """Gemma 4's processor (prepare, __call__, marks, token_types: gemma4_processor.py) with the unified image
-    processor and feature extractor; loaded by from_pretrained(path, tokenizer, config) from the same files."""
+    processor and feature extractor; loaded by from_pretrained(path, tokenizer, config) from the same files.
+    Video as Gemma 4's: transformers' Gemma4UnifiedProcessor has a video processor (Gemma4UnifiedVideoProcessor:
+    Gemma 4's frame sampling, budget and options, each frame patchified as this image processor does) and
+    Gemma 4's replace_video_token; its model embeds the frames with the vision embedder."""
 
     image_processor_class, feature_extractor_class = Gemma4UnifiedImageProcessor, Gemma4UnifiedAudioFeatureExtractor
-    reads_video = False

@@ -1,13 +1,17 @@
-"""Video for Gemma 4, as transformers' Gemma4VideoProcessor prepares it, without torch: frames decoded by PyAV
-(FFmpeg), 32 of them sampled evenly (transformers' default_sample_indices_fn: frame i * total // 32), each
-resized to the video budget (70 soft tokens by default, the video processor's own) and patchified as an image
-(gemma4_images.py: the same aspect-ratio rule, rescale by 1/255; the video processor's normalisation, mean 0
-and std 1, changes nothing). The prompt gives each frame its timestamp, "mm:ss", from its index / fps.
+"""Video for Gemma 4, as transformers' Gemma4VideoProcessor (and the 12B Unified's Gemma4UnifiedVideoProcessor)
+prepares it, without torch: frames decoded by PyAV (FFmpeg), 32 of them sampled evenly (transformers'
+default_sample_indices_fn: frame i * total // 32), each resized to the video budget (70 soft tokens by
+default, the video processor's own) and patchified as an image by the model's image processor class
+(gemma4_images.py, gemma4_unified_processor.py: the same aspect-ratio rule and patches; rescaled by 1/255 and
+normalised with mean 0 and std 1, as the video processors do). The prompt gives each frame its timestamp,
+"mm:ss", from its index / fps.
 
 Two differences from transformers, both where it has no answer: a video of fewer frames than asked for gives
-all of them (transformers raises), and frames are resized with Pillow's bicubic filter, as images are, where
-transformers' video processor calls torchvision's antialiased bicubic resize (which this project cannot run:
-its PyPI wheel needs CUDA's torch), so pixel values are not compared with transformers' for video."""
+all of them (transformers raises), and Gemma 4's frames are resized with Pillow's bicubic filter, as its
+images are, where transformers' video processor calls torchvision's antialiased bicubic resize (which this
+project cannot run: its PyPI wheel needs CUDA's torch), so Gemma 4's video pixel values are not compared with
+transformers'. The 12B Unified's image processor resizes as torchvision does, so its frames are transformers'
+(tested through a stand-in for the torchvision functions)."""
 
 from pathlib import Path
 from typing import Optional
@@ -17,7 +21,11 @@ import numpy as np
 from ..errors import MlxGemmaError
 from .gemma4_images import Gemma4ImageProcessor
 
-NUM_FRAMES, VIDEO_SOFT_TOKENS = 32, 70  # Gemma4VideoProcessor's defaults
+NUM_FRAMES, VIDEO_SOFT_TOKENS = 32, 70  # Gemma4VideoProcessor's defaults (Gemma4UnifiedVideoProcessor's too)
+# Where the video processors' defaults differ from their image processors': they normalise (mean 0, std 1),
+# which in float32 is (x - 0) / 255, not always x * (1 / 255) (half the uint8 levels differ in the last bit for
+# the 12B Unified, whose processor rescales in float32). A video processor's config block wins over them.
+FRAME_OPTIONS = {"do_normalize": True}
 
 
 def sample_indices(total: int, num_frames: int = NUM_FRAMES) -> np.ndarray:

@@ -101,16 +101,16 @@ _RESOLVED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidde
 
 def checkpoint_of(model: nn.Module, weights: dict, config: dict) -> tuple:
     """What mlxgemma.convert writes for a Gemma 4 model: the weights in their on-disk names (see above), and
-    a text config (model_type gemma4_text: only the language model is written) that transformers, mlxgemma and
-    mlx-lm read as the same model. Beside what the source says (per_layer_config included, which transformers
-    and mlxgemma read first), it states global_head_dim / num_global_key_value_heads (all mlx-lm reads of the
-    full layers' shapes), the resolved layer_types and the fields whose mlx-lm defaults differ from
-    transformers'. A quantization block names every quantized module by its on-disk path, with its bits."""
+    a text config (model_type gemma4_text, gemma4_unified_text for the 12B: only the language model is written)
+    that transformers, mlxgemma and mlx-lm read as the same model. Beside what the source says (per_layer_config
+    included, which transformers and mlxgemma read first), it states global_head_dim / num_global_key_value_heads
+    (all mlx-lm reads of the full layers' shapes), the resolved layer_types and the fields whose mlx-lm defaults
+    differ from transformers'. A quantization block names every quantized module by its on-disk path, with its bits."""
     parsed = model.config
     text = dict(config)
-    if config.get("model_type") == "gemma4":
-        text = text_config_of(config, "gemma4_text")
-        text["model_type"] = "gemma4_text"
+    if config.get("model_type") in ("gemma4", "gemma4_unified"):
+        text = text_config_of(config, parsed.model_type)
+        text["model_type"] = parsed.model_type
         eos = token_ids(config.get("eos_token_id"), "eos_token_id", "config.json")
         eos += token_ids(text.get("eos_token_id"), "eos_token_id", "config.json (text_config)")
         if eos:

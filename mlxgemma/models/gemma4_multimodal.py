@@ -153,13 +153,16 @@ class Gemma4ForConditionalGeneration(Gemma4PreTrainedModel):
     def get_decoder(self):
         return self.language_model.get_decoder()
 
+    # The modules of each medium: the towers and their embedders (Gemma 4 unified has its own).
+    vision_modules, audio_modules = ("vision_tower", "embed_vision"), ("audio_tower", "embed_audio")
+
     def in_vision_tower(self, path: str) -> bool:
         """Both towers and their embedders stay whole on every rank and keep their own bits (in_audio_tower
         tells them apart)."""
-        return any(f".{name}." in f".{path}." for name in ("vision_tower", "embed_vision")) or self.in_audio_tower(path)
+        return any(f".{name}." in f".{path}." for name in self.vision_modules) or self.in_audio_tower(path)
 
     def in_audio_tower(self, path: str) -> bool:
-        return any(f".{name}." in f".{path}." for name in ("audio_tower", "embed_audio"))
+        return any(f".{name}." in f".{path}." for name in self.audio_modules)
 
     media_weights = ("vision_tower.", "audio_tower.")  # (sanitized names) what only a checkpoint with media has
 
@@ -295,7 +298,7 @@ class Gemma4ForConditionalGeneration(Gemma4PreTrainedModel):
         out.update({k: v for k, v in weights.items() if not k.startswith("language_model.")})
         q = text_config.pop("quantization", None)
         text_config.pop("architectures", None)
-        config = dict(config, text_config=dict(text_config, model_type="gemma4_text"),
+        config = dict(config, text_config=dict(text_config, model_type=self.config.text_config.model_type),
                       architectures=[type(self).__name__])
         config.pop("quantization_config", None)
         if q is not None:

@@ -146,10 +146,13 @@ def _numpy(x, dtype=None) -> np.ndarray:
 
 class Gemma4UnifiedForConditionalGeneration(Gemma4ForConditionalGeneration):
     """Gemma4ForConditionalGeneration's interface (transformers' keyword names, media_features, encode_media,
-    media_inputs, make_cache, ...) over this family's embedders; video frames, were they given,
-    go through the vision embedder as images (as transformers' get_video_features does)."""
+    media_inputs, make_cache, ...) over this family's embedders; a video's frames go through the vision
+    embedder as images (as transformers' get_video_features does)."""
 
     vision_tower_name = "vision_embedder"  # (kept at --q-vision-bits and whole on every rank, as a tower)
+    # No towers: the embedders are the media modules, each kept at its medium's bits (--q-vision-bits,
+    # --q-audio-bits) and whole on every rank, as Gemma 4's towers are.
+    vision_modules, audio_modules = ("vision_embedder", "embed_vision"), ("embed_audio",)
     media_weights = ("vision_embedder.", "embed_vision.", "embed_audio.")
     # transformers' module names -> the checkpoint's (its conversion_mapping renames them so on load, back on save)
     renamed = {"embed_vision.multimodal_embedder.": "embed_vision.", "embed_vision.patch_": "vision_embedder.patch_",
@@ -172,9 +175,6 @@ class Gemma4UnifiedForConditionalGeneration(Gemma4ForConditionalGeneration):
     def float_dtype(self):
         """The weights' float dtype (a norm's: never quantized), which the embedders' inputs are cast to."""
         return self.language_model.model.norm.weight.dtype
-
-    def in_audio_tower(self, path: str) -> bool:
-        return False  # (no audio tower: a clip's frames go straight to embed_audio, a linear like the text's)
 
     def load_processor(self, path, tokenizer):
         from ..media.gemma4_unified_processor import Gemma4UnifiedProcessor
@@ -219,8 +219,18 @@ class Gemma4UnifiedForConditionalGeneration(Gemma4ForConditionalGeneration):
         return mx.split(h, bounds) if bounds else [h]
 
     def checkpoint(self, weights: dict, config: dict) -> tuple:
-        raise MlxGemmaError("mlxgemma.convert does not write Gemma 4 unified checkpoints yet: load the "
-                            "transformers or mlx-vlm checkpoint as it is")
+        """Gemma 4's (mlx-vlm's layout, which mlx-vlm's gemma4_unified reads: our module names are its), with
+        the sizes transformers derives written out: mlx-vlm reads model_patch_size and the audio frame's aliases
+        as fields of their own, whose defaults are the 12B's."""
+        out, config = super().checkpoint(weights, config)
+        vision, audio = self.config.vision_config, self.config.audio_config
+        if vision is not None:
+            config["vision_config"] = dict(config["vision_config"], model_patch_size=vision.model_patch_size)
+        if audio is not None:
+            width = audio.audio_embed_dim
+            config["audio_config"] = dict(config["audio_config"], hidden_size=width, output_proj_dims=width,
+                                          audio_samples_per_token=width)
+        return out, config
 
     def sanitize(self, weights: dict) -> dict:
         """transformers' layout (model.*, its in-memory names too) or mlx-vlm's; the text part as Gemma 4's.

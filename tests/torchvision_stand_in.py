@@ -1,0 +1,110 @@
+"""transformers' Gemma4UnifiedImageProcessor and Gemma4UnifiedVideoProcessor have only a torchvision backend, and
+torchvision is not installed here: their modules are imported with a stand-in for
+torchvision.transforms.v2.functional holding what the processors call, restated from torchvision 0.2x
+(v2/functional/_geometry.py resize_image, _misc.py normalize_image, _color.py grayscale_to_rgb_image,
+_type_conversion / _misc.py to_dtype_image) for the cases met: CPU tensors, bicubic on uint8 (native in
+torchvision: no cast), RGB(A) or grey, an image (C, H, W) or a video's frames (T, C, H, W)."""
+
+import importlib
+import sys
+import types
+from contextlib import contextmanager
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+SETTINGS = ("do_resize", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std", "patch_size",
+            "max_soft_tokens", "pooling_kernel_size")
+
+
+def _tv_resize(image, size, interpolation=None, antialias=True, max_size=None):
+    assert interpolation == "bicubic" and image.dtype == torch.uint8 and antialias
+    if list(image.shape[-2:]) == list(size):
+        return image
+    batch = image if image.ndim == 4 else image[None]  # (resize_image folds leading axes into one batch)
+    out = torch.nn.functional.interpolate(batch, size=list(size), mode="bicubic", align_corners=False,
+                                          antialias=True)
+    return out if image.ndim == 4 else out[0]
+
+
+def _tv_normalize(image, mean, std, inplace=False):
+    mean, std = (torch.as_tensor(v, dtype=image.dtype).view(-1, 1, 1) for v in (mean, std))
+    return (image if inplace else image.clone()).sub_(mean).div_(std)
+
+
+def _tv_to_dtype(image, dtype=torch.float32, scale=False):
+    if image.is_floating_point() and not dtype.is_floating_point:
+        return image.mul(255 + 1.0 - 1e-3).to(dtype)
+    return image.to(dtype).mul_(1.0 / 255)
+
+
+def _settings(cls, options: dict) -> dict:
+    settings = {k: getattr(cls, k) for k in SETTINGS}
+    settings.update(options)
+    # (tuples: the backend caches its fused mean and std by these arguments)
+    settings["image_mean"], settings["image_std"] = tuple(settings["image_mean"]), tuple(settings["image_std"])
+    return settings
+
+
+@contextmanager
+def unified_processors():
+    """(image, video): callables like transformers' Gemma4UnifiedImageProcessor (images, **options) and
+    Gemma4UnifiedVideoProcessor (videos: (frames, H, W, 3) uint8 arrays already sampled, **options), each
+    running its class's own code (_preprocess, aspect_ratio_preserving_resize; the torchvision backend's
+    process_image, convert_to_rgb, rescale_and_normalize) with its class defaults under the options given."""
+    functional = types.ModuleType("torchvision.transforms.v2.functional")
+    functional.resize, functional.normalize, functional.to_dtype = _tv_resize, _tv_normalize, _tv_to_dtype
+    functional.grayscale_to_rgb = lambda image: image.repeat(3, 1, 1) if image.shape[-3] == 1 else image
+    functional.InterpolationMode = SimpleNamespace(BICUBIC="bicubic")
+    names = ("torchvision", "torchvision.transforms", "torchvision.transforms.v2",
+             "torchvision.transforms.v2.functional")
+    saved = {n: sys.modules.get(n) for n in names}
+    for n in names[:-1]:
+        sys.modules[n] = types.ModuleType(n)
+    sys.modules[names[-1]] = functional
+    sys.modules["torchvision.transforms.v2"].functional = functional
+    from transformers import image_processing_backends as backends
+
+    try:
+        package = "transformers.models.gemma4_unified."
+        images = importlib.import_module(package + "image_processing_gemma4_unified").Gemma4UnifiedImageProcessor
+        videos = importlib.import_module(package + "video_processing_gemma4_unified").Gemma4UnifiedVideoProcessor
+    finally:
+        for n, m in saved.items():
+            if m is None:
+                sys.modules.pop(n, None)
+            else:
+                sys.modules[n] = m
+    backend = backends.TorchvisionBackend
+
+    class Reference:
+        process_image, convert_to_rgb = backend.process_image, backend.convert_to_rgb
+        rescale_and_normalize, normalize, rescale = (backend.rescale_and_normalize, backend.normalize,
+                                                     backend.rescale)
+        _fuse_mean_std_and_rescale_factor = backend._fuse_mean_std_and_rescale_factor
+
+    class ImageReference(Reference):
+        _preprocess, aspect_ratio_preserving_resize = images._preprocess, images.aspect_ratio_preserving_resize
+
+    class VideoReference(Reference):
+        _preprocess, aspect_ratio_preserving_resize = videos._preprocess, videos.aspect_ratio_preserving_resize
+
+    def run_images(items, **options):
+        ref = ImageReference()
+        tensors = [ref.process_image(image, do_convert_rgb=True) for image in items]
+        out = ref._preprocess(tensors, resample="bicubic", return_tensors="np", **_settings(images, options))
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    def run_videos(items, **options):
+        # (as the base video processor's _prepare_input_videos: (T, H, W, C) arrays to (T, C, H, W) tensors)
+        tensors = [torch.from_numpy(np.ascontiguousarray(v)).permute(0, 3, 1, 2).contiguous() for v in items]
+        out = VideoReference()._preprocess(tensors, resample="bicubic", return_tensors="np",
+                                           **_settings(videos, options))
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    backends.tvF = functional  # (the backend module binds it only where torchvision imports)
+    try:
+        yield run_images, run_videos
+    finally:
+        del backends.tvF
