@@ -281,3 +281,38 @@ def test_cli_and_server_report_drafts(tmp_path, capsys):
         server.stop()
     with pytest.raises(MlxGemmaError, match="hidden size 48"):
         serve(path, "--draft-model", str(tmp_path / "other"))
+
+
+@pytest.mark.slow
+def test_convert_and_quantize(pair, tmp_path):
+    """convert writes the drafter as loaded (its float logits equal the source's) and -q quantizes it (greedy
+    output with it stays plain greedy's); mlx-vlm loads both with our parameters; --calibrate is refused."""
+    from mlx.utils import tree_flatten
+    from mlx_vlm.speculative.drafters import load_drafter
+
+    from mlxgemma.checkpoints.convert import convert
+
+    _, _, model, tok, _ = pair("E")
+    hf_assistant(seed=4, hidden_size=64, intermediate_size=64).save_pretrained(tmp_path / "d")
+    source = mlxgemma.load_model(tmp_path / "d")
+    outputs = [convert(tmp_path / "d", tmp_path / "float"), convert(tmp_path / "d", tmp_path / "q", quantize=True)]
+    ids = random_ids(1, 2 * WINDOW + 1, seed=2)[0].tolist()
+    cache = model.make_cache()
+    fill(model, cache, ids[:-1])
+    _, state = last_prompt_step(model, mx.array([ids[-1:]]), cache, proposers.Assistant(source, model))
+    shared, offset = source.target_states(model, cache)
+    drafted = {}
+    for name, d in (("source", source), ("float", mlxgemma.load_model(outputs[0]))):
+        drafted[name] = _ours(d, model, shared, offset, state[:, None], 17)
+    _close(drafted["float"], drafted["source"])
+    quantized = mlxgemma.load_model(outputs[1])
+    assert type(quantized.model.layers[0].self_attn.q_proj).__name__ == "QuantizedLinear"
+    prompt = random_ids(1, WINDOW + 2, seed=9)[0].tolist()
+    assert _run(model, tok, prompt, draft_model=quantized)[0] == _run(model, tok, prompt)[0]
+    for out in outputs:
+        theirs, kind = load_drafter(str(out))
+        ours = dict(tree_flatten(mlxgemma.load_model(out).parameters()))
+        assert kind == "mtp" and set(dict(tree_flatten(theirs.parameters()))) == set(ours)
+        assert all(mx.array_equal(v, ours[k]) for k, v in tree_flatten(theirs.parameters()))
+    with pytest.raises(MlxGemmaError, match="without --calibrate"):
+        convert(tmp_path / "d", tmp_path / "c", quantize=True, calibrate=True)

@@ -62,6 +62,7 @@ def convert(hf_path, mlx_path, *, dtype: Optional[str] = None, quantize: bool = 
         if calibration is not None:
             from .loading import load_tokenizer
 
+            model.check_calibration()
             calibration["tokenizer"] = load_tokenizer(tmp)
         if quantize or dequantize:
             model, config = _requantize(model, config, dequantize, q_bits, q_group_size, quant_predicate,

@@ -330,6 +330,9 @@ class PreTrainedModel(nn.Module):
         """Whether the token table at path is also the vocabulary head (calibration rounds it as the head)."""
         return path.endswith("model.embed_tokens") and bool(getattr(self.config, "tie_word_embeddings", False))
 
+    def check_calibration(self) -> None:
+        """One clear line where --calibrate cannot run this model (before anything is read for it)."""
+
     def calibration_forward(self, input_ids: mx.array) -> mx.array:
         """A forward over text alone: calibration's pass."""
         return self(input_ids)

@@ -26,7 +26,7 @@ import mlx.nn as nn
 
 from ..errors import MlxGemmaError
 from .common import scaled_embedding
-from .config import BaseConfig
+from .config import FULL, SLIDING, BaseConfig
 from .gemma4 import Gemma4PreTrainedModel, Gemma4TextModel
 from .gemma4_config import Gemma4TextConfig
 
@@ -158,6 +158,15 @@ class Gemma4AssistantForCausalLM(Gemma4PreTrainedModel):
         if config.use_ordered_embeddings:
             self.masked_embedding = Gemma4AssistantMaskedEmbedder(config)
 
+    def check_calibration(self) -> None:
+        raise MlxGemmaError("a Gemma 4 assistant runs on its target's states, which calibration does not have: "
+                            "quantize it with -q, without --calibrate")
+
+    @property
+    def layers(self) -> list:
+        """(mlx-lm's quantization recipes count the layers here)"""
+        return self.model.layers
+
     def __call__(self, inputs_embeds: mx.array, shared_kv_states: dict, offset) -> tuple:
         """inputs_embeds (B, L, 2 x backbone_hidden_size); shared_kv_states {layer type: (keys, values, mask)};
         offset: the queries' position (an int, or (B,) for a batch). -> (logits (B, L, vocab), the state
@@ -231,8 +240,16 @@ class Gemma4AssistantForCausalLM(Gemma4PreTrainedModel):
         return out
 
     def checkpoint(self, weights: dict, config: dict) -> tuple:
-        """Written as loaded: transformers' names (mlx-vlm's too)."""
-        return weights, config
+        """transformers' names (mlx-vlm's too). The text config also states the head sizes as mlx-vlm reads them
+        (global_head_dim: transformers 5 writes the full layers' size only in per_layer_config, which mlx-vlm
+        ignores, taking its own default of 512) and the resolved layer types."""
+        text, parsed = dict(config.get("text_config") or {}), self.config.text_config
+        text.update(layer_types=list(parsed.layer_types), num_kv_shared_layers=parsed.num_hidden_layers)
+        if SLIDING in parsed.head_dims:
+            text["head_dim"] = parsed.head_dims[SLIDING]
+        if FULL in parsed.head_dims:
+            text["global_head_dim"] = parsed.head_dims[FULL]
+        return weights, dict(config, text_config=text)
 
 
 class Gemma4UnifiedAssistantForCausalLM(Gemma4AssistantForCausalLM):
