@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import gemma4_media_util as media
+import torchvision_stand_in
 import mlxgemma
 from mlxgemma.errors import MlxGemmaError
 
@@ -380,9 +381,11 @@ def test_caption_and_transcribe_examples(ckpt, tmp_path):
 
 
 def test_video_logits_and_layout_match_transformers(ckpt):
-    """A video's frames (decoded: frames and timestamps) through our processor: logits with text, an image and
-    the video equal transformers' (its frames are image blocks of type 2, bidirectional where images are),
-    and the text is what transformers' replace_video_token writes for those timestamps."""
+    """A video's frames (decoded: frames and timestamps) through our processor: pixel values those of
+    transformers' Gemma4VideoProcessor (through torchvision_stand_in.py; tests/test_gemma4_vision.py compares
+    more), logits with text, an image and the video equal transformers' (its frames are image blocks of type 2,
+    bidirectional where images are), and the text is what transformers' replace_video_token writes for those
+    timestamps."""
     import re
     from types import SimpleNamespace
 
@@ -392,6 +395,10 @@ def test_video_logits_and_layout_match_transformers(ckpt):
     frames, stamps = media.video(3)
     inputs = processor("<|image|> then <|video|> end", [media.image(30, 30)], videos=[(frames, stamps)])
     assert inputs["pixel_values_videos"].shape[0] == 3 and inputs["num_frames_per_video"].tolist() == [3]
+    with torchvision_stand_in.gemma4_video_processor() as hf_video:
+        theirs = hf_video([frames], patch_size=media.PATCH, pooling_kernel_size=media.POOL)
+    for key in ("pixel_values_videos", "video_position_ids"):
+        assert np.array_equal(inputs[key], theirs[key]), key
     names = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_position_ids",
              "pixel_values_videos", "video_position_ids", "num_frames_per_video")
     with torch.no_grad():

@@ -2,7 +2,8 @@
 attention, every weight randomised, std_bias/std_scale and clip bounds set to values that act) and
 Gemma4ImageProcessorPil: one image and two of different shapes in one padded batch, standardize and clipped
 linears each on and off, float16/bfloat16; the processor at every budget over tiny, thin and ordinary sizes,
-every image mode and input kind; bad inputs as one-line MlxGemmaErrors."""
+every image mode and input kind; bad inputs as one-line MlxGemmaErrors. Video frames against transformers'
+Gemma4VideoProcessor, which runs on its torchvision backend (through torchvision_stand_in.py)."""
 
 import io
 
@@ -16,7 +17,10 @@ from transformers import Gemma4VisionConfig as HFVisionConfig
 from transformers.models.gemma4.modeling_gemma4 import Gemma4VisionModel as HFVisionModel
 
 from mlxgemma.errors import MlxGemmaError
+import gemma4_media_util as media
+import torchvision_stand_in
 from mlxgemma.media.gemma4_images import SUPPORTED_SOFT_TOKENS, Gemma4ImageProcessor
+from mlxgemma.media.gemma4_video import Gemma4VideoProcessor
 from mlxgemma.models.gemma4_vision import Gemma4VisionConfig, Gemma4VisionModel
 from reference import TOL, max_diff, randomize
 
@@ -297,3 +301,51 @@ def test_processor_bad_inputs(processors, tmp_path):
             strict(image)
         assert "\n" not in str(e.value)
     assert strict(random_image(8, 8))["pixel_values"].shape == (1, 2520, 768)
+
+
+# --- video frames: transformers' Gemma4VideoProcessor is torchvision's only ---
+
+
+@pytest.fixture(scope="module")
+def hf_video():
+    with torchvision_stand_in.gemma4_video_processor() as run:
+        yield run
+
+
+def test_video_processor_matches_transformers(hf_video, tmp_path):
+    """Frames' pixel values, positions and soft tokens equal transformers' Gemma4VideoProcessor's (torchvision's
+    antialiased bicubic resize on uint8, its fused rescale and normalisation in float32), for frames given as
+    arrays (down- and upscaled, a thin strip, VGA) at three budgets, with the released patch geometry and a
+    small one, the video defaults and other options of a config block; and for a video file: 32 frames read by
+    transformers' PyAV reader with its default sampling. Frames through Pillow's resize would differ."""
+    from functools import partial
+
+    from transformers.video_utils import default_sample_indices_fn, read_video_pyav
+
+    def check(got, expected):
+        for key in ("pixel_values_videos", "video_position_ids"):
+            assert got[key].shape == expected[key].shape and got[key].dtype == expected[key].dtype, key
+            assert np.array_equal(got[key], expected[key]), key  # (within 1/255 asked; measured: exact)
+        assert got["num_soft_tokens_per_video"] == expected["num_soft_tokens_per_video"].tolist()
+
+    small = dict(patch_size=4, pooling_kernel_size=2)
+    for geometry in ({}, small):
+        ours = Gemma4VideoProcessor.from_dict({}, geometry)
+        for n, h, w in ((3, 24, 40), (2, 31, 217), (2, 96, 64), (1, 480, 640)):
+            frames, stamps = media.video(n, h, w, seed=n + h)
+            for budget in (70, 140, 280):
+                check(ours([(frames, stamps)], max_soft_tokens=budget),
+                      hf_video([frames], max_soft_tokens=budget, **geometry))
+    frames, stamps = media.video(2, 50, 70, seed=1)
+    for options in ({"do_normalize": False}, {"image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.3, 0.4],
+                                              "rescale_factor": 1 / 250, "max_soft_tokens": 140}):
+        check(Gemma4VideoProcessor.from_dict(options, small)([(frames, stamps)]),
+              hf_video([frames], **small, **options))
+    pillow = Gemma4VideoProcessor(Gemma4ImageProcessor(**small, do_normalize=True))([(frames, stamps)])
+    assert not np.array_equal(pillow["pixel_values_videos"], hf_video([frames], **small)["pixel_values_videos"])
+    path = media.mp4(tmp_path / "clip.mp4", 40, textured=True)
+    frames, metadata = read_video_pyav(str(path), partial(default_sample_indices_fn, num_frames=32))
+    for geometry in ({}, small):
+        got = Gemma4VideoProcessor.from_dict({}, geometry)([path])
+        assert len(frames) == 32 and np.allclose(got["timestamps"][0], metadata.timestamps)
+        check(got, hf_video([frames], **geometry))

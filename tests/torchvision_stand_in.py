@@ -1,5 +1,5 @@
-"""transformers' Gemma4UnifiedImageProcessor and Gemma4UnifiedVideoProcessor have only a torchvision backend, and
-torchvision is not installed here: their modules are imported with a stand-in for
+"""transformers' Gemma4UnifiedImageProcessor, Gemma4UnifiedVideoProcessor and Gemma4VideoProcessor have only a
+torchvision backend, and torchvision is not installed here: their modules are imported with a stand-in for
 torchvision.transforms.v2.functional holding what the processors call, restated from torchvision 0.2x
 (v2/functional/_geometry.py resize_image, _misc.py normalize_image, _color.py grayscale_to_rgb_image,
 _type_conversion / _misc.py to_dtype_image) for the cases met: CPU tensors, bicubic on uint8 (native in
@@ -47,64 +47,110 @@ def _settings(cls, options: dict) -> dict:
     return settings
 
 
+def _functional():
+    functional = types.ModuleType("torchvision.transforms.v2.functional")
+    functional.resize, functional.normalize, functional.to_dtype = _tv_resize, _tv_normalize, _tv_to_dtype
+    functional.grayscale_to_rgb = lambda image: image.repeat(3, 1, 1) if image.shape[-3] == 1 else image
+    functional.InterpolationMode = SimpleNamespace(BICUBIC="bicubic")
+    return functional
+
+
+FUNCTIONAL = _functional()
+
+
+def _import(module: str):
+    """A transformers module that imports torchvision, imported with the stand-in as
+    torchvision.transforms.v2.functional (and transformers told torchvision v2 is there: Gemma 4's video module
+    imports it only then); afterwards neither the stand-in nor the module stays in sys.modules (the classes
+    taken from it keep what it bound)."""
+    from transformers import utils
+
+    names = ("torchvision", "torchvision.transforms", "torchvision.transforms.v2",
+             "torchvision.transforms.v2.functional")
+    name = "transformers.models." + module
+    saved = {n: sys.modules.get(n) for n in names}
+    for n in names[:-1]:
+        sys.modules[n] = types.ModuleType(n)
+    sys.modules[names[-1]] = FUNCTIONAL
+    sys.modules["torchvision.transforms.v2"].functional = FUNCTIONAL
+    available, utils.is_torchvision_v2_available = utils.is_torchvision_v2_available, lambda: True
+    try:
+        return importlib.import_module(name)
+    finally:
+        utils.is_torchvision_v2_available = available
+        sys.modules.pop(name, None)
+        for n, m in saved.items():
+            if m is None:
+                sys.modules.pop(n, None)
+            else:
+                sys.modules[n] = m
+
+
+@contextmanager
+def _backend():
+    """The torchvision backend's functions (normalize) call the stand-in while the block runs."""
+    from transformers import image_processing_backends as backends
+
+    had = getattr(backends, "tvF", None)
+    backends.tvF = FUNCTIONAL  # (the backend module binds it only where torchvision imports)
+    try:
+        yield
+    finally:
+        if had is None:
+            del backends.tvF
+        else:
+            backends.tvF = had  # (a block within another's)
+
+
+def _reference(cls):
+    """An object running cls's own _preprocess and aspect_ratio_preserving_resize with the torchvision backend's
+    process_image, convert_to_rgb, rescale_and_normalize (what they call)."""
+    from transformers import image_processing_backends as backends
+
+    backend = backends.TorchvisionBackend
+    return type(cls.__name__ + "Reference", (), dict(
+        process_image=backend.process_image, convert_to_rgb=backend.convert_to_rgb,
+        rescale_and_normalize=backend.rescale_and_normalize, normalize=backend.normalize, rescale=backend.rescale,
+        _fuse_mean_std_and_rescale_factor=backend._fuse_mean_std_and_rescale_factor,
+        _preprocess=cls._preprocess, aspect_ratio_preserving_resize=cls.aspect_ratio_preserving_resize))()
+
+
+def _video_runner(cls):
+    ref = _reference(cls)
+
+    def run_videos(items, **options):
+        # (as the base video processor's _prepare_input_videos: (T, H, W, C) arrays to (T, C, H, W) tensors)
+        tensors = [torch.from_numpy(np.ascontiguousarray(v)).permute(0, 3, 1, 2).contiguous() for v in items]
+        out = ref._preprocess(tensors, resample="bicubic", return_tensors="np", **_settings(cls, options))
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    return run_videos
+
+
 @contextmanager
 def unified_processors():
     """(image, video): callables like transformers' Gemma4UnifiedImageProcessor (images, **options) and
     Gemma4UnifiedVideoProcessor (videos: (frames, H, W, 3) uint8 arrays already sampled, **options), each
     running its class's own code (_preprocess, aspect_ratio_preserving_resize; the torchvision backend's
     process_image, convert_to_rgb, rescale_and_normalize) with its class defaults under the options given."""
-    functional = types.ModuleType("torchvision.transforms.v2.functional")
-    functional.resize, functional.normalize, functional.to_dtype = _tv_resize, _tv_normalize, _tv_to_dtype
-    functional.grayscale_to_rgb = lambda image: image.repeat(3, 1, 1) if image.shape[-3] == 1 else image
-    functional.InterpolationMode = SimpleNamespace(BICUBIC="bicubic")
-    names = ("torchvision", "torchvision.transforms", "torchvision.transforms.v2",
-             "torchvision.transforms.v2.functional")
-    saved = {n: sys.modules.get(n) for n in names}
-    for n in names[:-1]:
-        sys.modules[n] = types.ModuleType(n)
-    sys.modules[names[-1]] = functional
-    sys.modules["torchvision.transforms.v2"].functional = functional
-    from transformers import image_processing_backends as backends
+    images = _import("gemma4_unified.image_processing_gemma4_unified").Gemma4UnifiedImageProcessor
+    videos = _import("gemma4_unified.video_processing_gemma4_unified").Gemma4UnifiedVideoProcessor
+    with _backend():
 
-    try:
-        package = "transformers.models.gemma4_unified."
-        images = importlib.import_module(package + "image_processing_gemma4_unified").Gemma4UnifiedImageProcessor
-        videos = importlib.import_module(package + "video_processing_gemma4_unified").Gemma4UnifiedVideoProcessor
-    finally:
-        for n, m in saved.items():
-            if m is None:
-                sys.modules.pop(n, None)
-            else:
-                sys.modules[n] = m
-    backend = backends.TorchvisionBackend
+        def run_images(items, **options):
+            ref = _reference(images)
+            tensors = [ref.process_image(image, do_convert_rgb=True) for image in items]
+            out = ref._preprocess(tensors, resample="bicubic", return_tensors="np", **_settings(images, options))
+            return {k: np.asarray(v) for k, v in out.items()}
 
-    class Reference:
-        process_image, convert_to_rgb = backend.process_image, backend.convert_to_rgb
-        rescale_and_normalize, normalize, rescale = (backend.rescale_and_normalize, backend.normalize,
-                                                     backend.rescale)
-        _fuse_mean_std_and_rescale_factor = backend._fuse_mean_std_and_rescale_factor
+        yield run_images, _video_runner(videos)
 
-    class ImageReference(Reference):
-        _preprocess, aspect_ratio_preserving_resize = images._preprocess, images.aspect_ratio_preserving_resize
 
-    class VideoReference(Reference):
-        _preprocess, aspect_ratio_preserving_resize = videos._preprocess, videos.aspect_ratio_preserving_resize
-
-    def run_images(items, **options):
-        ref = ImageReference()
-        tensors = [ref.process_image(image, do_convert_rgb=True) for image in items]
-        out = ref._preprocess(tensors, resample="bicubic", return_tensors="np", **_settings(images, options))
-        return {k: np.asarray(v) for k, v in out.items()}
-
-    def run_videos(items, **options):
-        # (as the base video processor's _prepare_input_videos: (T, H, W, C) arrays to (T, C, H, W) tensors)
-        tensors = [torch.from_numpy(np.ascontiguousarray(v)).permute(0, 3, 1, 2).contiguous() for v in items]
-        out = VideoReference()._preprocess(tensors, resample="bicubic", return_tensors="np",
-                                           **_settings(videos, options))
-        return {k: np.asarray(v) for k, v in out.items()}
-
-    backends.tvF = functional  # (the backend module binds it only where torchvision imports)
-    try:
-        yield run_images, run_videos
-    finally:
-        del backends.tvF
+@contextmanager
+def gemma4_video_processor():
+    """A callable like transformers' Gemma4VideoProcessor (videos: (frames, H, W, 3) uint8 arrays already
+    sampled, **options): its own _preprocess and aspect_ratio_preserving_resize on the torchvision backend, with
+    its class defaults under the options given."""
+    videos = _import("gemma4.video_processing_gemma4").Gemma4VideoProcessor
+    with _backend():
+        yield _video_runner(videos)

@@ -7,8 +7,8 @@ pooling_kernel_size**2 patches; rescaled by 1/255 (no normalisation by default: 
 channel); and padded to that patch budget with zero patches at position (-1, -1).
 
 The budget (max_soft_tokens, the soft tokens an image may take) is one of SUPPORTED_SOFT_TOKENS; the config
-file gives the default and a call may give another. Video is not here: transformers' Gemma4VideoProcessor
-needs torchvision (its resize is torchvision's antialiased bicubic, not Pillow's)."""
+file gives the default and a call may give another. Video frames are not prepared so: transformers'
+Gemma4VideoProcessor runs on its torchvision backend (gemma4_video.py restates it)."""
 
 import inspect
 import math
@@ -136,17 +136,12 @@ class Gemma4ImageProcessor:
             size = get_aspect_ratio_preserving_size(height, width, self.patch_size, max_patches,
                                                     self.pooling_kernel_size)
             if size != (height, width):
-                img = img.resize(size[::-1], resample=self.resample)
+                img = self.resize(img, size)
                 height, width = size
         elif height % side or width % side or height * width > max_patches * self.patch_size**2:
             raise MlxGemmaError(f"image {index} is {width}x{height}; without do_resize its sides must be multiples "
                                 f"of {side} and it may hold at most {max_patches} patches")
-        x = np.asarray(img)
-        # As transformers rescales: in float64, then float32; normalising then stays in float32.
-        x = (x.astype(np.float64) * self.rescale_factor).astype(np.float32) if self.rescale_factor is not None \
-            else x.astype(np.float32)
-        if self.mean is not None:
-            x = (x - self.mean) / self.std
+        x = self.rescale_and_normalize(np.asarray(img))
         p = self.patch_size
         rows, cols = height // p, width // p
         patches = x.reshape(rows, p, cols, p, 3).transpose(0, 2, 1, 3, 4).reshape(rows * cols, -1)
@@ -156,8 +151,19 @@ class Gemma4ImageProcessor:
         return (np.pad(patches, ((0, pad), (0, 0))), np.pad(grid, ((0, pad), (0, 0)), constant_values=-1),
                 len(patches) // self.pooling_kernel_size**2)
 
-    # How an HWC uint8 array becomes RGB (transformers' PIL backend; its torchvision backend differs).
+    # How pixels are converted, resized and rescaled: transformers' PIL backend; its torchvision backend (Gemma 4's
+    # video frames: gemma4_video.py) differs in each.
     array_to_rgb = staticmethod(rgb_array)
+
+    def resize(self, image: Image.Image, size: tuple) -> Image.Image:
+        return image.resize(size[::-1], resample=self.resample)
+
+    def rescale_and_normalize(self, x: np.ndarray) -> np.ndarray:
+        """uint8 pixels as the PIL backend rescales them: in float64, then float32; normalising then stays in
+        float32."""
+        x = (x.astype(np.float64) * self.rescale_factor).astype(np.float32) if self.rescale_factor is not None \
+            else x.astype(np.float32)
+        return (x - self.mean) / self.std if self.mean is not None else x
 
     def rgb(self, image, index: int) -> Image.Image:
         """The image as an RGB PIL image; bytes are decoded, paths read (with processor.py's checks)."""

@@ -20,7 +20,7 @@ from ..files import read_json
 from .audio import Gemma4AudioFeatureExtractor, load_audio
 from .features import listed
 from .gemma4_images import Gemma4ImageProcessor
-from .gemma4_video import FRAME_OPTIONS, NUM_FRAMES, VIDEO_SOFT_TOKENS, Gemma4VideoProcessor
+from .gemma4_video import Gemma4VideoFrameProcessor, Gemma4VideoProcessor
 from .processor import Gemma3Processor
 
 KINDS = ("image", "audio", "video")
@@ -34,7 +34,9 @@ class Gemma4Processor:
 
     # What from_pretrained builds from the config files (Gemma 4 unified has its own).
     image_processor_class, feature_extractor_class = Gemma4ImageProcessor, Gemma4AudioFeatureExtractor
-    reads_video = True  # (frames through the image processor class, with the video processor's options)
+    # What a video's frames go through (transformers' video processor is on its torchvision backend).
+    frame_processor_class = Gemma4VideoFrameProcessor
+    reads_video = True
 
     def __init__(self, tokenizer, config, image_processor: Gemma4ImageProcessor,
                  feature_extractor: Optional[Gemma4AudioFeatureExtractor] = None, video_processor=None):
@@ -75,12 +77,8 @@ class Gemma4Processor:
         if not isinstance(video, dict):
             raise MlxGemmaError("processor_config.json: video_processor must be an object")
         video_processor = None
-        if cls.reads_video:  # frames are images, with the video processor's options (and defaults: FRAME_OPTIONS)
-            geometry = {k: image[k] for k in ("patch_size", "pooling_kernel_size") if k in image}  # (the model's)
-            frames = {k: v for k, v in {**FRAME_OPTIONS, **geometry, **video}.items() if k != "max_soft_tokens"}
-            video_processor = Gemma4VideoProcessor(cls.image_processor_class.from_dict(frames),
-                                                   video.get("num_frames") or NUM_FRAMES,
-                                                   video.get("max_soft_tokens") or VIDEO_SOFT_TOKENS)
+        if cls.reads_video:  # (frames take the video processor's options and the image processor's geometry)
+            video_processor = Gemma4VideoProcessor.from_dict(video, image, cls.frame_processor_class)
         return cls(tokenizer, config, image_processor, extractor, video_processor)
 
     # One item of each kind -> its model inputs and its text.

@@ -6,9 +6,9 @@ differs is what an image (a video's frame too: gemma4_video.py) and a clip becom
     (arrays as torchvision converts them), resized to Gemma 4's aspect-preserving size (gemma4_images.py) by
     torchvision's resize, which for uint8 images on the CPU is torch's own antialiased bicubic in integer
     arithmetic (not Pillow's: its weights are rounded to another precision, so some pixels differ by one);
-    rescaled in float32; cut into (pooling_kernel_size * patch_size)-pixel patches (48 px), row by row, each
-    flattened as (row, column, channel), at positions (x, y); padded to max_soft_tokens patches with zeros at
-    (-1, -1). One soft token per patch.
+    rescaled in float32 (both as torchvision_backend.py restates them); cut into (pooling_kernel_size *
+    patch_size)-pixel patches (48 px), row by row, each flattened as (row, column, channel), at positions
+    (x, y); padded to max_soft_tokens patches with zeros at (-1, -1). One soft token per patch.
   audio: no spectrogram. A clip is cut into frames of audio_samples_per_token raw samples (640: 40 ms at
     16 kHz), the last one zero-padded; one soft token per frame, no cap."""
 
@@ -19,78 +19,9 @@ from PIL import Image
 
 from ..errors import MlxGemmaError
 from .audio import SAMPLING_RATE
-from .gemma4_images import Gemma4ImageProcessor, get_aspect_ratio_preserving_size, rgb_array
+from .gemma4_images import Gemma4ImageProcessor, get_aspect_ratio_preserving_size
 from .gemma4_processor import Gemma4Processor
-
-
-def _cubic(x: np.ndarray) -> np.ndarray:
-    """torch's antialiasing bicubic filter (Keys, a = -0.5), in float64, its expression order kept."""
-    a = -0.5
-    x = np.abs(x)
-    near = ((a + 2) * x - (a + 3)) * x * x + 1
-    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
-
-
-def resize_weights(size: int, new_size: int) -> tuple:
-    """One axis of torch's uint8 antialiased bicubic resize (align_corners=False): each output's first input
-    index, its int16 weights (outputs, taps) and their precision in bits. The weights are computed in float64,
-    normalised per output, then rounded to the most bits that keep the largest weight within int16."""
-    scale = size / new_size
-    support = 2.0 * scale if scale >= 1.0 else 2.0
-    taps = int(math.ceil(support)) * 2 + 1
-    center = scale * (np.arange(new_size) + 0.5)
-    first = np.maximum((center - support + 0.5).astype(np.int64), 0)  # (C casts truncate toward zero)
-    count = np.clip(np.minimum((center + support + 0.5).astype(np.int64), size) - first, 0, taps)
-    j = np.arange(taps)
-    w = np.where(j < count[:, None], _cubic((j + first[:, None] - center[:, None] + 0.5) * min(1.0, 1.0 / scale)),
-                 0.0)
-    total = w[:, 0].copy()
-    for k in range(1, taps):  # summed in order, as torch does (numpy's sum would pair them)
-        total += w[:, k]
-    normed = total != 0.0
-    w = np.where(normed[:, None], w / np.where(normed, total, 1.0)[:, None], w)
-    largest = w[normed].max() if normed.any() else 0.0
-    precision = 0
-    while precision < 22 and int(0.5 + largest * (1 << (precision + 1))) < (1 << 15):
-        precision += 1
-    scaled = w * (1 << precision)
-    return first, np.where(w < 0, np.trunc(scaled - 0.5), np.trunc(scaled + 0.5)).astype(np.int32), precision
-
-
-def _resize_axis(x: np.ndarray, new_size: int, axis: int) -> np.ndarray:
-    size = x.shape[axis]
-    if size == new_size:  # (torch skips an axis that keeps its size)
-        return x
-    first, weights, precision = resize_weights(size, new_size)
-    x = np.moveaxis(x, axis, 0)
-    index = np.minimum(first[:, None] + np.arange(weights.shape[1]), size - 1)  # (past the end: weight 0)
-    acc = np.full((new_size,) + x.shape[1:], 1 << (precision - 1), dtype=np.int32)
-    shape = (new_size,) + (1,) * (x.ndim - 1)
-    for k in range(weights.shape[1]):
-        acc += x[index[:, k]].astype(np.int32) * weights[:, k].reshape(shape)
-    return np.moveaxis(np.clip(acc >> precision, 0, 255).astype(np.uint8), 0, axis)
-
-
-def resize_bicubic(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """An HWC uint8 image resized as torch.nn.functional.interpolate(mode="bicubic", antialias=True) resizes a
-    uint8 tensor on the CPU (torchvision's resize calls exactly that): the width first, rounded to uint8, then
-    the height."""
-    return _resize_axis(_resize_axis(image, width, 1), height, 0)
-
-
-def torchvision_blend(rgba: np.ndarray) -> np.ndarray:
-    """RGBA onto white as transformers' torchvision backend blends arrays: in float32 (x / 255), then back to
-    uint8 as torchvision's to_dtype does (times 255.999, truncated)."""
-    x = rgba.astype(np.float32) * np.float32(1 / 255)
-    blended = x[..., :3] * x[..., 3:] + (np.float32(1) - x[..., 3:])
-    return (blended * np.float32(255 + 1.0 - 1e-3)).astype(np.uint8)
-
-
-def torchvision_rgb(image: np.ndarray) -> np.ndarray:
-    """An HWC uint8 array as RGB the way transformers' torchvision backend converts arrays (rgb_array's checks
-    and grey rule, its own alpha blend)."""
-    return rgb_array(image, torchvision_blend)
+from .torchvision_backend import rescale_and_normalize, resize_bicubic, torchvision_rgb
 
 
 class Gemma4UnifiedImageProcessor(Gemma4ImageProcessor):
@@ -117,12 +48,7 @@ class Gemma4UnifiedImageProcessor(Gemma4ImageProcessor):
         elif height % side or width % side or (height // side) * (width // side) > budget:
             raise MlxGemmaError(f"image {index} is {width}x{height}; without do_resize its sides must be multiples "
                                 f"of {side} and it may hold at most {budget} patches of {side} pixels")
-        x = x.astype(np.float32)
-        if self.mean is not None:  # transformers folds the rescale into the mean and std (in float32)
-            unscale = np.float32(1.0 / self.rescale_factor) if self.rescale_factor is not None else np.float32(1)
-            x = (x - self.mean * unscale) / (self.std * unscale)
-        elif self.rescale_factor is not None:
-            x = x * np.float32(self.rescale_factor)
+        x = rescale_and_normalize(x, self.rescale_factor, self.mean, self.std)
         rows, cols = height // side, width // side
         patches = x.reshape(rows, side, cols, side, 3).transpose(0, 2, 1, 3, 4).reshape(rows * cols, -1)
         grid_x, grid_y = np.meshgrid(np.arange(cols), np.arange(rows), indexing="xy")
@@ -198,3 +124,4 @@ class Gemma4UnifiedProcessor(Gemma4Processor):
     Gemma 4's replace_video_token; its model embeds the frames with the vision embedder."""
 
     image_processor_class, feature_extractor_class = Gemma4UnifiedImageProcessor, Gemma4UnifiedAudioFeatureExtractor
+    frame_processor_class = Gemma4UnifiedImageProcessor  # (its video processor patchifies frames as images)

@@ -1,30 +1,35 @@
 """Video for Gemma 4, as transformers' Gemma4VideoProcessor (and the 12B Unified's Gemma4UnifiedVideoProcessor)
 prepares it, without torch: frames decoded by PyAV (FFmpeg), 32 of them sampled evenly (transformers'
 default_sample_indices_fn: frame i * total // 32), each resized to the video budget (70 soft tokens by
-default, the video processor's own) and patchified as an image by the model's image processor class
-(gemma4_images.py, gemma4_unified_processor.py: the same aspect-ratio rule and patches; rescaled by 1/255 and
-normalised with mean 0 and std 1, as the video processors do). The prompt gives each frame its timestamp,
-"mm:ss", from its index / fps.
+default, the video processor's own) and patchified as the model's images are (the same aspect-ratio rule,
+patches and positions). The prompt gives each frame its timestamp, "mm:ss", from its index / fps.
 
-Two differences from transformers, both where it has no answer: a video of fewer frames than asked for gives
-all of them (transformers raises), and Gemma 4's frames are resized with Pillow's bicubic filter, as its
-images are, where transformers' video processor calls torchvision's antialiased bicubic resize (which this
-project cannot run: its PyPI wheel needs CUDA's torch), so Gemma 4's video pixel values are not compared with
-transformers'. The 12B Unified's image processor resizes as torchvision does, so its frames are transformers'
-(tested through a stand-in for the torchvision functions)."""
+Gemma 4's images follow transformers' PIL backend (gemma4_images.py), but its video processor runs only on the
+torchvision backend, so its frames go through Gemma4VideoFrameProcessor: Gemma 4's image layout on that
+backend's pixels (torchvision_backend.py): arrays to RGB as torchvision converts them, torchvision's
+antialiased bicubic resize of uint8 (not Pillow's), and the fused rescale and normalisation in float32 (mean
+0 and std 1 by default: (x - 0) / 255). The 12B Unified's image processor is already on that backend, so its
+frames go through it.
+
+One difference from transformers, where it has no answer: a video of fewer frames than asked for gives all of
+them (transformers raises). And one not restated: an RGBA video (PyAV decodes to RGB, so only frames given as
+arrays) transformers blends to float frames before resizing them; here the frame is blended to uint8 as an
+RGBA image is."""
 
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from PIL import Image
 
 from ..errors import MlxGemmaError
 from .gemma4_images import Gemma4ImageProcessor
+from .torchvision_backend import rescale_and_normalize, resize_bicubic, torchvision_rgb
 
 NUM_FRAMES, VIDEO_SOFT_TOKENS = 32, 70  # Gemma4VideoProcessor's defaults (Gemma4UnifiedVideoProcessor's too)
 # Where the video processors' defaults differ from their image processors': they normalise (mean 0, std 1),
-# which in float32 is (x - 0) / 255, not always x * (1 / 255) (half the uint8 levels differ in the last bit for
-# the 12B Unified, whose processor rescales in float32). A video processor's config block wins over them.
+# which in float32 is (x - 0) / 255, not always x * (1 / 255) (torchvision_backend.rescale_and_normalize). A
+# video processor's config block wins over them.
 FRAME_OPTIONS = {"do_normalize": True}
 
 
@@ -72,6 +77,22 @@ def load_video(source, num_frames: int = NUM_FRAMES) -> tuple:
     return np.stack(frames), [i / fps for i in sorted(keep)[:len(frames)]]
 
 
+class Gemma4VideoFrameProcessor(Gemma4ImageProcessor):
+    """A Gemma 4 video's frames as transformers' Gemma4VideoProcessor prepares them: Gemma 4's image layout
+    (patch_size patches, their positions and padding, a soft token per pooling_kernel_size**2 patches) on its
+    torchvision backend's pixels. Options and inputs as Gemma4ImageProcessor's (from_dict with FRAME_OPTIONS
+    gives the video processor's defaults)."""
+
+    array_to_rgb = staticmethod(torchvision_rgb)
+    resamples = (Image.Resampling.BICUBIC,)  # (resize_bicubic: torchvision's other modes are not restated here)
+
+    def resize(self, image: Image.Image, size: tuple) -> Image.Image:
+        return Image.fromarray(resize_bicubic(np.asarray(image), *size))
+
+    def rescale_and_normalize(self, x: np.ndarray) -> np.ndarray:
+        return rescale_and_normalize(x, self.rescale_factor, self.mean, self.std)
+
+
 class Gemma4VideoProcessor:
     """processor([video], max_soft_tokens=None) -> {"pixel_values_videos" (frames, max_patches, 3 * patch^2),
     "video_position_ids" (frames, max_patches, 2), "num_soft_tokens_per_video" (soft tokens per frame, one
@@ -86,8 +107,13 @@ class Gemma4VideoProcessor:
         self.max_soft_tokens = image_processor.check_budget(max_soft_tokens, "video_processor: max_soft_tokens")
 
     @classmethod
-    def from_dict(cls, options: dict, image_processor: Gemma4ImageProcessor) -> "Gemma4VideoProcessor":
-        return cls(image_processor, options.get("num_frames") or NUM_FRAMES,
+    def from_dict(cls, options: dict, image_options: dict,
+                  frame_processor_class=Gemma4VideoFrameProcessor) -> "Gemma4VideoProcessor":
+        """From the video processor's config block (`options`) and the image processor's: frames take the
+        image processor's patch geometry (the model's), then FRAME_OPTIONS, then the video block's options."""
+        geometry = {k: image_options[k] for k in ("patch_size", "pooling_kernel_size") if k in image_options}
+        frames = {k: v for k, v in {**FRAME_OPTIONS, **geometry, **options}.items() if k != "max_soft_tokens"}
+        return cls(frame_processor_class.from_dict(frames), options.get("num_frames") or NUM_FRAMES,
                    options.get("max_soft_tokens") or VIDEO_SOFT_TOKENS)
 
     def __call__(self, videos, max_soft_tokens: Optional[int] = None) -> dict:
