@@ -6,6 +6,10 @@ generation (3 windows of 512) for mlxgemma, and mlx-lm's own speculative loop on
 with where its output first leaves its plain greedy output.
 
     python benchmarks/speculative.py [--tokens 256] [--long 1536] [--work /tmp/mlxgemma-spec] [--only-mlx-lm]
+    python benchmarks/speculative.py --assistant [--tokens 32] [--num-draft-tokens 3]   # Gemma 4's drafter rows
+
+The Gemma 4 assistant rows (benchmarks/gemma4_assistant.py) run random models at E2B's widths with a drafter
+whose acceptance is controlled: no trained drafter is offline.
 """
 
 import argparse
@@ -75,9 +79,15 @@ def main():
     p.add_argument("--long", type=int, default=1536, help="tokens of the long free generation (3 windows)")
     p.add_argument("--work", default="/tmp/mlxgemma-spec")
     p.add_argument("--only-mlx-lm", action="store_true", help="only mlx-lm's divergence after the window")
+    p.add_argument("--assistant", action="store_true", help="the Gemma 4 assistant drafter's rows instead")
+    p.add_argument("--num-draft-tokens", type=int, default=3, help="(--assistant) drafts a round")
     p.add_argument("--mlx-lm-draft-bits", type=int, default=4, help="mlx-lm's draft: the 4-bit GGUF import (4), "
                    "or the float target requantized to 3 bits (mixed_3_6), which is rejected more often")
     args = p.parse_args()
+    if args.assistant:
+        from gemma4_assistant import report
+
+        return report(tokens=args.tokens, k=args.num_draft_tokens)
     import mlxgemma
 
     work = Path(args.work)

@@ -130,8 +130,9 @@ def test_greedy_equals_plain(pair, name, ordered):
     """1-6 draft tokens, 3 windows of output: plain greedy's tokens and logprobs; the drafter (random) is
     mostly wrong, so checks roll back after the rings wrapped."""
     _, _, model, tok, drafter = pair(name, ordered)
-    prompt = random_ids(1, WINDOW + 2, seed=9)[0].tolist()
+    prompt = random_ids(1, WINDOW + 2, seed=3)[0].tolist()  # (it runs STEPS tokens: no eos)
     plain = _run(model, tok, prompt)
+    assert len(plain[0]) == STEPS
     for n in range(1, 7):
         spec = _run(model, tok, prompt, draft_model=drafter, num_draft_tokens=n)
         assert spec[0] == plain[0] and max_diff(spec[1], plain[1]) <= TOL
@@ -143,7 +144,7 @@ def test_always_right_drafter_follows_the_target(pair, monkeypatch):
     every proposal is kept, the output is plain greedy's, and the state it starts each round from is the
     target's hidden state at the token before the last, as transformers computes it."""
     hf_target, _, model, tok, drafter = pair("E")
-    prompt = random_ids(1, WINDOW + 2, seed=9)[0].tolist()
+    prompt = random_ids(1, WINDOW + 2, seed=3)[0].tolist()  # (it runs STEPS tokens: no eos)
     plain = _run(model, tok, prompt)[0]
     seen = []
 
@@ -165,7 +166,7 @@ def test_always_right_drafter_follows_the_target(pair, monkeypatch):
 def test_transformers_assisted_generation(pair):
     """transformers' generate with the assistant (batch 1, greedy) gives the tokens ours gives with it."""
     hf_target, hf_drafter, model, tok, drafter = pair("E")
-    prompt = random_ids(1, WINDOW + 2, seed=9)[0].tolist()
+    prompt = random_ids(1, WINDOW + 2, seed=3)[0].tolist()  # (it runs STEPS tokens: no eos)
     hf_drafter.generation_config.num_assistant_tokens = 3  # (a released drafter's generation_config says)
     with torch.no_grad():
         ref = hf_target.generate(torch.tensor([prompt]), assistant_model=hf_drafter, max_new_tokens=2 * WINDOW,
@@ -197,8 +198,9 @@ def test_with_image_and_audio(tmp_path):
 
 
 def test_bad_pairings(pair, tmp_path):
-    """A drafter of another size or vocabulary, or of the 12B Unified, for this target; a drafter loaded as
-    a model; a drafter config whose layers compute keys: one line each."""
+    """A drafter of another size or vocabulary, or of the 12B Unified, for this target; media for a text-only
+    target; ranks of mlx.launch; a drafter loaded as a model; a drafter config whose layers compute keys: one
+    line each."""
     _, _, model, tok, drafter = pair("E")
     for i, (kw, message) in enumerate([(dict(backbone=48), "hidden size 48"),
                                        (dict(vocab_size=128), "128 tokens"),
@@ -207,6 +209,21 @@ def test_bad_pairings(pair, tmp_path):
         other = mlxgemma.load_model(tmp_path / f"d{i}")
         with pytest.raises(MlxGemmaError, match=message):
             _run(model, tok, [2, 5, 6], draft_model=other)
+    with pytest.raises(MlxGemmaError, match="text-only model: it takes no image"):  # (E is Gemma4ForCausalLM)
+        _run(model, tok, [2, 5, 6], draft_model=drafter, image=np.zeros((8, 8, 3), dtype=np.uint8))
+
+    class TwoRanks:
+        def size(self):
+            return 2
+    import mlxgemma.models.distributed as distributed
+
+    real = distributed.world
+    distributed.world = lambda group=None: TwoRanks()
+    try:
+        with pytest.raises(MlxGemmaError, match="cannot read keys split across the ranks"):
+            _run(model, tok, [2, 5, 6], draft_model=drafter)
+    finally:
+        distributed.world = real
     save_checkpoint(hf_assistant(seed=1), tmp_path / "as-model")
     with pytest.raises(MlxGemmaError, match="drafts for a Gemma 4 and runs on none of its own"):
         mlxgemma.load(tmp_path / "as-model")
@@ -249,7 +266,8 @@ def test_unified_drafter(tmp_path):
 
 @pytest.mark.slow
 def test_cli_and_server_report_drafts(tmp_path, capsys):
-    """generate --draft-model ASSISTANT prints plain greedy's text and the draft summary; the server's usage
+    """generate --draft-model ASSISTANT prints plain greedy's text and the draft summary; chat turns with it
+    equal chat turns without it; the server's usage
     gives OpenAI's accepted/rejected prediction counts, which add up to what it proposed; a drafter for
     another size stops the server's start with one line."""
     import openai
@@ -268,6 +286,14 @@ def test_cli_and_server_report_drafts(tmp_path, capsys):
     assert out == plain and "tokens accepted" in err
     assert main(args + ["--draft-model", str(tmp_path / "other")]) == 2
     assert "hidden size 48" in capsys.readouterr().err
+    from mlxgemma.chat import ChatSession
+
+    model, tok = mlxgemma.load(path)
+    drafter = mlxgemma.load_model(tmp_path / "d")
+    plain_chat, spec_chat = ChatSession(model, tok, max_tokens=STEPS), ChatSession(model, tok, max_tokens=STEPS,
+                                                                                  draft_model=drafter)
+    for turn in ("t9 t10", "t11"):  # (the second turn continues the conversation's cache)
+        assert "".join(spec_chat.reply(turn)) == "".join(plain_chat.reply(turn))
     server = serve(path, "--draft-model", str(tmp_path / "d"))
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
@@ -307,7 +333,7 @@ def test_convert_and_quantize(pair, tmp_path):
     _close(drafted["float"], drafted["source"])
     quantized = mlxgemma.load_model(outputs[1])
     assert type(quantized.model.layers[0].self_attn.q_proj).__name__ == "QuantizedLinear"
-    prompt = random_ids(1, WINDOW + 2, seed=9)[0].tolist()
+    prompt = random_ids(1, WINDOW + 2, seed=3)[0].tolist()  # (it runs STEPS tokens: no eos)
     assert _run(model, tok, prompt, draft_model=quantized)[0] == _run(model, tok, prompt)[0]
     for out in outputs:
         theirs, kind = load_drafter(str(out))

@@ -15,7 +15,8 @@ checks every row's proposed tokens in one forward and keeps, per row, the accept
 
 Before a checking step every cache is marked, and each row is rolled back past its first rejection, exactly,
 past the sliding window too (see models/cache.py and models/batch_cache.py). The target's cache lags the
-row's tokens by one (the last one is the next input); the draft's by two (see proposers.py).
+row's tokens by one (the last one is the next input); the draft's by two (see proposers.py). Gemma 4's
+assistant keeps no cache: it reads the target's caches and the hidden states of each forward (`hidden`).
 """
 
 from dataclasses import dataclass, field
@@ -141,8 +142,9 @@ class Decoder:
     # Rows in and out
 
     def add(self, row: Row, cache, draft_cache=None) -> None:
-        """A row whose cache holds row.seq but its last token (with a proposer's draft cache: but its last
-        two). A batch of one keeps the single-sequence caches as they are. A queued step must have been
+        """A row whose cache holds row.seq but its last token (with a draft model's cache: but its last two;
+        for Gemma 4's assistant, draft_cache is the target's hidden state before the last token, from
+        last_prompt_step). A batch of one keeps the single-sequence caches as they are. A queued step must have been
         taken first (its tokens were sampled: dropping it would change the rows' random streams)."""
         assert self.inflight is None, "take the queued step before adding a row"
         self.cache = with_row(self.model, self.cache, cache)
