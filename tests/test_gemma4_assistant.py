@@ -81,11 +81,9 @@ def _close(ours, ref):
         assert max_diff(lo, lr) <= TOL and max_diff(so, sr) <= TOL
 
 
-@pytest.mark.parametrize("ordered", [True, False])
-def test_drafter_equals_transformers_given_its_states(pair, ordered):
-    """transformers' own states (every key of a prompt 2.5 windows long; its sliding mask is inclusive, so
-    the last WINDOW + 1 keys), three drafting steps: logits and states."""
-    hf_target, hf_drafter, model, _, drafter = pair("E", ordered)
+def _given_transformers_states(hf_target, hf_drafter, model, drafter):
+    """Three drafting steps after a prompt 2.5 windows long, from transformers' own states (every key; its
+    sliding mask is inclusive, so there the last WINDOW + 1 keys): our logits and states equal its."""
     ids = random_ids(1, int(2.5 * WINDOW), seed=4)[0].tolist()
     states = _hf_states(hf_target, ids)
     ref = _hf_draft(hf_drafter, hf_target, ids, 17, states)
@@ -95,6 +93,13 @@ def test_drafter_equals_transformers_given_its_states(pair, ordered):
     keep = mx.arange(len(ids)) >= len(ids) - WINDOW - 1
     shared[S] = (*shared[S][:2], keep[None, None, None])
     _close(_ours(drafter, model, shared, len(ids), mx.array(hidden.numpy()), 17), ref)
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_drafter_equals_transformers_given_its_states(pair, ordered):
+    """The sparse head (ordered) and the full one, on transformers' own states."""
+    hf_target, hf_drafter, model, _, drafter = pair("E", ordered)
+    _given_transformers_states(hf_target, hf_drafter, model, drafter)
 
 
 def test_drafter_from_our_caches(pair):
@@ -249,15 +254,7 @@ def test_unified_drafter(tmp_path):
     hf_drafter = hf_assistant(seed=6, unified=True, vocab_size=chat.VOCAB_SIZE)
     hf_drafter.save_pretrained(tmp_path / "d")
     drafter = mlxgemma.load_model(tmp_path / "d")
-    ids = random_ids(1, int(2.5 * WINDOW), seed=4)[0].tolist()
-    states = _hf_states(hf_target, ids)
-    ref = _hf_draft(hf_drafter, hf_target, ids, 17, states)
-    with torch.no_grad():
-        hidden = hf_target(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][:, -1:]
-    shared = {t: (mx.array(k.numpy()), mx.array(v.numpy()), None) for t, (k, v) in states.items()}
-    keep = mx.arange(len(ids)) >= len(ids) - WINDOW - 1
-    shared[S] = (*shared[S][:2], keep[None, None, None])
-    _close(_ours(drafter, model, shared, len(ids), mx.array(hidden.numpy()), 17), ref)
+    _given_transformers_states(hf_target, hf_drafter, model, drafter)
     common = dict(image=[media.image(36, 52)], max_tokens=STEPS, chat_template=False)
     plain = [c.token for c in mlxgemma.stream_generate(model, processor, "<|image|> Say", **common)]
     spec = list(mlxgemma.stream_generate(model, processor, "<|image|> Say", draft_model=drafter, **common))
