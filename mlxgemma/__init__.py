@@ -24,10 +24,11 @@ from .media.processor import Gemma3Processor, T5Gemma2Processor
 
 from .convert import convert  # noqa: E402  (the function; importing mlxgemma.convert here keeps the name bound to it)
 from .generate import Reply, generate, generate_reply, stream_generate  # noqa: E402
+from .embed import embed  # noqa: E402  (as convert: the function keeps the name)
 
 __version__ = "0.1.0"
 __all__ = [
-    "MlxGemmaError", "build_model", "load", "load_model", "convert", "generate", "generate_reply", "Reply",
+    "MlxGemmaError", "build_model", "load", "load_model", "convert", "embed", "generate", "generate_reply", "Reply",
     "stream_generate",
     "GemmaConfig", "GemmaModel", "GemmaForCausalLM", "GemmaForSequenceClassification", "GemmaForTokenClassification",
     "Gemma2Config", "Gemma2Model", "Gemma2ForCausalLM", "Gemma2ForSequenceClassification",

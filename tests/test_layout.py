@@ -10,13 +10,15 @@ ROOT = Path(__file__).resolve().parent.parent / "mlxgemma"
 
 # What each layer may import (besides itself, errors, files and the standard library): media/ is inputs only;
 # models/ knows the families (and which processor each takes); decode/ drives models with media;
-# checkpoints/ builds models from files; the server and the entry modules sit on top.
+# checkpoints/ builds models from files; embedding/ turns inputs into vectors with them; the server and the
+# entry modules sit on top.
 ALLOWED = {
     "media": {"media"},
     "models": {"models", "media"},
     "decode": {"decode", "models", "media"},
     "checkpoints": {"checkpoints", "models", "media"},
-    "server": {"server", "decode", "models", "media", "checkpoints", "cli"},
+    "embedding": {"embedding", "models", "media"},
+    "server": {"server", "decode", "embedding", "models", "media", "checkpoints", "cli"},
 }
 
 

@@ -20,6 +20,8 @@ from ..errors import MlxGemmaError
 from ..files import MAX_JSON_BYTES, read_json, regular_file
 from ..models import config_from_dict, model_class_for
 from ..models.config import token_ids
+from ..models.embedding import SentenceEmbedding
+from .sentence_transformers import dense_weights, read_pipeline
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 def read_config(path: Union[str, Path]) -> dict:
@@ -237,8 +239,25 @@ def load_model(path: Union[str, Path], dtype: Optional[str] = "auto", group=None
     dtype = compute_dtype(dtype) if dtype is not None else None
     if path.suffix == ".gguf":
         return _from_gguf(path, dtype, group, pipeline)[0]
-    return model_from_weights(read_config(path), read_weights(path), dtype, str(path / "config.json"), group,
-                              pipeline)
+    model = model_from_weights(read_config(path), read_weights(path), dtype, str(path / "config.json"), group,
+                               pipeline)
+    return embedder(model, path, dtype)
+
+
+def embedder(model: nn.Module, path: Path, dtype: Optional[str] = None) -> nn.Module:
+    """A sentence-transformers folder's encoder inside its pipeline (mean pooling, Dense modules, Normalize:
+    models/embedding.py); an embedding model's bare checkpoint (EmbeddingGemma 2) in the default one (mean,
+    normalised); any other model as it is."""
+    pipeline = read_pipeline(path)
+    if pipeline is None and not getattr(model, "is_embedder", False):
+        return model
+    pipeline = pipeline or {"dense": [], "normalize": True}
+    out = SentenceEmbedding(model, [(n_in, n_out) for _, n_in, n_out in pipeline["dense"]], pipeline["normalize"],
+                            pipeline.get("prompts"), pipeline.get("default_prompt_name"), pipeline.get("max_seq_length"))
+    for layer, w in zip(out.dense, dense_weights(path, pipeline)):
+        layer.weight = w.astype(DTYPES[dtype]) if dtype is not None else w
+    mx.eval(out.parameters())
+    return out
 
 
 def _from_gguf(path: Path, dtype: Optional[str], group=None, pipeline: bool = False):

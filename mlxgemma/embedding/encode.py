@@ -1,0 +1,109 @@
+"""embed(): inputs into (N, dim) embeddings with a sentence-embedding model (models/embedding.py).
+
+Texts are prefixed with the prompt (a name from the model's prompts, e.g. "query" -> "task: search result |
+query: ", or a string) and tokenized as sentence-transformers tokenizes them: the tokenizer's own special
+tokens (EmbeddingGemma adds <bos> and <eos>), truncated to the model's max_seq_length (longer inputs are cut,
+as the reference cuts them: `truncated` counts them). Inputs are sorted by length into batches of
+`batch_size`, right-padded (the encoder is bidirectional and masks padding keys, so each row equals its
+input alone), and put back in order.
+"""
+
+from typing import List, Optional, Sequence, Union
+
+import mlx.core as mx
+
+from ..errors import MlxGemmaError
+from ..models.embedding import truncated
+
+Inputs = Union[str, Sequence[str], Sequence[int], Sequence[Sequence[int]]]
+
+
+def check_embedder(model) -> None:
+    if not getattr(model, "is_embedder", False):
+        raise MlxGemmaError(f"{type(model).__name__} is not an embedding model (it has no pooling head): load an "
+                            "EmbeddingGemma checkpoint (a sentence-transformers folder) or EmbeddingGemma 2")
+
+
+def prompt_text(model, prompt_name: Optional[str] = None, prompt: Optional[str] = None) -> str:
+    """The text put before each input: `prompt` as given, else the named prompt, else the model's default."""
+    if prompt is not None:
+        if prompt_name is not None:
+            raise MlxGemmaError("give a prompt or a prompt_name, not both")
+        return prompt
+    name = prompt_name if prompt_name is not None else model.default_prompt_name
+    if name is None:
+        return ""
+    if name not in model.prompts:
+        offered = ", ".join(sorted(model.prompts)) or "none"
+        raise MlxGemmaError(f"prompt_name {name!r} is not one of this model's prompts ({offered})")
+    return model.prompts[name]
+
+
+def token_lists(model, tokenizer, inputs: Inputs, prompt: str = "") -> List[List[int]]:
+    """Each input's token ids: texts tokenized after the prompt, id lists as given (the prompt is text: it is
+    not added to ids); both cut to max_seq_length."""
+    items = as_items(inputs)
+    limit = model.max_seq_length
+    texts = [prompt + x for x in items if isinstance(x, str)]
+    hf = getattr(tokenizer, "_tokenizer", tokenizer)  # (mlx-lm's TokenizerWrapper holds the Hugging Face one)
+    options = dict(truncation=True, max_length=limit) if limit else {}
+    encoded = iter(hf(texts, **options)["input_ids"] if texts else [])
+    vocab = model.config.vocab_size
+    out = []
+    for x in items:
+        if isinstance(x, str):
+            out.append(list(next(encoded)))
+            continue
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in x):
+            raise MlxGemmaError(f"token ids must be integers in 0..{vocab - 1}")
+        out.append(list(x)[:limit] if limit else list(x))
+    return out
+
+
+def as_items(inputs: Inputs) -> list:
+    """A list of inputs, each a string or a non-empty list of token ids."""
+    if isinstance(inputs, str):
+        return [inputs]
+    items = list(inputs) if isinstance(inputs, (list, tuple)) else None
+    if not items:
+        raise MlxGemmaError("embed takes a string, a non-empty list of strings, or token ids")
+    if all(isinstance(t, int) and not isinstance(t, bool) for t in items):
+        return [items]  # one list of ids
+    for x in items:
+        if not isinstance(x, (str, list, tuple)) or (not isinstance(x, str) and not x):
+            raise MlxGemmaError("each input is a string or a non-empty list of token ids")
+    return [x if isinstance(x, str) else list(x) for x in items]
+
+
+def embed_ids(model, ids: List[List[int]], dim: Optional[int] = None, normalize: bool = True,
+              batch_size: int = 32, progress=None) -> mx.array:
+    """(N, dim) embeddings of token id lists, in order, batched by length."""
+    if not (isinstance(batch_size, int) and batch_size > 0):
+        raise MlxGemmaError(f"batch_size must be a positive integer, got {batch_size!r}")
+    truncated(mx.zeros((1, model.dimensions)), dim, model.dimensions, normalize)  # (checks dim before any work)
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    out = [None] * len(ids)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        width = max(len(ids[i]) for i in rows)
+        batch = mx.array([ids[i] + [pad] * (width - len(ids[i])) for i in rows], dtype=mx.int32)
+        mask = mx.array([[1] * len(ids[i]) + [0] * (width - len(ids[i])) for i in rows], dtype=mx.bool_)
+        vectors = truncated(model(batch, attention_mask=mask), dim, model.dimensions, normalize)
+        mx.eval(vectors)
+        for b, i in enumerate(rows):
+            out[i] = vectors[b]
+        if progress is not None:
+            progress(min(start + batch_size, len(order)), len(order))
+    return mx.stack(out).astype(mx.float32)
+
+
+def embed(model, tokenizer, inputs: Inputs, *, prompt_name: Optional[str] = None, prompt: Optional[str] = None,
+          dim: Optional[int] = None, normalize: bool = True, batch_size: int = 32, progress=None) -> mx.array:
+    """(N, dim) float32 embeddings of inputs (a string, strings, or token ids) with an embedding model and its
+    tokenizer (mlxgemma.load's pair). prompt_name: one of the model's prompts ("query", "document", ...);
+    prompt: a prefix of your own. dim: Matryoshka truncation (re-normalised with normalize). normalize=False
+    keeps the model's own output (EmbeddingGemma's is unit length: its pipeline normalises)."""
+    check_embedder(model)
+    ids = token_lists(model, tokenizer, inputs, prompt_text(model, prompt_name, prompt))
+    return embed_ids(model, ids, dim, normalize, batch_size, progress)

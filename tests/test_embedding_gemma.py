@@ -1,0 +1,143 @@
+"""EmbeddingGemma (a sentence-transformers folder: a bidirectional Gemma 3 encoder, mean pooling, two Dense
+modules, Normalize, task prompts) against sentence-transformers itself, on a tiny random float32 checkpoint
+whose window (6, halved to 4 as transformers does) is shorter than the inputs and whose tokenizer adds <bos>
+and <eos> as EmbeddingGemma's does: texts of several lengths, every prompt, Matryoshka dimensions, batches
+with padding (each row equal to its input alone), inputs cut at max_seq_length, token ids; the command line;
+bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import mlx.core as mx
+
+import mlxgemma
+from mlxgemma.errors import MlxGemmaError
+from reference import randomize, tiny_tokenizer
+
+PROMPTS = {"query": "t5 t6 ", "document": "t7 t8 t9 ", "Clustering": "t10 "}
+MAX_LEN = 24
+TEXTS = ["t11", "t12 t13 t14 t15 t16 t17 t18 t19 t20", " ".join(f"t{20 + i % 70}" for i in range(40)),
+         "t30 t31 t32 t33", ""]
+
+
+def tokenizer():
+    """tests/reference.py's word-level tokenizer, adding <bos> and <eos> as EmbeddingGemma's does."""
+    from tokenizers import processors
+
+    tok = tiny_tokenizer()
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>",
+                                                                  special_tokens=[("<bos>", 2), ("<eos>", 1)])
+    return tok
+
+
+@pytest.fixture(scope="module")
+def st_model(tmp_path_factory):
+    """(sentence-transformers model, its folder, mlxgemma's (model, tokenizer))."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
+
+    root = tmp_path_factory.mktemp("embeddinggemma")
+    config = transformers.Gemma3TextConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=6, query_pre_attn_scalar=16, max_position_embeddings=64,
+        use_bidirectional_attention=True, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        pad_token_id=0)
+    randomize(transformers.Gemma3TextModel(config), 0).save_pretrained(root / "encoder")
+    tokenizer().save_pretrained(root / "encoder")
+    modules = [Transformer(str(root / "encoder"), max_seq_length=MAX_LEN), Pooling(32, "mean"),
+               Dense(32, 128, bias=False, activation_function=torch.nn.Identity()),
+               Dense(128, 32, bias=False, activation_function=torch.nn.Identity()), Normalize()]
+    st = SentenceTransformer(modules=modules, prompts=PROMPTS)
+    with torch.no_grad():
+        for m in modules[2:4]:
+            m.linear.weight.copy_(torch.randn(m.linear.weight.shape, generator=torch.Generator().manual_seed(7)))
+    st.save(str(root / "st"))
+    return st, root / "st", mlxgemma.load(root / "st")
+
+
+def _ours(model, tok, texts, **kw):
+    return np.array(mlxgemma.embed(model, tok, texts, **kw))
+
+
+def _close(ours, ref):
+    ref = np.asarray(ref, dtype=np.float64)
+    cosine = (ours * ref).sum(-1) / np.linalg.norm(ours, axis=-1) / np.linalg.norm(ref, axis=-1)
+    assert np.max(np.abs(ours - ref)) <= 1e-5 and cosine.min() >= 0.99999
+
+
+@pytest.mark.parametrize("prompt_name", [None, *PROMPTS])
+def test_equals_sentence_transformers(st_model, prompt_name):
+    """Every prompt; batches of 2 (padded) and the whole list at once: each row as sentence-transformers."""
+    st, _, (model, tok) = st_model
+    ref = st.encode(TEXTS, prompt_name=prompt_name)
+    for batch_size in (2, 32):
+        _close(_ours(model, tok, TEXTS, prompt_name=prompt_name, batch_size=batch_size), ref)
+    alone = np.concatenate([_ours(model, tok, [t], prompt_name=prompt_name) for t in TEXTS])
+    _close(alone, ref)
+
+
+@pytest.mark.parametrize("dim", [8, 16, 31])
+def test_matryoshka_dimensions(st_model, dim):
+    st, _, (model, tok) = st_model
+    ref = st.encode(TEXTS, prompt_name="query", truncate_dim=dim, normalize_embeddings=True)
+    _close(_ours(model, tok, TEXTS, prompt_name="query", dim=dim), ref)
+    raw = st.encode(TEXTS, prompt_name="query", truncate_dim=dim)  # (sentence-transformers' default: as cut)
+    _close(_ours(model, tok, TEXTS, prompt_name="query", dim=dim, normalize=False), raw)
+
+
+def test_long_inputs_are_cut_and_ids_are_taken(st_model):
+    """An input longer than max_seq_length is cut there, as sentence-transformers cuts it; the same ids given
+    as token ids give the same embedding."""
+    st, _, (model, tok) = st_model
+    ids = st.tokenizer([TEXTS[2]], truncation=True, max_length=MAX_LEN)["input_ids"][0]
+    assert len(ids) == MAX_LEN
+    ours = _ours(model, tok, [TEXTS[2], list(ids)])
+    _close(ours[:1], st.encode([TEXTS[2]]))
+    _close(ours[1:], ours[:1])
+    assert np.array(mlxgemma.embed(model, tok, list(ids))).shape == (1, 32)  # one list of ids is one input
+
+
+def test_command_line(st_model, tmp_path, capsys, monkeypatch):
+    import io
+
+    from mlxgemma.embed import main
+
+    st, path, (model, tok) = st_model
+    files = []
+    for i, t in enumerate(TEXTS[:3]):
+        files.append(tmp_path / f"{i}.txt")
+        files[-1].write_text(t)
+    assert main(["--model", str(path), "--prompt-name", "document", *map(str, files)]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["input"] for r in rows] == list(map(str, files))
+    _close(np.array([r["embedding"] for r in rows]), st.encode(TEXTS[:3], prompt_name="document"))
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("\n".join(TEXTS[:4]).encode())))
+    assert main(["--model", str(path), "--dim", "16", "--batch-size", "2", "-o", str(tmp_path / "v.npy")]) == 0
+    _close(np.load(tmp_path / "v.npy"), st.encode(TEXTS[:4], truncate_dim=16, normalize_embeddings=True))
+
+
+def test_bad_input(st_model, tmp_path, capsys):
+    from mlxgemma.embed import main
+
+    _, path, (model, tok) = st_model
+    for kw, message in [(dict(inputs=[]), "non-empty list"), (dict(inputs=[[]]), "non-empty list of token ids"),
+                        (dict(inputs=["t5"], dim=0), "dimensions must be 1..32"),
+                        (dict(inputs=["t5"], dim=33), "dimensions must be 1..32"),
+                        (dict(inputs=["t5"], prompt_name="search"), "not one of this model's prompts"),
+                        (dict(inputs=["t5"], prompt_name="query", prompt="x"), "not both"),
+                        (dict(inputs=[[5, 500]]), "token ids must be integers in 0..95"),
+                        (dict(inputs=["t5"], batch_size=0), "batch_size must be a positive integer")]:
+        with pytest.raises(MlxGemmaError, match=message):
+            mlxgemma.embed(model, tok, **kw)
+    chat_model, chat_tok = mlxgemma.load(path.parent / "encoder")  # the bare encoder: no pooling head
+    with pytest.raises(MlxGemmaError, match="not an embedding model"):
+        mlxgemma.embed(chat_model, chat_tok, "t5")
+    assert main(["--model", str(path), str(tmp_path / "missing.txt")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["--model", str(path), "--output", str(tmp_path / "v.txt"), str(path / "modules.json")]) == 2
+    assert ".npy" in capsys.readouterr().err
+    assert mx.array([0]).size == 1
