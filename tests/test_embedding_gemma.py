@@ -9,54 +9,18 @@ import json
 
 import numpy as np
 import pytest
-import torch
-import transformers
 
 import mlx.core as mx
 
 import mlxgemma
+from embedding_util import MAX_LEN, PROMPTS, TEXTS, save
 from mlxgemma.errors import MlxGemmaError
-from reference import randomize, tiny_tokenizer
-
-PROMPTS = {"query": "t5 t6 ", "document": "t7 t8 t9 ", "Clustering": "t10 "}
-MAX_LEN = 24
-TEXTS = ["t11", "t12 t13 t14 t15 t16 t17 t18 t19 t20", " ".join(f"t{20 + i % 70}" for i in range(40)),
-         "t30 t31 t32 t33", ""]
-
-
-def tokenizer():
-    """tests/reference.py's word-level tokenizer, adding <bos> and <eos> as EmbeddingGemma's does."""
-    from tokenizers import processors
-
-    tok = tiny_tokenizer()
-    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>",
-                                                                  special_tokens=[("<bos>", 2), ("<eos>", 1)])
-    return tok
-
 
 @pytest.fixture(scope="module")
 def st_model(tmp_path_factory):
     """(sentence-transformers model, its folder, mlxgemma's (model, tokenizer))."""
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
-
-    root = tmp_path_factory.mktemp("embeddinggemma")
-    config = transformers.Gemma3TextConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, sliding_window=6, query_pre_attn_scalar=16, max_position_embeddings=64,
-        use_bidirectional_attention=True, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
-        pad_token_id=0)
-    randomize(transformers.Gemma3TextModel(config), 0).save_pretrained(root / "encoder")
-    tokenizer().save_pretrained(root / "encoder")
-    modules = [Transformer(str(root / "encoder"), max_seq_length=MAX_LEN), Pooling(32, "mean"),
-               Dense(32, 128, bias=False, activation_function=torch.nn.Identity()),
-               Dense(128, 32, bias=False, activation_function=torch.nn.Identity()), Normalize()]
-    st = SentenceTransformer(modules=modules, prompts=PROMPTS)
-    with torch.no_grad():
-        for m in modules[2:4]:
-            m.linear.weight.copy_(torch.randn(m.linear.weight.shape, generator=torch.Generator().manual_seed(7)))
-    st.save(str(root / "st"))
-    return st, root / "st", mlxgemma.load(root / "st")
+    st, path = save(tmp_path_factory.mktemp("embeddinggemma"))
+    return st, path, mlxgemma.load(path)
 
 
 def _ours(model, tok, texts, **kw):

@@ -39,14 +39,14 @@ def prompt_text(model, prompt_name: Optional[str] = None, prompt: Optional[str] 
     return model.prompts[name]
 
 
-def token_lists(model, tokenizer, inputs: Inputs, prompt: str = "") -> List[List[int]]:
+def token_lists(model, tokenizer, inputs: Inputs, prompt: str = "", truncate: bool = True) -> List[List[int]]:
     """Each input's token ids: texts tokenized after the prompt, id lists as given (the prompt is text: it is
-    not added to ids); both cut to max_seq_length."""
+    not added to ids); both cut to max_seq_length, or (truncate=False) refused past it."""
     items = as_items(inputs)
     limit = model.max_seq_length
     texts = [prompt + x for x in items if isinstance(x, str)]
     hf = getattr(tokenizer, "_tokenizer", tokenizer)  # (mlx-lm's TokenizerWrapper holds the Hugging Face one)
-    options = dict(truncation=True, max_length=limit) if limit else {}
+    options = dict(truncation=True, max_length=limit) if limit and truncate else {}
     encoded = iter(hf(texts, **options)["input_ids"] if texts else [])
     vocab = model.config.vocab_size
     out = []
@@ -56,7 +56,11 @@ def token_lists(model, tokenizer, inputs: Inputs, prompt: str = "") -> List[List
             continue
         if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in x):
             raise MlxGemmaError(f"token ids must be integers in 0..{vocab - 1}")
-        out.append(list(x)[:limit] if limit else list(x))
+        out.append(list(x)[:limit] if limit and truncate else list(x))
+    long = [i for i, x in enumerate(out) if limit and len(x) > limit]
+    if long:
+        raise MlxGemmaError(f"input {long[0]} holds {len(out[long[0]])} tokens, more than this model takes ({limit}); "
+                            "let it be cut (truncate) or shorten it")
     return out
 
 

@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 from ..cli import (DTYPE_CHOICES, add_pipeline_option, add_thinking_options, launched, load_draft, load_for_cli, run,
                    thinking_kwargs)
@@ -46,6 +47,8 @@ def configure_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-lookup-ngram", type=int, default=None, help="speculate without a draft model: "
                    "propose what followed the last N tokens where they occurred before (output unchanged)")
     p.add_argument("--num-draft-tokens", type=int, default=3, help="tokens proposed per step (default: %(default)s)")
+    p.add_argument("--embedding-model", default=None, help="an embedding model (EmbeddingGemma) answering "
+                   "/v1/embeddings and /api/embed beside --model (a --model that is one answers them itself)")
     p.add_argument("--prompt-cache-file", action="append", default=[],
                    help="a prompt cached by python -m mlxgemma.cache_prompt, kept in the prompt cache from the "
                         "start: a prompt that begins with it prefills only the rest (repeatable)")
@@ -81,12 +84,32 @@ def check_args(args) -> None:
     check_kv_options(args.kv_bits, args.kv_group_size)
 
 
-def model_name(args) -> str:
-    if not args.model:
+def model_name(args, source: Optional[str] = None) -> str:
+    source = args.model if source is None else source
+    if not source:
         from ..checkpoints.default_model import NAME
         return NAME
-    path = Path(args.model)
-    return path.stem if path.suffix == ".gguf" else (path.name if path.exists() else args.model)
+    path = Path(source)
+    return path.stem if path.suffix == ".gguf" else (path.name if path.exists() else source)
+
+
+def load_embedder(args, model, tokenizer, group):
+    """(model, tokenizer) of the server's embedding model, or None: --embedding-model, or --model itself."""
+    if getattr(model, "is_embedder", False):
+        embedder = (model, tokenizer)
+    elif args.embedding_model is None:
+        return None
+    else:
+        from ..checkpoints.loading import load
+
+        embedder = load(args.embedding_model, dtype=args.dtype)
+        if not getattr(embedder[0], "is_embedder", False):
+            raise MlxGemmaError(f"--embedding-model {args.embedding_model} is not an embedding model (no pooling "
+                                "head): give an EmbeddingGemma checkpoint (a sentence-transformers folder)")
+    if group is not None:
+        raise MlxGemmaError("embeddings are not served across the ranks of mlx.launch (leave --embedding-model "
+                            "out there)")
+    return embedder
 
 
 def preload(prompt_cache, model, path, kv_bits=None, kv_group_size=64) -> None:
@@ -144,17 +167,19 @@ def build(args):
         raise MlxGemmaError("--kv-bits: the server's T5Gemma 2 batches keep float caches (generate takes --kv-bits)")
     for f in args.prompt_cache_file:
         preload(cache, model, f, args.kv_bits, args.kv_group_size)
+    embedder = load_embedder(args, model, tokenizer, group)
     draft = load_draft(args)
     if draft is not None and is_encoder_decoder(draft):
         raise MlxGemmaError("--draft-model: the server's draft must be a decoder-only model (a T5Gemma 2 draft "
                             "would encode every request again); generate takes one")
     scheduler = Scheduler(model, text_tokenizer, cache, args.decode_concurrency, args.prefill_step_size, args.kv_bits,
                           args.kv_group_size, args.prompt_lookup_ngram, args.num_draft_tokens, draft,
-                          Ranks(group) if group is not None else None)
+                          Ranks(group) if group is not None else None, embedder[0] if embedder else None)
     if group is None or group.rank() == 0:
         scheduler.start()  # (the other ranks' loop runs on their main thread: main)
     defaults = Defaults(args.max_tokens, args.temp, args.top_p, args.top_k, args.min_p)
-    engine = Engine(model, tokenizer, model_name(args), scheduler, defaults, chat_args, args.model or "")
+    engine = Engine(model, tokenizer, model_name(args), scheduler, defaults, chat_args, args.model or "", embedder,
+                    model_name(args, args.embedding_model) if args.embedding_model else "")
     engine.max_thinking_tokens = args.max_thinking_tokens
     warm_constraints(engine)
     origins = [o.strip() for o in args.allowed_origins.split(",") if o.strip()]

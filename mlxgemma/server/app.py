@@ -1,5 +1,5 @@
-"""The routes: OpenAI (/v1/...: Chat Completions, Completions, Responses), Anthropic (/v1/messages), Ollama
-(/api/...), /health, the chat page (/) and its icon, on Starlette.
+"""The routes: OpenAI (/v1/...: Chat Completions, Completions, Responses, Embeddings), Anthropic (/v1/messages),
+Ollama (/api/...), /health, the chat page (/) and its icon, on Starlette.
 
 Every bad request is a 4xx with one clear message (an OpenAI error object, Anthropic's {"type": "error", ...}
 under /v1/messages, or Ollama's {"error": ...} under /api/), never a traceback and never anything that touches
@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from ..server import anthropic_api, ollama_api, openai_api, responses_api
+from ..server import anthropic_api, embeddings, ollama_api, openai_api, responses_api
 from .engine import Engine
 from .schemas import RequestError
 
@@ -96,6 +96,7 @@ def create_app(engine: Engine, api_key=None, allowed_origins=(), max_body: int =
         Route("/v1/models", get(lambda: openai_api.models(engine))),
         Route("/v1/chat/completions", post(openai_api.chat_completions), methods=["POST"]),
         Route("/v1/completions", post(openai_api.completions), methods=["POST"]),
+        Route("/v1/embeddings", post(embeddings.openai_embeddings), methods=["POST"]),
         Route("/v1/responses", post(responses.create), methods=["POST"]),
         Route("/v1/responses/{response_id}", by_id(responses.retrieve), methods=["GET"]),
         Route("/v1/responses/{response_id}", by_id(responses.delete), methods=["DELETE"]),
@@ -106,6 +107,8 @@ def create_app(engine: Engine, api_key=None, allowed_origins=(), max_body: int =
         Route("/api/show", show, methods=["POST"]),
         Route("/api/chat", post(ollama_api.chat), methods=["POST"]),
         Route("/api/generate", post(ollama_api.generate), methods=["POST"]),
+        Route("/api/embed", post(embeddings.ollama_embed), methods=["POST"]),
+        Route("/api/embeddings", post(embeddings.ollama_embeddings), methods=["POST"]),
     ]
 
     async def request_error(request: Request, e: RequestError):

@@ -66,8 +66,11 @@ def inline_bytes(url: str, kind: str = "image") -> bytes:
 
 class Engine:
     def __init__(self, model, tokenizer, name: str, scheduler: Scheduler, defaults: Defaults,
-                 template_args: Optional[dict] = None, source: str = ""):
+                 template_args: Optional[dict] = None, source: str = "", embedder=None, embedding_name: str = ""):
+        """embedder: (model, tokenizer) of the embedding model (the model itself when it is one)."""
         self.model, self.name, self.scheduler, self.defaults = model, name, scheduler, defaults
+        self.embedder, self.embedding_name = embedder, embedding_name or name
+        self.generates = not getattr(model, "is_embedder", False)
         self.encoder_decoder, self.vision = is_encoder_decoder(model), has_vision(model)
         self.processor = tokenizer if self.takes_images else None
         self.tokenizer = tokenizer.tokenizer if self.takes_images else tokenizer
@@ -282,8 +285,14 @@ class Engine:
 
     # Running
 
+    def check_generates(self) -> None:
+        if not self.generates:
+            raise RequestError(f"{self.name} is an embedding model: it answers /v1/embeddings and /api/embed, and "
+                               "generates no text")
+
     def request(self, prompt: Prompt, *, max_tokens=None, temperature=None, top_p=None, top_k=None, min_p=None,
                 seed=None, stop=(), n=1, top_logprobs=0, constraint=None) -> Request:
+        self.check_generates()
         d = self.defaults
         try:  # (the schemas bound each field as the APIs do; this is the decode core's own check)
             sampling = SamplingOptions(temp=d.temp if temperature is None else temperature,

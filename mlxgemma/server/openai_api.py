@@ -25,6 +25,7 @@ def has_chat_template(engine: Engine) -> bool:
 def require_chat_template(engine: Engine, instead: str) -> None:
     """A chat request to a base model (the default model is one) is refused before anything else, with the
     way forward: the generic "no chat template" of the library would leave a new user stuck."""
+    engine.check_generates()
     if not has_chat_template(engine):
         raise RequestError(f"this model has no chat template (a base model, which continues text): use {instead} "
                            "with the text to continue, or serve an instruction-tuned checkpoint", param="messages",

@@ -26,6 +26,7 @@ from ..media.features import prefill as media_prefill
 from ..models import has_vision, is_drafter, is_encoder_decoder
 from ..models.batch_cache import BatchEncoderDecoderCache, merge_caches
 from ..models.quantized_cache import quantize_cache
+from .embeddings import EmbedRequest, EmbeddingQueue
 from .prompt_cache import PromptCache, snapshot
 
 log = logging.getLogger("mlxgemma.server")
@@ -93,11 +94,12 @@ def materialize(model) -> None:
 class Scheduler:
     def __init__(self, model, tokenizer, prompt_cache: Optional[PromptCache] = None, decode_concurrency: int = 32,
                  prefill_step_size: int = 2048, kv_bits: Optional[int] = None, kv_group_size: int = 64,
-                 prompt_lookup_ngram: Optional[int] = None, num_draft_tokens: int = 3, draft_model=None, ranks=None):
+                 prompt_lookup_ngram: Optional[int] = None, num_draft_tokens: int = 3, draft_model=None, ranks=None,
+                 embedder=None):
         """draft_model or prompt_lookup_ngram: every row decodes speculatively (decode/decoder.py), each with
         the output it would have alone without speculation. ranks (ranks.Ranks): under mlx.launch, every rank
         runs this loop; rank 0 tells the others what arrives (see ranks.py), and their loop runs on their main
-        thread (follow)."""
+        thread (follow). embedder: the embedding model whose requests (embeddings.py) run between steps."""
         self.model, self.tokenizer = model, tokenizer
         self.encoder_decoder = is_encoder_decoder(model)
         self.prompt_cache = prompt_cache if not self.encoder_decoder else None
@@ -113,9 +115,10 @@ class Scheduler:
         self.ranks = ranks
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="mlxgemma-scheduler", daemon=True)
-        materialize(model)
-        if draft_model is not None:
-            materialize(draft_model)
+        self.embeddings = EmbeddingQueue(embedder) if embedder is not None else None
+        for m in (model, draft_model, embedder):
+            if m is not None:
+                materialize(m)
 
     def _decoder(self) -> Decoder:
         proposer = (Assistant(self.draft_model, self.model) if is_drafter(self.draft_model) else
@@ -145,7 +148,7 @@ class Scheduler:
 
     @property
     def busy(self) -> bool:
-        return bool(self.rows or self.waiting or self.prefilling)
+        return bool(self.rows or self.waiting or self.prefilling or (self.embeddings and self.embeddings.busy))
 
     def _loop(self) -> None:
         mx.set_default_stream(mx.new_stream(mx.default_device()))  # MLX streams belong to one thread
@@ -173,6 +176,8 @@ class Scheduler:
                 if self.rows:
                     self.stats["peak_rows"] = max(self.stats["peak_rows"], len(self.rows))
                     self._step()
+                if self.embeddings is not None and self.embeddings.busy:
+                    self.embeddings.step()
             except Exception as e:  # never let one failure stop the server: fail what was running
                 log.exception("scheduler step failed")
                 self._fail_all(f"internal error: {type(e).__name__}: {e}")
@@ -184,7 +189,10 @@ class Scheduler:
                 if r is not None:
                     self.stats["requests"] += 1
                     r.started = time.perf_counter()
-                    self.waiting.append(r)
+                    if isinstance(r, EmbedRequest):
+                        self.embeddings.add(r)
+                    else:
+                        self.waiting.append(r)
                 r = self.inbox.get_nowait()
         except queue.Empty:
             pass

@@ -252,6 +252,38 @@ class OllamaShowRequest(Body):
     name: Optional[str] = None
 
 
+# Embeddings (embeddings.py): a string, strings, token ids or lists of them; prompt_name is ours (EmbeddingGemma's
+# task prompts). Empty lists and the rest are checked where the inputs are read (embedding/encode.py).
+EmbeddingInput = Union[str, List[str], List[int], List[List[int]]]
+
+
+class EmbeddingRequest(Body):
+    input: EmbeddingInput
+    model: Optional[str] = None
+    dimensions: Optional[int] = Field(None, gt=0)
+    encoding_format: Literal["float", "base64"] = "float"
+    user: Optional[str] = None
+    prompt_name: Optional[str] = None
+
+
+class OllamaEmbedRequest(Body):
+    input: Union[str, List[str]]
+    model: Optional[str] = None
+    truncate: bool = True
+    dimensions: Optional[int] = Field(None, gt=0)
+    keep_alive: Union[str, int, None] = None
+    options: Optional[Dict[str, Any]] = None
+    prompt_name: Optional[str] = None
+
+
+class OllamaEmbeddingsRequest(Body):
+    prompt: str
+    model: Optional[str] = None
+    keep_alive: Union[str, int, None] = None
+    options: Optional[Dict[str, Any]] = None
+    prompt_name: Optional[str] = None
+
+
 # The Responses API (responses_api.py reads its input items)
 
 
