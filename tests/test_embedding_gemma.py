@@ -105,3 +105,25 @@ def test_bad_input(st_model, tmp_path, capsys):
     assert main(["--model", str(path), "--output", str(tmp_path / "v.txt"), str(path / "modules.json")]) == 2
     assert ".npy" in capsys.readouterr().err
     assert mx.array([0]).size == 1
+
+
+@pytest.mark.slow
+def test_convert_and_quantize(st_model, tmp_path):
+    """convert keeps the sentence-transformers folder (its Dense modules exact: copied) and writes the encoder:
+    in float the embeddings are the source's; -q quantizes the encoder only; sentence-transformers loads the
+    float output."""
+    from sentence_transformers import SentenceTransformer
+
+    from mlxgemma.checkpoints.convert import convert
+
+    st, path, (model, tok) = st_model
+    ref = st.encode(TEXTS, prompt_name="query")
+    out = convert(path, tmp_path / "float")
+    _close(_ours(*mlxgemma.load(out), TEXTS, prompt_name="query"), ref)
+    _close(SentenceTransformer(str(out)).encode(TEXTS, prompt_name="query"), ref)
+    quantized, qtok = mlxgemma.load(convert(path, tmp_path / "q", quantize=True, q_group_size=32, q_bits=8))
+    assert type(quantized.model.layers[0].mlp.gate_proj).__name__ == "QuantizedLinear"
+    assert all(type(d).__name__ == "Linear" for d in quantized.dense)
+    assert (tmp_path / "q" / "2_Dense" / "model.safetensors").read_bytes() == (path / "2_Dense" / "model.safetensors").read_bytes()
+    q = _ours(quantized, qtok, TEXTS, prompt_name="query")
+    assert ((q * ref).sum(-1)).min() > 0.99  # (8-bit: close, not equal)

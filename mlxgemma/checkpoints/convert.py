@@ -19,6 +19,7 @@ from ..errors import MlxGemmaError
 from ..models import config_class_for, model_class_for
 from .loading import DTYPES, model_from_weights, read_config, read_weights, resolve
 from .quantize import RECIPES, VISION_BITS, quantize as quantize_weights
+from .sentence_transformers import copy_pipeline
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
@@ -121,6 +122,7 @@ def _source_model(src: Path, dtype):
         for name in TOKENIZER_FILES:
             if (src / name).is_file():
                 shutil.copy2(src / name, out / name)
+        copy_pipeline(src, out)  # (a sentence-transformers folder: its pooling and Dense modules, as they are)
     return config, model, copy_tokenizer
 
 
