@@ -127,3 +127,32 @@ def test_convert_and_quantize(st_model, tmp_path):
     assert (tmp_path / "q" / "2_Dense" / "model.safetensors").read_bytes() == (path / "2_Dense" / "model.safetensors").read_bytes()
     q = _ours(quantized, qtok, TEXTS, prompt_name="query")
     assert ((q * ref).sum(-1)).min() > 0.99  # (8-bit: close, not equal)
+
+
+@pytest.mark.slow
+def test_search_example(st_model, tmp_path):
+    """examples/search.py indexes a folder (passages of each text file, document prompt) and answers a query
+    (query prompt) with the passages whose vectors score highest against it, best first."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, path, (model, tok) = st_model
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    for i, t in enumerate(TEXTS[:4]):
+        (notes / f"{i}.txt").write_text(t + "\n")
+    (notes / "skip.bin").write_bytes(b"\xff\xfe")
+    script = Path(__file__).parent.parent / "examples" / "search.py"
+    run = lambda *a: subprocess.run([sys.executable, str(script), *a, "--model", str(path), "--index",  # noqa: E731
+                                     str(tmp_path / "ix")], capture_output=True, text=True, timeout=300)
+    assert run("index", str(notes)).returncode == 0
+    out = run("query", "t12 t13", "--top", "2")
+    assert out.returncode == 0, out.stderr
+    docs = np.array(mlxgemma.embed(model, tok, [t + "\n" for t in TEXTS[:4]], prompt_name="document"))
+    query = np.array(mlxgemma.embed(model, tok, "t12 t13", prompt_name="query"))[0]
+    best = np.argsort(-(docs @ query))[:2]
+    lines = [line for line in out.stdout.splitlines() if line.strip() and not line.startswith(" ")]
+    assert [Path(line.split()[1]).name for line in lines] == [f"{i}.txt" for i in best]
+    assert run("query", "x", "--top", "1").returncode == 0
+    assert "error:" in run("index", str(tmp_path / "empty-missing")).stderr
