@@ -106,6 +106,36 @@ def costs(target, drafter, prompt, k, repeats=20):
     return step, check, draft
 
 
+def bytes_per_step(target, drafter) -> tuple:
+    """(bytes a target step reads, bytes a drafter step reads): every weight, but of a table that is only looked
+    up the rows used (E2B's per-layer token table: one row; the drafter's own table, which its sparse head reads
+    top_k of num_centroids clusters of: that share)."""
+    from mlx.utils import tree_flatten
+
+    def total(model, skip=()):
+        return sum(v.nbytes for k, v in tree_flatten(model.parameters()) if not k.startswith(skip))
+    table = sum(v.nbytes for k, v in tree_flatten(drafter.model.embed_tokens.parameters()))
+    share = drafter.config.centroid_intermediate_top_k / drafter.config.num_centroids
+    return total(target, ("model.embed_tokens_per_layer",)), total(drafter, ("model.embed_tokens",)) + share * table
+
+
+def mac_arithmetic(target, drafter, k: int, alphas) -> None:
+    """What the speed-up would be where a step costs the bytes it reads (Apple silicon's decode, bound by memory
+    bandwidth) and a check of k + 1 tokens costs about one step: E / (k * c_draft + 1)."""
+    from mlx.utils import tree_flatten
+
+    t, d = bytes_per_step(target, drafter)
+    layers = sum(v.nbytes for name, v in tree_flatten(target.parameters()) if name.startswith("model.layers."))
+    full = t - layers + layers * 35 / len(target.model.layers)  # (E2B has 35 layers)
+    print(f"\nOn a Mac (a step costs the bytes it reads; a check of {k + 1} tokens about one step): the target "
+          f"reads {t / 2**20:.0f} MiB a step at these 10 layers ({full / 2**20:.0f} MiB at E2B's 35), the drafter "
+          f"{d / 2**20:.1f} MiB: c_draft = {d / t:.4f} ({d / full:.4f})")
+    for alpha in alphas:
+        expected = (k + 1) if alpha == 1.0 else (1 - alpha ** (k + 1)) / (1 - alpha)
+        print(f"- alpha {alpha:.1f}: {expected:.2f} tokens a round, {expected / (k * d / t + 1):.2f}x "
+              f"({expected / (k * d / full + 1):.2f}x at 35 layers)")
+
+
 def report(tokens: int = 128, k: int = 4, alphas=(0.0, 0.5, 0.8, 1.0), rounds: int = 2) -> None:
     import platform
 
@@ -138,6 +168,7 @@ def report(tokens: int = 128, k: int = 4, alphas=(0.0, 0.5, 0.8, 1.0), rounds: i
         predicted = expected / (k * draft / step + check / step)
         print(f"| {alpha:.1f} | {per_forward:.2f} | {statistics.median(plain_s) / statistics.median(spec_s):.2f}x "
               f"| {predicted:.2f}x | {same} |", flush=True)
+    mac_arithmetic(target, drafter, k, alphas)
 
 
 if __name__ == "__main__":
