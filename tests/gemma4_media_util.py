@@ -64,9 +64,13 @@ def config(bidirectional=None, audio: bool = True) -> transformers.Gemma4Config:
 
 
 def hf_model(seed: int = 0, **options):
-    model = randomize(transformers.Gemma4ForConditionalGeneration(config(**options)), seed)
+    return randomize_towers(randomize(transformers.Gemma4ForConditionalGeneration(config(**options)), seed), seed)
+
+
+def randomize_towers(model, seed: int = 0):
+    """The towers' buffers randomised too: clip bounds that clip, a standardisation that moves the features."""
     gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # buffers too: clip bounds that clip, a standardisation that moves the features
+    with torch.no_grad():
         for name, b in model.named_buffers():
             if name.endswith(("input_min", "output_min")):
                 b.copy_(-0.5 - torch.rand(b.shape, generator=gen))

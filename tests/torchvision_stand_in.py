@@ -1,5 +1,5 @@
-"""transformers' Gemma4UnifiedImageProcessor, Gemma4UnifiedVideoProcessor and Gemma4VideoProcessor have only a
-torchvision backend, and torchvision is not installed here: their modules are imported with a stand-in for
+"""transformers' Gemma4UnifiedImageProcessor, Gemma4UnifiedVideoProcessor, Gemma4VideoProcessor and
+EmbeddingGemma2VideoProcessor have only a torchvision backend, and torchvision is not installed here: their modules are imported with a stand-in for
 torchvision.transforms.v2.functional holding what the processors call, restated from torchvision 0.2x
 (v2/functional/_geometry.py resize_image, _misc.py normalize_image, _color.py grayscale_to_rgb_image,
 _type_conversion / _misc.py to_dtype_image) for the cases met: CPU tensors, bicubic on uint8 (native in
@@ -19,7 +19,8 @@ SETTINGS = ("do_resize", "do_rescale", "rescale_factor", "do_normalize", "image_
 
 
 def _tv_resize(image, size, interpolation=None, antialias=True, max_size=None):
-    assert interpolation == "bicubic" and image.dtype == torch.uint8 and antialias
+    # (a whole processor passes PIL's BICUBIC, 3: its mapping to torchvision's modes needs torchvision)
+    assert interpolation in ("bicubic", 3) and image.dtype == torch.uint8 and antialias
     if list(image.shape[-2:]) == list(size):
         return image
     batch = image if image.ndim == 4 else image[None]  # (resize_image folds leading axes into one batch)
@@ -154,3 +155,34 @@ def gemma4_video_processor():
     videos = _import("gemma4.video_processing_gemma4").Gemma4VideoProcessor
     with _backend():
         yield _video_runner(videos)
+
+
+@contextmanager
+def embedding_gemma2_processor(tokenizer, image_processor, feature_extractor, **video_options):
+    """transformers' whole EmbeddingGemma2Processor (its own __call__: layout, placeholders, text left out) over
+    the given parts and its EmbeddingGemma2VideoProcessor (video_options: its settings), the video processor
+    imported with the stand-in and run on the torchvision backend's functions while the block runs."""
+    from transformers.models.embedding_gemma2.processing_embedding_gemma2 import EmbeddingGemma2Processor
+
+    videos = _import("embedding_gemma2.video_processing_embedding_gemma2").EmbeddingGemma2VideoProcessor
+
+    def check_argument_for_proper_class(self, argument_name, argument):
+        return None  # (it looks the video processor's class up among torchvision's, which are not here)
+
+    # (under transformers' name: save_pretrained writes it into the processor's and tokenizer's files)
+    reference = type("EmbeddingGemma2Processor", (EmbeddingGemma2Processor,),
+                     {"check_argument_for_proper_class": check_argument_for_proper_class})
+
+    from transformers import video_processing_utils
+
+    had = getattr(video_processing_utils, "tvF", None)
+    video_processing_utils.tvF = FUNCTIONAL  # (its convert_to_rgb calls it; bound only where torchvision imports)
+    try:
+        with _backend():
+            yield reference(feature_extractor=feature_extractor, image_processor=image_processor,
+                            tokenizer=tokenizer, video_processor=videos(**video_options))
+    finally:
+        if had is None:
+            del video_processing_utils.tvF
+        else:
+            video_processing_utils.tvF = had

@@ -34,9 +34,11 @@ class Gemma4Processor:
 
     # What from_pretrained builds from the config files (Gemma 4 unified has its own).
     image_processor_class, feature_extractor_class = Gemma4ImageProcessor, Gemma4AudioFeatureExtractor
-    # What a video's frames go through (transformers' video processor is on its torchvision backend).
-    frame_processor_class = Gemma4VideoFrameProcessor
+    # What a video's frames go through (transformers' video processor is on its torchvision backend), and what
+    # samples them (EmbeddingGemma 2 has its own).
+    frame_processor_class, video_processor_class = Gemma4VideoFrameProcessor, Gemma4VideoProcessor
     reads_video = True
+    checkpoint_name = "Gemma 4"  # (what the errors call a checkpoint without a medium)
 
     def __init__(self, tokenizer, config, image_processor: Gemma4ImageProcessor,
                  feature_extractor: Optional[Gemma4AudioFeatureExtractor] = None, video_processor=None):
@@ -78,7 +80,7 @@ class Gemma4Processor:
             raise MlxGemmaError("processor_config.json: video_processor must be an object")
         video_processor = None
         if cls.reads_video:  # (frames take the video processor's options and the image processor's geometry)
-            video_processor = Gemma4VideoProcessor.from_dict(video, image, cls.frame_processor_class)
+            video_processor = cls.video_processor_class.from_dict(video, image, cls.frame_processor_class)
         return cls(tokenizer, config, image_processor, extractor, video_processor)
 
     # One item of each kind -> its model inputs and its text.
@@ -91,7 +93,7 @@ class Gemma4Processor:
 
     def _audio(self, clip) -> tuple:
         if self.feature_extractor is None:
-            raise MlxGemmaError("this Gemma 4 checkpoint has no audio_config: it takes no audio")
+            raise MlxGemmaError(f"this {self.checkpoint_name} checkpoint has no audio_config: it takes no audio")
         wave = load_audio(clip, self.feature_extractor.sampling_rate)
         out = self.feature_extractor([wave])
         n = self.feature_extractor.num_soft_tokens(out["input_features_mask"][0])
@@ -101,11 +103,12 @@ class Gemma4Processor:
                 "waveform": wave}
         return item, self.boa_token + self.audio_token * n + self.eoa_token
 
-    def _video(self, video) -> tuple:
+    def _video(self, video, budget: Optional[int] = None) -> tuple:
         """(its frames and positions, its text: per frame "mm:ss " + the frame's image layout, as
-        replace_video_token writes it). Frames take the video budget, not the images' (as transformers)."""
+        replace_video_token writes it). Frames take the video budget, not the images' `budget` (as
+        transformers' Gemma4Processor)."""
         if self.video_processor is None or self.video_token is None:
-            raise MlxGemmaError("this Gemma 4 checkpoint takes no video")
+            raise MlxGemmaError(f"this {self.checkpoint_name} checkpoint takes no video")
         out = self.video_processor([video])
         n, stamps = int(out["num_soft_tokens_per_video"][0]), out["timestamps"][0]
         frame = self.boi_token + self.video_token * n + self.eoi_token
@@ -134,7 +137,7 @@ class Gemma4Processor:
                 kind = m.lastgroup
                 source = next(queues[kind])
                 item, replacement = (self._image(source, max_soft_tokens) if kind == "image" else
-                                     self._audio(source) if kind == "audio" else self._video(source))
+                                     self._audio(source) if kind == "audio" else self._video(source, max_soft_tokens))
                 items.append(dict(item, kind=kind))
                 parts += [t[last:m.start()], replacement]
                 last = m.end()

@@ -39,10 +39,11 @@ def sample_indices(total: int, num_frames: int = NUM_FRAMES) -> np.ndarray:
     return np.arange(n, dtype=int) * total // n
 
 
-def load_video(source, num_frames: int = NUM_FRAMES) -> tuple:
+def load_video(source, num_frames: int = NUM_FRAMES, sample=None) -> tuple:
     """(frames (n, H, W, 3) uint8 at the sampled indices, their timestamps in seconds) of a video file (a path
     or its bytes): two passes over the decoded frames (one to count them where the container does not say, one
-    to keep the sampled ones), so a long video is never held whole."""
+    to keep the sampled ones), so a long video is never held whole. sample(total frames, fps) -> the indices
+    to keep (by default sample_indices with num_frames; EmbeddingGemma 2 samples by rate)."""
     import io
 
     import av
@@ -64,7 +65,8 @@ def load_video(source, num_frames: int = NUM_FRAMES) -> tuple:
             stream = container.streams.video[0]
             fps = float(stream.average_rate or stream.guessed_rate or 24)
             total = stream.frames or sum(1 for _ in container.decode(stream))
-        keep = set(sample_indices(total, num_frames).tolist()) if total else set()
+        sample = sample or (lambda n, _: sample_indices(n, num_frames))
+        keep = set(np.asarray(sample(total, fps)).tolist()) if total else set()
         frames = []
         with opener() as container:
             for i, frame in enumerate(container.decode(container.streams.video[0])):
@@ -96,8 +98,8 @@ class Gemma4VideoFrameProcessor(Gemma4ImageProcessor):
 class Gemma4VideoProcessor:
     """processor([video], max_soft_tokens=None) -> {"pixel_values_videos" (frames, max_patches, 3 * patch^2),
     "video_position_ids" (frames, max_patches, 2), "num_soft_tokens_per_video" (soft tokens per frame, one
-    entry per video), "timestamps" (seconds, per video)}. A video is a file path or bytes, or an (frames,
-    timestamps) pair already decoded."""
+    entry per video), "timestamps" (seconds, per video; None where frames_of knows none)}. A video is a file
+    path or bytes, or an (frames, timestamps) pair already decoded."""
 
     def __init__(self, image_processor: Gemma4ImageProcessor, num_frames: int = NUM_FRAMES,
                  max_soft_tokens: int = VIDEO_SOFT_TOKENS):
@@ -120,11 +122,16 @@ class Gemma4VideoProcessor:
         budget = self.max_soft_tokens if max_soft_tokens is None else max_soft_tokens
         pixels, positions, tokens, stamps = [], [], [], []
         for video in videos:
-            frames, times = video if isinstance(video, tuple) else load_video(video, self.num_frames)
+            frames, times = self.frames_of(video)
             out = self.image_processor(list(frames), max_soft_tokens=budget)
             pixels.append(out["pixel_values"])
             positions.append(out["image_position_ids"])
             tokens.append(int(out["num_soft_tokens_per_image"][0]))
-            stamps.append(list(times))
+            stamps.append(None if times is None else list(times))
         return {"pixel_values_videos": np.concatenate(pixels), "video_position_ids": np.concatenate(positions),
                 "num_soft_tokens_per_video": tokens, "timestamps": stamps}
+
+    def frames_of(self, video) -> tuple:
+        """(frames, their timestamps in seconds) of a video: a file (its path or bytes) decoded and sampled, or
+        an (frames, timestamps) pair already decoded, as it is."""
+        return video if isinstance(video, tuple) else load_video(video, self.num_frames)

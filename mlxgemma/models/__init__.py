@@ -1,8 +1,8 @@
 """The registry: config.json's model_type and architectures -> config class and model class."""
 
 from ..errors import MlxGemmaError
-from . import (gemma, gemma2, gemma3, gemma3_vision, gemma4, gemma4_assistant, gemma4_multimodal, gemma4_unified,
-               stablelm, t5gemma2)
+from . import (embedding_gemma2, gemma, gemma2, gemma3, gemma3_vision, gemma4, gemma4_assistant, gemma4_multimodal,
+               gemma4_unified, stablelm, t5gemma2)
 from .config import text_config_of
 
 # model_type -> (config class, family module, the class used when config.json names no architecture)
@@ -19,6 +19,8 @@ FAMILIES = {
                                  gemma4_assistant.Gemma4UnifiedAssistantForCausalLM),
     "stablelm": (stablelm.StableLmConfig, stablelm.StableLmForCausalLM),
     "t5gemma2": (t5gemma2.T5Gemma2Config, t5gemma2.T5Gemma2ForConditionalGeneration),
+    "embedding_gemma2": (embedding_gemma2.EmbeddingGemma2Config, embedding_gemma2.EmbeddingGemma2Model),
+    "embedding_gemma2_text": (embedding_gemma2.EmbeddingGemma2TextConfig, embedding_gemma2.EmbeddingGemma2TextModel),
 }
 
 CLASSES = {
@@ -37,6 +39,7 @@ CLASSES = {
         stablelm.StableLmForTokenClassification,
         t5gemma2.T5Gemma2Model, t5gemma2.T5Gemma2ForConditionalGeneration,
         t5gemma2.T5Gemma2ForSequenceClassification, t5gemma2.T5Gemma2ForTokenClassification,
+        embedding_gemma2.EmbeddingGemma2TextModel, embedding_gemma2.EmbeddingGemma2Model,
     )
 }
 
@@ -55,6 +58,12 @@ def has_vision(model) -> bool:
 def is_drafter(model) -> bool:
     """Gemma 4's assistant: drafts for a Gemma 4 from its states (--draft-model); runs on no model of its own."""
     return bool(getattr(model, "is_drafter", False))
+
+
+def is_embedder(model) -> bool:
+    """EmbeddingGemma 2: encodes inputs into last_hidden_state (B, L, embedding_dim) to pool; no head, no cache,
+    nothing to generate."""
+    return bool(getattr(model, "is_embedder", False))
 
 
 def is_encoder_decoder(model) -> bool:
@@ -96,7 +105,7 @@ def config_from_dict(d: dict, source: str = "config.json"):
         text = text_config_of(d, model_type + "_text")
         return gemma4.Gemma4TextConfig.from_dict(text, source=f"{source} (text_config)", require=False)
     if model_type in ("gemma3", "gemma4", "gemma4_unified", "gemma4_assistant", "gemma4_unified_assistant",
-                      "t5gemma2"):  # shapes in sub-configs, with defaults
+                      "t5gemma2", "embedding_gemma2"):  # shapes in sub-configs, with defaults
         return config_class.from_dict(d, source=source, require=False)
     return config_class.from_dict(d, source=source)
 

@@ -85,7 +85,7 @@ class Gemma4TextConfig(BaseConfig):
         check_layer_types(layer_types, self.num_hidden_layers)
         layer_types[-1] = FULL  # transformers forces the last layer to full attention (with a warning)
         self.layer_types = layer_types
-        self.rope_parameters = self._rope_per_type()
+        self.rope_parameters = rope_per_type(self.rope_parameters, self.layer_types, DEFAULT_ROPE)
         self._attention_shapes()
         self._kv_sharing()
         self._check_sizes()
@@ -95,66 +95,18 @@ class Gemma4TextConfig(BaseConfig):
         """"vision" only changes the masks of image tokens, which a text model never sees: causal here."""
         return self.use_bidirectional_attention == "all"
 
-    def _rope_per_type(self) -> dict:
-        """One rope per layer type, nested by type (transformers reads no flat or legacy form for Gemma 4)."""
-        given = DEFAULT_ROPE if self.rope_parameters is None else self.rope_parameters
-        params = {}
-        for t in sorted(set(self.layer_types)):
-            p = given.get(t)
-            if not isinstance(p, dict):
-                raise MlxGemmaError(f"config.json: rope_parameters has no {t!r} entry (Gemma 4 nests its rope "
-                                    "parameters by layer type)")
-            p = dict(p)
-            p.setdefault("rope_type", p.get("type", "default"))
-            check_rope(p, f"rope_parameters.{t}", ROPE_TYPES)
-            if p["rope_type"] == "linear" and p.get("partial_rotary_factor", 1.0) != 1.0:
-                raise MlxGemmaError(f"config.json: rope_parameters.{t} is a partial linear rope, which transformers' "
-                                    "Gemma 4 cannot apply either (its cos/sin would not cover the head)")
-            params[t] = p
-        return params
-
     def _attention_shapes(self) -> None:
         """head_dims and kv_heads per layer type. The released configs give global_head_dim (default 512) and
         num_global_key_value_heads (read only with attention_k_eq_v); configs saved by transformers 5 give
         per_layer_config overrides instead, and then those two are ignored, as transformers ignores them."""
-        base = {"head_dim": self.head_dim, "num_key_value_heads": self.num_key_value_heads}
         if self.per_layer_config is None:
             full = {"head_dim": self.global_head_dim}
             if self.attention_k_eq_v and self.num_global_key_value_heads is not None:
                 full["num_key_value_heads"] = self.num_global_key_value_heads
             overrides = {i: full for i, t in enumerate(self.layer_types) if t == FULL}
         else:
-            overrides = self._per_layer_overrides()
-        shapes = {}
-        for i, t in enumerate(self.layer_types):
-            layer = dict(base, **overrides.get(i, {}))
-            if shapes.setdefault(t, layer) != layer:
-                raise MlxGemmaError(f"config.json: per_layer_config gives {t} layers different head sizes or KV heads; "
-                                    "Gemma 4 takes one shape per layer type (as transformers' rope does)")
-        for t, s in shapes.items():
-            d, kv = s["head_dim"], s["num_key_value_heads"]
-            if not (isinstance(d, int) and 0 < d <= MAX_SIZE and d % 2 == 0):
-                raise MlxGemmaError(f"config.json: the {t} layers' head_dim is {d!r}, expected a positive even size")
-            if not (isinstance(kv, int) and 0 < kv and self.num_attention_heads % kv == 0):
-                raise MlxGemmaError(f"config.json: the {t} layers have {kv!r} KV heads, which must divide "
-                                    f"num_attention_heads {self.num_attention_heads}")
-            if self.num_attention_heads * d > MAX_SIZE:
-                raise MlxGemmaError("config.json: num_attention_heads x head_dim is more than an MLX dimension holds")
-        self.head_dims = {t: s["head_dim"] for t, s in shapes.items()}
-        self.kv_heads = {t: s["num_key_value_heads"] for t, s in shapes.items()}
-
-    def _per_layer_overrides(self) -> dict:
-        out = {}
-        for key, value in self.per_layer_config.items():
-            index = int(key) if isinstance(key, str) and key.isdigit() else -1
-            if not 0 <= index < self.num_hidden_layers or not isinstance(value, dict):
-                raise MlxGemmaError(f"config.json: per_layer_config key {key!r} is not a layer index with an object")
-            unknown = sorted(set(value) - {"head_dim", "num_key_value_heads"})
-            if unknown:
-                raise MlxGemmaError(f"config.json: per_layer_config overrides {', '.join(unknown)} of layer {index}; "
-                                    "mlxgemma reads only head_dim and num_key_value_heads there")
-            out[index] = value
-        return out
+            overrides = per_layer_overrides(self.per_layer_config, self.num_hidden_layers)
+        self.head_dims, self.kv_heads = attention_shapes(self, overrides)
 
     def _kv_sharing(self) -> None:
         """The last num_kv_shared_layers layers own no keys and values: each reads those of the LAST earlier
@@ -190,3 +142,61 @@ class Gemma4TextConfig(BaseConfig):
             if self.top_k_experts > self.num_experts:
                 raise MlxGemmaError(f"config.json: top_k_experts {self.top_k_experts} is more than num_experts "
                                     f"{self.num_experts}")
+
+
+def rope_per_type(rope_parameters: Optional[dict], layer_types: list, default: dict) -> dict:
+    """One rope per layer type, nested by type (transformers reads no flat or legacy form for Gemma 4 and the
+    families built on it); `default` when the config gives none."""
+    given = default if rope_parameters is None else rope_parameters
+    params = {}
+    for t in sorted(set(layer_types)):
+        p = given.get(t)
+        if not isinstance(p, dict):
+            raise MlxGemmaError(f"config.json: rope_parameters has no {t!r} entry (Gemma 4 nests its rope "
+                                "parameters by layer type)")
+        p = dict(p)
+        p.setdefault("rope_type", p.get("type", "default"))
+        check_rope(p, f"rope_parameters.{t}", ROPE_TYPES)
+        if p["rope_type"] == "linear" and p.get("partial_rotary_factor", 1.0) != 1.0:
+            raise MlxGemmaError(f"config.json: rope_parameters.{t} is a partial linear rope, which transformers' "
+                                "Gemma 4 cannot apply either (its cos/sin would not cover the head)")
+        params[t] = p
+    return params
+
+
+def per_layer_overrides(per_layer_config: dict, num_hidden_layers: int) -> dict:
+    """per_layer_config as transformers 5 saves it ({"03": {"head_dim": 512, ...}}) -> {3: {...}}, checked."""
+    out = {}
+    for key, value in per_layer_config.items():
+        index = int(key) if isinstance(key, str) and key.isdigit() else -1
+        if not 0 <= index < num_hidden_layers or not isinstance(value, dict):
+            raise MlxGemmaError(f"config.json: per_layer_config key {key!r} is not a layer index with an object")
+        unknown = sorted(set(value) - {"head_dim", "num_key_value_heads"})
+        if unknown:
+            raise MlxGemmaError(f"config.json: per_layer_config overrides {', '.join(unknown)} of layer {index}; "
+                                "mlxgemma reads only head_dim and num_key_value_heads there")
+        out[index] = value
+    return out
+
+
+def attention_shapes(config, overrides: dict) -> tuple:
+    """({layer type: head size}, {layer type: KV heads}) of a config (head_dim, num_key_value_heads,
+    num_attention_heads, layer_types) with per-layer overrides, each type of one shape, checked."""
+    base = {"head_dim": config.head_dim, "num_key_value_heads": config.num_key_value_heads}
+    shapes = {}
+    for i, t in enumerate(config.layer_types):
+        layer = dict(base, **overrides.get(i, {}))
+        if shapes.setdefault(t, layer) != layer:
+            raise MlxGemmaError(f"config.json: per_layer_config gives {t} layers different head sizes or KV heads; "
+                                "Gemma 4 takes one shape per layer type (as transformers' rope does)")
+    heads = config.num_attention_heads
+    for t, s in shapes.items():
+        d, kv = s["head_dim"], s["num_key_value_heads"]
+        if not (isinstance(d, int) and 0 < d <= MAX_SIZE and d % 2 == 0):
+            raise MlxGemmaError(f"config.json: the {t} layers' head_dim is {d!r}, expected a positive even size")
+        if not (isinstance(kv, int) and 0 < kv and heads % kv == 0):
+            raise MlxGemmaError(f"config.json: the {t} layers have {kv!r} KV heads, which must divide "
+                                f"num_attention_heads {heads}")
+        if heads * d > MAX_SIZE:
+            raise MlxGemmaError("config.json: num_attention_heads x head_dim is more than an MLX dimension holds")
+    return {t: s["head_dim"] for t, s in shapes.items()}, {t: s["num_key_value_heads"] for t, s in shapes.items()}

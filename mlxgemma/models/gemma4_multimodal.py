@@ -110,35 +110,27 @@ def _array(x, dtype=None) -> mx.array:
     return x if dtype is None else x.astype(dtype)
 
 
-class Gemma4ForConditionalGeneration(Gemma4PreTrainedModel):
-    """model(input_ids, pixel_values=..., image_position_ids=..., input_features=..., input_features_mask=...,
-    pixel_values_videos=..., video_position_ids=..., mm_token_type_ids=...) -> logits (B, L, vocab), with
-    transformers' keyword names. media_features (n, D): every placeholder's features already encoded, in prompt
-    order (encode_media's output, concatenated), stand in for the media. Without media it is Gemma 4's text
-    model (mlx-lm's interface: __call__(inputs, cache=None), layers, make_cache)."""
+class Gemma4MediaTowers:
+    """Gemma 4's towers and what a model does with them (transformers' Gemma4Model and EmbeddingGemma2Model
+    share it, so do Gemma4ForConditionalGeneration and embedding_gemma2.EmbeddingGemma2Model here): the towers
+    and their embedders, each medium's features, and their merge into the text embeddings at the placeholder
+    tokens. A model sets self.config (the token ids, vision_config, audio_config) and calls add_towers."""
 
-    has_vision = True
-    vision_tower_name = "vision_tower"
-    readme_usage = ("```python\nimport mlxgemma\nmodel, processor = mlxgemma.load(\"path/to/this/folder\")\n"
-                    "print(mlxgemma.generate(model, processor, \"Describe this photo.\", image=\"photo.jpg\"))\n```\n")
+    checkpoint_name = "Gemma 4"  # (what the errors call a checkpoint without a tower)
+    # The modules of each medium: the towers and their embedders (Gemma 4 unified has its own).
+    vision_modules, audio_modules = ("vision_tower", "embed_vision"), ("audio_tower", "embed_audio")
+    media_weights = ("vision_tower.", "audio_tower.")  # (sanitized names) what only a checkpoint with media has
 
-    def __init__(self, config: Gemma4Config):
-        super().__init__()
-        self.config = config
-        text = config.text_config
-        self.language_model = Gemma4ForCausalLM(text)
+    def add_towers(self, config, text_hidden_size: int) -> None:
+        """The towers the config names, each with its embedder to the text width."""
         if config.vision_config is not None:
             self.vision_tower = Gemma4VisionModel(config.vision_config)
-            self.embed_vision = Gemma4MultimodalEmbedder(config.vision_config.hidden_size, text.hidden_size,
+            self.embed_vision = Gemma4MultimodalEmbedder(config.vision_config.hidden_size, text_hidden_size,
                                                          config.vision_config.rms_norm_eps)
         if config.audio_config is not None:
             self.audio_tower = Gemma4AudioModel(config.audio_config)
-            self.embed_audio = Gemma4MultimodalEmbedder(config.audio_config.output_proj_dims, text.hidden_size,
+            self.embed_audio = Gemma4MultimodalEmbedder(config.audio_config.output_proj_dims, text_hidden_size,
                                                         config.audio_config.rms_norm_eps)
-
-    @property
-    def layers(self):
-        return self.language_model.layers
 
     @property
     def media_token_ids(self) -> dict:
@@ -147,15 +139,6 @@ class Gemma4ForConditionalGeneration(Gemma4PreTrainedModel):
         return {t: kind for t, kind in ((c.image_token_id, IMAGE), (c.video_token_id, VIDEO),
                                         (c.audio_token_id, AUDIO)) if t is not None}
 
-    def make_cache(self, max_kv_size=None):
-        return self.language_model.make_cache(max_kv_size)
-
-    def get_decoder(self):
-        return self.language_model.get_decoder()
-
-    # The modules of each medium: the towers and their embedders (Gemma 4 unified has its own).
-    vision_modules, audio_modules = ("vision_tower", "embed_vision"), ("audio_tower", "embed_audio")
-
     def in_vision_tower(self, path: str) -> bool:
         """Both towers and their embedders stay whole on every rank and keep their own bits (in_audio_tower
         tells them apart)."""
@@ -163,19 +146,6 @@ class Gemma4ForConditionalGeneration(Gemma4PreTrainedModel):
 
     def in_audio_tower(self, path: str) -> bool:
         return any(f".{name}." in f".{path}." for name in self.audio_modules)
-
-    media_weights = ("vision_tower.", "audio_tower.")  # (sanitized names) what only a checkpoint with media has
-
-    def part_for(self, weights: dict):
-        """A checkpoint without its towers (mlx-lm's converter drops them) fills the text model alone."""
-        if any(k.startswith(self.media_weights) for k in weights):
-            return self, weights
-        return self.language_model, {k.removeprefix("language_model."): v for k, v in weights.items()}
-
-    def load_processor(self, path, tokenizer):
-        from ..media.gemma4_processor import Gemma4Processor
-
-        return Gemma4Processor.from_pretrained(path, tokenizer, self.config)
 
     # The towers. Each returns the features of its inputs after the embedder, one (n, D) array per item.
 
@@ -207,7 +177,8 @@ class Gemma4ForConditionalGeneration(Gemma4PreTrainedModel):
 
     def _tower(self, name: str, what: str):
         if name not in self:
-            raise MlxGemmaError(f"this Gemma 4 checkpoint has no {name.replace('_', ' ')}: it takes no {what}")
+            raise MlxGemmaError(f"this {self.checkpoint_name} checkpoint has no {name.replace('_', ' ')}: it takes "
+                                f"no {what}")
         return getattr(self, name)
 
     def encode_media(self, items: List[dict]) -> List[mx.array]:
@@ -232,6 +203,96 @@ class Gemma4ForConditionalGeneration(Gemma4PreTrainedModel):
                 out[i] = f
         return out
 
+    def embed_with_media(self, raw: mx.array, embed, pad_token_id, pixel_values=None, image_position_ids=None,
+                         input_features=None, input_features_mask=None, pixel_values_videos=None,
+                         video_position_ids=None, num_frames_per_video=None, media_features=None) -> tuple:
+        """(ids with the placeholders as the pad token, their embeddings `embed(ids)` with the media features at
+        the placeholders: transformers embeds placeholders as the pad token, then masked_scatters each medium's
+        features in; media_features, every placeholder's already encoded in prompt order, stand in for the
+        media)."""
+        slots = {kind: raw == t for t, kind in self.media_token_ids.items()}
+        any_slot = mx.zeros(raw.shape, dtype=mx.bool_)
+        for s in slots.values():
+            any_slot = any_slot | s
+        ids = mx.where(any_slot, pad_token_id if pad_token_id is not None else 0, raw)
+        h = embed(ids)
+        given = [f for f in (pixel_values, input_features, pixel_values_videos) if f is not None]
+        if media_features is not None and given:
+            raise MlxGemmaError("give media_features or the media themselves, not both")
+        if media_features is not None:
+            return ids, scatter(h, any_slot, _array(media_features), "media")
+        if pixel_values is not None:
+            h = scatter(h, slots[IMAGE], mx.concatenate(self.get_image_features(pixel_values, image_position_ids)),
+                        "image")
+        if pixel_values_videos is not None:
+            h = scatter(h, slots[VIDEO], mx.concatenate(self.get_video_features(
+                pixel_values_videos, video_position_ids, num_frames_per_video)), "video")
+        if input_features is not None:
+            if input_features_mask is None:
+                raise MlxGemmaError("input_features need their input_features_mask (the processor gives it)")
+            h = scatter(h, slots[AUDIO], mx.concatenate(self.get_audio_features(input_features,
+                                                                                input_features_mask)), "audio")
+        if not given and bool(any_slot.any()):
+            raise MlxGemmaError("input_ids hold media placeholder tokens but no media were given")
+        return ids, h
+
+    def sanitize_towers(self, weights: dict) -> dict:
+        """The towers' weights through their own key fixes (each tower's sanitize); those of a tower the config
+        leaves out dropped, as transformers does not use them."""
+        out = dict(weights)
+        for name in ("vision_tower", "audio_tower"):
+            part = {k.removeprefix(name + "."): v for k, v in out.items() if k.startswith(name + ".")}
+            if not part:
+                continue
+            out = {k: v for k, v in out.items() if not k.startswith(name + ".")}
+            if name in self:
+                out.update({f"{name}.{k}": v for k, v in getattr(self, name).sanitize(part).items()})
+        for tower, embedder in (("vision_tower", "embed_vision"), ("audio_tower", "embed_audio")):
+            if tower not in self:
+                out = {k: v for k, v in out.items() if not k.startswith((tower + ".", embedder + "."))}
+        return out
+
+
+class Gemma4ForConditionalGeneration(Gemma4MediaTowers, Gemma4PreTrainedModel):
+    """model(input_ids, pixel_values=..., image_position_ids=..., input_features=..., input_features_mask=...,
+    pixel_values_videos=..., video_position_ids=..., mm_token_type_ids=...) -> logits (B, L, vocab), with
+    transformers' keyword names. media_features (n, D): every placeholder's features already encoded, in prompt
+    order (encode_media's output, concatenated), stand in for the media. Without media it is Gemma 4's text
+    model (mlx-lm's interface: __call__(inputs, cache=None), layers, make_cache)."""
+
+    has_vision = True
+    vision_tower_name = "vision_tower"
+    readme_usage = ("```python\nimport mlxgemma\nmodel, processor = mlxgemma.load(\"path/to/this/folder\")\n"
+                    "print(mlxgemma.generate(model, processor, \"Describe this photo.\", image=\"photo.jpg\"))\n```\n")
+
+    def __init__(self, config: Gemma4Config):
+        super().__init__()
+        self.config = config
+        text = config.text_config
+        self.language_model = Gemma4ForCausalLM(text)
+        self.add_towers(config, text.hidden_size)
+
+    @property
+    def layers(self):
+        return self.language_model.layers
+
+    def make_cache(self, max_kv_size=None):
+        return self.language_model.make_cache(max_kv_size)
+
+    def get_decoder(self):
+        return self.language_model.get_decoder()
+
+    def part_for(self, weights: dict):
+        """A checkpoint without its towers (mlx-lm's converter drops them) fills the text model alone."""
+        if any(k.startswith(self.media_weights) for k in weights):
+            return self, weights
+        return self.language_model, {k.removeprefix("language_model."): v for k, v in weights.items()}
+
+    def load_processor(self, path, tokenizer):
+        from ..media.gemma4_processor import Gemma4Processor
+
+        return Gemma4Processor.from_pretrained(path, tokenizer, self.config)
+
     def media_inputs(self, features: Optional[mx.array], token_types) -> dict:
         """The keywords that give a forward already-encoded media features and the chunk's token types."""
         return {"media_features": features, "mm_token_type_ids": token_types}
@@ -252,36 +313,13 @@ class Gemma4ForConditionalGeneration(Gemma4PreTrainedModel):
         image blocks where the mask needs them)."""
         text = self.config.text_config
         raw = as_input_ids(input_ids, text.vocab_size)
-        tokens = self.media_token_ids
-        slots = {kind: raw == t for t, kind in tokens.items()}
         if raw.shape[1] == 1 and media_features is None and pixel_values is None and input_features is None \
                 and pixel_values_videos is None:  # a decode step: no sync, no media
             return raw, {}
-        any_slot = mx.zeros(raw.shape, dtype=mx.bool_)
-        for s in slots.values():
-            any_slot = any_slot | s
-        pad = text.pad_token_id if text.pad_token_id is not None else 0
-        ids = mx.where(any_slot, pad, raw)
-        h = scaled_embedding(self.language_model.model.embed_tokens, ids, text.hidden_size)
-        given = [f for f in (pixel_values, input_features, pixel_values_videos) if f is not None]
-        if media_features is not None and given:
-            raise MlxGemmaError("give media_features or the media themselves, not both")
-        if media_features is not None:
-            h = scatter(h, any_slot, _array(media_features), "media")
-        else:
-            if pixel_values is not None:
-                h = scatter(h, slots[IMAGE], mx.concatenate(self.get_image_features(pixel_values, image_position_ids)),
-                            "image")
-            if pixel_values_videos is not None:
-                h = scatter(h, slots[VIDEO], mx.concatenate(self.get_video_features(
-                    pixel_values_videos, video_position_ids, num_frames_per_video)), "video")
-            if input_features is not None:
-                if input_features_mask is None:
-                    raise MlxGemmaError("input_features need their input_features_mask (the processor gives it)")
-                h = scatter(h, slots[AUDIO], mx.concatenate(self.get_audio_features(input_features,
-                                                                                    input_features_mask)), "audio")
-            if not given and bool(any_slot.any()):
-                raise MlxGemmaError("input_ids hold media placeholder tokens but no media were given")
+        ids, h = self.embed_with_media(
+            raw, lambda ids: scaled_embedding(self.language_model.model.embed_tokens, ids, text.hidden_size),
+            text.pad_token_id, pixel_values, image_position_ids, input_features, input_features_mask,
+            pixel_values_videos, video_position_ids, num_frames_per_video, media_features)
         inputs = {"inputs_embeds": h}
         if mm_token_type_ids is not None and text.use_bidirectional_attention == "vision":
             inputs["blocks"] = image_blocks(mm_token_type_ids, kinds=(IMAGE, VIDEO))
@@ -327,17 +365,7 @@ class Gemma4ForConditionalGeneration(Gemma4PreTrainedModel):
         text = {k.removeprefix("language_model."): v for k, v in out.items() if k.startswith("language_model.")}
         out = {k: v for k, v in out.items() if not k.startswith("language_model.")}
         out.update({f"language_model.{k}": v for k, v in self.language_model.sanitize(text).items()})
-        for name in ("vision_tower", "audio_tower"):
-            part = {k.removeprefix(name + "."): v for k, v in out.items() if k.startswith(name + ".")}
-            if not part:
-                continue
-            out = {k: v for k, v in out.items() if not k.startswith(name + ".")}
-            if name in self:
-                out.update({f"{name}.{k}": v for k, v in getattr(self, name).sanitize(part).items()})
-        for tower, embedder in (("vision_tower", "embed_vision"), ("audio_tower", "embed_audio")):
-            if tower not in self:  # (weights of a tower the config leaves out are not used, as in transformers)
-                out = {k: v for k, v in out.items() if not k.startswith((tower + ".", embedder + "."))}
-        return out
+        return self.sanitize_towers(out)
 
 
 def _split(x: mx.array, sizes: List[int]) -> List[mx.array]:
