@@ -99,7 +99,15 @@ def ckpt(tmp_path_factory, reference):
     hf.save_pretrained(path)
     reference.save_pretrained(path)
     model, processor = mlxgemma.load(path)
-    return hf, model, processor
+    return hf, encoder(model), processor
+
+
+def encoder(model):
+    """mlxgemma.load's embedding model (pooled, normalised: models/embedding.py) holds the encoder compared here."""
+    from mlxgemma.models.embedding import SentenceEmbedding
+
+    assert isinstance(model, SentenceEmbedding) and model.normalize and not model.dense
+    return model.model
 
 
 def hf_states(hf, inputs: dict) -> np.ndarray:
@@ -266,6 +274,7 @@ def test_sentence_transformers_folder(tmp_path):
     texts = ["The weather is lovely today.", "He drove to the stadium.", "ok"]
     expected = st.encode(texts)
     model, processor = mlxgemma.load(tmp_path / "st")
+    model = encoder(model)
     inputs = processor(texts)
     h, mask = ours(model, inputs), inputs["attention_mask"][..., None]
     pooled = (h * mask).sum(1) / mask.sum(1)
@@ -280,7 +289,7 @@ def test_text_model_checkpoint_and_registry(tmp_path):
 
     hf = hf_model(seed=3, cls=transformers.EmbeddingGemma2TextModel)
     hf.save_pretrained(tmp_path / "text")
-    model = mlxgemma.load_model(tmp_path / "text")
+    model = encoder(mlxgemma.load_model(tmp_path / "text"))
     assert isinstance(model, EmbeddingGemma2TextModel) and model.embedding_dim == TEXT["embedding_dim"]
     ids = np.random.default_rng(0).integers(3, 300, (1, 12))
     assert diff(np.array(model(ids)), hf_states(hf, {"input_ids": ids})) <= TOL
@@ -323,6 +332,7 @@ def test_bad_inputs(ckpt, tmp_path):
     with pytest.raises(MlxGemmaError, match="attention_mask has shape"):
         model(text["input_ids"], attention_mask=text["attention_mask"][:, :-1])
     deaf, deaf_processor = mlxgemma.load(save(tmp_path / "no_audio", hf_model(seed=1, audio=False)))
+    deaf = encoder(deaf)
     with pytest.raises(MlxGemmaError, match="EmbeddingGemma 2 checkpoint has no audio_config"):
         deaf_processor("<|audio|>", audio=[media.tone(0.5)])
     clip = processor("<|audio|>", audio=[media.tone(0.5)])

@@ -3,9 +3,13 @@
 Texts are prefixed with the prompt (a name from the model's prompts, e.g. "query" -> "task: search result |
 query: ", or a string) and tokenized as sentence-transformers tokenizes them: the tokenizer's own special
 tokens (EmbeddingGemma adds <bos> and <eos>), truncated to the model's max_seq_length (longer inputs are cut,
-as the reference cuts them: `truncated` counts them). Inputs are sorted by length into batches of
-`batch_size`, right-padded (the encoder is bidirectional and masks padding keys, so each row equals its
-input alone), and put back in order.
+as the reference cuts them). Inputs are sorted by length into batches of `batch_size`, right-padded (the
+encoder is bidirectional and masks padding keys, so each row equals its input alone), and put back in order.
+
+EmbeddingGemma 2 also embeds media: an input {"image": ..., "audio": ..., "video": ..., "text": ...} (each
+optional, a path, an image or an array, or a list of them) is laid out by its processor as the prompt, one
+placeholder per item (images, then videos, then audio, space-separated: transformers' layout when no text is
+given), then " " and the text; such inputs run one at a time.
 """
 
 from typing import List, Optional, Sequence, Union
@@ -45,7 +49,7 @@ def token_lists(model, tokenizer, inputs: Inputs, prompt: str = "", truncate: bo
     items = as_items(inputs)
     limit = model.max_seq_length
     texts = [prompt + x for x in items if isinstance(x, str)]
-    hf = getattr(tokenizer, "_tokenizer", tokenizer)  # (mlx-lm's TokenizerWrapper holds the Hugging Face one)
+    hf = hugging_face_tokenizer(tokenizer)
     options = dict(truncation=True, max_length=limit) if limit and truncate else {}
     encoded = iter(hf(texts, **options)["input_ids"] if texts else [])
     vocab = model.config.vocab_size
@@ -64,9 +68,19 @@ def token_lists(model, tokenizer, inputs: Inputs, prompt: str = "", truncate: bo
     return out
 
 
+MEDIA = ("image", "audio", "video")
+
+
+def hugging_face_tokenizer(tokenizer):
+    """The Hugging Face tokenizer of what mlxgemma.load gives: mlx-lm's TokenizerWrapper holds it, a processor
+    holds that wrapper."""
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer) if hasattr(tokenizer, "prepare") else tokenizer
+    return tokenizer._tokenizer if type(tokenizer).__name__ == "TokenizerWrapper" else tokenizer
+
+
 def as_items(inputs: Inputs) -> list:
-    """A list of inputs, each a string or a non-empty list of token ids."""
-    if isinstance(inputs, str):
+    """A list of inputs, each a string, a non-empty list of token ids, or a dict of media (and text)."""
+    if isinstance(inputs, (str, dict)):
         return [inputs]
     items = list(inputs) if isinstance(inputs, (list, tuple)) else None
     if not items:
@@ -74,9 +88,25 @@ def as_items(inputs: Inputs) -> list:
     if all(isinstance(t, int) and not isinstance(t, bool) for t in items):
         return [items]  # one list of ids
     for x in items:
-        if not isinstance(x, (str, list, tuple)) or (not isinstance(x, str) and not x):
-            raise MlxGemmaError("each input is a string or a non-empty list of token ids")
-    return [x if isinstance(x, str) else list(x) for x in items]
+        if isinstance(x, dict):
+            unknown = sorted(set(x) - {"text", *MEDIA})
+            if unknown or not any(x.get(k) is not None for k in MEDIA):
+                raise MlxGemmaError(f"a media input is a dict of {', '.join(MEDIA)} (at least one) and text"
+                                    + (f"; got {', '.join(map(repr, unknown))}" if unknown else ""))
+        elif not isinstance(x, (str, list, tuple)) or (not isinstance(x, str) and not x):
+            raise MlxGemmaError("each input is a string, a non-empty list of token ids, or a dict of media")
+    return [x if isinstance(x, (str, dict)) else list(x) for x in items]
+
+
+def media_inputs(processor, item: dict, prompt: str) -> dict:
+    """The processor's inputs for one media input (see the module's docstring)."""
+    if not hasattr(processor, "prepare"):
+        raise MlxGemmaError("this embedding model takes text only: images, audio and video need EmbeddingGemma 2")
+    given = {k: item.get(k) for k in MEDIA}
+    given = {k: [] if v is None else list(v) if isinstance(v, (list, tuple)) else [v] for k, v in given.items()}
+    marks = [processor.marks[k] for k in ("image", "video", "audio") for _ in given[k]]
+    text = prompt + " ".join(marks) + (" " + item["text"] if item.get("text") else "")
+    return processor(text, images=given["image"], audio=given["audio"], videos=given["video"])
 
 
 def embed_ids(model, ids: List[List[int]], dim: Optional[int] = None, normalize: bool = True,
@@ -109,5 +139,23 @@ def embed(model, tokenizer, inputs: Inputs, *, prompt_name: Optional[str] = None
     prompt: a prefix of your own. dim: Matryoshka truncation (re-normalised with normalize). normalize=False
     keeps the model's own output (EmbeddingGemma's is unit length: its pipeline normalises)."""
     check_embedder(model)
-    ids = token_lists(model, tokenizer, inputs, prompt_text(model, prompt_name, prompt))
-    return embed_ids(model, ids, dim, normalize, batch_size, progress)
+    items, prompt = as_items(inputs), prompt_text(model, prompt_name, prompt)
+    media = [i for i, x in enumerate(items) if isinstance(x, dict)]
+    if not media:
+        return embed_ids(model, token_lists(model, tokenizer, items, prompt), dim, normalize, batch_size, progress)
+    truncated(mx.zeros((1, model.dimensions)), dim, model.dimensions, normalize)  # (checks dim before any work)
+    out = [None] * len(items)
+    rest = [i for i in range(len(items)) if i not in set(media)]
+    if rest:
+        vectors = embed_ids(model, token_lists(model, tokenizer, [items[i] for i in rest], prompt), dim, normalize,
+                            batch_size)
+        for b, i in enumerate(rest):
+            out[i] = vectors[b]
+    for n, i in enumerate(media):
+        inputs = dict(media_inputs(tokenizer, items[i], prompt))
+        ids, mask = mx.array(inputs.pop("input_ids")), inputs.pop("attention_mask", None)
+        vector = model(ids, attention_mask=None if mask is None else mx.array(mask).astype(mx.bool_), **inputs)
+        out[i] = truncated(vector, dim, model.dimensions, normalize)[0]
+        if progress is not None:
+            progress(len(rest) + n + 1, len(items))
+    return mx.stack(out).astype(mx.float32)
