@@ -4,8 +4,9 @@
     echo "where did I park" | python -m mlxgemma.embed --model PATH --prompt-name query --dim 256
     python -m mlxgemma.embed --model PATH --output vectors.npy < lines.txt
 
-Each file is one input (its whole UTF-8 text); without files each line of standard input is one (empty lines
-skipped). The Python API is mlxgemma.embed (embedding/encode.py)."""
+Each file is one input: its whole UTF-8 text, or (EmbeddingGemma 2) an image, audio or video file by its
+suffix; without files each line of standard input is one (empty lines skipped). The Python API is
+mlxgemma.embed (embedding/encode.py)."""
 
 import argparse
 import json
@@ -18,11 +19,14 @@ from .embedding.encode import embed
 from .errors import MlxGemmaError
 
 __all__ = ["embed", "main"]
+MEDIA = {"image": {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}, "audio": {".wav", ".mp3", ".m4a", ".flac", ".ogg"},
+         "video": {".mp4", ".mov", ".mkv", ".webm", ".avi"}}
 
 
 def configure_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mlxgemma.embed", description="Embed texts with EmbeddingGemma.")
-    p.add_argument("files", nargs="*", help="text files, one input each (default: standard input, a line each)")
+    p.add_argument("files", nargs="*", help="text files (and, for EmbeddingGemma 2, images, audio, video), one input "
+                   "each (default: standard input, a line each)")
     p.add_argument("--model", required=True, help="an embedding model: a sentence-transformers folder "
                    "(EmbeddingGemma), EmbeddingGemma 2, or their Hub ids")
     p.add_argument("--prompt-name", default=None, help="one of the model's prompts, e.g. query or document")
@@ -41,6 +45,12 @@ def read_inputs(files: List[str]) -> tuple:
     if files:
         texts = []
         for f in files:
+            kind = next((k for k, suffixes in MEDIA.items() if Path(f).suffix.lower() in suffixes), None)
+            if kind is not None:
+                if not Path(f).is_file():
+                    raise MlxGemmaError(f"{f}: no such file")
+                texts.append({kind: f})
+                continue
             try:
                 texts.append(Path(f).read_text(encoding="utf-8"))
             except FileNotFoundError:

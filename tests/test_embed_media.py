@@ -22,7 +22,7 @@ def pair(tmp_path_factory, reference):  # noqa: F811
     reference.save_pretrained(path)
     model, processor = mlxgemma.load(path)
     model.prompts = PROMPTS  # (a sentence-transformers folder would carry them)
-    return hf, model, processor
+    return hf, model, processor, path
 
 
 def _expected(hf, reference, text=None, **media_inputs):  # noqa: F811
@@ -34,7 +34,7 @@ def _expected(hf, reference, text=None, **media_inputs):  # noqa: F811
 
 
 def test_text_and_media(pair, reference):  # noqa: F811
-    hf, model, processor = pair
+    hf, model, processor, _ = pair
     image, clip = media.image(30, 44, seed=1), media.tone(0.4)
     frames = np.random.default_rng(0).integers(0, 256, (3, 20, 28, 3), dtype=np.uint8)
     inputs = ["The weather is lovely today.", {"image": image}, "ok", {"audio": clip},
@@ -62,3 +62,19 @@ def test_media_for_a_text_only_embedder(tmp_path):
         mlxgemma.embed(model, tok, [{"image": media.image(8, 8)}])
     with pytest.raises(MlxGemmaError, match="a media input is a dict of image, audio, video"):
         mlxgemma.embed(model, tok, [{"picture": "x.png"}])
+
+
+def test_command_line_with_an_image(pair, tmp_path, capsys):
+    """python -m mlxgemma.embed takes an image file as a media input (by its suffix), beside a text file."""
+    import json
+
+    from mlxgemma.embed import main
+
+    _, model, processor, path = pair
+    media.image(30, 44, seed=1).save(tmp_path / "photo.png")
+    (tmp_path / "note.txt").write_text("The weather is lovely today.")
+    assert main(["--model", str(path), str(tmp_path / "photo.png"), str(tmp_path / "note.txt")]) == 0
+    rows = [json.loads(line)["embedding"] for line in capsys.readouterr().out.splitlines()]
+    expected = np.array(mlxgemma.embed(model, processor, [{"image": str(tmp_path / "photo.png")},
+                                                          "The weather is lovely today."]))
+    assert len(rows) == 2 and np.max(np.abs(np.array(rows) - expected)) <= 1e-6
