@@ -78,3 +78,20 @@ def test_command_line_with_an_image(pair, tmp_path, capsys):
     expected = np.array(mlxgemma.embed(model, processor, [{"image": str(tmp_path / "photo.png")},
                                                           "The weather is lovely today."]))
     assert len(rows) == 2 and np.max(np.abs(np.array(rows) - expected)) <= 1e-6
+
+
+@pytest.mark.slow
+def test_convert_and_quantize(pair, tmp_path):
+    """convert writes EmbeddingGemma 2 so that it embeds as the source does (float: equal); -q quantizes the
+    encoder with the recipe and its towers at --q-vision-bits / --q-audio-bits."""
+    from mlxgemma.checkpoints.convert import convert
+
+    _, model, processor, path = pair
+    inputs = ["hello there", {"image": media.image(30, 44, seed=1)}, {"audio": media.tone(0.4)}]
+    ref = np.array(mlxgemma.embed(model, processor, inputs))
+    assert np.max(np.abs(np.array(mlxgemma.embed(*mlxgemma.load(convert(path, tmp_path / "f")), inputs)) - ref)) == 0
+    q, qp = mlxgemma.load(convert(path, tmp_path / "q", quantize=True, q_group_size=32, q_vision_bits=8))
+    bits = {n: m.bits for n, m in q.model.named_modules() if hasattr(m, "bits") and "scales" in m}
+    assert bits and all(b == 8 for n, b in bits.items() if q.model.in_vision_tower(n))
+    assert any(b == 4 for n, b in bits.items() if n.startswith("language_model.layers"))
+    assert np.array(mlxgemma.embed(q, qp, inputs)).shape == ref.shape

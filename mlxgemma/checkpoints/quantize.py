@@ -43,7 +43,8 @@ def quantize(model: nn.Module, config: dict, bits: int, group_size: int, recipe=
     from mlx_lm.utils import quantize_model
 
     recipe = recipe or default_recipe(bits)
-    mixed = None if recipe == "uniform" else mixed_quant_predicate_builder(recipe, model, group_size)
+    view = _LanguageView(model)
+    mixed = None if recipe == "uniform" else mixed_quant_predicate_builder(recipe, view, group_size)
 
     def predicate(path: str, module: nn.Module):
         if overrides and path in overrides:
@@ -54,7 +55,7 @@ def quantize(model: nn.Module, config: dict, bits: int, group_size: int, recipe=
         fixed = model.layer_bits(path, bits)
         if fixed is not None:
             return {"group_size": group_size, "bits": fixed, "mode": "affine"}
-        return mixed(path, module) if mixed else True
+        return mixed(view.path(path), module) if mixed else True
 
     floats = {p: m.weight for p, m in model.named_modules() if hasattr(m, "to_quantized") and "weight" in m}
     model, config = quantize_model(model, config, group_size, bits, quant_predicate=predicate)
@@ -66,6 +67,28 @@ def quantize(model: nn.Module, config: dict, bits: int, group_size: int, recipe=
         print(f"[mlxgemma] note: {len(left)} layer(s) stay in float (input width not a multiple of "
               f"{group_size}): {', '.join(left[:8])}{' ...' if len(left) > 8 else ''}", file=sys.stderr)
     return model, config
+
+
+class _LanguageView:
+    """What mlx-lm's mixed recipes read of a model (its modules, its layers), without the towers. They take the
+    layer index of a module from the place of the first digit in the path of the first down_proj they meet,
+    which in a model whose towers come first (EmbeddingGemma 2) is a tower's, at another depth; and they read
+    that place in every path, so a module nested as deep outside the layers (EmbeddingGemma 2's
+    language_model.ple.per_layer_model_projection) is passed to them by its leaf name, as layer 0."""
+
+    def __init__(self, model):
+        self.model, self.layers = model, model.layers
+        first = next((n for n, _ in self.named_modules() if "down_proj" in n), "")
+        self.at = next((i for i, part in enumerate(first.split(".")) if part.isdigit()), None)
+
+    def named_modules(self):
+        return [(n, m) for n, m in self.model.named_modules() if not self.model.in_vision_tower(n)]
+
+    def path(self, path: str) -> str:
+        parts = path.split(".")
+        if self.at is None or len(parts) <= self.at or parts[self.at].isdigit():
+            return path
+        return ".".join(parts[: self.at - 1] + parts[-1:])
 
 
 def best_grid(w: mx.array, importance: mx.array, bits: int, group_size: int, dtype, shrink=SHRINK):
