@@ -371,4 +371,19 @@ class PreTrainedModel(nn.Module):
         return self
 
 
+class WithLanguageModel:
+    """A model whose decoder is its `language_model` (the media models): layers, caches and the decoder stack
+    are the language model's."""
+
+    @property
+    def layers(self):
+        return self.language_model.layers
+
+    def make_cache(self, max_kv_size=None):
+        return self.language_model.make_cache(max_kv_size)
+
+    def get_decoder(self):
+        return self.language_model.get_decoder()
+
+
 __all__ = ["FULL", "SLIDING"]

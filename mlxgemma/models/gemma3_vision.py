@@ -20,7 +20,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..errors import MlxGemmaError
-from .common import PreTrainedModel, RMSNorm, as_input_ids, image_blocks, scaled_embedding
+from .common import PreTrainedModel, RMSNorm, WithLanguageModel, as_input_ids, image_blocks, scaled_embedding
 from .config import FULL, SLIDING, BaseConfig, pattern_layer_types
 from .gemma3 import Gemma3ForCausalLM, Gemma3TextConfig, Gemma3TextForSequenceClassification
 from .heads import causal_lm_loss, sequence_classification_loss
@@ -120,7 +120,7 @@ _LAYOUT = (("model.language_model.", "language_model.model."), ("model.vision_to
            ("score.", "language_model.score."))
 
 
-class _Gemma3WithImages(PreTrainedModel):
+class _Gemma3WithImages(WithLanguageModel, PreTrainedModel):
     """Tower, projector and a Gemma 3 text head (`text_head_class`) whose inputs get the image features."""
 
     text_head_class = None
@@ -136,16 +136,6 @@ class _Gemma3WithImages(PreTrainedModel):
         self.vision_tower = Gemma3VisionTower(config.vision_config)
         self.multi_modal_projector = Gemma3MultiModalProjector(config)
         self.language_model = self.text_head_class(config.text_config)
-
-    @property
-    def layers(self):
-        return self.language_model.layers
-
-    def make_cache(self, max_kv_size=None):
-        return self.language_model.make_cache(max_kv_size)
-
-    def get_decoder(self):
-        return self.language_model.get_decoder()
 
     def part_for(self, weights: dict):
         """A checkpoint without its tower (mlx-lm's converter drops it) fills the text model alone."""

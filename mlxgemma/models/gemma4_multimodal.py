@@ -23,7 +23,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..errors import MlxGemmaError
-from .common import as_input_ids, image_blocks, scaled_embedding
+from .common import WithLanguageModel, as_input_ids, image_blocks, scaled_embedding
 from .config import BaseConfig
 from .gemma4 import Gemma4ForCausalLM, Gemma4PreTrainedModel, Gemma4RMSNorm
 from .gemma4_audio import Gemma4AudioConfig, Gemma4AudioModel
@@ -253,7 +253,7 @@ class Gemma4MediaTowers:
         return out
 
 
-class Gemma4ForConditionalGeneration(Gemma4MediaTowers, Gemma4PreTrainedModel):
+class Gemma4ForConditionalGeneration(WithLanguageModel, Gemma4MediaTowers, Gemma4PreTrainedModel):
     """model(input_ids, pixel_values=..., image_position_ids=..., input_features=..., input_features_mask=...,
     pixel_values_videos=..., video_position_ids=..., mm_token_type_ids=...) -> logits (B, L, vocab), with
     transformers' keyword names. media_features (n, D): every placeholder's features already encoded, in prompt
@@ -271,16 +271,6 @@ class Gemma4ForConditionalGeneration(Gemma4MediaTowers, Gemma4PreTrainedModel):
         text = config.text_config
         self.language_model = Gemma4ForCausalLM(text)
         self.add_towers(config, text.hidden_size)
-
-    @property
-    def layers(self):
-        return self.language_model.layers
-
-    def make_cache(self, max_kv_size=None):
-        return self.language_model.make_cache(max_kv_size)
-
-    def get_decoder(self):
-        return self.language_model.get_decoder()
 
     def part_for(self, weights: dict):
         """A checkpoint without its towers (mlx-lm's converter drops them) fills the text model alone."""
