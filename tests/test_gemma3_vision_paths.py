@@ -203,9 +203,9 @@ def test_repl_image_command(ckpt, monkeypatch, capsys):
     replies = []
     real = chat.ChatSession.stream  # (what the REPL calls: chunks with the thought apart)
 
-    def spy(self, text, images=(), audio=()):
+    def spy(self, text, images=(), audio=(), videos=()):
         replies.append((text, len(images)))
-        return real(self, text, images, audio)
+        return real(self, text, images, audio, videos)
 
     monkeypatch.setattr(chat.ChatSession, "stream", spy)
     assert chat.main(["--model", str(path), "--max-tokens", "3"]) == 0
