@@ -135,7 +135,7 @@ def test_t5gemma2_decoder_self_and_cross(tmp_path, monkeypatch):
     quantized = _run(model, processor, " t5 t6", image=image, kv_bits=8, kv_group_size=GROUP, quantized_kv_start=0)
     plain = _run(model, processor, " t5 t6", image=image)
     assert np.max(np.abs(quantized[1] - plain[1])) <= 0.05
-    from mlxgemma.models.cache import EncoderDecoderCache
+    from mlxgemma.models.encoder_decoder_cache import EncoderDecoderCache
 
     seen = []
     real = EncoderDecoderCache.quantized_cross

@@ -16,7 +16,8 @@ from typing import List, Optional
 
 import mlx.core as mx
 
-from .cache import EncoderDecoderCache, from_state
+from .cache import from_state
+from .encoder_decoder_cache import EncoderDecoderCache
 
 STEP = 256  # buffers grow in steps, as mlx-lm's
 

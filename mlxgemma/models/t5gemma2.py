@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .cache import EncoderDecoderCache, encoder_mask, merged_mask
+from .encoder_decoder_cache import EncoderDecoderCache, encoder_mask, merged_mask
 from .common import (MLP, Attention, PreTrainedModel, RMSNorm, activation, as_input_ids, attention, heads,
                      layer_masks, make_caches, padding_of, scaled_embedding)
 from .config import SLIDING
