@@ -73,7 +73,8 @@ def halved(n: int) -> int:
     return (n - 1) // 2 + 1
 
 
-def _clip_value(config: Gemma4AudioConfig, dtype) -> float:
+def clip_value(config, dtype) -> float:
+    """The residual clamp of a USM tower's config (its gradient_clipping: Gemma 4's and Gemma 3n's)."""
     # transformers clamps at min(gradient_clipping, the dtype's max): 1e10 would be inf in float16.
     return min(config.gradient_clipping, float(mx.finfo(dtype).max))
 
@@ -224,7 +225,7 @@ class Gemma4AudioFeedForward(nn.Module):
         self.act = activation(config.hidden_act, "audio_config.hidden_act")
 
     def __call__(self, x: mx.array) -> mx.array:
-        clip = _clip_value(self.config, x.dtype)
+        clip = clip_value(self.config, x.dtype)
         h = self.pre_layer_norm(mx.clip(x, -clip, clip))
         h = self.ffw_layer_2(self.act(self.ffw_layer_1(h)))
         h = self.post_layer_norm(mx.clip(h, -clip, clip))
@@ -251,7 +252,7 @@ class Gemma4AudioLightConv1d(nn.Module):
         a, b = mx.split(h, 2, axis=-1)
         h = a * mx.sigmoid(b)
         h = self.depthwise_conv1d(mx.pad(h, [(0, 0), (self.config.conv_kernel_size - 1, 0), (0, 0)]))
-        clip = _clip_value(self.config, h.dtype)
+        clip = clip_value(self.config, h.dtype)
         h = self.act(self.conv_norm(mx.clip(h, -clip, clip)))
         return self.linear_end(h) + x
 
@@ -269,7 +270,7 @@ class Gemma4AudioLayer(nn.Module):
         self.norm_out = Gemma4RMSNorm(config.hidden_size)
 
     def __call__(self, x: mx.array, position_embeddings: mx.array, mask: mx.array) -> mx.array:
-        clip = _clip_value(self.config, self.norm_pre_attn.weight.dtype)  # (the weight's dtype, as transformers)
+        clip = clip_value(self.config, self.norm_pre_attn.weight.dtype)  # (the weight's dtype, as transformers)
         x = self.feed_forward1(x)
         h = self.self_attn(self.norm_pre_attn(mx.clip(x, -clip, clip)), position_embeddings, mask)
         x = self.norm_post_attn(mx.clip(h, -clip, clip)) + x
