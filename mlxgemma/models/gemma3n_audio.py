@@ -317,12 +317,10 @@ class Gemma3nAudioEncoder(nn.Module):
         config = self.config
         features = mx.array(np.asarray(audio_mel, np.float32)) if isinstance(audio_mel, np.ndarray) \
             else mx.array(audio_mel)
-        if features.ndim != 3 or features.shape[0] == 0 or features.shape[1] == 0:
-            raise MlxGemmaError(f"audio_mel has shape {tuple(features.shape)}; the audio tower takes "
-                                "(clips, frames, mel bins) with at least one frame")
-        if features.shape[2] != config.input_feat_size:
-            raise MlxGemmaError(f"audio_mel has {features.shape[2]} mel bins; this audio tower takes "
-                                f"{config.input_feat_size} (use the checkpoint's feature extractor)")
+        if features.ndim != 3 or 0 in features.shape or features.shape[2] != config.input_feat_size:
+            raise MlxGemmaError(f"audio_mel has shape {tuple(features.shape)}; this audio tower takes (clips, frames, "
+                                f"{config.input_feat_size} mel bins) with at least one frame (use the checkpoint's "
+                                "feature extractor)")
         if audio_mel_mask is None:
             mask = mx.zeros(features.shape[:2], dtype=mx.bool_)
         else:
