@@ -313,7 +313,7 @@ class Gemma3nAudioEncoder(nn.Module):
         """(B, T, input_feat_size) log-mel features and their (B, T) mask, numpy or MLX, in transformers'
         convention: True marks a PADDED frame (Gemma3nModel passes ~input_features_mask; None here: none
         padded) -> (last_hidden_state (B, T', hidden_size), audio_mel_mask (B, T') bool, True = padded), with
-        T' = ceil(T / 4 / conf_reduction_factor) for the released strides. Padded outputs are zeros."""
+        T' = ceil(ceil(T / 4) / conf_reduction_factor) for the released strides. Padded outputs are zeros."""
         config = self.config
         features = mx.array(np.asarray(audio_mel, np.float32)) if isinstance(audio_mel, np.ndarray) \
             else mx.array(audio_mel)
