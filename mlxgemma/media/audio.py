@@ -147,7 +147,7 @@ class Gemma4AudioFeatureExtractor:
         if unknown:
             raise MlxGemmaError(f"Gemma4AudioFeatureExtractor has no field(s) {', '.join(sorted(unknown))}")
         config = dict(FEATURE_DEFAULTS, **{k: v for k, v in fields.items() if k in FEATURE_DEFAULTS})
-        _check(config)
+        check_feature_fields(config)
         self.__dict__.update(config)
         self.audio_seq_length = fields.get("audio_seq_length", AUDIO_SEQ_LENGTH)
         if not (isinstance(self.audio_seq_length, int) and self.audio_seq_length > 0):
@@ -194,34 +194,14 @@ class Gemma4AudioFeatureExtractor:
         if sampling_rate is not None and sampling_rate != self.sampling_rate:
             raise MlxGemmaError(f"audio at {sampling_rate} Hz given to a feature extractor for {self.sampling_rate}"
                                 " Hz: resample it first (load_audio)")
-        single = (isinstance(raw_speech, np.ndarray) and raw_speech.ndim == 1 or isinstance(raw_speech, Sequence)
-                  and len(raw_speech) and not isinstance(raw_speech[0], (np.ndarray, Sequence)))
-        waves = [raw_speech] if single else list(raw_speech)
-        if not waves:
-            raise MlxGemmaError("no audio clips given to the feature extractor")
-        waves = [_waveform(w) for w in waves]
-        if truncation:
-            if max_length is None:
-                raise MlxGemmaError("truncation needs max_length")
-            limit = _round_up(max_length, pad_to_multiple_of)
-            waves = [w[:limit] for w in waves]
-        if padding in (True, "longest"):
-            target = _round_up(max(len(w) for w in waves), pad_to_multiple_of)
-        elif padding == "max_length" and max_length is not None:
-            target = max(_round_up(max_length, pad_to_multiple_of), max(len(w) for w in waves))
-        elif padding in (False, "do_not_pad") and len({len(w) for w in waves}) == 1:
-            target = len(waves[0])
-        else:
-            raise MlxGemmaError(f"padding {padding!r} is not supported here (clips are batched: 'longest', or "
-                                "'max_length' with max_length)")
-        features, masks = [], []
-        for w in waves:
-            pad = (0, target - len(w)) if self.padding_side == "right" else (target - len(w), 0)
-            spectrogram, mask = self.spectrogram(np.pad(w, pad, constant_values=self.padding_value),
-                                                 np.pad(np.ones(len(w), np.int32), pad))
+        waves, masks = pad_waveforms(raw_speech, padding, max_length, truncation, pad_to_multiple_of,
+                                     self.padding_value, self.padding_side)
+        features, frame_masks = [], []
+        for wave, sample_mask in zip(waves, masks):
+            spectrogram, mask = self.spectrogram(wave, sample_mask)
             features.append(spectrogram.astype(np.float32) * mask[:, None])
-            masks.append(mask)
-        return {"input_features": np.stack(features), "input_features_mask": np.stack(masks)}
+            frame_masks.append(mask)
+        return {"input_features": np.stack(features), "input_features_mask": np.stack(frame_masks)}
 
     def spectrogram(self, waveform: np.ndarray, attention_mask: np.ndarray):
         """One padded waveform and its sample mask -> (frames, feature_size) log-mel and (frames,) bool mask."""
@@ -289,6 +269,40 @@ def mel_filter_bank(num_frequency_bins: int, num_mel_filters: int, min_frequency
     return np.maximum(np.zeros(1), np.minimum(down, up))
 
 
+def pad_waveforms(raw_speech, padding, max_length: Optional[int], truncation: bool,
+                  pad_to_multiple_of: Optional[int], padding_value: float = 0.0, padding_side: str = "right"):
+    """A waveform or a list of them (1-D) -> (waveforms float32, sample masks int32), each cut to max_length
+    (rounded up to pad_to_multiple_of) and padded to one length, as transformers' SequenceFeatureExtractor.pad
+    does for the Gemma audio extractors: padding "longest" (True) or "max_length", or False for clips of one
+    length."""
+    single = (isinstance(raw_speech, np.ndarray) and raw_speech.ndim == 1 or isinstance(raw_speech, Sequence)
+              and len(raw_speech) and not isinstance(raw_speech[0], (np.ndarray, Sequence)))
+    waves = [raw_speech] if single else list(raw_speech)
+    if not waves:
+        raise MlxGemmaError("no audio clips given to the feature extractor")
+    waves = [_waveform(w) for w in waves]
+    if truncation:
+        if max_length is None:
+            raise MlxGemmaError("truncation needs max_length")
+        limit = _round_up(max_length, pad_to_multiple_of)
+        waves = [w[:limit] for w in waves]
+    if padding in (True, "longest"):
+        target = _round_up(max(len(w) for w in waves), pad_to_multiple_of)
+    elif padding == "max_length" and max_length is not None:
+        target = max(_round_up(max_length, pad_to_multiple_of), max(len(w) for w in waves))
+    elif padding in (False, "do_not_pad") and len({len(w) for w in waves}) == 1:
+        target = len(waves[0])
+    else:
+        raise MlxGemmaError(f"padding {padding!r} is not supported here (clips are batched: 'longest', or "
+                            "'max_length' with max_length)")
+    padded, masks = [], []
+    for w in waves:
+        pad = (0, target - len(w)) if padding_side == "right" else (target - len(w), 0)
+        padded.append(np.pad(w, pad, constant_values=padding_value))
+        masks.append(np.pad(np.ones(len(w), np.int32), pad))
+    return padded, masks
+
+
 def _waveform(w) -> np.ndarray:
     w = np.asarray(w)
     if w.ndim != 1 or w.dtype.kind not in "fiu":
@@ -300,8 +314,9 @@ def _round_up(n: int, multiple: Optional[int]) -> int:
     return n if not multiple or n % multiple == 0 else (n // multiple + 1) * multiple
 
 
-def _check(config: dict) -> None:
-    """Types and ranges of the feature extractor's fields, each a one-line error."""
+def check_feature_fields(config: dict) -> None:
+    """Types and ranges of a Gemma audio feature extractor's fields (FEATURE_DEFAULTS' names; Gemma 3n's take
+    the same), each a one-line error."""
     for name in ("feature_size", "sampling_rate"):
         value = config[name]
         if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):

@@ -73,7 +73,8 @@ def halved(n: int) -> int:
     return (n - 1) // 2 + 1
 
 
-def _clip_value(config: Gemma4AudioConfig, dtype) -> float:
+def clip_value(config, dtype) -> float:
+    """The residual clamp of a USM tower's config (its gradient_clipping: Gemma 4's and Gemma 3n's)."""
     # transformers clamps at min(gradient_clipping, the dtype's max): 1e10 would be inf in float16.
     return min(config.gradient_clipping, float(mx.finfo(dtype).max))
 
@@ -108,27 +109,42 @@ class Gemma4AudioSubSampleConvProjection(nn.Module):
         return self.input_proj_linear(x.reshape(B, T, F * C)), mask
 
 
+def timing_signal(positions: mx.array, channels: int) -> mx.array:
+    """[sin | cos] of positions over channels // 2 geometric timescales 1 ... 1e4, float32: the USM sinusoid of
+    Gemma 4's Gemma4AudioRelPositionalEncoding and Gemma 3n's Gemma3nAudioRelativePositionEmbedding alike."""
+    n = channels // 2
+    increment = math.log(10000.0) / max(n - 1, 1)
+    inv_timescales = mx.exp(mx.arange(n).astype(mx.float32) * -increment)
+    scaled = positions.astype(mx.float32)[:, None] * inv_timescales[None]
+    return mx.concatenate([mx.sin(scaled), mx.cos(scaled)], axis=-1)
+
+
 def relative_position_embeddings(config: Gemma4AudioConfig) -> mx.array:
-    """[sin | cos] of the relative positions context_size // 2 ... 0 (float32), as transformers'
+    """The timing signal of the relative positions context_size // 2 ... 0 (float32), as transformers'
     Gemma4AudioRelPositionalEncoding. Its context_size counts chunk + left - 1 + right: for the released
     chunk 12 / left 13 that is 13 positions, 12 ... 0, one per distance the window holds; other shapes get
     other counts (mlx-vlm's table, left - 1 + right ... 0, differs there)."""
     context = config.attention_chunk_size + config.attention_context_left - 1 + config.attention_context_right
-    n = config.hidden_size // 2
-    increment = math.log(10000.0) / max(n - 1, 1)
-    inv_timescales = mx.exp(mx.arange(n).astype(mx.float32) * -increment)
-    scaled = mx.arange(context // 2, -1, -1).astype(mx.float32)[:, None] * inv_timescales[None]
-    return mx.concatenate([mx.sin(scaled), mx.cos(scaled)], axis=-1)
+    return timing_signal(mx.arange(context // 2, -1, -1), config.hidden_size)
 
 
-def context_windows(x: mx.array, config: Gemma4AudioConfig, blocks: int) -> mx.array:
-    """(B, T, ...) -> (B, blocks, context, ...): for block u, the frames u * chunk - past ... (u + 1) * chunk
-    - 1 + future, zeros (False) outside the clip."""
-    chunk, past, future = (config.attention_chunk_size, config.attention_context_left - 1,
-                           config.attention_context_right)
+def context_windows(x: mx.array, chunk: int, past: int, future: int) -> mx.array:
+    """(B, T, ...) -> (B, blocks, chunk + past + future, ...), blocks = ceil(T / chunk): for block u, the frames
+    u * chunk - past ... (u + 1) * chunk - 1 + future, zeros (False) outside the clip (transformers'
+    _extract_block_context, Gemma 4's and Gemma 3n's)."""
+    blocks = -(-x.shape[1] // chunk)
     x = mx.pad(x, [(0, 0), (past, future + chunk - 1)] + [(0, 0)] * (x.ndim - 2))
     index = mx.arange(blocks)[:, None] * chunk + mx.arange(chunk + past + future)[None]
     return x[:, index]
+
+
+def relative_shift(x: mx.array, context: int) -> mx.array:
+    """(..., chunk, positions) -> (..., chunk, context): pad each row to context + 1, flatten, cut, re-read as
+    rows of context, so that query i's key j reads relative column j - i (transformers' _relative_shift /
+    _rel_shift, appendix B of Transformer-XL)."""
+    *lead, chunk, positions = x.shape
+    x = mx.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, context + 1 - positions)])
+    return x.reshape(*lead, chunk * (context + 1))[..., : chunk * context].reshape(*lead, chunk, context)
 
 
 def blocked_mask(valid: mx.array, config: Gemma4AudioConfig) -> mx.array:
@@ -139,10 +155,9 @@ def blocked_mask(valid: mx.array, config: Gemma4AudioConfig) -> mx.array:
     of transformers' mask (for the queries that exist; padded query rows are cut off after attention)."""
     chunk, past, future = (config.attention_chunk_size, config.attention_context_left - 1,
                            config.attention_context_right)
-    blocks = -(-valid.shape[1] // chunk)
     dist = mx.arange(chunk)[:, None] + past - mx.arange(chunk + past + future)[None]  # q - k, per block
     window = ((dist >= 0) & (dist < past)) | ((dist < 0) & (-dist < future))
-    return window[None, None] & context_windows(valid, config, blocks)[:, :, None, :]
+    return window[None, None] & context_windows(valid, chunk, past, future)[:, :, None, :]
 
 
 class Gemma4AudioAttention(nn.Module):
@@ -169,8 +184,9 @@ class Gemma4AudioAttention(nn.Module):
     def __call__(self, x: mx.array, position_embeddings: mx.array, mask: mx.array) -> mx.array:
         config, H, d = self.config, self.num_heads, self.head_dim
         B, T, _ = x.shape
-        chunk = config.attention_chunk_size
-        context = chunk + config.attention_context_left - 1 + config.attention_context_right
+        chunk, past, future = (config.attention_chunk_size, config.attention_context_left - 1,
+                               config.attention_context_right)
+        context = chunk + past + future
         blocks = -(-T // chunk)
         q, k, v = (p(x).astype(mx.float32).reshape(B, T, H, d) for p in (self.q_proj, self.k_proj, self.v_proj))
         q = q * self.q_scale * nn.softplus(self.per_dim_scale)  # softplus in the weight's dtype, as torch
@@ -178,18 +194,14 @@ class Gemma4AudioAttention(nn.Module):
 
         q = mx.pad(q, [(0, 0), (0, blocks * chunk - T), (0, 0), (0, 0)]).reshape(B, blocks, chunk, H, d)
         q = q.transpose(0, 3, 1, 2, 4)  # (B, H, blocks, chunk, d)
-        k = context_windows(k, config, blocks).transpose(0, 3, 1, 4, 2)  # (B, H, blocks, d, context)
-        v = context_windows(v, config, blocks).transpose(0, 3, 1, 2, 4)  # (B, H, blocks, context, d)
+        k = context_windows(k, chunk, past, future).transpose(0, 3, 1, 4, 2)  # (B, H, blocks, d, context)
+        v = context_windows(v, chunk, past, future).transpose(0, 3, 1, 2, 4)  # (B, H, blocks, context, d)
 
         relative = self.relative_k_proj(position_embeddings).astype(mx.float32).reshape(-1, H, d)
         positions = relative.shape[0]
         content = q @ k
-        relative = (q.reshape(B, H, -1, d) @ relative.transpose(1, 2, 0)).reshape(B, H, blocks, chunk, positions)
-        # The relative shift: pad each row to context + 1, flatten, cut, re-read as rows of context, so that
-        # query i's key j reads relative column j - i (transformers' _rel_shift, appendix B of Transformer-XL).
-        relative = mx.pad(relative, [(0, 0)] * 4 + [(0, context + 1 - positions)])
-        relative = relative.reshape(B, H, blocks, chunk * (context + 1))[..., : chunk * context]
-        logits = content + relative.reshape(B, H, blocks, chunk, context)
+        relative = q.reshape(B, H, -1, d) @ relative.transpose(1, 2, 0)
+        logits = content + relative_shift(relative.reshape(B, H, blocks, chunk, positions), context)
 
         cap = config.attention_logit_cap
         logits = mx.tanh(logits / cap) * cap
@@ -213,7 +225,7 @@ class Gemma4AudioFeedForward(nn.Module):
         self.act = activation(config.hidden_act, "audio_config.hidden_act")
 
     def __call__(self, x: mx.array) -> mx.array:
-        clip = _clip_value(self.config, x.dtype)
+        clip = clip_value(self.config, x.dtype)
         h = self.pre_layer_norm(mx.clip(x, -clip, clip))
         h = self.ffw_layer_2(self.act(self.ffw_layer_1(h)))
         h = self.post_layer_norm(mx.clip(h, -clip, clip))
@@ -240,7 +252,7 @@ class Gemma4AudioLightConv1d(nn.Module):
         a, b = mx.split(h, 2, axis=-1)
         h = a * mx.sigmoid(b)
         h = self.depthwise_conv1d(mx.pad(h, [(0, 0), (self.config.conv_kernel_size - 1, 0), (0, 0)]))
-        clip = _clip_value(self.config, h.dtype)
+        clip = clip_value(self.config, h.dtype)
         h = self.act(self.conv_norm(mx.clip(h, -clip, clip)))
         return self.linear_end(h) + x
 
@@ -258,7 +270,7 @@ class Gemma4AudioLayer(nn.Module):
         self.norm_out = Gemma4RMSNorm(config.hidden_size)
 
     def __call__(self, x: mx.array, position_embeddings: mx.array, mask: mx.array) -> mx.array:
-        clip = _clip_value(self.config, self.norm_pre_attn.weight.dtype)  # (the weight's dtype, as transformers)
+        clip = clip_value(self.config, self.norm_pre_attn.weight.dtype)  # (the weight's dtype, as transformers)
         x = self.feed_forward1(x)
         h = self.self_attn(self.norm_pre_attn(mx.clip(x, -clip, clip)), position_embeddings, mask)
         x = self.norm_post_attn(mx.clip(h, -clip, clip)) + x
