@@ -8,6 +8,7 @@ layers, a left-padded batch, the loss, greedy generation == transformers' genera
 batch rows, quantized KV caches, a prompt-cache file, multimodal and base-model checkpoints, the released
 config's tensors, the config forms transformers reads, and bad input."""
 
+import copy
 import json
 from types import SimpleNamespace
 
@@ -178,8 +179,7 @@ def test_bfloat16(variant):
     ids = random_ids(2, 15)
     ref = hf_logits(hf, ids)
     ours = np.array(mlxgemma.load_model(path, dtype="bfloat16")(mx.array(ids)).astype(mx.float32))
-    theirs = hf_logits(hf.to(torch.bfloat16), ids)
-    hf.to(torch.float32)
+    theirs = hf_logits(copy.deepcopy(hf).to(torch.bfloat16), ids)
     assert max_diff(ours, ref) <= 1.5 * max_diff(theirs, ref) + 0.01
 
 
