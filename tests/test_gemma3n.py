@@ -292,6 +292,17 @@ def test_base_model(tmp_path):
     assert type(model).__name__ == "Gemma3nTextModel" and max_diff(_logits(model, ids), ref) <= TOL
 
 
+def test_edge_configs():
+    """One AltUp stream (no projections), no KV sharing, every MLP sparse: still transformers' logits."""
+    hf = hf_gemma3n(num_kv_shared_layers=0, altup_num_inputs=1, num_hidden_layers=3, layer_types=[S, F, S],
+                    intermediate_size=48, activation_sparsity_pattern=[0.9, 0.3, 0.5], seed=2)
+    model = mlxgemma.build_model(dict(hf.config.to_dict(), model_type="gemma3n_text"))
+    model.load_weights([(k, mx.array(v.numpy())) for k, v in hf.state_dict().items() if k != "lm_head.weight"])
+    ids = random_ids(2, 2 * WINDOW + 1)
+    assert model.config.kv_donors == {} and len(model.make_cache()) == 3
+    assert max_diff(_logits(model, ids), hf_logits(hf, ids)) <= TOL
+
+
 def test_released_config_has_transformers_tensors():
     """transformers' default config (E4B: 35 layers, the last 15 KV-shared, 4 AltUp streams) builds, lazily,
     with exactly the tensors (names and shapes) of transformers' own model."""
