@@ -156,7 +156,9 @@ def token_ids(value, name: str, source: str) -> list:
 def _check_ranges(kwargs: dict, source: str) -> None:
     for name in POSITIVE:
         value = kwargs.get(name)
-        if value is not None and not 0 < value <= MAX_SIZE:
+        # (a list: one size per layer, as Gemma 3n's intermediate_size may be; its type is checked here)
+        sizes = value if isinstance(value, list) else [value]
+        if value is not None and not all(of_type(v, float) and 0 < v <= MAX_SIZE for v in sizes):
             raise MlxGemmaError(f"{source}: field {name} is {_short(value)}, expected a positive size "
                                 f"(at most {MAX_SIZE})")
     if kwargs.get("num_hidden_layers", 0) > MAX_LAYERS:
@@ -216,6 +218,26 @@ def check_rope(params: dict, where: str, supported: tuple = SUPPORTED_ROPE_TYPES
     partial = params.get("partial_rotary_factor", 1.0)
     if not (of_type(partial, float) and 0 < partial <= 1):
         raise MlxGemmaError(f"{where}.partial_rotary_factor is {_short(partial)}, expected a number in (0, 1]")
+
+
+def kv_sharing(config) -> None:
+    """KV sharing (Gemma 3n, Gemma 4): the last num_kv_shared_layers layers own no keys and values; each reads
+    those of the LAST earlier layer of its own type (transformers' "store" layer), which must therefore exist.
+    Sets config.first_kv_shared_layer_idx, kv_stores ({type: the last layer of it that computes keys and
+    values}) and kv_donors (kv_stores where some layer shares, else empty)."""
+    shared, n = config.num_kv_shared_layers, config.num_hidden_layers
+    if not (of_type(shared, int) and 0 <= shared < n):
+        raise MlxGemmaError(f"config.json: num_kv_shared_layers is {shared!r}, expected "
+                            f"0..{n - 1} (at least one layer must compute keys and values)")
+    config.first_kv_shared_layer_idx = first = n - shared
+    types = config.layer_types
+    config.kv_stores = {t: max(i for i in range(first) if types[i] == t) for t in set(types[:first])}
+    config.kv_donors = dict(config.kv_stores) if shared else {}
+    orphans = sorted(set(types[first:]) - set(config.kv_donors))
+    if orphans:
+        raise MlxGemmaError(f"config.json: num_kv_shared_layers {shared} leaves the shared {orphans[0]} layers "
+                            f"without a layer of that type before them (layers 0..{first - 1}) to take keys and "
+                            "values from")
 
 
 def pattern_layer_types(n_layers: int, pattern: int) -> list:

@@ -33,23 +33,7 @@ class Gemma3TextConfig(Gemma2Config):
         if self.layer_types is None:
             self.layer_types = pattern_layer_types(self.num_hidden_layers, legacy.get("sliding_window_pattern", 6))
         check_layer_types(self.layer_types, self.num_hidden_layers)
-        self.rope_parameters = self._rope_per_type(legacy)
-
-    def _rope_per_type(self, legacy: dict) -> dict:
-        """Nested by layer type; legacy rope_scaling applies to full layers only, rope_theta is the full
-        layers' theta and rope_local_base_freq the sliding layers'."""
-        params = {t: dict(p) for t, p in (self.rope_parameters or {}).items() if isinstance(p, dict)}
-        if self.rope_parameters and not params:  # a flat dict: one rope for every type
-            params = {FULL: dict(self.rope_parameters), SLIDING: dict(self.rope_parameters)}
-        full = params.setdefault(FULL, {"rope_type": "default"})
-        sliding = params.setdefault(SLIDING, {"rope_type": "default"})
-        full.update(legacy.get("rope_scaling") or {})
-        full.setdefault("rope_theta", legacy.get("rope_theta", 1_000_000.0))
-        sliding.setdefault("rope_theta", legacy.get("rope_local_base_freq", 10_000.0))
-        for name, p in params.items():
-            p.setdefault("rope_type", p.get("type", "default"))
-            check_rope(p, f"rope_parameters.{name}")
-        return params
+        self.rope_parameters = rope_per_layer_type(self.rope_parameters, legacy)
 
     gguf_architecture = "gemma3"
 
@@ -63,6 +47,24 @@ class Gemma3TextConfig(Gemma2Config):
         if gguf.hparam("rope.scaling.type", kind=str) == "linear":
             config["rope_scaling"] = {"rope_type": "linear", "factor": gguf.hparam("rope.scaling.factor", kind=float)}
         return config
+
+
+def rope_per_layer_type(rope_parameters: Optional[dict], legacy: dict) -> dict:
+    """A rope per layer type, nested by type, as transformers' Gemma 3 and Gemma 3n read it: a flat dict is
+    one rope for every type; legacy rope_scaling applies to full layers only, rope_theta is the full layers'
+    theta and rope_local_base_freq the sliding layers'."""
+    params = {t: dict(p) for t, p in (rope_parameters or {}).items() if isinstance(p, dict)}
+    if rope_parameters and not params:  # a flat dict: one rope for every type
+        params = {FULL: dict(rope_parameters), SLIDING: dict(rope_parameters)}
+    full = params.setdefault(FULL, {"rope_type": "default"})
+    sliding = params.setdefault(SLIDING, {"rope_type": "default"})
+    full.update(legacy.get("rope_scaling") or {})
+    full.setdefault("rope_theta", legacy.get("rope_theta", 1_000_000.0))
+    sliding.setdefault("rope_theta", legacy.get("rope_local_base_freq", 10_000.0))
+    for name, p in params.items():
+        p.setdefault("rope_type", p.get("type", "default"))
+        check_rope(p, f"rope_parameters.{name}")
+    return params
 
 
 class Gemma3DecoderLayer(Gemma2DecoderLayer):

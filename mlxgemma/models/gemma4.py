@@ -278,11 +278,13 @@ class Gemma4TextModel(Gemma4PreTrainedModel):
         weights = language_model_part(weights, _NON_TEXT)
         first = self.config.first_kv_shared_layer_idx
         weights = {k: v for k, v in weights.items()
-                   if "rotary_emb.inv_freq" not in k and not _shared_kv_weight(k, first)}
+                   if "rotary_emb.inv_freq" not in k and not is_shared_kv_weight(k, first)}
         return experts_from_checkpoint(weights) if self.config.enable_moe_block else weights
 
 
-def _shared_kv_weight(key: str, first_shared: int) -> bool:
+def is_shared_kv_weight(key: str, first_shared: int) -> bool:
+    """Whether key is a k/v projection or norm of a KV-shared layer (first_shared on), which transformers builds
+    without and ignores in a checkpoint (Gemma 3n's and Gemma 4's released ones, and mlx-vlm's, hold them)."""
     parts = key.split(".")
     if "layers" not in parts or "self_attn" not in parts:
         return False

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..errors import MlxGemmaError
-from .config import FULL, MAX_SIZE, SLIDING, BaseConfig, check_layer_types, check_rope, pattern_layer_types
+from .config import (FULL, MAX_SIZE, SLIDING, BaseConfig, check_layer_types, check_rope, kv_sharing,
+                     pattern_layer_types)
 from .gemma4_checkpoint import ROPE_FREQS, config_from_gguf, weight_name_from_gguf
 
 ROPE_TYPES = ("default", "linear", "proportional")
@@ -109,23 +110,10 @@ class Gemma4TextConfig(BaseConfig):
         self.head_dims, self.kv_heads = attention_shapes(self, overrides)
 
     def _kv_sharing(self) -> None:
-        """The last num_kv_shared_layers layers own no keys and values: each reads those of the LAST earlier
-        layer of its own type (transformers' "store" layer), which must therefore exist."""
-        shared = self.num_kv_shared_layers
-        if not (isinstance(shared, int) and 0 <= shared < self.num_hidden_layers):
-            raise MlxGemmaError(f"config.json: num_kv_shared_layers is {shared!r}, expected "
-                                f"0..{self.num_hidden_layers - 1} (at least one layer must compute keys and values)")
-        self.first_kv_shared_layer_idx = first = self.num_hidden_layers - shared
-        # transformers' "store" layers: the last of each type that computes keys and values. Shared layers read
-        # them, and so does Gemma 4's assistant drafter (gemma4_assistant.py), sharing or not.
-        self.kv_stores = {t: max(i for i in range(first) if self.layer_types[i] == t)
-                          for t in set(self.layer_types[:first])}
-        self.kv_donors = dict(self.kv_stores) if shared else {}
-        orphans = sorted(set(self.layer_types[first:]) - set(self.kv_donors))
-        if orphans:
-            raise MlxGemmaError(f"config.json: num_kv_shared_layers {shared} leaves the shared {orphans[0]} layers "
-                                f"without a layer of that type before them (layers 0..{first - 1}) to take keys and "
-                                "values from")
+        """The last num_kv_shared_layers layers read the keys and values of the last earlier layer of their type
+        (config.kv_sharing). The store layers (kv_stores) are read by Gemma 4's assistant drafter
+        (gemma4_assistant.py) too, sharing or not."""
+        kv_sharing(self)
 
     def _check_sizes(self) -> None:
         per_layer = self.hidden_size_per_layer_input
