@@ -156,3 +156,15 @@ def test_search_example(st_model, tmp_path):
     assert [Path(line.split()[1]).name for line in lines] == [f"{i}.txt" for i in best]
     assert run("query", "x", "--top", "1").returncode == 0
     assert "error:" in run("index", str(tmp_path / "empty-missing")).stderr
+
+
+def test_batches_keep_padding_small():
+    """Inputs sorted longest first go into batches of at most batch_size whose padded tokens stay within a
+    quarter of their real ones (plus 64): every input once, in order."""
+    from mlxgemma.embedding.encode import batches
+
+    lengths = list(np.random.default_rng(0).integers(1, 600, 200))
+    order = sorted(range(200), key=lambda i: -lengths[i])
+    out = batches(order, lengths, 16)
+    assert [i for b in out for i in b] == order and all(len(b) <= 16 for b in out)
+    assert all(len(b) == 1 or lengths[b[0]] * len(b) <= 1.25 * sum(lengths[i] for i in b) + 64 for b in out)

@@ -117,9 +117,8 @@ def embed_ids(model, ids: List[List[int]], dim: Optional[int] = None, normalize:
     truncated(mx.zeros((1, model.dimensions)), dim, model.dimensions, normalize)  # (checks dim before any work)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    out = [None] * len(ids)
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
+    out, done = [None] * len(ids), 0
+    for rows in batches(order, [len(x) for x in ids], batch_size):
         width = max(len(ids[i]) for i in rows)
         batch = mx.array([ids[i] + [pad] * (width - len(ids[i])) for i in rows], dtype=mx.int32)
         mask = mx.array([[1] * len(ids[i]) + [0] * (width - len(ids[i])) for i in rows], dtype=mx.bool_)
@@ -127,9 +126,26 @@ def embed_ids(model, ids: List[List[int]], dim: Optional[int] = None, normalize:
         mx.eval(vectors)
         for b, i in enumerate(rows):
             out[i] = vectors[b]
+        done += len(rows)
         if progress is not None:
-            progress(min(start + batch_size, len(order)), len(order))
+            progress(done, len(order))
     return mx.stack(out).astype(mx.float32)
+
+
+def batches(order: List[int], lengths: List[int], batch_size: int, waste: float = 0.25,
+            slack: int = 64) -> List[List[int]]:
+    """Runs of `order` (longest first) of at most batch_size inputs whose padding stays within `waste` of the
+    real tokens (plus `slack` tokens): a forward costs its padded tokens (on MLX's CPU backend in proportion),
+    so a short input does not join a batch of long ones only to be padded to their length."""
+    out, rows = [], []
+    for i in order:
+        width = lengths[rows[0]] if rows else lengths[i]
+        real = sum(lengths[j] for j in rows) + lengths[i]
+        if rows and (len(rows) == batch_size or width * (len(rows) + 1) > (1 + waste) * real + slack):
+            out.append(rows)
+            rows = []
+        rows.append(i)
+    return out + ([rows] if rows else [])
 
 
 def embed(model, tokenizer, inputs: Inputs, *, prompt_name: Optional[str] = None, prompt: Optional[str] = None,
