@@ -250,18 +250,14 @@ def test_prompt_cache_file(variant, tmp_path):
 
 def _multimodal(path, hf, layout: str, towers: bool = True):
     """hf's weights as a model_type gemma3n checkpoint stores its language model: transformers' layout
-    (model.language_model.*) or mlx-vlm's (language_model.model.*), beside tower weights, and with the k/v
-    weights of shared layers that the released checkpoints (and mlx-vlm's) hold."""
+    (model.language_model.*) or mlx-vlm's (language_model.model.*), with the k/v weights of shared layers that
+    the released checkpoints (and mlx-vlm's) hold, and no tower weights (mlx-lm's conversions drop them); the
+    towers in config.json or not."""
     path.mkdir()
     prefix = {"hf": "model.language_model.", "mlx-vlm": "language_model.model."}[layout]
     weights = {prefix + k[len("model."):]: v.numpy() for k, v in hf.state_dict().items() if k.startswith("model.")}
     weights[prefix + "layers.5.self_attn.k_proj.weight"] = np.ones((64, 32), np.float32)
     weights[prefix + "layers.6.self_attn.v_norm.weight"] = np.ones((32,), np.float32)
-    if towers:
-        outer = "model." if layout == "hf" else ""
-        for name in ("vision_tower.timm_model.conv_stem.conv.weight", "audio_tower.conformer.0.norm.weight",
-                     "embed_vision.embedding.weight", "embed_audio.embedding_projection.weight"):
-            weights[outer + name] = np.zeros((4, 4), np.float32)
     save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
     config = {"model_type": "gemma3n", "architectures": ["Gemma3nForConditionalGeneration"],
               "text_config": hf.config.to_dict(), "tie_word_embeddings": True}
@@ -273,8 +269,8 @@ def _multimodal(path, hf, layout: str, towers: bool = True):
 
 @pytest.mark.parametrize("layout,towers", [("hf", True), ("mlx-vlm", True), ("mlx-vlm", False)])
 def test_multimodal_checkpoint_text_part(variant, tmp_path, layout, towers):
-    """A model_type gemma3n checkpoint runs as its language model (the towers are not run yet), from
-    transformers' layout or mlx-vlm's, with towers in config.json or without (mlx-lm's conversions)."""
+    """A model_type gemma3n checkpoint without tower weights runs as its language model, from transformers'
+    layout or mlx-vlm's, with towers in config.json or without (with tower weights: test_gemma3n_multimodal)."""
     hf, _, _, _ = variant("E")
     model = mlxgemma.load_model(_multimodal(tmp_path / "mm", hf, layout, towers))
     ids = random_ids(2, 15)

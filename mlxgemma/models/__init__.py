@@ -1,8 +1,8 @@
 """The registry: config.json's model_type and architectures -> config class and model class."""
 
 from ..errors import MlxGemmaError
-from . import (embedding_gemma2, gemma, gemma2, gemma3, gemma3_vision, gemma3n, gemma4, gemma4_assistant,
-               gemma4_multimodal, gemma4_unified, stablelm, t5gemma2)
+from . import (embedding_gemma2, gemma, gemma2, gemma3, gemma3_vision, gemma3n, gemma3n_multimodal, gemma4,
+               gemma4_assistant, gemma4_multimodal, gemma4_unified, stablelm, t5gemma2)
 from .config import text_config_of
 
 # model_type -> (config class, family module, the class used when config.json names no architecture)
@@ -12,7 +12,7 @@ FAMILIES = {
     "gemma3_text": (gemma3.Gemma3TextConfig, gemma3.Gemma3ForCausalLM),
     "gemma3": (gemma3_vision.Gemma3Config, gemma3_vision.Gemma3ForConditionalGeneration),
     "gemma3n_text": (gemma3n.Gemma3nTextConfig, gemma3n.Gemma3nForCausalLM),
-    "gemma3n": (gemma3n.Gemma3nTextConfig, gemma3n.Gemma3nForCausalLM),  # its text part (see _text_only)
+    "gemma3n": (gemma3n_multimodal.Gemma3nConfig, gemma3n_multimodal.Gemma3nForConditionalGeneration),
     "gemma4_text": (gemma4.Gemma4TextConfig, gemma4.Gemma4ForCausalLM),
     "gemma4": (gemma4_multimodal.Gemma4Config, gemma4_multimodal.Gemma4ForConditionalGeneration),
     "gemma4_unified": (gemma4_unified.Gemma4UnifiedConfig, gemma4_unified.Gemma4UnifiedForConditionalGeneration),
@@ -34,7 +34,7 @@ CLASSES = {
         gemma2.Gemma2ForTokenClassification,
         gemma3.Gemma3TextModel, gemma3.Gemma3ForCausalLM, gemma3.Gemma3TextForSequenceClassification,
         gemma3_vision.Gemma3ForConditionalGeneration, gemma3_vision.Gemma3ForSequenceClassification,
-        gemma3n.Gemma3nTextModel, gemma3n.Gemma3nForCausalLM,
+        gemma3n.Gemma3nTextModel, gemma3n.Gemma3nForCausalLM, gemma3n_multimodal.Gemma3nForConditionalGeneration,
         gemma4.Gemma4TextModel, gemma4.Gemma4ForCausalLM, gemma4_multimodal.Gemma4ForConditionalGeneration,
         gemma4_unified.Gemma4UnifiedForConditionalGeneration, gemma4_assistant.Gemma4AssistantForCausalLM,
         gemma4_assistant.Gemma4UnifiedAssistantForCausalLM,
@@ -53,11 +53,9 @@ TEXT_PARTS = {"gemma3": gemma3.Gemma3ForCausalLM, "gemma4": gemma4.Gemma4ForCaus
 
 
 def _text_only(d: dict) -> bool:
-    """A multimodal model_type whose config.json has no tower (mlx-lm's conversions), or Gemma 3n, whose towers
-    mlxgemma does not run yet: its text part."""
-    if d.get("model_type") == "gemma3n":
-        return True
-    return d.get("model_type") in ("gemma3", "gemma4") and d.get("vision_config") is None \
+    """A multimodal model_type whose config.json has no tower (mlx-lm's conversions): its text part. (A config
+    that names towers whose weights the checkpoint lacks loads as the text part too: the model's part_for.)"""
+    return d.get("model_type") in ("gemma3", "gemma4", "gemma3n") and d.get("vision_config") is None \
         and d.get("audio_config") is None
 
 
@@ -115,11 +113,11 @@ def config_from_dict(d: dict, source: str = "config.json"):
     if model_type == "gemma4" and _text_only(d):
         text = text_config_of(d, model_type + "_text")
         return gemma4.Gemma4TextConfig.from_dict(text, source=f"{source} (text_config)", require=False)
-    if model_type == "gemma3n":  # the head is tied as the top-level config says, as transformers ties it
+    if model_type == "gemma3n" and _text_only(d):  # (the head tied as the top-level config says, as transformers)
         text = dict(text_config_of(d, "gemma3n_text"), tie_word_embeddings=d.get("tie_word_embeddings", True))
         return gemma3n.Gemma3nTextConfig.from_dict(text, source=f"{source} (text_config)", require=False)
-    if model_type in ("gemma3", "gemma4", "gemma4_unified", "gemma4_assistant", "gemma4_unified_assistant",
-                      "t5gemma2", "embedding_gemma2"):  # shapes in sub-configs, with defaults
+    if model_type in ("gemma3", "gemma3n", "gemma4", "gemma4_unified", "gemma4_assistant",
+                      "gemma4_unified_assistant", "t5gemma2", "embedding_gemma2"):  # shapes in sub-configs, defaulted
         return config_class.from_dict(d, source=source, require=False)
     return config_class.from_dict(d, source=source)
 

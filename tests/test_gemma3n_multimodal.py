@@ -1,0 +1,264 @@
+"""Gemma 3n with audio (and its image layout) against transformers 5.23: a tiny random float32
+Gemma3nForConditionalGeneration (every weight randomised, window 6 inside 12-token audio blocks), its processor
+(SigLIP's Pillow image processor, Gemma3nAudioFeatureExtractor) and mlxgemma's model and processor loaded from
+what transformers saves.
+
+transformers builds its vision tower with timm (TimmWrapperModel), which needs torchvision; mlxgemma has no
+vision tower yet, so the reference is built with a stand-in tower that holds nothing: everything else,
+embed_vision included (the hard embedding of the vision ids), is transformers' own Gemma3nModel."""
+
+import json
+from contextlib import contextmanager
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+import transformers
+from transformers.models.gemma3n import modeling_gemma3n
+
+import mlxgemma
+from mlxgemma.errors import MlxGemmaError
+from mlxgemma.media.features import encode_prompt, prefill
+from reference import TOL, max_diff, randomize
+
+S, F = "sliding_attention", "full_attention"
+WINDOW, AUDIO_TOKENS, IMAGE_TOKENS, MELS = 6, 12, 4, 16
+# ids: 0-3 specials, t4..t93 text, 94/95 boi/boa; the vision range 96..103 (eoi, image token), the audio range
+# 104..111 (eoa, audio token); the per-layer table stops at 96, and 111 (the last id) pads every clip.
+SPECIAL = {94: "<start_of_image>", 95: "<start_of_audio>", 96: "<end_of_image>", 97: "<image_soft_token>",
+           104: "<end_of_audio>", 105: "<audio_soft_token>"}
+VOCAB = 112
+TEXT = dict(vocab_size=VOCAB, vocab_size_per_layer_input=96, hidden_size=32, intermediate_size=48,
+            num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=WINDOW,
+            layer_types=[S, F, S, S, F], hidden_size_per_layer_input=8, laurel_rank=4, altup_num_inputs=2,
+            num_kv_shared_layers=1, activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0, 0.0],
+            final_logit_softcapping=5.0, eos_token_id=1, bos_token_id=2, pad_token_id=0)
+AUDIO = dict(hidden_size=24, conf_num_attention_heads=4, conf_num_hidden_layers=2, input_feat_size=MELS,
+             sscp_conv_channel_size=[8, 4], conf_attention_chunk_size=4, conf_attention_context_left=5,
+             conf_attention_context_right=0, conf_conv_kernel_size=3, conf_reduction_factor=4,
+             conf_attention_logit_cap=2.0, gradient_clipping=1.5, rms_norm_eps=1e-3, vocab_size=8, vocab_offset=104)
+VISION = dict(hidden_size=16, vocab_size=8, vocab_offset=96, rms_norm_eps=1e-3)
+PROCESSOR = dict(audio_seq_length=AUDIO_TOKENS, image_seq_length=IMAGE_TOKENS)
+IMAGE_PROCESSOR = dict(size={"height": 32, "width": 32}, resample=2, do_normalize=False)
+
+
+@contextmanager
+def without_timm():
+    """transformers' Gemma3nModel with a vision tower that holds nothing (timm's needs torchvision)."""
+    real = modeling_gemma3n.AutoModel
+
+    class Auto:
+        @staticmethod
+        def from_config(config, **kwargs):
+            if isinstance(config, transformers.Gemma3nVisionConfig):
+                return torch.nn.Module()
+            return real.from_config(config, **kwargs)
+
+    modeling_gemma3n.AutoModel = Auto
+    try:
+        yield
+    finally:
+        modeling_gemma3n.AutoModel = real
+
+
+def hf_config():
+    config = transformers.Gemma3nConfig(
+        text_config=TEXT, vision_config=VISION, audio_config=AUDIO,
+        audio_soft_tokens_per_image=AUDIO_TOKENS, vision_soft_tokens_per_image=IMAGE_TOKENS,
+        boi_token_id=94, eoi_token_id=96, image_token_id=97, boa_token_id=95, eoa_token_id=104, audio_token_id=105)
+    config.text_config._attn_implementation = "eager"
+    return config
+
+
+def tokenizer():
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, **{f"t{i}": i for i in range(4, 94)}}
+    vocab.update({SPECIAL.get(i, f"<m{i}>"): i for i in range(94, VOCAB)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL.values()])
+    names = dict(boi_token="<start_of_image>", eoi_token="<end_of_image>", image_token="<image_soft_token>",
+                 boa_token="<start_of_audio>", eoa_token="<end_of_audio>", audio_token="<audio_soft_token>")
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                                pad_token="<pad>", unk_token="<unk>", extra_special_tokens=names)
+
+
+def hf_processor():
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    return transformers.Gemma3nProcessor(transformers.Gemma3nAudioFeatureExtractor(feature_size=MELS),
+                                         SiglipImageProcessorPil(**IMAGE_PROCESSOR), tokenizer(), **PROCESSOR)
+
+
+def tone(seconds: float, hz: float = 440.0, seed: int = 0) -> np.ndarray:
+    t = np.arange(int(seconds * 16_000)) / 16_000
+    return (0.4 * np.sin(2 * np.pi * hz * t) + np.random.default_rng(seed).standard_normal(t.shape) * 0.05
+            ).astype(np.float32)
+
+
+def image(h: int, w: int, seed: int = 0):
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def save(path, seed: int = 0):
+    with without_timm():
+        hf = randomize(transformers.Gemma3nForConditionalGeneration(hf_config()), seed)
+    hf.save_pretrained(path)
+    hf_processor().save_pretrained(path)
+    return hf
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("g3n") / "ckpt"
+    hf = save(path)
+    model, processor = mlxgemma.load(path, dtype="float32")
+    return path, hf, model, processor
+
+
+def hf_logits(hf, inputs: dict) -> np.ndarray:
+    tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}
+    with torch.no_grad():
+        return hf(**tensors).logits.numpy()
+
+
+def ours(model, inputs: dict) -> np.ndarray:
+    return np.array(model(**{k: mx.array(np.asarray(v)) for k, v in inputs.items()}))
+
+
+def test_loads_as_the_multimodal_model(ckpt):
+    path, _, model, processor = ckpt
+    assert type(model).__name__ == "Gemma3nForConditionalGeneration"
+    assert type(processor).__name__ == "Gemma3nProcessor"
+    assert "vision_tower" not in model and "embed_vision" in model and "audio_tower" in model
+
+
+def test_text_only_with_hard_tokens(ckpt):
+    """Text ids in the vision and audio ranges go through embed_vision / embed_audio (and read row 0 of the
+    per-layer table), as transformers embeds them; a left-padded batch."""
+    _, hf, model, _ = ckpt
+    ids = np.random.default_rng(1).integers(3, VOCAB, (2, 15))
+    ids[:, 3:6] = [[96, 100, 110], [104, 111, 97]]
+    mask = np.ones_like(ids)
+    mask[1, :4] = 0
+    inputs, real = {"input_ids": ids, "attention_mask": mask}, mask.astype(bool)
+    assert max_diff(ours(model, inputs)[real], hf_logits(hf, inputs)[real]) <= TOL
+
+
+def test_audio_and_left_padded_batch(ckpt):
+    """One clip; then a batch of two prompts with clips of other lengths (the shorter padded by the tower, its
+    tokens past the tower's output padded with the last id's embedding), left-padded by the processor."""
+    _, hf, model, processor = ckpt
+    hp = hf_processor()
+    hp.tokenizer.padding_side = "left"
+    processor.tokenizer._tokenizer.padding_side = "left"
+    for text, audio in (("t5 t6 <audio_soft_token> t7 t8", [tone(1.0)]),
+                        (["<audio_soft_token> t9", "t4 t5 t6 t7 <audio_soft_token> t8 <audio_soft_token>"],
+                         [tone(0.5, 300, 1), tone(1.6, 500, 2), tone(0.3, 700, 3)])):
+        ref = {k: np.asarray(v) for k, v in hp(text=text, audio=audio, padding=True, return_tensors="np").items()}
+        mine = processor(text, audio=audio)
+        assert np.array_equal(mine["input_ids"], ref["input_ids"]) and np.array_equal(
+            mine["token_type_ids"], ref["token_type_ids"])
+        inputs = {k: mine[k] for k in ("input_ids", "attention_mask", "input_features", "input_features_mask")}
+        real = mine["attention_mask"].astype(bool)  # (transformers' fully masked rows of padding are its own)
+        assert max_diff(ours(model, inputs)[real], hf_logits(hf, inputs)[real]) <= TOL
+
+
+def test_processor_equals_transformers(ckpt):
+    """ids, layout ("\\n\\n" boi image x 4 eoi "\\n\\n", boa audio x 12 eoa), token types, pixels and features."""
+    _, _, _, processor = ckpt
+    hp = hf_processor()
+    text = "t4 <image_soft_token> t5 <audio_soft_token> t6 <image_soft_token>"
+    images, audio = [image(40, 56), image(20, 20, 1).convert("RGBA")], [tone(0.7)]
+    ref = hp(text=text, images=images, audio=audio, return_tensors="np")
+    mine, items = processor.prepare(text, images, audio)
+    for key in ("input_ids", "attention_mask", "token_type_ids", "input_features", "input_features_mask"):
+        assert np.array_equal(np.asarray(mine[key]), np.asarray(ref[key])), key
+    assert max_diff(mine["pixel_values"], ref["pixel_values"]) <= 1 / 255
+    row = mine["input_ids"][0].tolist()
+    start = row.index(94)
+    assert row[start:start + IMAGE_TOKENS + 2] == [94] + [97] * IMAGE_TOKENS + [96]
+    start = row.index(95)
+    assert row[start:start + AUDIO_TOKENS + 2] == [95] + [105] * AUDIO_TOKENS + [104]
+    assert [i["kind"] for i in items] == ["image", "audio", "image"]
+
+
+def test_chunked_prefill_and_greedy_generation(ckpt):
+    """A prefill in chunks of 5 (each would cut the audio block) then cached steps equal transformers' logits;
+    greedy tokens from stream_generate equal transformers' generate."""
+    _, hf, model, processor = ckpt
+    text, audio = "<bos>t4 t5 <audio_soft_token> t6 t7", [tone(0.9, 350)]
+    ids, features = encode_prompt(model, processor, text, [], audio)
+    cache = model.make_cache()
+    prefill(model, cache, ids[:-1], features, step=5)
+    follow = [9, 110, 11]
+    steps = [np.array(model(mx.array([ids[-1:]]), cache=cache))[0, -1]]
+    steps += [np.array(model(mx.array([[t]]), cache=cache))[0, -1] for t in follow]
+    inputs = processor(text, audio=audio)
+    full = dict(inputs, input_ids=np.concatenate([inputs["input_ids"], [follow]], 1),
+                attention_mask=np.ones((1, len(ids) + 3), np.int64))
+    full.pop("token_type_ids")
+    assert max_diff(np.stack(steps), hf_logits(hf, full)[0, len(ids) - 1:]) <= TOL
+
+    out = [c.token for c in mlxgemma.stream_generate(model, processor, "t4 <audio_soft_token> t5", audio=audio,
+                                                     max_tokens=6, chat_template=False)]
+    tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in processor("t4 <audio_soft_token> t5", audio=audio).items()}
+    with torch.no_grad():
+        ref = hf.generate(**tensors, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert out == ref[0, tensors["input_ids"].shape[1]:].tolist()
+
+
+def without_audio(path, to):
+    """The checkpoint with no audio_config and no audio weights (transformers always builds an audio tower)."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(path, to)
+    weights = load_file(str(path / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if "audio" not in k}, str(to / "model.safetensors"),
+              metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    (to / "config.json").write_text(json.dumps(dict(config, audio_config=None)))
+    return to
+
+
+def test_bad_inputs(ckpt, tmp_path):
+    _, _, model, processor = ckpt
+    with pytest.raises(MlxGemmaError, match="1 audio placeholder"):
+        processor("t4 <audio_soft_token>", audio=[tone(0.3), tone(0.3)])
+    with pytest.raises(MlxGemmaError, match="vision tower is not in mlxgemma yet"):
+        list(mlxgemma.stream_generate(model, processor, "t4", image=[image(8, 8)], max_tokens=1))
+    with pytest.raises(MlxGemmaError, match="media placeholder"):
+        list(mlxgemma.stream_generate(model, processor, [2, 105, 104, 5], max_tokens=1))
+    m, p = mlxgemma.load(without_audio(ckpt[0], tmp_path / "noaudio"), dtype="float32")
+    assert type(m).__name__ == "Gemma3nForConditionalGeneration" and "audio" not in p.marks
+    for call in (lambda: p("t4 <audio_soft_token>", audio=[tone(0.3)]),
+                 lambda: list(mlxgemma.stream_generate(m, p, "t4", audio=[tone(0.3)], max_tokens=1))):
+        with pytest.raises(MlxGemmaError, match="no audio"):
+            call()
+
+
+def test_checkpoint_layouts(ckpt, tmp_path):
+    """mlx-vlm's layout (no model. prefix) with the vision tower's weights (left unread while mlxgemma has no
+    tower) loads; the same config without tower weights (mlx-lm's conversion) is the text model."""
+    from safetensors.numpy import load_file, save_file
+
+    path, hf, _, _ = ckpt
+    weights = load_file(str(path / "model.safetensors"))
+    vlm = {k.removeprefix("model."): v for k, v in weights.items()}
+    vlm["vision_tower.timm_model.conv_stem.conv.weight"] = np.zeros((4, 3, 3, 3), np.float32)
+    text = {k: v for k, v in vlm.items() if k.startswith("language_model.")}
+    config = json.loads((path / "config.json").read_text())
+    ids = np.random.default_rng(4).integers(3, 96, (1, 12))
+    ref = hf_logits(hf, {"input_ids": ids})
+    for name, w, cls in (("vlm", vlm, "Gemma3nForConditionalGeneration"), ("text", text, "Gemma3nForCausalLM")):
+        (tmp_path / name).mkdir()
+        save_file(w, str(tmp_path / name / "model.safetensors"), metadata={"format": "pt"})
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+        m = mlxgemma.load_model(tmp_path / name, dtype="float32")
+        assert type(m).__name__ == cls and max_diff(np.array(m(mx.array(ids))), ref) <= TOL
