@@ -212,6 +212,21 @@ def test_chunked_prefill_and_greedy_generation(ckpt):
     assert out == ref[0, tensors["input_ids"].shape[1]:].tolist()
 
 
+def test_chat_with_clips(ckpt):
+    """Chat: a clip in each turn (the cache kept across turns, the first clip's features not encoded again)."""
+    from mlxgemma.chat import ChatSession
+    from mlxgemma.media.features import FEATURES
+
+    _, _, model, processor = ckpt
+    processor.tokenizer._tokenizer.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }} t4 " \
+                                                   "{% endfor %}"
+    session, hits = ChatSession(model, processor, max_tokens=4), FEATURES.hits
+    first = "".join(session.reply("t5 t6", audio=[tone(0.5)]))
+    second = "".join(session.reply("t7", audio=[tone(0.4, 600)]))
+    assert len(first.split()) == 4 and len(second.split()) == 4 and FEATURES.hits > hits
+    processor.tokenizer._tokenizer.chat_template = None
+
+
 def without_audio(path, to):
     """The checkpoint with no audio_config and no audio weights (transformers always builds an audio tower)."""
     import shutil

@@ -5,7 +5,7 @@ mixes them), runs the layer on the active one and corrects every stream by what 
 a low-rank residual beside the attention; each layer's per-layer input (a second token table plus a
 projection of the embedding) is gated into the other streams; the MLPs of the first layers keep only the
 activations above a Gaussian quantile (activation sparsity). Also the text part of multimodal `gemma3n`
-checkpoints: mlxgemma does not run Gemma 3n's towers yet, so such a checkpoint loads as its language model.
+checkpoints without tower weights (those with them: gemma3n_multimodal.py).
 Reference: transformers/models/gemma3n (Gemma3nTextConfig, Gemma3nTextModel, Gemma3nForCausalLM)."""
 
 import math

@@ -37,7 +37,9 @@ IMAGE, AUDIO = 1, 3  # transformers' mm_token_type_ids
 
 def vision_tower(vision_config: dict):
     """The vision tower built from config.json's vision_config, or None while mlxgemma has none (then the
-    checkpoint's vision_tower weights are left unread and images are refused)."""
+    checkpoint's vision_tower weights are left unread and images are refused). The tower takes pixel values
+    (N, 3, H, W) in soft_tokens(), returning (N, vision_soft_tokens_per_image, hidden_size) already scaled by
+    sqrt(hidden_size), and fixes its weights' layout in sanitize()."""
     return None
 
 
