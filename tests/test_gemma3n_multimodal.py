@@ -277,3 +277,50 @@ def test_checkpoint_layouts(ckpt, tmp_path):
         (tmp_path / name / "config.json").write_text(json.dumps(config))
         m = mlxgemma.load_model(tmp_path / name, dtype="float32")
         assert type(m).__name__ == cls and max_diff(np.array(m(mx.array(ids))), ref) <= TOL
+
+
+@pytest.mark.slow
+def test_server_with_clips(ckpt, tmp_path):
+    """The server's OpenAI input_audio parts on Gemma 3n: two concurrent requests with other clips each give
+    the tokens stream_generate gives for the same conversation alone."""
+    import base64
+    import json
+    import shutil
+    import threading
+
+    import openai
+
+    from mlxgemma.media.audio import load_audio
+    from server_util import serve
+    from test_gemma4_media import _wav
+
+    path, _, model, processor = ckpt
+    served = tmp_path / "served"
+    shutil.copytree(path, served)
+    config = json.loads((served / "tokenizer_config.json").read_text())
+    template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }} t4 {% endfor %}"
+    (served / "tokenizer_config.json").write_text(json.dumps(dict(config, chat_template=template)))
+    clips = [_wav(tone(0.4 + 0.2 * i, 300.0 + 200 * i, seed=i)) for i in range(2)]
+    model, processor = mlxgemma.load(served, dtype="float32")
+    expected = ["".join(c.text for c in mlxgemma.stream_generate(
+        model, processor, [{"role": "user", "content": processor.marks["audio"] + "t5 t6"}], audio=[load_audio(w)],
+        max_tokens=4))
+        for w in clips]
+    server = serve(served)
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+
+        def ask(i, out):
+            parts = [{"type": "input_audio", "input_audio": {"data": base64.b64encode(clips[i]).decode(),
+                                                             "format": "wav"}}, {"type": "text", "text": "t5 t6"}]
+            out[i] = client.chat.completions.create(model="m", messages=[{"role": "user", "content": parts}],
+                                                    max_tokens=4).choices[0].message.content
+        together = [None, None]
+        threads = [threading.Thread(target=ask, args=(i, together)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert together == expected and all(together)
+    finally:
+        server.stop()
