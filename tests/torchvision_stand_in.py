@@ -3,8 +3,12 @@ EmbeddingGemma2VideoProcessor have only a torchvision backend, and torchvision i
 torchvision.transforms.v2.functional holding what the processors call, restated from torchvision 0.2x
 (v2/functional/_geometry.py resize_image, _misc.py normalize_image, _color.py grayscale_to_rgb_image,
 _type_conversion / _misc.py to_dtype_image) for the cases met: CPU tensors, bicubic on uint8 (native in
-torchvision: no cast), RGB(A) or grey, an image (C, H, W) or a video's frames (T, C, H, W)."""
+torchvision: no cast), RGB(A) or grey, an image (C, H, W) or a video's frames (T, C, H, W).
 
+timm (Gemma 3n's vision tower, MobileNet-V5) imports torchvision too: import_timm imports it with stand-ins
+for the names it reads, and timm_wrapper lets transformers' TimmWrapperModel build with that timm."""
+
+import enum
 import importlib
 import sys
 import types
@@ -186,3 +190,65 @@ def embedding_gemma2_processor(tokenizer, image_processor, feature_extractor, **
             del video_processing_utils.tvF
         else:
             video_processing_utils.tvF = had
+
+
+# ---- timm -----------------------------------------------------------------------------------------------
+# timm 1.0.31 imports torchvision at import time (its data pipeline and a few layers) but calls none of it to
+# build or run MobileNet-V5 (Gemma 3n's vision tower): these are the names it reads.
+TIMM_READS = {
+    "torchvision.transforms.functional": lambda: {"InterpolationMode": enum.Enum("InterpolationMode", {
+        k: k.lower() for k in ("NEAREST", "NEAREST_EXACT", "BILINEAR", "BICUBIC", "BOX", "HAMMING", "LANCZOS")})},
+    "torchvision.transforms": lambda: {"ToTensor": type("ToTensor", (), {})},
+    "torchvision.ops.misc": lambda: {"FrozenBatchNorm2d": type("FrozenBatchNorm2d", (), {})},
+    "torchvision.ops": dict,
+    "torchvision.datasets": lambda: {n: type(n, (), {}) for n in (
+        "CIFAR100", "CIFAR10", "MNIST", "KMNIST", "FashionMNIST", "ImageFolder")},
+    "torchvision": lambda: {"__version__": "0.0-stand-in"},
+}
+
+
+def import_timm():
+    """timm, imported with stand-ins for the torchvision modules it reads; afterwards no stand-in stays in
+    sys.modules (transformers' availability checks would take them for torchvision). ImportError where timm is
+    not installed (.ci/run installs it with --no-deps)."""
+    if "timm" in sys.modules:
+        return sys.modules["timm"]
+    import transformers  # noqa: F401  (its own torchvision check first, without the stand-ins)
+
+    saved = {n: sys.modules.get(n) for n in TIMM_READS}
+    for name, names in TIMM_READS.items():
+        module = types.ModuleType(name)
+        module.__dict__.update(names())
+        module.__path__ = []
+        sys.modules[name] = module
+    for name in TIMM_READS:  # (each submodule as an attribute of its parent, as an import binds it)
+        parent, _, child = name.rpartition(".")
+        if parent:
+            setattr(sys.modules[parent], child, sys.modules[name])
+    try:
+        return importlib.import_module("timm")
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+
+
+@contextmanager
+def timm_wrapper():
+    """transformers' TimmWrapperModel (the class Gemma3nModel's vision tower is), able to build timm models
+    while the block runs: its module handed the timm import_timm gives (it binds timm only where transformers
+    finds torchvision) and its backend check skipped."""
+    from transformers.models.timm_wrapper import modeling_timm_wrapper as wrapper
+
+    saved = {name: getattr(wrapper, name, None) for name in ("timm", "requires_backends")}
+    wrapper.timm, wrapper.requires_backends = import_timm(), lambda *args, **kwargs: None
+    try:
+        yield wrapper.TimmWrapperModel
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                delattr(wrapper, name)
+            else:
+                setattr(wrapper, name, value)
