@@ -1,6 +1,6 @@
 """Gemma 3n with images and audio (model_type gemma3n, transformers' Gemma3nForConditionalGeneration): Gemma 3n's
 text model (gemma3n.py), the audio tower (gemma3n_audio.py: a Conformer over log-mel frames) and the vision tower
-(timm's MobileNet-v5: not in mlxgemma yet, see vision_tower below), each through its multimodal embedder.
+(timm's MobileNet-v5, restated in gemma3n_vision.py), each through its multimodal embedder.
 
 What transformers' Gemma3nModel.forward does, and so this:
 - Every token is embedded by the text table; ids in the vision range [embed_vision.vocab_offset,
@@ -36,11 +36,12 @@ IMAGE, AUDIO = 1, 3  # transformers' mm_token_type_ids
 
 
 def vision_tower(vision_config: dict):
-    """The vision tower built from config.json's vision_config, or None while mlxgemma has none (then the
-    checkpoint's vision_tower weights are left unread and images are refused). The tower takes pixel values
-    (N, 3, H, W) in soft_tokens(), returning (N, vision_soft_tokens_per_image, hidden_size) already scaled by
-    sqrt(hidden_size), and fixes its weights' layout in sanitize()."""
-    return None
+    """The vision tower built from config.json's vision_config (timm's MobileNet-V5 in MLX: gemma3n_vision.py).
+    It takes pixel values (N, 3, H, W) in soft_tokens(), returning (N, vision_soft_tokens_per_image,
+    hidden_size) already scaled by sqrt(hidden_size), and fixes its weights' layout in sanitize()."""
+    from .gemma3n_vision import Gemma3nVisionConfig, Gemma3nVisionModel
+
+    return Gemma3nVisionModel(Gemma3nVisionConfig.from_dict(vision_config, "config.json vision_config", require=False))
 
 
 @dataclass
@@ -129,9 +130,7 @@ class Gemma3nForConditionalGeneration(WithLanguageModel, Gemma3nPreTrainedModel)
         text = config.text_config
         self.language_model = Gemma3nForCausalLM(text)
         if config.vision_config is not None:
-            tower = vision_tower(config.vision_source)
-            if tower is not None:
-                self.vision_tower = tower
+            self.vision_tower = vision_tower(config.vision_source)
             self.embed_vision = Gemma3nMultimodalEmbedder(config.vision_config, text)
         if config.audio_config is not None:
             self.audio_tower = Gemma3nAudioEncoder(config.audio_config)
@@ -171,9 +170,6 @@ class Gemma3nForConditionalGeneration(WithLanguageModel, Gemma3nPreTrainedModel)
         """Images (N, 3, H, W) -> one (vision_soft_tokens_per_image, D) array per image."""
         if "embed_vision" not in self:
             raise MlxGemmaError("this Gemma 3n checkpoint has no vision_config: it takes no images")
-        if "vision_tower" not in self:
-            raise MlxGemmaError("Gemma 3n's vision tower is not in mlxgemma yet: this checkpoint runs with text and "
-                                "audio only")
         features = self.embed_vision(inputs_embeds=self.vision_tower.soft_tokens(_array(pixel_values)))
         return list(features)
 
