@@ -361,3 +361,26 @@ def test_server_with_clips(ckpt, tmp_path):
         assert together == expected and all(together)
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_convert_and_quantize(ckpt, tmp_path):
+    """convert writes Gemma 3n with its towers: the float output's logits with an image and a clip equal the
+    source's; -q gives the language model the recipe (3 bits here) and the towers and embedders --q-vision-bits
+    (8) / --q-audio-bits (4)."""
+    from mlxgemma.checkpoints.convert import convert
+
+    path, _, model, processor = ckpt
+    inputs = processor("t4 <image_soft_token> t5 <audio_soft_token> t6", [image(50, 40)], [tone(0.5)])
+    inputs = {k: mx.array(np.asarray(v)) for k, v in inputs.items() if k != "token_type_ids"}
+    ref = np.array(model(**inputs))
+    converted, _ = mlxgemma.load(convert(path, tmp_path / "f"), dtype="float32")
+    assert max_diff(np.array(converted(**inputs)), ref) == 0
+    q, _ = mlxgemma.load(convert(path, tmp_path / "q", quantize=True, q_bits=3, q_group_size=32, q_vision_bits=8,
+                                 q_audio_bits=4), dtype="float32")
+    bits = {n: m.bits for n, m in q.named_modules() if hasattr(m, "bits") and "scales" in m}
+    assert any(n.startswith("language_model.") and b == 3 for n, b in bits.items())
+    towers = {n: b for n, b in bits.items() if n.startswith(("vision_tower.", "embed_vision.", "audio_tower.",
+                                                               "embed_audio."))}
+    assert towers and all(b == (8 if "vision" in n else 4) for n, b in towers.items())
+    assert np.isfinite(np.array(q(**inputs))).all()
