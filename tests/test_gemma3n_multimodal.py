@@ -317,47 +317,51 @@ def test_checkpoint_layouts(ckpt, tmp_path):
 
 
 @pytest.mark.slow
-def test_server_with_clips(ckpt, tmp_path):
-    """The server's OpenAI input_audio parts on Gemma 3n: two concurrent requests with other clips each give
-    the tokens stream_generate gives for the same conversation alone."""
+def test_server_batches_mixed_requests(ckpt, tmp_path):
+    """The server on Gemma 3n: 8 concurrent requests, images (image_url), clips (input_audio) and text alone
+    mixed, each gives the tokens stream_generate gives for the same conversation alone."""
     import base64
-    import json
+    import io
     import shutil
-    import threading
 
     import openai
+    from PIL import Image
 
     from mlxgemma.media.audio import load_audio
     from server_util import serve
-    from test_gemma4_media import _wav
+    from test_decode_core import _together
+    from test_gemma4_media import _png, _wav
 
-    path, _, model, processor = ckpt
+    path = ckpt[0]
     served = tmp_path / "served"
     shutil.copytree(path, served)
     config = json.loads((served / "tokenizer_config.json").read_text())
     template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }} t4 {% endfor %}"
     (served / "tokenizer_config.json").write_text(json.dumps(dict(config, chat_template=template)))
-    clips = [_wav(tone(0.4 + 0.2 * i, 300.0 + 200 * i, seed=i)) for i in range(2)]
     model, processor = mlxgemma.load(served, dtype="float32")
-    expected = ["".join(c.text for c in mlxgemma.stream_generate(
-        model, processor, [{"role": "user", "content": processor.marks["audio"] + "t5 t6"}], audio=[load_audio(w)],
-        max_tokens=4))
-        for w in clips]
+    kinds = ["image", "audio", "text"] * 3
+    media = [_png(image(40 + 8 * i, 56, seed=i)) if k == "image" else _wav(tone(0.3 + 0.1 * i, 300 + 90 * i, i))
+             if k == "audio" else None for i, k in enumerate(kinds[:8])]
+
+    def alone(i):
+        kind, mark = kinds[i], processor.marks.get(kinds[i], "")
+        extra = {"image": [Image.open(io.BytesIO(media[i]))]} if kind == "image" else \
+            {"audio": [load_audio(media[i])]} if kind == "audio" else {}
+        return "".join(c.text for c in mlxgemma.stream_generate(
+            model, processor, [{"role": "user", "content": mark + f"t{5 + i} t6"}], max_tokens=16, **extra))
+    expected = [alone(i) for i in range(8)]
     server = serve(served)
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
 
-        def ask(i, out):
-            parts = [{"type": "input_audio", "input_audio": {"data": base64.b64encode(clips[i]).decode(),
-                                                             "format": "wav"}}, {"type": "text", "text": "t5 t6"}]
-            out[i] = client.chat.completions.create(model="m", messages=[{"role": "user", "content": parts}],
-                                                    max_tokens=4).choices[0].message.content
-        together = [None, None]
-        threads = [threading.Thread(target=ask, args=(i, together)) for i in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
+        def ask(i):
+            data = base64.b64encode(media[i]).decode() if media[i] else None
+            part = {"image": {"type": "image_url", "image_url": {"url": "data:image/png;base64," + (data or "")}},
+                    "audio": {"type": "input_audio", "input_audio": {"data": data, "format": "wav"}}}.get(kinds[i])
+            parts = ([part] if part else []) + [{"type": "text", "text": f"t{5 + i} t6"}]
+            return lambda: client.chat.completions.create(model="m", messages=[{"role": "user", "content": parts}],
+                                                          max_tokens=16).choices[0].message.content
+        together = _together(server, [ask(i) for i in range(8)])  # (all reach the scheduler at once: batched)
         assert together == expected and all(together)
     finally:
         server.stop()
