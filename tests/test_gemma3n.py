@@ -203,6 +203,20 @@ def _run(model, tok, prompt, **kw):
     return [c.token for c in chunks], np.array([c.logprob for c in chunks])
 
 
+@pytest.mark.parametrize("name", ["E", "alt"])
+def test_speculative_rollback(variant, name):
+    """Speculation rolls every cache kind back past the window and across the KV-shared layers: prompt lookup
+    (a repeated prompt) and a draft model (another random Gemma 3n: mostly wrong) give plain greedy's tokens and
+    logprobs over 3 windows."""
+    _, model, tok, _ = variant(name)
+    other = variant("alt" if name == "E" else "E")[1]
+    prompt = [2] + list(range(10, 20)) * 2
+    plain = _run(model, tok, prompt)
+    for kw in (dict(prompt_lookup_ngram=1, num_draft_tokens=4), dict(draft_model=other, num_draft_tokens=3)):
+        spec = _run(model, tok, prompt, **kw)
+        assert spec[0] == plain[0] and np.max(np.abs(spec[1] - plain[1])) <= 1e-4
+
+
 def _fake_switch(cache, bits):
     """to_quantized's stand-in: the cache stays float, its held and future keys and values rounded through
     8-bit quantization and back (test_kv_quant.py's check, for a model whose shared layers read the donor's)."""
