@@ -385,5 +385,12 @@ class WithLanguageModel:
     def get_decoder(self):
         return self.language_model.get_decoder()
 
+    def part_for(self, weights: dict):
+        """A checkpoint without its towers (mlx-lm's converter drops them; `media_weights` names their prefixes)
+        fills the text model alone."""
+        if any(k.startswith(self.media_weights) for k in weights):
+            return self, weights
+        return self.language_model, {k.removeprefix("language_model."): v for k, v in weights.items()}
+
 
 __all__ = ["FULL", "SLIDING"]

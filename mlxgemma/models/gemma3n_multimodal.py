@@ -148,12 +148,6 @@ class Gemma3nForConditionalGeneration(WithLanguageModel, Gemma3nPreTrainedModel)
     def in_audio_tower(self, path: str) -> bool:
         return any(f".{n}." in f".{path}." for n in ("audio_tower", "embed_audio"))
 
-    def part_for(self, weights: dict):
-        """A checkpoint without tower weights (mlx-lm's converter drops them) fills the text model alone."""
-        if any(k.startswith(self.media_weights) for k in weights):
-            return self, weights
-        return self.language_model, {k.removeprefix("language_model."): v for k, v in weights.items()}
-
     def load_processor(self, path, tokenizer):
         from ..media.gemma3n_processor import Gemma3nProcessor
 

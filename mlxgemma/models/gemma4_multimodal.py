@@ -272,12 +272,6 @@ class Gemma4ForConditionalGeneration(WithLanguageModel, Gemma4MediaTowers, Gemma
         self.language_model = Gemma4ForCausalLM(text)
         self.add_towers(config, text.hidden_size)
 
-    def part_for(self, weights: dict):
-        """A checkpoint without its towers (mlx-lm's converter drops them) fills the text model alone."""
-        if any(k.startswith(self.media_weights) for k in weights):
-            return self, weights
-        return self.language_model, {k.removeprefix("language_model."): v for k, v in weights.items()}
-
     def load_processor(self, path, tokenizer):
         from ..media.gemma4_processor import Gemma4Processor
 
