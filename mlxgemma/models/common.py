@@ -385,6 +385,23 @@ class WithLanguageModel:
     def get_decoder(self):
         return self.language_model.get_decoder()
 
+    def with_language_model_weights(self, weights: dict) -> dict:
+        """Both layouts' names in ours (transformers' model.language_model.*, mlx-vlm's language_model.model.*,
+        a bare lm_head), the language model's part through its own sanitize; the rest as they are."""
+        out = {}
+        for k, v in weights.items():
+            k = k.removeprefix("model.")
+            if k.startswith("language_model.") and not k.startswith(("language_model.model.",
+                                                                      "language_model.lm_head.")):
+                k = "language_model.model." + k.removeprefix("language_model.")
+            elif k.startswith("lm_head."):
+                k = "language_model." + k
+            out[k] = v
+        text = {k.removeprefix("language_model."): v for k, v in out.items() if k.startswith("language_model.")}
+        out = {k: v for k, v in out.items() if not k.startswith("language_model.")}
+        out.update({f"language_model.{k}": v for k, v in self.language_model.sanitize(text).items()})
+        return out
+
     def part_for(self, weights: dict):
         """A checkpoint without its towers (mlx-lm's converter drops them; `media_weights` names their prefixes)
         fills the text model alone."""

@@ -249,19 +249,8 @@ class Gemma3nForConditionalGeneration(WithLanguageModel, Gemma3nPreTrainedModel)
 
     def sanitize(self, weights: dict) -> dict:
         """Either layout (transformers' model.*, or mlx-vlm's); each tower's own key fixes (its sanitize); the
-        weights of a tower that is not built dropped (the vision tower, until mlxgemma has one)."""
-        out = {}
-        for k, v in weights.items():
-            k = k.removeprefix("model.")
-            if k.startswith("language_model.") and not k.startswith(("language_model.model.",
-                                                                      "language_model.lm_head.")):
-                k = "language_model.model." + k.removeprefix("language_model.")
-            elif k.startswith("lm_head."):
-                k = "language_model." + k
-            out[k] = v
-        text = {k.removeprefix("language_model."): v for k, v in out.items() if k.startswith("language_model.")}
-        out = {k: v for k, v in out.items() if not k.startswith("language_model.")}
-        out.update({f"language_model.{k}": v for k, v in self.language_model.sanitize(text).items()})
+        weights of a tower the config leaves out dropped."""
+        out = self.with_language_model_weights(weights)
         for name in ("vision_tower", "audio_tower"):
             part = {k.removeprefix(name + "."): v for k, v in out.items() if k.startswith(name + ".")}
             out = {k: v for k, v in out.items() if not k.startswith(name + ".")}

@@ -337,18 +337,7 @@ class Gemma4ForConditionalGeneration(WithLanguageModel, Gemma4MediaTowers, Gemma
 
     def sanitize(self, weights: dict) -> dict:
         """Either layout (transformers' model.*, or mlx-vlm's); each tower's own key fixes (its sanitize)."""
-        out = {}
-        for k, v in weights.items():
-            k = k.removeprefix("model.")
-            if k.startswith("language_model.") and not k.startswith(("language_model.model.",
-                                                                      "language_model.lm_head.")):
-                k = "language_model.model." + k.removeprefix("language_model.")
-            elif k.startswith("lm_head."):
-                k = "language_model." + k
-            out[k] = v
-        text = {k.removeprefix("language_model."): v for k, v in out.items() if k.startswith("language_model.")}
-        out = {k: v for k, v in out.items() if not k.startswith("language_model.")}
-        out.update({f"language_model.{k}": v for k, v in self.language_model.sanitize(text).items()})
+        out = self.with_language_model_weights(weights)
         return self.sanitize_towers(out)
 
 
