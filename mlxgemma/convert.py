@@ -21,7 +21,7 @@ def configure_parser() -> argparse.ArgumentParser:
     p.add_argument("--q-bits", type=int, default=4, help="bits per weight (default 4)")
     p.add_argument("--q-group-size", type=int, default=64, help="group size (default 64)")
     p.add_argument("--quant-predicate", default=None,
-                   help=f"recipe: {', '.join(RECIPES)} (default: mixed_4_6 at 4 bits, else uniform)")
+                   help=f"recipe: {', '.join(RECIPES)} (default: budget at 4 bits, else uniform)")
     p.add_argument("--q-vision-bits", default=str(VISION_BITS), choices=["4", "8", "float"],
                    help=f"bits for a vision tower (Gemma 3, Gemma 4, T5Gemma 2), or float (default {VISION_BITS}, "
                         "measured)")
@@ -33,8 +33,8 @@ def configure_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-samples", type=int, default=None, help="rows of text (default: all there are)")
     p.add_argument("--calibration-seq-len", type=int, default=256, help="tokens per row (default 256)")
     p.add_argument("--target-bpw", type=float, default=None,
-                   help="with --calibrate: bits per weight to reach, layers going from --q-bits to --q-bits + 2 "
-                        "by sensitivity")
+                   help="the budget recipe's bits per weight, scales included (default: --q-bits + 0.75 at "
+                        "4 bits)")
     p.add_argument("--q-search", action=argparse.BooleanOptionalAction, default=True,
                    help="choose each group's grid by least rounding error among clipped ones (default), or "
                         "(--no-q-search) from its min and max as mlx-lm does")

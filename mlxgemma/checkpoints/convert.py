@@ -34,19 +34,19 @@ def convert(hf_path, mlx_path, *, dtype: Optional[str] = None, quantize: bool = 
             target_bpw: Optional[float] = None, q_search: bool = True) -> Path:
     """Write the MLX checkpoint of hf_path to mlx_path and return mlx_path. quantize=True quantizes with MLX
     affine groups: q_bits of 2/3/4/5/6/8, q_group_size of 32/64/128, and a recipe (quant_predicate:
-    "uniform" or mlx-lm's mixed ones; at 4 bits the default is mixed_4_6, chosen by measurement). A vision tower
+    "uniform", "budget" or mlx-lm's mixed ones; at 4 bits the default is budget, chosen by measurement, whose
+    bits per weight target_bpw sets: 4.75 by default). A vision tower
     (T5Gemma 2, Gemma 3, Gemma 4) gets q_vision_bits (8 by default, chosen by measurement; None keeps it in
     float), an audio tower (Gemma 4 E2B/E4B) q_audio_bits (8 by default, as for the vision tower). A .gguf
     source keeps its own quantized weights (exact repacking) unless dequantize=True or quantize=True is asked for.
     calibrate=True (with quantize) rounds with GPTQ on activations of calibration_data (a UTF-8 file, or the
-    built-in text), calibration_samples rows (default: all the text gives) of calibration_seq_len tokens;
-    target_bpw then chooses per layer between q_bits and q_bits + 2 by sensitivity (calibrate.py).
+    built-in text), calibration_samples rows (default: all the text gives) of calibration_seq_len tokens.
     q_search=False rounds as mlx-lm does (each group's grid from its min and max) instead of searching each
-    group's clipped grids for the least error (quantize.best_grid: measured better, README)."""
+    group's grids for the least error (grids.best_grid: measured better, docs/convert-and-quantize.md)."""
     dst = Path(mlx_path).expanduser()
     _check_options(dst, dtype, quantize, q_bits, q_group_size, quant_predicate, dequantize, overwrite)
-    calibration = _calibration(quantize, calibrate, calibration_data, calibration_samples, calibration_seq_len,
-                               target_bpw)
+    calibration = _calibration(quantize, calibrate, calibration_data, calibration_samples, calibration_seq_len)
+    _check_target(quantize, quant_predicate, target_bpw)
     for name, value in (("--q-vision-bits", q_vision_bits), ("--q-audio-bits", q_audio_bits)):
         if value not in (None, 4, 8):
             raise MlxGemmaError(f"{name} {value} is not supported (4, 8, or float)")
@@ -67,7 +67,7 @@ def convert(hf_path, mlx_path, *, dtype: Optional[str] = None, quantize: bool = 
             calibration["tokenizer"] = load_tokenizer(tmp)
         if quantize or dequantize:
             model, config = _requantize(model, config, dequantize, q_bits, q_group_size, quant_predicate,
-                                        (q_vision_bits, q_audio_bits), calibration, q_search)
+                                        (q_vision_bits, q_audio_bits), calibration, q_search, target_bpw)
         _write(tmp, model, config)
         _write_readme(tmp, hf_path, config, dtype)
         _replace(tmp, dst)
@@ -126,11 +126,21 @@ def _source_model(src: Path, dtype):
     return config, model, copy_tokenizer
 
 
-def _calibration(quantize, calibrate, data, samples, seq_len, target_bpw) -> Optional[dict]:
+def _check_target(quantize, recipe, target_bpw) -> None:
+    if target_bpw is None:
+        return
+    if not quantize:
+        raise MlxGemmaError("--target-bpw sets the bits per weight of -q: add -q")
+    if recipe not in (None, "budget"):
+        raise MlxGemmaError(f"--target-bpw sets the budget recipe's bits per weight; --quant-predicate {recipe} "
+                            f"has its own")
+
+
+def _calibration(quantize, calibrate, data, samples, seq_len) -> Optional[dict]:
     """The calibration options, checked before anything is loaded (None without --calibrate)."""
     if not calibrate:
-        if target_bpw is not None or data is not None:
-            raise MlxGemmaError("--target-bpw and --calibration-data need --calibrate")
+        if data is not None:
+            raise MlxGemmaError("--calibration-data needs --calibrate")
         return None
     if not quantize:
         raise MlxGemmaError("--calibrate calibrates quantization: add -q")
@@ -139,11 +149,11 @@ def _calibration(quantize, calibrate, data, samples, seq_len, target_bpw) -> Opt
                             f"(got {samples} and {seq_len})")
     if data not in (None, "builtin") and not Path(data).expanduser().is_file():
         raise MlxGemmaError(f"--calibration-data {data}: no such file")
-    return dict(data=data, samples=samples, seq_len=seq_len, target_bpw=target_bpw)
+    return dict(data=data, samples=samples, seq_len=seq_len)
 
 
 def _requantize(model, config, dequantize, bits, group_size, recipe, tower_bits=(VISION_BITS, VISION_BITS),
-                calibration=None, search=True):
+                calibration=None, search=True, target_bpw=None):
     """tower_bits: (vision, audio) bits, None for float."""
     vision_bits, audio_bits = tower_bits
     if config.get("quantization"):  # a quantized source: back to float first (a second rounding, said so)
@@ -159,10 +169,12 @@ def _requantize(model, config, dequantize, bits, group_size, recipe, tower_bits=
 
         options = {k: v for k, v in calibration.items() if k != "tokenizer"}
         model, config, report = calibrate(model, config, calibration["tokenizer"], bits, group_size, recipe,
-                                          vision_bits, search=search, audio_bits=audio_bits, **options)
+                                          vision_bits, search=search, audio_bits=audio_bits, target_bpw=target_bpw,
+                                          **options)
         print("\n".join(summary(report)), file=sys.stderr)
         return model, config
-    return quantize_weights(model, config, bits, group_size, recipe, vision_bits, search=search, audio_bits=audio_bits)
+    return quantize_weights(model, config, bits, group_size, recipe, vision_bits, search=search, audio_bits=audio_bits,
+                            target_bpw=target_bpw)
 
 
 def legacy_rope_keys(config: dict) -> dict:
