@@ -13,8 +13,8 @@ the real model), the table at 8, 4 and 3 bits against float:
     depend on the layer count) and of the final logits, and the mean KL(float || quantized) of the
     next-token distributions, over a --tokens-token random prompt (top-1 agreement is not shown: a random
     tied model's argmax mostly echoes its input, and stays 100% here whatever is quantized);
-  * the same with everything else quantized too (--recipes: mlxgemma's 4-bit default mixed_4_6, and
-    mixed_3_6; router at 8 bits): how much the table adds to the error the rest already makes.
+  * the same with everything else quantized too (--recipes: mlx-lm's mixed_4_6, mlxgemma's 4-bit default
+    until the budget recipe, and mixed_3_6; router at 8 bits): how much the table adds to the error the rest already makes.
 
 Quantized weights are evaluated through their dequantized twins in float32 (exactly the weights a quantized
 checkpoint holds): it compares weights, not kernels. Random weights stand in for real ones (none is
@@ -79,7 +79,6 @@ def quantize_rest(model, recipe: str, group_size: int) -> None:
     from mlx_lm.convert import mixed_quant_predicate_builder
 
     from mlxgemma.models.gemma4_moe import SwitchLinear
-    from mlxgemma.checkpoints.quantize import gemma4_bits
 
     mixed = mixed_quant_predicate_builder(recipe, model, group_size)
     for name, m in model.named_modules():
@@ -88,7 +87,7 @@ def quantize_rest(model, recipe: str, group_size: int) -> None:
         if m.weight.shape[-1] % group_size:
             continue
         low = mixed(name, m)["bits"]
-        fake_quantize(m, gemma4_bits(name, low) or low, group_size)
+        fake_quantize(m, model.layer_bits(name, low) or low, group_size)
 
 
 def run(model, ids):
