@@ -73,7 +73,7 @@ def built(tmp_path_factory):
 @pytest.fixture(scope="module")
 def checkpoints(built, tmp_path_factory):
     """checkpoints(name, writer, quantized) -> path: writer "mlx-lm" (mlx_lm.convert, its default 4-bit
-    recipe) or "mlxgemma" (mlxgemma.convert, ours: mixed_4_6 at 4 bits)."""
+    recipe) or "mlxgemma" (mlxgemma.convert, ours: the budget recipe at 4 bits)."""
     from mlx_lm.convert import convert as mlx_lm_convert
 
     cache = {}
@@ -247,18 +247,28 @@ def test_quantized_experts(checkpoints, built, writer, tmp_path):
     assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) <= 0.6
 
 
-def test_recipe_bits(checkpoints):
-    """mlxgemma's 4-bit default (mixed_4_6) on Gemma 4: the experts' down_proj at 6 bits where mlx-lm's rule
-    gives down_proj 6 (layers 2 and 4 of 5), gate_up_proj at 4, the router at ROUTER_BITS, the E models'
-    per-layer table at the recipe's 4 (benchmarks/gemma4_quant.py: more bits buy nothing measurable there);
-    config.json names each quantized module by its on-disk path."""
+def test_recipe_bits(checkpoints, built):
+    """mlxgemma's 4-bit default (the budget recipe) on Gemma 4: the router at ROUTER_BITS whatever the budget,
+    the experts' down_proj that mlx-lm's mixed_4_6 favours (layers 2 and 4 of 5) raised before any other, every
+    expert within 4..6 bits, each module at the bits layer_specs planned on the float model; config.json names
+    each quantized module by its on-disk path (gate_proj and up_proj alike); the E models' per-layer table at the
+    recipe's 4 bits (benchmarks/gemma4_quant.py: more bits buy nothing measurable there)."""
+    from mlxgemma.checkpoints.quantize import layer_specs
+
     moe = checkpoints("moe", "mlxgemma", True)
     q = json.loads((moe / "config.json").read_text())["quantization"]
     model = mlxgemma.load_model(moe)
     bits = {i: (layer.experts.gate_up_proj.bits, layer.experts.down_proj.bits, layer.router.proj.bits)
             for i, layer in enumerate(model.layers)}
-    assert bits == {0: (4, 4, 8), 1: (4, 4, 8), 2: (4, 6, 8), 3: (4, 4, 8), 4: (4, 6, 8)} and ROUTER_BITS == 8
-    assert q["model.layers.2.experts.switch_glu.down_proj"]["bits"] == 6
+    plan = layer_specs(mlxgemma.load_model(built("moe")[1]), 4, QUANT["q_group_size"])
+
+    def at(i, leaf):
+        return next(v["bits"] for p, v in plan.items() if p.endswith(f"layers.{i}.{leaf}"))
+
+    assert bits == {i: (at(i, "experts.gate_up_proj"), at(i, "experts.down_proj"), at(i, "router.proj")) for i in bits}
+    assert {b[2] for b in bits.values()} == {ROUTER_BITS} == {8}
+    assert bits[2][1] > 4 and bits[4][1] > 4 and {b for g, d, _ in bits.values() for b in (g, d)} <= {4, 5, 6}
+    assert q["model.layers.2.experts.switch_glu.down_proj"]["bits"] == bits[2][1]
     assert q["model.layers.2.experts.switch_glu.gate_proj"] == q["model.layers.2.experts.switch_glu.up_proj"]
     assert not any("gate_up_proj" in k for k in q)
     e = mlxgemma.load_model(checkpoints("E", "mlxgemma", True))

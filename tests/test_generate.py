@@ -262,4 +262,4 @@ def test_recipe_names_are_mlx_lm_s():
 
     from mlxgemma.checkpoints.quantize import RECIPES
 
-    assert RECIPES == ["uniform"] + list(QUANT_RECIPES)
+    assert RECIPES == ["uniform", "budget"] + list(QUANT_RECIPES)  # budget: ours, the 4-bit default

@@ -71,7 +71,7 @@ def test_parameter_count_of_a_quantized_model_is_the_float_models(tmp_path):
         shown = httpx.post(served.url + "/api/show", json={"model": "m"}).json()
         q = served.engine.model
         bits = {name: m.bits for name, m in q.named_modules() if hasattr(m, "bits")}
-        assert set(bits.values()) == {4, 6} and "model.embed_tokens" in bits  # mixed_4_6, the embedding too
+        assert 4 in set(bits.values()) <= {4, 5, 6} and "model.embed_tokens" in bits  # budget, the table too
         assert sum(v.size for _, v in tree_flatten(q.parameters())) != floats  # which the old count read
         assert shown["model_info"]["general.parameter_count"] == floats
         assert shown["details"]["parameter_size"] == f"{floats / 1e3:.0f}K"
