@@ -4,7 +4,6 @@ asked for (default: 0.25 more than uniform --q-bits); --target-bpw below what --
 error. That this recipe is the better one is a measurement on real weights (benchmarks/quality.py), not a
 test: random weights have no trained outliers and no sensitive layers."""
 
-import mlx.core as mx
 import pytest
 
 from mlxgemma.checkpoints.quantize import TABLE_GROUP, layer_specs
