@@ -157,6 +157,27 @@ def test_we_load_mlx_lm_convert_output(family, tmp_path):
     assert _greedy(*ours, prompt) == _greedy(*theirs, prompt)
 
 
+def test_we_load_mlx_lm_mixed_recipe_output(tmp_path):
+    """mlx-lm 0.32's mixed recipes, asked for no group size, write "group_size": null per layer (its loader
+    gives that to mx.quantize, which takes the mode's default): we load it so too, and equal its logits."""
+    import json
+
+    import mlx_lm
+    from mlx_lm.convert import convert as mlx_lm_convert
+
+    save_checkpoint(hf_model("gemma3", intermediate_size=64, layer_types=None, num_hidden_layers=6,
+                             tie_word_embeddings=False), tmp_path / "src")
+    mlx_lm_convert(str(tmp_path / "src"), str(tmp_path / "theirs"), quantize=True, quant_predicate="mixed_4_6")
+    q = json.loads((tmp_path / "theirs" / "config.json").read_text())["quantization"]
+    six = [k for k, v in q.items() if isinstance(v, dict) and v == {"group_size": None, "bits": 6, "mode": "affine"}]
+    assert six
+    ours, theirs = mlxgemma.load(tmp_path / "theirs"), mlx_lm.load(str(tmp_path / "theirs"))
+    modules = dict(ours[0].named_modules())
+    assert all((modules[k].bits, modules[k].group_size) == (6, 64) for k in six)
+    prompt = random_ids(1, WINDOW + 2)[0].tolist()
+    assert _greedy(*ours, prompt) == _greedy(*theirs, prompt)
+
+
 def test_hub_repo_id(tmp_path, monkeypatch):
     """A repo id goes through huggingface_hub.snapshot_download for only the files a model needs; offline
     without a cached copy is one clear line."""

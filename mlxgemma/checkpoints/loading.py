@@ -148,6 +148,7 @@ def _quantize_like(model: nn.Module, config: dict, weights: dict) -> None:
     q = config.get("quantization") or config.get("quantization_config")
     if not isinstance(q, dict) or "bits" not in q:
         return
+    q = with_default_groups(q)
     check_quantization(q)
 
     def predicate(name, module):
@@ -186,6 +187,22 @@ def _stored_quantization(name: str, module: nn.Module, weights: dict, q: dict):
 # What MLX's quantized kernels take (mx.quantize refuses the rest; a group size of 0 kills the process).
 QUANT_MODES = {"affine": ((1, 2, 3, 4, 5, 6, 8), (32, 64, 128)), "mxfp4": ((4,), (32,)), "mxfp8": ((8,), (32,)),
                "nvfp4": ((4,), (16,))}
+
+
+# mx.quantize's group size per mode when none is given.
+DEFAULT_GROUPS = {"affine": 64, "mxfp4": 32, "mxfp8": 32, "nvfp4": 16}
+
+
+def with_default_groups(q: dict) -> dict:
+    """The block with each null group size (mlx-lm 0.32's mixed recipes write "group_size": null per layer
+    when none was asked for, and its loader hands that to mx.quantize) as the mode's default."""
+    def fill(block, mode):
+        mode = block.get("mode", mode)
+        group = DEFAULT_GROUPS.get(mode) if isinstance(mode, str) else None
+        return dict(block, group_size=group) if block.get("group_size", 0) is None else block
+
+    top = fill(q, "affine")
+    return {k: fill(v, top.get("mode", "affine")) if isinstance(v, dict) else v for k, v in top.items()}
 
 
 def check_quantization(q: dict) -> None:
