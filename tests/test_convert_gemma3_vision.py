@@ -10,6 +10,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 import mlxgemma
+from mlxgemma.checkpoints.quantize import layer_specs
 from mlxgemma.convert import convert, main
 from reference import TOL, max_diff, random_pixels, save_t5_checkpoint
 from test_convert_t5gemma2 import _dequantized_twin
@@ -51,7 +52,9 @@ def test_quantized_conversion(src, tmp_path):
     model = mlxgemma.load_model(dst)
     tower = model.vision_tower.vision_model
     assert tower.encoder.layers[0].mlp.fc1.bits == 8  # the tower at 8 bits, the language model at the recipe's
-    assert model.language_model.model.layers[0].mlp.gate_proj.bits == 4
+    plan = layer_specs(mlxgemma.load_model(path), 4, 32)  # the budget recipe, on the language model only
+    assert {p: m.bits for p, m in model.named_modules() if p in plan} == {p: v["bits"] for p, v in plan.items()}
+    assert model.language_model.model.layers[0].self_attn.o_proj.bits == 4 and not any("vision" in p for p in plan)
     assert not hasattr(model.multi_modal_projector, "scales")
     assert max_diff(_logits(model), _logits(_dequantized_twin(model, path))) <= TOL
     ref = _logits(mlxgemma.load_model(path))
