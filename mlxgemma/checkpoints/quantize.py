@@ -4,7 +4,7 @@ the first, last and every third layer, llama.cpp Q4_K_M style), and ours, "budge
 the token tables at --q-bits in groups of 128, the decoder's layers raised to --q-bits + 1 and + 2 within a
 bits-per-weight budget; see budget()). How each layer is then rounded is grids.py's (a searched grid per
 group), or calibrate.py's (GPTQ). Measured on the real Gemma 3 270M (docs/convert-and-quantize.md): the budget
-recipe at 4.75 bits per weight is 1.15x the float model's perplexity, mixed_4_6 at 4.61 1.30x, and mlx-lm's
+recipe at 4.75 bits per weight is 1.13x the float model's perplexity, mixed_4_6 at 4.61 1.30x, and mlx-lm's
 convert -q (uniform, round-to-nearest) 1.53x."""
 
 import sys
@@ -100,9 +100,11 @@ def budget(layers: Dict[str, nn.Module], fixed: Dict[str, Optional[int]], view, 
     and Gemma 3n's and Gemma 4's per-layer tables) in groups of TABLE_GROUP; then the other layers go up to
     bits + 1, those mlx-lm's mixed_4_6 favours (v_proj, down_proj and an untied head in its chosen layers)
     first, then those to bits + 2, each only while the language model stays within `target` bits per weight
-    (scales and biases counted; default: BUDGET more than uniform `bits` would take). Why: a table is read one row per token (as the head, only the likely
-    tokens' rows matter), so its rounding reaches the output far less than a decoder layer's. Measured on the
-    real 270M (float perplexity 13.30): only the table at 4 bits, 13.91; only the decoder at mixed_4_6, 16.38."""
+    (scales and biases counted; default: BUDGET more than uniform `bits` would take). Why: a table is read one
+    row per token (as the head, only the likely tokens' rows matter), so its rounding reaches the output far
+    less than a decoder layer's. Measured on the real 270M (float perplexity 13.30): only the table at 4 bits in
+    groups of 64, 13.91; only the decoder at mixed_4_6, 16.38; the whole recipe at 4.75 bits per weight 15.05,
+    against 17.23 for mixed_4_6 at 4.61 (docs/convert-and-quantize.md)."""
     from mlx_lm.convert import mixed_quant_predicate_builder
 
     favoured = mixed_quant_predicate_builder("mixed_4_6", view, group_size)
