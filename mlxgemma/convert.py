@@ -32,6 +32,9 @@ def configure_parser() -> argparse.ArgumentParser:
                    help="UTF-8 text to calibrate on (default: the built-in text)")
     p.add_argument("--calibration-samples", type=int, default=None, help="rows of text (default: all there are)")
     p.add_argument("--calibration-seq-len", type=int, default=256, help="tokens per row (default 256)")
+    p.add_argument("--awq", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --calibrate: AWQ's input scaling before GPTQ where the family has it (default), "
+                        "or (--no-awq) none")
     p.add_argument("--target-bpw", type=float, default=None,
                    help="the budget recipe's bits per weight, scales included (default: --q-bits + 0.75 at "
                         "4 bits)")
@@ -56,7 +59,7 @@ def main(argv=None) -> int:
                       q_audio_bits=None if args.q_audio_bits == "float" else int(args.q_audio_bits),
                       calibrate=args.calibrate, calibration_data=args.calibration_data,
                       calibration_samples=args.calibration_samples, calibration_seq_len=args.calibration_seq_len,
-                      target_bpw=args.target_bpw, q_search=args.q_search)
+                      target_bpw=args.target_bpw, q_search=args.q_search, awq=args.awq)
         print(f"[mlxgemma] wrote {dst}", file=sys.stderr)
         return 0
 

@@ -1,6 +1,6 @@
 """Calibrated quantization (`python -m mlxgemma.convert -q --calibrate`): GPTQ's error-compensating rounding
 of the decoder's layers from activations of real text, at the bits the recipe gives them (quantize.py's,
-the budget recipe by default). The output is plain MLX affine quantization (codes, scales and biases in
+the budget recipe by default), after AWQ's input scaling where the family has it (awq.py). The output is plain MLX affine quantization (codes, scales and biases in
 groups), which mlx-lm and mlxgemma load as any other quantized checkpoint.
 
 GPTQ (Frantar et al. 2022), as mlx-lm's `mlx_lm.gptq` does it: one float pass over the calibration text
@@ -161,20 +161,26 @@ def output_error(weight: np.ndarray, approx: np.ndarray, H: np.ndarray) -> float
 
 def calibrate(model, config: dict, tokenizer, bits: int, group_size: int, recipe: Optional[str],
               vision_bits: Optional[int], data=None, samples: Optional[int] = None, seq_len: int = 256,
-              target_bpw: Optional[float] = None, search: bool = True, audio_bits: Optional[int] = None):
+              target_bpw: Optional[float] = None, search: bool = True, audio_bits: Optional[int] = None,
+              awq: bool = True):
     """Quantize model in place, the decoder's linears GPTQ-rounded at the recipe's bits (search False: no
-    grid search, in GPTQ or elsewhere); returns (model, config, report) where report maps each calibrated
-    layer to (bits, RTN error, GPTQ error) on the calibration activations."""
+    grid search, in GPTQ or elsewhere), after awq.py's input scaling (awq False: none); returns (model,
+    config, report) where report maps each calibrated layer to (bits, RTN error, GPTQ error) on the
+    calibration activations (of the scaled weights, where scaled)."""
     from tqdm import tqdm
 
+    from .awq import scale_inputs
     from .quantize import layer_specs, quantize
 
     tokens = calibration_tokens(tokenizer, data, samples, seq_len)
     specs = layer_specs(model, bits, group_size, recipe, target_bpw)
     layers = targets(model, specs)
     H = {p: np.array(h) for p, h in hessians(model, tokens, layers).items()}
-    weights = {p: np.array(m.weight.astype(mx.float32)) for p, m in layers.items()}
     dtype = next(iter(layers.values())).weight.dtype  # the checkpoint's: its scales and biases are stored so
+    exact, scales = scale_inputs(model, H, specs, dtype) if awq else ({}, {})
+    for p, s in scales.items():
+        H[p] = H[p] / np.outer(s, s)
+    weights = {p: exact[p] if p in exact else np.array(m.weight.astype(mx.float32)) for p, m in layers.items()}
     results = {p: gptq(weights[p], H[p], specs[p]["bits"], specs[p]["group_size"], dtype, search)
                for p in tqdm(layers, desc="[mlxgemma] GPTQ", file=sys.stderr)}
     model, config = quantize(model, config, bits, group_size, recipe, vision_bits, overrides={p: specs[p] for p in layers},

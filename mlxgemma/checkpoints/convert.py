@@ -31,7 +31,7 @@ def convert(hf_path, mlx_path, *, dtype: Optional[str] = None, quantize: bool = 
             overwrite: bool = False, revision: Optional[str] = None, q_vision_bits: Optional[int] = VISION_BITS,
             q_audio_bits: Optional[int] = VISION_BITS, calibrate: bool = False, calibration_data: Optional[str] = None,
             calibration_samples: Optional[int] = None, calibration_seq_len: int = 256,
-            target_bpw: Optional[float] = None, q_search: bool = True) -> Path:
+            target_bpw: Optional[float] = None, q_search: bool = True, awq: bool = True) -> Path:
     """Write the MLX checkpoint of hf_path to mlx_path and return mlx_path. quantize=True quantizes with MLX
     affine groups: q_bits of 2/3/4/5/6/8, q_group_size of 32/64/128, and a recipe (quant_predicate:
     "uniform", "budget" or mlx-lm's mixed ones; at 4 bits the default is budget, chosen by measurement, whose
@@ -40,12 +40,13 @@ def convert(hf_path, mlx_path, *, dtype: Optional[str] = None, quantize: bool = 
     float), an audio tower (Gemma 4 E2B/E4B) q_audio_bits (8 by default, as for the vision tower). A .gguf
     source keeps its own quantized weights (exact repacking) unless dequantize=True or quantize=True is asked for.
     calibrate=True (with quantize) rounds with GPTQ on activations of calibration_data (a UTF-8 file, or the
-    built-in text), calibration_samples rows (default: all the text gives) of calibration_seq_len tokens.
+    built-in text), calibration_samples rows (default: all the text gives) of calibration_seq_len tokens,
+    after AWQ's input scaling where the family says which norm feeds which linears (awq.py; awq=False: none).
     q_search=False rounds as mlx-lm does (each group's grid from its min and max) instead of searching each
     group's grids for the least error (grids.best_grid: measured better, docs/convert-and-quantize.md)."""
     dst = Path(mlx_path).expanduser()
     _check_options(dst, dtype, quantize, q_bits, q_group_size, quant_predicate, dequantize, overwrite)
-    calibration = _calibration(quantize, calibrate, calibration_data, calibration_samples, calibration_seq_len)
+    calibration = _calibration(quantize, calibrate, calibration_data, calibration_samples, calibration_seq_len, awq)
     _check_target(quantize, quant_predicate, target_bpw)
     for name, value in (("--q-vision-bits", q_vision_bits), ("--q-audio-bits", q_audio_bits)):
         if value not in (None, 4, 8):
@@ -136,11 +137,11 @@ def _check_target(quantize, recipe, target_bpw) -> None:
                             f"has its own")
 
 
-def _calibration(quantize, calibrate, data, samples, seq_len) -> Optional[dict]:
+def _calibration(quantize, calibrate, data, samples, seq_len, awq=True) -> Optional[dict]:
     """The calibration options, checked before anything is loaded (None without --calibrate)."""
     if not calibrate:
-        if data is not None:
-            raise MlxGemmaError("--calibration-data needs --calibrate")
+        if data is not None or not awq:
+            raise MlxGemmaError(f"{'--calibration-data' if data is not None else '--no-awq'} needs --calibrate")
         return None
     if not quantize:
         raise MlxGemmaError("--calibrate calibrates quantization: add -q")
@@ -149,7 +150,7 @@ def _calibration(quantize, calibrate, data, samples, seq_len) -> Optional[dict]:
                             f"(got {samples} and {seq_len})")
     if data not in (None, "builtin") and not Path(data).expanduser().is_file():
         raise MlxGemmaError(f"--calibration-data {data}: no such file")
-    return dict(data=data, samples=samples, seq_len=seq_len)
+    return dict(data=data, samples=samples, seq_len=seq_len, awq=awq)
 
 
 def _requantize(model, config, dequantize, bits, group_size, recipe, tower_bits=(VISION_BITS, VISION_BITS),

@@ -43,6 +43,11 @@ class RMSNorm(nn.Module):
         self.weight = mx.zeros((dims,))
         self.eps = eps
 
+    def divide_output(self, s: mx.array) -> None:
+        """Divide each output channel by s (checkpoints/awq.py moves s into the next linears' columns):
+        1 + w becomes (1 + w) / s, kept in float32 as the norm computes."""
+        self.weight = (1.0 + self.weight.astype(mx.float32)) / s.astype(mx.float32) - 1.0
+
     def __call__(self, x: mx.array) -> mx.array:
         scale = 1.0 + self.weight.astype(mx.float32)
         if x.dtype == mx.float32:

@@ -122,6 +122,13 @@ class GemmaDecoderLayer(nn.Module):
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
+    def scaling_groups(self) -> list:
+        """For AWQ's input scaling (checkpoints/awq.py): (what divides its outputs, the linears that read
+        them), by path in the layer; up_proj divides by its rows, down_proj reads act(gate) * up."""
+        return [("mlp.up_proj", ["mlp.down_proj"]),
+                ("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+                ("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"])]
+
 
 class GemmaModel(PreTrainedModel):
     """Embeddings, decoder layers, final norm. Gemma 2 and Gemma 3 reuse this forward with their own layers."""

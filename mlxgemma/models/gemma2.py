@@ -84,6 +84,12 @@ class Gemma2DecoderLayer(nn.Module):
         h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), mask, cache))
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
+    def scaling_groups(self) -> list:
+        """As Gemma's (gemma.py), the MLP read through pre_feedforward_layernorm."""
+        return [("mlp.up_proj", ["mlp.down_proj"]),
+                ("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+                ("pre_feedforward_layernorm", ["mlp.gate_proj", "mlp.up_proj"])]
+
 
 class Gemma2Model(GemmaModel):
     decoder_layer_class = Gemma2DecoderLayer
