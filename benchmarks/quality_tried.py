@@ -1,8 +1,9 @@
-"""Two ideas for the 4-bit recipes that were measured and not taken (docs/convert-and-quantize.md, "Tried and
-left out"), reproducible: AWQ's input scaling before GPTQ, and a loss-based (KL) choice of which layers get
-more bits. Same model, text and perplexity as benchmarks/quality.py (the real Gemma 3 270M, two 512-token
-Apache windows, transformers' Gemma 3 in float32 holding each variant's dequantized weights); every variant
-keeps the budget recipe's token table (4 bits, groups of 128, searched) and its bits per weight.
+"""Two ideas for the 4-bit recipes, measured outside the converter (docs/convert-and-quantize.md: the first is in
+--calibrate, the second was not taken), reproducible: AWQ's input scaling before GPTQ, and a loss-based (KL)
+choice of which layers get more bits. Same model, text and perplexity as benchmarks/quality.py (the real Gemma
+3 270M, two 512-token Apache windows, transformers' Gemma 3 in float32 holding each variant's dequantized
+weights); every variant keeps the budget recipe's token table (4 bits, groups of 128, searched) and its bits
+per weight.
 
     python benchmarks/quality.py --only reference      # makes the float checkpoint, if not there yet
     python benchmarks/quality_tried.py [--what awq,kl] [--work DIR]

@@ -1,7 +1,8 @@
 """Calibrated quantization (`python -m mlxgemma.convert -q --calibrate`): GPTQ's error-compensating rounding
 of the decoder's layers from activations of real text, at the bits the recipe gives them (quantize.py's,
-the budget recipe by default), after AWQ's input scaling where the family has it (awq.py). The output is plain MLX affine quantization (codes, scales and biases in
-groups), which mlx-lm and mlxgemma load as any other quantized checkpoint.
+the budget recipe by default), after AWQ's input scaling where the family has it (awq.py). The output is
+plain MLX affine quantization (codes, scales and biases in groups), which mlx-lm and mlxgemma load as any
+other quantized checkpoint.
 
 GPTQ (Frantar et al. 2022), as mlx-lm's `mlx_lm.gptq` does it: one float pass over the calibration text
 collects H = sum XᵀX of every linear's inputs; then, group by group, each column is rounded to its group's
