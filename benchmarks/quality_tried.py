@@ -28,8 +28,8 @@ import torch
 from mlx.utils import tree_flatten
 
 import mlxgemma
-from mlxgemma.checkpoints.calibrate import calibration_tokens, dequantized, gptq, output_error
-from mlxgemma.checkpoints.grids import best_grid, codes
+from mlxgemma.checkpoints.calibrate import calibration_tokens, dequantized, gptq
+from mlxgemma.checkpoints.grids import best_grid, codes, output_error
 from mlxgemma.checkpoints.quantize import layer_specs
 
 sys.path.insert(0, str(Path(__file__).parent))

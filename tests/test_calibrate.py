@@ -13,7 +13,7 @@ import pytest
 
 import mlxgemma
 from mlxgemma.checkpoints import calibrate
-from mlxgemma.checkpoints.grids import pack
+from mlxgemma.checkpoints.grids import output_error, pack
 from mlxgemma.checkpoints.quantize import layer_specs
 from mlxgemma.errors import MlxGemmaError
 from reference import hf_model
@@ -58,7 +58,7 @@ def _layer_errors(float_model, quantized_model, tokens, paths):
     for p in paths:
         bits, group = q[p].bits, q[p].group_size
         approx = np.array(mx.dequantize(q[p].weight, q[p].scales, q[p].biases, group_size=group, bits=bits))
-        out[p] = calibrate.output_error(np.array(f[p].weight), approx, np.array(H[p]))
+        out[p] = output_error(np.array(f[p].weight), approx, np.array(H[p]))
     return out
 
 

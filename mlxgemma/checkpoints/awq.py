@@ -17,7 +17,7 @@ from typing import Dict, Optional
 import mlx.core as mx
 import numpy as np
 
-from .grids import best_grid, codes
+from .grids import best_grid, codes, output_error
 
 ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 FLOOR = 1e-3  # a channel the text never reached is scaled as one at this fraction of the largest's RMS
@@ -84,5 +84,4 @@ def rounding_error(w: mx.array, s: mx.array, H: np.ndarray, spec: dict, dtype) -
     scales, biases = (v.astype(mx.float32) for v in best_grid(ws, mx.ones((w.shape[1],)), bits, group, dtype))
     grouped = ws.reshape(w.shape[0], -1, group)
     approx = (codes(grouped, scales, biases, 2**bits - 1) * scales[..., None] + biases[..., None]).reshape(w.shape)
-    d = np.array(w - approx / s, dtype=np.float64)
-    return float(np.einsum("oi,ij,oj->", d, H, d, optimize=True))
+    return output_error(np.array(w), np.array(approx / s), H)

@@ -31,7 +31,7 @@ import numpy as np
 from mlx.utils import tree_unflatten
 
 from ..errors import MlxGemmaError
-from .grids import best_grid, pack
+from .grids import best_grid, output_error, pack
 
 BUILTIN = Path(__file__).parents[1] / "data" / "calibration.txt"  # original text, Apache-2.0 with the package
 DAMP = 0.01  # of the Hessian's mean diagonal, as in the paper and mlx-lm
@@ -152,12 +152,6 @@ def dequantized(codes, scales, biases, group_size: int) -> np.ndarray:
     out, n = codes.shape
     grid = codes.reshape(out, n // group_size, group_size).astype(np.float32)
     return (grid * scales[..., None] + biases[..., None]).reshape(out, n)
-
-
-def output_error(weight: np.ndarray, approx: np.ndarray, H: np.ndarray) -> float:
-    """tr((W - Q) H (W - Q)ᵀ): the squared error of the layer's outputs summed over the calibration inputs."""
-    d = (weight.astype(np.float64) - approx)
-    return float(np.einsum("oi,ij,oj->", d, H.astype(np.float64), d, optimize=True))
 
 
 def calibrate(model, config: dict, tokenizer, bits: int, group_size: int, recipe: Optional[str],

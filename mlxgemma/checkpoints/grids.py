@@ -14,6 +14,7 @@ import functools
 from typing import Tuple
 
 import mlx.core as mx
+import numpy as np
 
 # best_grid's fractions of a group's min and of its max: 25 grids tried per group, besides mx.quantize's.
 SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8)
@@ -147,3 +148,10 @@ def pack(codes: mx.array, bits: int) -> mx.array:
         if shift + bits > 32:  # the code's high bits spill into the next word
             words[word + 1] = code >> (32 - shift)
     return mx.stack(words, -1).reshape(out, n * bits // 32)
+
+
+def output_error(weight: np.ndarray, approx: np.ndarray, H: np.ndarray) -> float:
+    """tr((W - Q) H (W - Q)ᵀ): the squared error of a layer's outputs summed over inputs whose XᵀX is H (the
+    calibration's measure, for GPTQ's report and AWQ's choice of scales)."""
+    d = (weight.astype(np.float64) - approx)
+    return float(np.einsum("oi,ij,oj->", d, H.astype(np.float64), d, optimize=True))

@@ -39,8 +39,8 @@ class Gemma4PreTrainedModel(PreTrainedModel):
     def layer_bits(self, path: str, bits: int) -> Optional[int]:
         """The router at ROUTER_BITS (gemma4_moe.py). The per-layer token table of the E models
         (vocab_size_per_layer_input x layers x hidden_size_per_layer_input: 262144 x 8960 in E2B, 2.35 G
-        weights, more than the rest of the model) gets what the recipe gives it (4 bits at the default, a token table's groups of 128;
-        mlx-lm's converter does the same), not more: measured on a random-weight model of E2B's widths
+        weights, more than the rest of the model) gets what the recipe gives it (4 bits at the default, in a
+        token table's groups of 128; mlx-lm's converter does the same), not more: measured on a random-weight model of E2B's widths
         (benchmarks/gemma4_quant.py), 4 bits put 4.0% of error into the per-layer inputs (8 bits: 0.24%), but
         with the rest of the model at mixed_4_6 the next-token KL goes from 0.2020 (table in float) to 0.2025
         (table at 4 bits) -- 0.3% more -- while 8 bits would add 1.1 GiB (2380 against 1260 MiB) to a 4-bit
